@@ -1,0 +1,166 @@
+//! Wires the controller together: `build` binds, starts, and returns the real
+//! addresses and a shutdown handle.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use weft_proto::certs::{CertConfig, CertManager, wait_for_cert};
+use weft_proto::identity::Identity;
+use weft_proto::tls::{self, ClientAuth};
+
+use crate::ca::{CaError, CertificateAuthority};
+use crate::ca_server::CaService;
+use crate::nodes::{NodeError, Nodes};
+use crate::tls_incoming;
+
+/// The namespace and service account the controller runs as.
+pub const CONTROLLER_NAMESPACE: &str = "weft-system";
+pub const CONTROLLER_SERVICE_ACCOUNT: &str = "weft-controller";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Holds `ca/` and `nodes/`; made 0700.
+    pub data_dir: PathBuf,
+    pub trust_domain: String,
+    /// gRPC (CA now, config push later), TLS. SPEC: 15012.
+    pub grpc_addr: SocketAddr,
+    /// Upper bound on workload certificate lifetime.
+    pub max_cert_ttl: Duration,
+}
+
+impl Config {
+    pub fn local(data_dir: PathBuf) -> Self {
+        Config {
+            data_dir,
+            trust_domain: "cluster.local".into(),
+            grpc_addr: ([0, 0, 0, 0], 15012).into(),
+            max_cert_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Nodes(#[from] NodeError),
+    #[error("cannot prepare data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("trust domain: {0}")]
+    TrustDomain(#[from] weft_proto::identity::IdentityError),
+    #[error("controller certificate: {0}")]
+    Cert(#[from] weft_proto::certs::CertError),
+}
+
+/// A running controller.
+pub struct Bound {
+    pub grpc_addr: SocketAddr,
+    pub ca: Arc<CertificateAuthority>,
+    pub nodes: Arc<Nodes>,
+    pub identity: Identity,
+    pub root_pem: String,
+    shutdown: CancellationToken,
+    server: JoinHandle<()>,
+}
+
+impl Bound {
+    /// Stops accepting and waits for the servers to finish.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = self.server.await;
+    }
+}
+
+pub async fn build(config: Config) -> Result<Bound, BuildError> {
+    let identity = Identity::new(
+        &config.trust_domain,
+        CONTROLLER_NAMESPACE,
+        CONTROLLER_SERVICE_ACCOUNT,
+    )?;
+    prepare_data_dir(&config.data_dir)?;
+    let ca = Arc::new(CertificateAuthority::load_or_create(
+        &config.data_dir.join("ca"),
+        &config.trust_domain,
+        config.max_cert_ttl,
+    )?);
+    let nodes = Arc::new(Nodes::load(&config.data_dir.join("nodes"))?);
+
+    // The controller's own serving certificate, renewed like any workload's.
+    let certs = CertManager::new(
+        ca.clone(),
+        CertConfig {
+            ttl: config.max_cert_ttl,
+            ..CertConfig::default()
+        },
+    );
+    let cert = certs.watch(&identity);
+    wait_for_cert(cert.clone(), &identity, Duration::from_secs(10)).await?;
+    let tls = tls::server_config(
+        cert,
+        ClientAuth::Optional {
+            trust_domain: config.trust_domain.clone(),
+        },
+    );
+
+    let listener = TcpListener::bind(config.grpc_addr)
+        .await
+        .map_err(|source| BuildError::Bind {
+            addr: config.grpc_addr,
+            source,
+        })?;
+    let grpc_addr = listener.local_addr().map_err(|source| BuildError::Bind {
+        addr: config.grpc_addr,
+        source,
+    })?;
+    let shutdown = CancellationToken::new();
+    let incoming = tls_incoming::incoming(listener, tls, shutdown.clone());
+    let service = CaService::new(ca.clone(), nodes.clone(), config.trust_domain.clone());
+    let stop = shutdown.clone();
+    let server = tokio::spawn(async move {
+        // Keep the certificate manager (and its renewals) alive with the server.
+        let _certs = certs;
+        let result = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    });
+    info!(grpc = %grpc_addr, identity = %identity, "controller ready");
+    Ok(Bound {
+        grpc_addr,
+        root_pem: ca.root_pem().to_owned(),
+        ca,
+        nodes,
+        identity,
+        shutdown,
+        server,
+    })
+}
+
+fn prepare_data_dir(dir: &std::path::Path) -> Result<(), BuildError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| BuildError::DataDir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! weft-controller: the certificate authority and (with later issues) the
+//! config server, Kubernetes and file sources, REST API and CLI.
+
+pub mod app;
+pub mod ca;
+pub mod ca_server;
+pub mod nodes;
+pub mod tls_incoming;

@@ -1,0 +1,140 @@
+//! Node credentials and placement: which node may ask for which identities.
+//!
+//! Local mode: each node has a token file `<data-dir>/nodes/<node>.token`
+//! (0600, 256 random bits). A node authenticates with it and is entitled only
+//! to identities of workloads the controller places on that node.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use rand::RngCore;
+use weft_proto::identity::Identity;
+
+use crate::ca::{CaError, write_atomic};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("node name {0:?} must be 1-253 characters of lowercase letters, digits, '-' and '.'")]
+    BadName(String),
+    #[error(transparent)]
+    Io(#[from] CaError),
+}
+
+pub struct Nodes {
+    dir: PathBuf,
+    // node name → token
+    tokens: RwLock<HashMap<String, String>>,
+    // node name → identities of workloads placed there
+    placements: RwLock<HashMap<String, HashSet<Identity>>>,
+}
+
+impl Nodes {
+    /// Loads every `<node>.token` in `dir` (created if missing).
+    pub fn load(dir: &Path) -> Result<Self, NodeError> {
+        fs::create_dir_all(dir).map_err(|source| CaError::Io {
+            action: "create",
+            path: dir.to_owned(),
+            source,
+        })?;
+        let mut tokens = HashMap::new();
+        let entries = fs::read_dir(dir).map_err(|source| CaError::Io {
+            action: "list",
+            path: dir.to_owned(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let (Some(name), Some("token")) = (
+                path.file_stem().and_then(|s| s.to_str()),
+                path.extension().and_then(|s| s.to_str()),
+            ) else {
+                continue;
+            };
+            if let Ok(token) = fs::read_to_string(&path) {
+                tokens.insert(name.to_owned(), token.trim().to_owned());
+            }
+        }
+        Ok(Nodes {
+            dir: dir.to_owned(),
+            tokens: RwLock::new(tokens),
+            placements: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// Registers `node`, making its token on first use; returns the path of
+    /// the token file to hand to that node's ztunnel.
+    pub fn ensure(&self, node: &str) -> Result<PathBuf, NodeError> {
+        check_name(node)?;
+        let path = self.token_path(node);
+        let mut tokens = self.tokens.write().expect("poisoned");
+        if !tokens.contains_key(node) {
+            let mut raw = [0u8; 32];
+            rand::rng().fill_bytes(&mut raw);
+            let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            write_atomic(&path, token.as_bytes(), 0o600)?;
+            tokens.insert(node.to_owned(), token);
+        }
+        Ok(path)
+    }
+
+    pub fn token_path(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("{node}.token"))
+    }
+
+    /// The node a bearer token belongs to. Compares against every token in
+    /// constant time so timing reveals nothing about valid tokens.
+    pub fn authenticate(&self, token: &str) -> Option<String> {
+        let tokens = self.tokens.read().expect("poisoned");
+        let mut found = None;
+        for (node, t) in tokens.iter() {
+            if ct_eq(t.as_bytes(), token.as_bytes()) {
+                found = Some(node.clone());
+            }
+        }
+        found
+    }
+
+    /// Records that a workload running as `identity` is scheduled on `node`.
+    pub fn place(&self, node: &str, identity: Identity) {
+        self.placements
+            .write()
+            .expect("poisoned")
+            .entry(node.to_owned())
+            .or_default()
+            .insert(identity);
+    }
+
+    pub fn unplace(&self, node: &str, identity: &Identity) {
+        if let Some(set) = self.placements.write().expect("poisoned").get_mut(node) {
+            set.remove(identity);
+        }
+    }
+
+    pub fn entitled(&self, node: &str, identity: &Identity) -> bool {
+        self.placements
+            .read()
+            .expect("poisoned")
+            .get(node)
+            .is_some_and(|s| s.contains(identity))
+    }
+}
+
+fn check_name(node: &str) -> Result<(), NodeError> {
+    let ok = !node.is_empty()
+        && node.len() <= 253
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !node.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(NodeError::BadName(node.to_owned()))
+    }
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

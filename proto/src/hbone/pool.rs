@@ -1,0 +1,335 @@
+//! The HBONE client: a pool of mTLS HTTP/2 connections keyed by
+//! (source identity, destination identity, destination address).
+//!
+//! - Streams share a connection up to `max_streams_per_connection`; past that
+//!   a new connection opens.
+//! - One connect in flight per key: concurrent callers for a new key wait for
+//!   the first handshake instead of each opening their own.
+//! - A connection made under a source certificate that has since been renewed
+//!   takes no new streams (its open streams carry on), so new streams always
+//!   present the current certificate.
+//! - Idle connections are closed after `idle_timeout`; keepalive pings close
+//!   connections to dead peers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tracing::{Instrument, debug, info_span};
+
+use super::{H2Settings, H2Stream, HboneError, keepalive};
+use crate::identity::Identity;
+use crate::tls::{self, CertWatch, WorkloadCert};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub src: Identity,
+    pub dst: Identity,
+    pub dst_addr: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub h2: H2Settings,
+    pub max_streams_per_connection: usize,
+    pub idle_timeout: Duration,
+    /// Bound on waiting for the `CONNECT` response.
+    pub response_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            h2: H2Settings::default(),
+            max_streams_per_connection: 100,
+            idle_timeout: Duration::from_secs(60),
+            response_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Counters the pool keeps; exported as metrics and read by tests.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    pub connections_opened: AtomicU64,
+    pub connections_evicted: AtomicU64,
+}
+
+/// Cheap to clone; all clones share connections.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    settings: PoolSettings,
+    keys: Mutex<HashMap<PoolKey, Arc<KeyConns>>>,
+    stats: Arc<PoolStats>,
+}
+
+#[derive(Default)]
+struct KeyConns {
+    conns: Mutex<Vec<Arc<Conn>>>,
+    // Held while a new connection is being made for this key.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+struct Conn {
+    sender: h2::client::SendRequest<Bytes>,
+    active: AtomicUsize,
+    closed: Arc<AtomicBool>,
+    /// Serial of the source certificate presented in this connection's handshake.
+    serial: String,
+    /// The server's verified identity.
+    peer: Identity,
+    last_used: Mutex<Instant>,
+}
+
+/// Counts a stream against its connection until the stream is dropped.
+pub struct StreamGuard(Arc<Conn>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        *self.0.last_used.lock().expect("poisoned") = Instant::now();
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What to ask the far side for.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    /// `<destination pod IP>:<port>` (or `<service VIP>:<port>` to a waypoint).
+    pub authority: SocketAddr,
+    /// `baggage`, `forwarded`, `traceparent`.
+    pub headers: HeaderMap,
+}
+
+impl Pool {
+    /// Must be called inside a tokio runtime (starts the idle sweeper).
+    pub fn new(settings: PoolSettings) -> Self {
+        let inner = Arc::new(PoolInner {
+            settings,
+            keys: Mutex::new(HashMap::new()),
+            stats: Arc::new(PoolStats::default()),
+        });
+        tokio::spawn(sweep_idle(Arc::downgrade(&inner)));
+        Pool { inner }
+    }
+
+    pub fn stats(&self) -> Arc<PoolStats> {
+        self.inner.stats.clone()
+    }
+
+    /// Open connections (for tests and `/debug`).
+    pub fn connection_count(&self) -> usize {
+        let keys = self.inner.keys.lock().expect("poisoned");
+        keys.values()
+            .map(|k| {
+                let conns = k.conns.lock().expect("poisoned");
+                conns
+                    .iter()
+                    .filter(|c| !c.closed.load(Ordering::Acquire))
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Opens a tunnel to `key.dst_addr`, presenting `cert` (which must be
+    /// `key.src`'s) and requiring the server to be `key.dst`.
+    pub async fn connect(
+        &self,
+        key: &PoolKey,
+        cert: &CertWatch,
+        req: ConnectRequest,
+    ) -> Result<H2Stream, HboneError> {
+        let current = cert
+            .borrow()
+            .cert()
+            .cloned()
+            .ok_or_else(|| HboneError::NoCertificate(key.src.to_string()))?;
+        let conn = self.checkout(key, &current).await?;
+        let guard = StreamGuard(conn.clone());
+        let sender = conn.sender.clone();
+        let request = build_request(&req)?;
+        let timeout = self.inner.settings.response_timeout;
+        let open = async move {
+            let mut sender = sender.ready().await?;
+            let (response, send) = sender.send_request(request, false)?;
+            let response = response.await?;
+            Ok::<_, HboneError>((response, send))
+        };
+        let (response, send) = tokio::time::timeout(timeout, open)
+            .await
+            .map_err(|_| HboneError::Timeout("CONNECT response"))??;
+        if response.status() != StatusCode::OK {
+            return Err(HboneError::Status(response.status()));
+        }
+        let peer = Some(conn.peer.clone());
+        Ok(H2Stream::new(send, response.into_body(), peer, Some(guard)))
+    }
+
+    async fn checkout(
+        &self,
+        key: &PoolKey,
+        cert: &Arc<WorkloadCert>,
+    ) -> Result<Arc<Conn>, HboneError> {
+        let limit = self.inner.settings.max_streams_per_connection;
+        let entry = {
+            let mut keys = self.inner.keys.lock().expect("poisoned");
+            keys.entry(key.clone()).or_default().clone()
+        };
+        if let Some(c) = entry.reserve(limit, cert.serial()) {
+            return Ok(c);
+        }
+        let _connecting = entry.connecting.lock().await;
+        // Someone may have connected while we waited for the lock.
+        if let Some(c) = entry.reserve(limit, cert.serial()) {
+            return Ok(c);
+        }
+        let conn = Arc::new(self.open(key, cert).await?);
+        conn.active.store(1, Ordering::Release);
+        entry.conns.lock().expect("poisoned").push(conn.clone());
+        Ok(conn)
+    }
+
+    async fn open(&self, key: &PoolKey, cert: &Arc<WorkloadCert>) -> Result<Conn, HboneError> {
+        let settings = &self.inner.settings.h2;
+        let addr = key.dst_addr;
+        // Pin this handshake to the certificate we checked out with, so the
+        // serial recorded below is the one the server saw.
+        let config = tls::client_config(
+            Some(tls::fixed_cert(cert.clone())),
+            tls::Trust::Static(cert.bundle().clone()),
+            vec![key.dst.clone()],
+        );
+        let handshake = async {
+            let tcp = TcpStream::connect(addr)
+                .await
+                .map_err(|source| HboneError::Connect { addr, source })?;
+            let _ = tcp.set_nodelay(true);
+            let tls = TlsConnector::from(config)
+                .connect(tls::server_name(), tcp)
+                .await
+                .map_err(|source| HboneError::Tls { addr, source })?;
+            let mut builder = h2::client::Builder::new();
+            builder
+                .initial_window_size(settings.stream_window)
+                .initial_connection_window_size(settings.connection_window)
+                .max_frame_size(settings.max_frame_size)
+                .max_header_list_size(16 * 1024);
+            let peer = tls::peer_identity(tls.get_ref().1.peer_certificates()).map_err(|e| {
+                HboneError::Tls {
+                    addr,
+                    source: std::io::Error::other(e),
+                }
+            })?;
+            let (sender, connection) = builder.handshake::<_, Bytes>(tls).await?;
+            Ok::<_, HboneError>((sender, connection, peer))
+        };
+        let (sender, mut connection, peer) =
+            tokio::time::timeout(settings.handshake_timeout, handshake)
+                .await
+                .map_err(|_| HboneError::Timeout("HBONE connection setup"))??;
+        self.inner
+            .stats
+            .connections_opened
+            .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("weft_hbone_connections_opened_total").increment(1);
+        let closed = Arc::new(AtomicBool::new(false));
+        let driver_closed = closed.clone();
+        let h2 = settings.clone();
+        let span = info_span!("hbone_out", dst.addr = %addr, dst.identity = %key.dst);
+        tokio::spawn(
+            async move {
+                let ka = keepalive(connection.ping_pong(), &h2);
+                tokio::select! {
+                    r = &mut connection => if let Err(e) = r { debug!(error = %e, "HBONE connection ended") },
+                    e = ka => debug!(error = %e, "HBONE peer dead, closing"),
+                }
+                driver_closed.store(true, Ordering::Release);
+            }
+            .instrument(span),
+        );
+        debug!(dst.addr = %addr, dst.identity = %key.dst, "HBONE connection opened");
+        Ok(Conn {
+            sender,
+            active: AtomicUsize::new(0),
+            closed,
+            serial: cert.serial().to_owned(),
+            peer,
+            last_used: Mutex::new(Instant::now()),
+        })
+    }
+}
+
+impl KeyConns {
+    /// Takes a stream slot on a live connection made with the current
+    /// certificate, if one has room.
+    fn reserve(&self, limit: usize, serial: &str) -> Option<Arc<Conn>> {
+        let mut conns = self.conns.lock().expect("poisoned");
+        conns.retain(|c| !c.closed.load(Ordering::Acquire));
+        conns.iter().find_map(|c| {
+            if c.serial != serial {
+                return None;
+            }
+            c.active
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < limit).then_some(n + 1)
+                })
+                .ok()
+                .map(|_| c.clone())
+        })
+    }
+}
+
+fn build_request(req: &ConnectRequest) -> Result<Request<()>, HboneError> {
+    let mut request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(req.authority.to_string())
+        .body(())
+        .map_err(|e| HboneError::Request(e.to_string()))?;
+    *request.headers_mut() = req.headers.clone();
+    Ok(request)
+}
+
+/// Closes connections idle longer than the timeout. Ends with the pool.
+async fn sweep_idle(pool: Weak<PoolInner>) {
+    let period = match pool.upgrade() {
+        Some(p) => (p.settings.idle_timeout / 2).max(Duration::from_millis(10)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let idle = pool.settings.idle_timeout;
+        let mut evicted = 0u64;
+        let mut keys = pool.keys.lock().expect("poisoned");
+        keys.retain(|_, entry| {
+            let mut conns = entry.conns.lock().expect("poisoned");
+            conns.retain(|c| {
+                let unused = c.active.load(Ordering::Acquire) == 0
+                    && c.last_used.lock().expect("poisoned").elapsed() >= idle;
+                let keep = !c.closed.load(Ordering::Acquire) && !unused;
+                if !keep {
+                    evicted += 1;
+                }
+                keep
+            });
+            !conns.is_empty()
+        });
+        drop(keys);
+        if evicted > 0 {
+            pool.stats
+                .connections_evicted
+                .fetch_add(evicted, Ordering::Relaxed);
+            debug!(evicted, "HBONE idle connections closed");
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The HBONE server: TLS accept → peer identity → HTTP/2 → one handler call per
+//! `CONNECT` stream.
+//!
+//! Errors before a stream exists (bad TLS, not HTTP/2, random bytes) close the
+//! connection and are counted; a stream that is not a well-formed `CONNECT`
+//! is refused with a status and the connection stays up for the others.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span};
+
+use super::{H2Settings, H2Stream, HboneError, keepalive};
+use crate::identity::Identity;
+use crate::tls;
+
+/// One `CONNECT` stream awaiting the handler's decision. Dropping it without
+/// answering resets the stream.
+pub struct InboundConnect {
+    /// The client's SPIFFE identity, verified during the handshake.
+    pub peer: Identity,
+    /// Serial of the certificate the client presented (colon-separated hex).
+    pub peer_serial: Arc<str>,
+    pub peer_addr: SocketAddr,
+    /// The listener address the connection arrived on.
+    pub local_addr: SocketAddr,
+    /// Where the client wants to go (`:authority`).
+    pub authority: SocketAddr,
+    pub headers: HeaderMap,
+    respond: SendResponse<Bytes>,
+    body: h2::RecvStream,
+}
+
+impl InboundConnect {
+    /// Answers `200` and returns the tunnelled byte stream.
+    pub fn accept(mut self) -> Result<H2Stream, HboneError> {
+        let resp = Response::builder()
+            .status(StatusCode::OK)
+            .body(())
+            .expect("static response is valid");
+        let send = self.respond.send_response(resp, false)?;
+        Ok(H2Stream::new(send, self.body, Some(self.peer), None))
+    }
+
+    /// Refuses the tunnel: `401/403` denied by policy, `400` a bad request,
+    /// `503` destination unreachable (SPEC §3).
+    pub fn refuse(mut self, status: StatusCode) {
+        let resp = Response::builder()
+            .status(status)
+            .body(())
+            .expect("static response is valid");
+        let _ = self.respond.send_response(resp, true);
+    }
+}
+
+/// What a listener does with each accepted stream.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, connect: InboundConnect) -> impl Future<Output = ()> + Send;
+}
+
+/// Counters a listener keeps; exported as metrics and read by tests.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub connections: AtomicU64,
+    pub active_connections: AtomicU64,
+    /// TLS refused: no/bad/foreign/expired certificate, not TLS at all.
+    pub handshake_failures: AtomicU64,
+    /// TLS fine but not HTTP/2 (e.g. HTTP/1.1 inside TLS), or a protocol error.
+    pub protocol_failures: AtomicU64,
+    pub streams: AtomicU64,
+    /// Streams refused by the server itself (not CONNECT, bad authority).
+    pub bad_requests: AtomicU64,
+}
+
+struct PeerCert {
+    identity: Identity,
+    serial: Arc<str>,
+}
+
+struct ActiveGuard(Arc<ServerStats>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active_connections.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!("weft_hbone_active_connections").decrement(1.0);
+    }
+}
+
+/// Serves HBONE on `listener` until `shutdown` fires, then stops accepting and
+/// lets open streams finish (HTTP/2 GOAWAY).
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    handler: Arc<H>,
+    settings: H2Settings,
+    stats: Arc<ServerStats>,
+    shutdown: CancellationToken,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let settings = Arc::new(settings);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer_addr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning on the error.
+                debug!(error = %e, "HBONE accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        stats.active_connections.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("weft_hbone_active_connections").increment(1.0);
+        let guard = ActiveGuard(stats.clone());
+        let span = info_span!("hbone_in", src.addr = %peer_addr);
+        tokio::spawn(
+            serve_connection(
+                tcp,
+                peer_addr,
+                acceptor.clone(),
+                handler.clone(),
+                settings.clone(),
+                shutdown.clone(),
+                guard,
+            )
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_connection<H: Handler>(
+    tcp: TcpStream,
+    peer_addr: SocketAddr,
+    acceptor: TlsAcceptor,
+    handler: Arc<H>,
+    settings: Arc<H2Settings>,
+    shutdown: CancellationToken,
+    guard: ActiveGuard,
+) {
+    let stats = guard.0.clone();
+    let _ = tcp.set_nodelay(true);
+    let Ok(local_addr) = tcp.local_addr() else {
+        return;
+    };
+    // Phase 1: TLS. A failure here means the client never proved an identity.
+    let tls = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return handshake_failed(&stats, &e.to_string()),
+        Err(_) => return handshake_failed(&stats, "handshake timed out"),
+    };
+    let certs = tls.get_ref().1.peer_certificates();
+    let peer = match tls::peer_identity(certs) {
+        Ok(id) => PeerCert {
+            serial: certs
+                .and_then(|c| c.first())
+                .map(tls::serial)
+                .unwrap_or_default()
+                .into(),
+            identity: id,
+        },
+        Err(e) => return handshake_failed(&stats, &e.to_string()),
+    };
+    // Phase 2: HTTP/2 preface and settings.
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
+        .max_frame_size(settings.max_frame_size)
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .max_header_list_size(16 * 1024);
+    let handshake = builder.handshake::<_, Bytes>(tls);
+    let mut conn = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return protocol_failed(&stats, &e.to_string()),
+        Err(_) => return protocol_failed(&stats, "HTTP/2 preface timed out"),
+    };
+    debug!(src.identity = %peer.identity, "HBONE connection established");
+    let ka = keepalive(conn.ping_pong(), &settings);
+    tokio::pin!(ka);
+    let mut draining = false;
+    // Phase 3: streams. The connection must keep being polled for any stream
+    // to make progress, so this loop runs until the last stream ends.
+    loop {
+        tokio::select! {
+            req = conn.accept() => match req {
+                Some(Ok((req, respond))) => {
+                    stats.streams.fetch_add(1, Ordering::Relaxed);
+                    dispatch(&handler, &stats, req, respond, &peer, peer_addr, local_addr);
+                }
+                Some(Err(e)) => return protocol_failed(&stats, &e.to_string()),
+                None => return,
+            },
+            e = &mut ka => {
+                debug!(error = %e, "HBONE peer dead, closing");
+                return;
+            }
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
+        }
+    }
+}
+
+fn dispatch<H: Handler>(
+    handler: &Arc<H>,
+    stats: &ServerStats,
+    req: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    peer: &PeerCert,
+    peer_addr: SocketAddr,
+    local_addr: SocketAddr,
+) {
+    let authority = if req.method() != Method::CONNECT {
+        Err(StatusCode::METHOD_NOT_ALLOWED)
+    } else {
+        req.uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+            .ok_or(StatusCode::BAD_REQUEST)
+    };
+    let authority = match authority {
+        Ok(a) => a,
+        Err(status) => {
+            stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("weft_hbone_bad_requests_total").increment(1);
+            let resp = Response::builder()
+                .status(status)
+                .body(())
+                .expect("static response is valid");
+            let _ = respond.send_response(resp, true);
+            return;
+        }
+    };
+    let (parts, body) = req.into_parts();
+    let connect = InboundConnect {
+        peer: peer.identity.clone(),
+        peer_serial: peer.serial.clone(),
+        peer_addr,
+        local_addr,
+        authority,
+        headers: parts.headers,
+        respond,
+        body,
+    };
+    let handler = handler.clone();
+    let span = info_span!("stream", dst.addr = %authority, src.identity = %peer.identity);
+    tokio::spawn(async move { handler.handle(connect).await }.instrument(span));
+}
+
+fn handshake_failed(stats: &ServerStats, reason: &str) {
+    stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("weft_hbone_handshake_failures_total").increment(1);
+    debug!(reason, "HBONE TLS handshake refused");
+}
+
+fn protocol_failed(stats: &ServerStats, reason: &str) {
+    stats.protocol_failures.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("weft_hbone_protocol_failures_total").increment(1);
+    debug!(reason, "HBONE connection closed on protocol error");
+}

@@ -252,9 +252,14 @@ fn generate_root(dir: &Path, trust_domain: &str) -> Result<(), CaError> {
     params
         .distinguished_name
         .push(DnType::OrganizationName, trust_domain);
+    // A random suffix tells two meshes' roots apart, for people reading
+    // certificates and for verifiers choosing an issuer by name.
+    let mut tag = [0u8; 4];
+    rand::rng().fill_bytes(&mut tag);
+    let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
     params
         .distinguished_name
-        .push(DnType::CommonName, "weft root CA");
+        .push(DnType::CommonName, format!("weft root CA {tag}"));
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,

@@ -1,1 +1,241 @@
-//! Test harness.
+//! Test harness: real parts on loopback with real certificates.
+//!
+//! ```ignore
+//! let mesh = Mesh::start().await;
+//! let node = mesh.node("node-a");
+//! let web = node.workload("default", "web");
+//! let cert = node.cert(&web).await;          // issued over gRPC by the CA
+//! let server = HboneServer::echo(cert).await; // HBONE on 127.0.0.1:port
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use weft_controller::app::{self, Bound, Config};
+use weft_proto::certs::{CertConfig, CertManager, GrpcCaClient, wait_for_cert};
+use weft_proto::hbone::server::{self, Handler, InboundConnect, ServerStats};
+use weft_proto::hbone::{H2Settings, copy_bidirectional};
+use weft_proto::identity::Identity;
+use weft_proto::tls::{self, CertWatch, ClientAuth, TrustBundle};
+
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// A controller (CA) on a fresh data directory, on 127.0.0.1.
+pub struct Mesh {
+    pub controller: Bound,
+    pub data_dir: PathBuf,
+    _dir: Option<TempDir>,
+}
+
+impl Mesh {
+    pub async fn start() -> Mesh {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().to_owned();
+        let mut mesh = Mesh::start_in(data_dir, Duration::from_secs(24 * 3600)).await;
+        mesh._dir = Some(dir);
+        mesh
+    }
+
+    /// Starts (or restarts) a controller on `data_dir`, which the caller owns.
+    pub async fn start_in(data_dir: PathBuf, max_cert_ttl: Duration) -> Mesh {
+        let controller = app::build(Config {
+            grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+            max_cert_ttl,
+            ..Config::local(data_dir.clone())
+        })
+        .await
+        .expect("controller starts");
+        Mesh {
+            controller,
+            data_dir,
+            _dir: None,
+        }
+    }
+
+    pub fn roots(&self) -> Arc<TrustBundle> {
+        Arc::new(TrustBundle::from_pem(&self.controller.root_pem).expect("root parses"))
+    }
+
+    /// A simulated node with its own token and certificate manager, talking
+    /// to the CA over gRPC as a ztunnel would.
+    pub fn node(&self, name: &str) -> Node {
+        self.node_with(name, CertConfig::default())
+    }
+
+    pub fn node_with(&self, name: &str, config: CertConfig) -> Node {
+        let token_path = self.controller.nodes.ensure(name).expect("node token");
+        let token = std::fs::read_to_string(&token_path).expect("token readable");
+        let ca = GrpcCaClient::new(
+            self.controller.grpc_addr,
+            self.roots(),
+            self.controller.identity.clone(),
+            &token,
+        );
+        Node {
+            name: name.to_owned(),
+            token,
+            certs: CertManager::new(Arc::new(ca), config),
+            nodes: self.controller.nodes.clone(),
+        }
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub token: String,
+    pub certs: CertManager,
+    nodes: Arc<weft_controller::nodes::Nodes>,
+}
+
+impl Node {
+    /// Places a workload running as `ns/sa` on this node; returns its identity.
+    pub fn workload(&self, ns: &str, sa: &str) -> Identity {
+        let id = Identity::new(TRUST_DOMAIN, ns, sa).expect("valid identity");
+        self.nodes.place(&self.name, id.clone());
+        id
+    }
+
+    /// The workload's certificate watch, once the first certificate is in.
+    pub async fn cert(&self, id: &Identity) -> CertWatch {
+        let rx = self.certs.watch(id);
+        wait_for_cert(rx.clone(), id, Duration::from_secs(10))
+            .await
+            .expect("certificate issued");
+        rx
+    }
+}
+
+/// What an HBONE test server saw.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub peer: Identity,
+    pub peer_serial: String,
+    pub peer_addr: SocketAddr,
+    pub authority: SocketAddr,
+    pub headers: http::HeaderMap,
+}
+
+/// Accepts every stream, writes `"<peer identity>\n"`, then echoes.
+#[derive(Default)]
+pub struct Echo {
+    pub seen: Mutex<Vec<Seen>>,
+}
+
+impl Handler for Echo {
+    async fn handle(&self, c: InboundConnect) {
+        self.seen.lock().expect("poisoned").push(Seen {
+            peer: c.peer.clone(),
+            peer_serial: c.peer_serial.to_string(),
+            peer_addr: c.peer_addr,
+            authority: c.authority,
+            headers: c.headers.clone(),
+        });
+        let Ok(mut stream) = c.accept() else { return };
+        let hello = format!(
+            "{}\n",
+            stream
+                .peer_identity()
+                .map(|p| p.to_string())
+                .unwrap_or_default()
+        );
+        if stream.write_all(hello.as_bytes()).await.is_err() {
+            return;
+        }
+        let (mut r, mut w) = tokio::io::split(stream);
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    }
+}
+
+/// Forwards every stream to a fixed TCP address (an "application").
+pub struct Forward(pub SocketAddr);
+
+impl Handler for Forward {
+    async fn handle(&self, c: InboundConnect) {
+        let Ok(mut app) = tokio::net::TcpStream::connect(self.0).await else {
+            return c.refuse(http::StatusCode::SERVICE_UNAVAILABLE);
+        };
+        let _ = app.set_nodelay(true);
+        let Ok(mut stream) = c.accept() else { return };
+        let _ = copy_bidirectional(&mut stream, &mut app).await;
+    }
+}
+
+/// An HBONE listener on 127.0.0.1 serving one identity.
+pub struct HboneServer<H> {
+    pub addr: SocketAddr,
+    pub stats: Arc<ServerStats>,
+    pub handler: Arc<H>,
+    shutdown: CancellationToken,
+}
+
+impl HboneServer<Echo> {
+    pub async fn echo(cert: CertWatch) -> Self {
+        HboneServer::start(cert, Echo::default(), H2Settings::default()).await
+    }
+}
+
+impl<H: Handler> HboneServer<H> {
+    pub async fn start(cert: CertWatch, handler: H, settings: H2Settings) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let config = tls::server_config(
+            cert,
+            ClientAuth::Required {
+                trust_domain: TRUST_DOMAIN.into(),
+            },
+        );
+        let stats = Arc::new(ServerStats::default());
+        let handler = Arc::new(handler);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(server::serve(
+            listener,
+            config,
+            handler.clone(),
+            settings,
+            stats.clone(),
+            shutdown.clone(),
+        ));
+        HboneServer {
+            addr,
+            stats,
+            handler,
+            shutdown,
+        }
+    }
+}
+
+impl<H> Drop for HboneServer<H> {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Reads the `"<identity>\n"` line the echo server sends first.
+pub async fn read_hello<R: AsyncReadExt + Unpin>(r: &mut R) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while r.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).expect("utf-8 hello")
+}
+
+/// Waits (bounded) until `cond` holds, checking after each scheduler turn.
+/// For counters that settle when a background task finishes.
+pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let wait = async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for: {what}"));
+}

@@ -360,6 +360,21 @@ pub fn leaf_identity(der: &CertificateDer<'_>) -> Result<Identity, PeerError> {
     }
 }
 
+/// A handshake failure in words an operator can act on (rustls prints our
+/// own verification errors with `Debug`).
+pub fn describe_handshake_error(e: &std::io::Error) -> String {
+    let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return e.to_string();
+    };
+    match inner {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(o))) => {
+            format!("peer certificate refused: {o}")
+        }
+        rustls::Error::InvalidCertificate(c) => format!("peer certificate refused: {c:?}"),
+        other => other.to_string(),
+    }
+}
+
 /// The serial number of a certificate, colon-separated hex ("" if unparsable).
 pub fn serial(der: &CertificateDer<'_>) -> String {
     x509_parser::certificate::X509Certificate::from_der(der)

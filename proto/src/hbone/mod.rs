@@ -37,10 +37,10 @@ pub enum HboneError {
         addr: std::net::SocketAddr,
         source: io::Error,
     },
-    #[error("TLS handshake with {addr} failed: {source}")]
+    #[error("TLS handshake with {addr} failed: {reason}")]
     Tls {
         addr: std::net::SocketAddr,
-        source: io::Error,
+        reason: String,
     },
     #[error("HTTP/2 error: {0}")]
     H2(#[from] h2::Error),

@@ -217,7 +217,10 @@ impl Pool {
             let tls = TlsConnector::from(config)
                 .connect(tls::server_name(), tcp)
                 .await
-                .map_err(|source| HboneError::Tls { addr, source })?;
+                .map_err(|e| HboneError::Tls {
+                    addr,
+                    reason: tls::describe_handshake_error(&e),
+                })?;
             let mut builder = h2::client::Builder::new();
             builder
                 .initial_window_size(settings.stream_window)
@@ -227,7 +230,7 @@ impl Pool {
             let peer = tls::peer_identity(tls.get_ref().1.peer_certificates()).map_err(|e| {
                 HboneError::Tls {
                     addr,
-                    source: std::io::Error::other(e),
+                    reason: e.to_string(),
                 }
             })?;
             let (sender, connection) = builder.handshake::<_, Bytes>(tls).await?;

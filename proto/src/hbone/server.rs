@@ -157,7 +157,7 @@ async fn serve_connection<H: Handler>(
     // Phase 1: TLS. A failure here means the client never proved an identity.
     let tls = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return handshake_failed(&stats, &e.to_string()),
+        Ok(Err(e)) => return handshake_failed(&stats, &tls::describe_handshake_error(&e)),
         Err(_) => return handshake_failed(&stats, "handshake timed out"),
     };
     let certs = tls.get_ref().1.peer_certificates();

@@ -1,0 +1,397 @@
+//! HBONE over real TCP and real rustls, with certificates issued by the real
+//! CA over gRPC. No root needed.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::HeaderMap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use weft_integration::{HboneServer, Mesh, eventually, read_hello};
+use weft_proto::certs::CertConfig;
+use weft_proto::hbone::HboneError;
+use weft_proto::hbone::pool::{ConnectRequest, Pool, PoolKey, PoolSettings};
+
+fn request(authority: std::net::SocketAddr) -> ConnectRequest {
+    let mut headers = HeaderMap::new();
+    headers.insert("forwarded", "for=10.0.0.1".parse().expect("header"));
+    ConnectRequest { authority, headers }
+}
+
+#[tokio::test]
+async fn bytes_round_trip_with_both_identities() {
+    let mesh = Mesh::start().await;
+    let (a, b) = (mesh.node("node-a"), mesh.node("node-b"));
+    let web = a.workload("default", "web");
+    let api = b.workload("prod", "api");
+    let server = HboneServer::echo(b.cert(&api).await).await;
+    let web_cert = a.cert(&web).await;
+
+    let pool = Pool::new(PoolSettings::default());
+    let key = PoolKey {
+        src: web.clone(),
+        dst: api.clone(),
+        dst_addr: server.addr,
+    };
+    let target = "10.1.2.3:8080".parse().expect("addr");
+    let mut stream = pool
+        .connect(&key, &web_cert, request(target))
+        .await
+        .expect("tunnel");
+    // Client side: the server proved it is `api`.
+    assert_eq!(stream.peer_identity(), Some(&api));
+    // Server side: it saw the client as `web` (first line of the echo).
+    assert_eq!(read_hello(&mut stream).await, web.to_string());
+
+    let payload: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = tokio::io::split(stream);
+    let send = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&send).await.expect("write");
+        w.shutdown().await.expect("half-close");
+    });
+    let mut echoed = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut echoed))
+        .await
+        .expect("bounded")
+        .expect("read");
+    writer.await.expect("writer");
+    assert_eq!(echoed, payload);
+
+    let seen = server.handler.seen.lock().expect("lock")[0].clone();
+    assert_eq!(seen.peer, web);
+    assert_eq!(seen.authority, target);
+    assert_eq!(seen.headers["forwarded"], "for=10.0.0.1");
+}
+
+#[tokio::test]
+async fn concurrent_streams_share_a_connection_until_the_limit() {
+    let mesh = Mesh::start().await;
+    let node = mesh.node("node-a");
+    let (web, api) = (
+        node.workload("default", "web"),
+        node.workload("default", "api"),
+    );
+    let server = HboneServer::echo(node.cert(&api).await).await;
+    let web_cert = node.cert(&web).await;
+    let key = PoolKey {
+        src: web.clone(),
+        dst: api.clone(),
+        dst_addr: server.addr,
+    };
+
+    for (limit, want_conns) in [(100, 1), (10, 5)] {
+        let pool = Pool::new(PoolSettings {
+            max_streams_per_connection: limit,
+            ..Default::default()
+        });
+        let opens = (0..50).map(|_| {
+            let (pool, key, cert) = (pool.clone(), key.clone(), web_cert.clone());
+            tokio::spawn(async move {
+                let mut s = pool
+                    .connect(&key, &cert, request(key.dst_addr))
+                    .await
+                    .expect("tunnel");
+                read_hello(&mut s).await;
+                s
+            })
+        });
+        // Hold all 50 open at once, so the limit is what decides.
+        let mut streams = Vec::new();
+        for o in opens {
+            streams.push(o.await.expect("task"));
+        }
+        assert_eq!(
+            pool.stats().connections_opened.load(Ordering::Relaxed),
+            want_conns,
+            "limit {limit}"
+        );
+        assert_eq!(pool.connection_count(), want_conns as usize);
+        for s in &mut streams {
+            s.write_all(b"x").await.expect("write");
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.expect("echo");
+        }
+    }
+    assert_eq!(server.stats.connections.load(Ordering::Relaxed), 1 + 5);
+}
+
+#[tokio::test]
+async fn client_refuses_server_with_unexpected_identity() {
+    let mesh = Mesh::start().await;
+    let node = mesh.node("node-a");
+    let (web, api, db) = (
+        node.workload("default", "web"),
+        node.workload("default", "api"),
+        node.workload("default", "db"),
+    );
+    let server = HboneServer::echo(node.cert(&db).await).await;
+    let pool = Pool::new(PoolSettings::default());
+    // Config says the destination runs as `api`; the listener is `db`.
+    let key = PoolKey {
+        src: web.clone(),
+        dst: api,
+        dst_addr: server.addr,
+    };
+    let err = pool
+        .connect(&key, &node.cert(&web).await, request(server.addr))
+        .await
+        .err()
+        .expect("must refuse");
+    assert!(matches!(err, HboneError::Tls { .. }), "{err}");
+    assert!(err.to_string().contains("not the expected"), "{err}");
+    assert!(server.handler.seen.lock().expect("lock").is_empty());
+}
+
+#[tokio::test]
+async fn foreign_ca_is_refused_both_ways() {
+    let (mesh, other) = (Mesh::start().await, Mesh::start().await);
+    let (node, stranger) = (mesh.node("node-a"), other.node("node-x"));
+    let (web, api) = (
+        node.workload("default", "web"),
+        node.workload("default", "api"),
+    );
+    // Same identity names, different root.
+    let (fake_web, fake_api) = (
+        stranger.workload("default", "web"),
+        stranger.workload("default", "api"),
+    );
+
+    // Client from a foreign CA → our server refuses it.
+    let server = HboneServer::echo(node.cert(&api).await).await;
+    let pool = Pool::new(PoolSettings::default());
+    let key = PoolKey {
+        src: fake_web.clone(),
+        dst: api.clone(),
+        dst_addr: server.addr,
+    };
+    let _ = pool
+        .connect(&key, &stranger.cert(&fake_web).await, request(server.addr))
+        .await;
+    // (The client may or may not see the alert before its request fails;
+    // what matters is the server refused and never ran the handler.)
+    eventually("server counts the refused handshake", || {
+        server.stats.handshake_failures.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert!(server.handler.seen.lock().expect("lock").is_empty());
+
+    // Server from a foreign CA → our client refuses it.
+    let fake_server = HboneServer::echo(stranger.cert(&fake_api).await).await;
+    let key = PoolKey {
+        src: web.clone(),
+        dst: api.clone(),
+        dst_addr: fake_server.addr,
+    };
+    let err = pool
+        .connect(&key, &node.cert(&web).await, request(fake_server.addr))
+        .await
+        .err()
+        .expect("must refuse");
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    assert!(fake_server.handler.seen.lock().expect("lock").is_empty());
+}
+
+#[tokio::test]
+async fn garbage_on_the_hbone_port_is_closed_and_counted() {
+    let mesh = Mesh::start().await;
+    let node = mesh.node("node-a");
+    let (web, api) = (
+        node.workload("default", "web"),
+        node.workload("default", "api"),
+    );
+    let server = HboneServer::echo(node.cert(&api).await).await;
+
+    let inputs: [&[u8]; 4] = [
+        b"hello plaintext\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        &[0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0x00], // TLS record claiming 64 KiB, then nothing useful
+        &[
+            0xde, 0xad, 0xbe, 0xef, 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07,
+        ],
+    ];
+    for input in inputs {
+        let mut tcp = TcpStream::connect(server.addr).await.expect("connect");
+        let _ = tcp.write_all(input).await;
+        let _ = tcp.shutdown().await;
+        let mut sink = Vec::new();
+        // Closed by the server: EOF or reset, bounded in time.
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut sink))
+            .await
+            .expect("server closes the connection");
+    }
+    eventually("all four refused handshakes counted", || {
+        server.stats.handshake_failures.load(Ordering::Relaxed) == 4
+    })
+    .await;
+
+    // Valid mTLS, then HTTP/1.1 instead of HTTP/2.
+    let cert = node.cert(&web).await;
+    let config = weft_proto::tls::client_config(
+        Some(cert.clone()),
+        weft_proto::tls::Trust::OwnCert(cert),
+        vec![api.clone()],
+    );
+    let tcp = TcpStream::connect(server.addr).await.expect("connect");
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(weft_proto::tls::server_name(), tcp)
+        .await
+        .expect("mTLS is fine");
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut sink))
+        .await
+        .expect("server closes the connection");
+    eventually("HTTP/1.1-in-TLS counted as a protocol failure", || {
+        server.stats.protocol_failures.load(Ordering::Relaxed) == 1
+    })
+    .await;
+
+    // No connection task left behind, and nothing reached the handler.
+    eventually("no active connections", || {
+        server.stats.active_connections.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    assert!(server.handler.seen.lock().expect("lock").is_empty());
+    assert_eq!(server.stats.streams.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn non_connect_and_bad_authority_are_refused_per_stream() {
+    let mesh = Mesh::start().await;
+    let node = mesh.node("node-a");
+    let (web, api) = (
+        node.workload("default", "web"),
+        node.workload("default", "api"),
+    );
+    let server = HboneServer::echo(node.cert(&api).await).await;
+    let cert = node.cert(&web).await;
+    let config = weft_proto::tls::client_config(
+        Some(cert.clone()),
+        weft_proto::tls::Trust::OwnCert(cert.clone()),
+        vec![api.clone()],
+    );
+    let tcp = TcpStream::connect(server.addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(weft_proto::tls::server_name(), tcp)
+        .await
+        .expect("mTLS");
+    let (mut h2, conn) = h2::client::handshake(tls).await.expect("h2");
+    tokio::spawn(conn);
+    let get = http::Request::get("http://10.0.0.1:80/")
+        .body(())
+        .expect("req");
+    let (resp, _) = h2.send_request(get, true).expect("send");
+    assert_eq!(resp.await.expect("response").status(), 405);
+    let bad = http::Request::builder()
+        .method("CONNECT")
+        .uri("not-an-ip:80")
+        .body(())
+        .expect("req");
+    let (resp, _) = h2.send_request(bad, true).expect("send");
+    assert_eq!(resp.await.expect("response").status(), 400);
+    // The connection still serves a good stream after the refusals.
+    let pool_cert = cert;
+    let pool = Pool::new(PoolSettings::default());
+    let key = PoolKey {
+        src: web,
+        dst: api,
+        dst_addr: server.addr,
+    };
+    let mut s = pool
+        .connect(&key, &pool_cert, request(server.addr))
+        .await
+        .expect("tunnel");
+    read_hello(&mut s).await;
+    assert_eq!(server.stats.bad_requests.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn rotation_keeps_old_streams_and_new_streams_use_the_new_certificate() {
+    let mesh = Mesh::start().await;
+    // A 4-second certificate renews after about 2 seconds.
+    let short = CertConfig {
+        ttl: Duration::from_secs(4),
+        ..CertConfig::default()
+    };
+    let node = mesh.node_with("node-a", short);
+    let (web, api) = (
+        node.workload("default", "web"),
+        node.workload("default", "api"),
+    );
+    let server = HboneServer::echo(node.cert(&api).await).await;
+    let mut web_cert = node.cert(&web).await;
+    let first_serial = web_cert.borrow().cert().expect("cert").serial().to_owned();
+
+    let pool = Pool::new(PoolSettings::default());
+    let key = PoolKey {
+        src: web.clone(),
+        dst: api.clone(),
+        dst_addr: server.addr,
+    };
+    let mut old = pool
+        .connect(&key, &web_cert, request(server.addr))
+        .await
+        .expect("tunnel");
+    read_hello(&mut old).await;
+
+    // Wait for the renewal itself, not for a guessed amount of time.
+    web_cert.borrow_and_update();
+    tokio::time::timeout(Duration::from_secs(10), web_cert.changed())
+        .await
+        .expect("renewed within 10 s")
+        .expect("manager alive");
+    let second_serial = web_cert.borrow().cert().expect("cert").serial().to_owned();
+    assert_ne!(first_serial, second_serial);
+
+    // The stream opened before renewal still flows.
+    old.write_all(b"still here").await.expect("write");
+    let mut buf = [0u8; 10];
+    old.read_exact(&mut buf).await.expect("read");
+    assert_eq!(&buf, b"still here");
+
+    // A new stream goes over a new connection presenting the new certificate.
+    let mut new = pool
+        .connect(&key, &web_cert, request(server.addr))
+        .await
+        .expect("tunnel");
+    read_hello(&mut new).await;
+    assert_eq!(pool.stats().connections_opened.load(Ordering::Relaxed), 2);
+    let seen = server.handler.seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].peer_serial, first_serial);
+    assert_eq!(seen[1].peer_serial, second_serial);
+}
+
+#[tokio::test]
+async fn idle_connections_are_evicted() {
+    let mesh = Mesh::start().await;
+    let node = mesh.node("node-a");
+    let (web, api) = (
+        node.workload("default", "web"),
+        node.workload("default", "api"),
+    );
+    let server = HboneServer::echo(node.cert(&api).await).await;
+    let pool = Pool::new(PoolSettings {
+        idle_timeout: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let key = PoolKey {
+        src: web.clone(),
+        dst: api,
+        dst_addr: server.addr,
+    };
+    let mut s = pool
+        .connect(&key, &node.cert(&web).await, request(server.addr))
+        .await
+        .expect("tunnel");
+    read_hello(&mut s).await;
+    drop(s);
+    eventually("idle connection evicted", || pool.connection_count() == 0).await;
+    eventually("server sees the connection close", || {
+        server.stats.active_connections.load(Ordering::Relaxed) == 0
+    })
+    .await;
+}

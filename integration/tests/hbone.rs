@@ -395,3 +395,70 @@ async fn idle_connections_are_evicted() {
     })
     .await;
 }
+
+/// A TCP relay that can be frozen: sockets stay open, bytes stop moving — a
+/// peer that died without closing (power loss, a partition).
+async fn freezable_relay(
+    target: std::net::SocketAddr,
+) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let freeze = tokio_util::sync::CancellationToken::new();
+    let f = freeze.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let mut outbound = TcpStream::connect(target).await.expect("relay connect");
+            let f = f.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    _ = f.cancelled() => {}
+                }
+                // Frozen: hold both sockets open and silent until the test ends.
+                std::future::pending::<()>().await;
+                drop((inbound, outbound));
+            });
+        }
+    });
+    (addr, freeze)
+}
+
+#[tokio::test]
+async fn keepalive_detects_a_dead_peer() {
+    let mesh = Mesh::start().await;
+    let node = mesh.node("node-a");
+    let (web, api) = (
+        node.workload("default", "web"),
+        node.workload("default", "api"),
+    );
+    let server = HboneServer::echo(node.cert(&api).await).await;
+    let (relay, freeze) = freezable_relay(server.addr).await;
+    let mut settings = PoolSettings::default();
+    settings.h2.keepalive_interval = Some(Duration::from_millis(100));
+    settings.h2.keepalive_timeout = Duration::from_millis(300);
+    let pool = Pool::new(settings);
+    let key = PoolKey {
+        src: web.clone(),
+        dst: api,
+        dst_addr: relay,
+    };
+    let mut s = pool
+        .connect(&key, &node.cert(&web).await, request(relay))
+        .await
+        .expect("tunnel");
+    read_hello(&mut s).await;
+    assert_eq!(pool.connection_count(), 1);
+    freeze.cancel();
+    eventually("dead peer's connection closed by keepalive", || {
+        pool.connection_count() == 0
+    })
+    .await;
+    // The stream on it fails instead of hanging.
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("bounded");
+    assert!(matches!(read, Err(_) | Ok(0)), "{read:?}");
+}

@@ -4,5 +4,6 @@
 pub mod app;
 pub mod ca;
 pub mod ca_server;
+pub mod demo;
 pub mod nodes;
 pub mod tls_incoming;

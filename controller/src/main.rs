@@ -1,1 +1,105 @@
-fn main() {}
+//! weft-controller: certificate authority (and, with later issues, config
+//! server and REST API).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use weft_controller::app::{self, Config};
+use weft_proto::identity::Identity;
+
+/// weft's control plane. Today: the certificate authority on --grpc-addr
+/// (istio.v1.auth.IstioCertificateService over TLS), with node tokens in
+/// <data-dir>/nodes. Config push and the REST API arrive with issue #4.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// State directory: CA material in ca/, node tokens in nodes/ (made 0700).
+    #[arg(long, env = "WEFT_DATA_DIR", default_value = "/var/lib/weft")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// gRPC listen address (CA now; config push later).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    grpc_addr: SocketAddr,
+    /// Longest workload certificate lifetime, e.g. 24h, 90m, 3600s.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    max_cert_ttl: Duration,
+    /// Register a node (creates <data-dir>/nodes/<NODE>.token). Repeatable.
+    #[arg(long = "node", value_name = "NODE")]
+    nodes: Vec<String>,
+    /// Place a workload identity on a node: NODE=spiffe://td/ns/NS/sa/SA.
+    /// Repeatable. (The config sources of issue #4 will do this from pods.)
+    #[arg(long = "place", value_name = "NODE=SPIFFE_ID", value_parser = parse_placement)]
+    placements: Vec<(String, Identity)>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number then s, m or h"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: unit must be s, m or h")),
+    };
+    if secs == 0 {
+        return Err("duration must be positive".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn parse_placement(s: &str) -> Result<(String, Identity), String> {
+    let (node, id) = s.split_once('=').ok_or("expected NODE=SPIFFE_ID")?;
+    let id = id.parse::<Identity>().map_err(|e| e.to_string())?;
+    Ok((node.to_owned(), id))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let bound = app::build(Config {
+        data_dir: args.data_dir.clone(),
+        trust_domain: args.trust_domain,
+        grpc_addr: args.grpc_addr,
+        max_cert_ttl: args.max_cert_ttl,
+    })
+    .await
+    .context("controller failed to start")?;
+    for node in &args.nodes {
+        let path = bound
+            .nodes
+            .ensure(node)
+            .with_context(|| format!("registering node {node}"))?;
+        tracing::info!(node, token = %path.display(), "node registered");
+    }
+    for (node, id) in args.placements {
+        bound.nodes.place(&node, id);
+    }
+    tracing::info!(
+        root = %args.data_dir.join("ca/root-cert.pem").display(),
+        "CA serving; ztunnels need the root certificate and their node token"
+    );
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    bound.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -37,7 +37,7 @@ pub enum CertError {
     Tls(#[from] TlsError),
     #[error("no certificate for {identity} after {waited:?}: {reason}")]
     Timeout {
-        identity: Identity,
+        identity: Box<Identity>,
         waited: Duration,
         reason: String,
     },
@@ -188,7 +188,7 @@ pub async fn wait_for_cert(
                 CertState::Available(_) => "worker stopped".into(),
             };
             Err(CertError::Timeout {
-                identity: identity.clone(),
+                identity: Box::new(identity.clone()),
                 waited: timeout,
                 reason,
             })

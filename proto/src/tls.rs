@@ -52,7 +52,10 @@ pub enum TlsError {
     #[error("certificate is unusable: {0}")]
     Peer(#[from] PeerError),
     #[error("issued certificate names {got}, but {want} was requested")]
-    WrongIdentity { want: Identity, got: Identity },
+    WrongIdentity {
+        want: Box<Identity>,
+        got: Box<Identity>,
+    },
     #[error("issued certificate does not verify against the root it came with: {0}")]
     Chain(String),
 }
@@ -71,9 +74,9 @@ pub enum PeerError {
     #[error("leaf certificate is a CA (basicConstraints CA:true)")]
     LeafIsCa,
     #[error("peer identity {got} is not the expected {want}")]
-    UnexpectedIdentity { want: String, got: Identity },
+    UnexpectedIdentity { want: String, got: Box<Identity> },
     #[error("peer identity {got} is outside trust domain {want}")]
-    ForeignTrustDomain { want: String, got: Identity },
+    ForeignTrustDomain { want: String, got: Box<Identity> },
     #[error("no trust bundle yet: the local certificate has not been issued")]
     NoTrustBundle,
 }
@@ -146,8 +149,8 @@ impl WorkloadCert {
         let got = leaf_identity(&ders[0])?;
         if &got != identity {
             return Err(TlsError::WrongIdentity {
-                want: identity.clone(),
-                got,
+                want: Box::new(identity.clone()),
+                got: Box::new(got),
             });
         }
         verify_chain(
@@ -508,7 +511,10 @@ impl ServerCertVerifier for ServerVerifier {
                 .map(Identity::to_string)
                 .collect::<Vec<_>>()
                 .join(" or ");
-            return Err(other(PeerError::UnexpectedIdentity { want, got }));
+            return Err(other(PeerError::UnexpectedIdentity {
+                want,
+                got: Box::new(got),
+            }));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -577,7 +583,7 @@ impl ClientCertVerifier for ClientVerifier {
         if got.trust_domain() != self.trust_domain {
             return Err(other(PeerError::ForeignTrustDomain {
                 want: self.trust_domain.clone(),
-                got,
+                got: Box::new(got),
             }));
         }
         Ok(ClientCertVerified::assertion())

@@ -1,1 +1,266 @@
-fn main() {}
+//! weft-bench: the numbers in docs/benchmarks.md. Every HBONE figure is
+//! measured next to plain TCP on the same loopback in the same run, and
+//! reported as a ratio, because these machines are noisy.
+//!
+//! cargo run --release -p weft-integration --bin weft-bench -- all
+
+#![allow(clippy::print_stdout)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use weft_integration::{Forward, HboneServer, Mesh};
+use weft_proto::certs::make_csr;
+use weft_proto::hbone::H2Settings;
+use weft_proto::hbone::pool::{ConnectRequest, Pool, PoolKey, PoolSettings};
+use weft_proto::tls::CertWatch;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(value_enum, default_value = "all")]
+    what: What,
+    /// Bytes per throughput run.
+    #[arg(long, default_value_t = 1 << 30)]
+    bytes: u64,
+    /// Round trips per latency run.
+    #[arg(long, default_value_t = 20_000)]
+    round_trips: usize,
+    /// Tunnels per setup-time run.
+    #[arg(long, default_value_t = 300)]
+    setups: usize,
+    /// Seconds of CSR signing.
+    #[arg(long, default_value_t = 3)]
+    csr_seconds: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum What {
+    All,
+    Throughput,
+    Latency,
+    Setup,
+    Csr,
+}
+
+/// Plain TCP sink/echo "application" the HBONE server forwards to, so both
+/// sides of the comparison end at the same kind of socket.
+async fn app(echo: bool) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                if echo {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                } else {
+                    let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
+                    let _ = s.write_all(b"k").await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+struct Hbone {
+    pool: Pool,
+    key: PoolKey,
+    cert: CertWatch,
+    _server: HboneServer<Forward>,
+    _mesh: Mesh,
+}
+
+async fn hbone_to(target: SocketAddr) -> Hbone {
+    let mesh = Mesh::start().await;
+    let node = mesh.node("bench");
+    let (src, dst) = (
+        node.workload("default", "client"),
+        node.workload("default", "server"),
+    );
+    let server = HboneServer::start(
+        node.cert(&dst).await,
+        Forward(target),
+        H2Settings::default(),
+    )
+    .await;
+    let cert = node.cert(&src).await;
+    let key = PoolKey {
+        src,
+        dst,
+        dst_addr: server.addr,
+    };
+    Hbone {
+        pool: Pool::new(PoolSettings::default()),
+        key,
+        cert,
+        _server: server,
+        _mesh: mesh,
+    }
+}
+
+impl Hbone {
+    async fn stream(&self, target: SocketAddr) -> weft_proto::hbone::H2Stream {
+        let req = ConnectRequest {
+            authority: target,
+            headers: Default::default(),
+        };
+        self.pool
+            .connect(&self.key, &self.cert, req)
+            .await
+            .expect("tunnel")
+    }
+}
+
+async fn push<S: AsyncRead + AsyncWrite + Unpin>(s: S, bytes: u64) -> f64 {
+    let (mut r, mut w) = tokio::io::split(s);
+    let buf = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        w.write_all(&buf[..n]).await.expect("write");
+        left -= n as u64;
+    }
+    w.shutdown().await.expect("shutdown");
+    let mut ack = [0u8; 1];
+    r.read_exact(&mut ack).await.expect("sink acknowledges");
+    bytes as f64 / start.elapsed().as_secs_f64() / 1e9 * 8.0
+}
+
+async fn throughput(bytes: u64) {
+    let sink = app(false).await;
+    let tcp = push(connect(sink).await, bytes).await;
+    let h = hbone_to(sink).await;
+    let hb = push(h.stream(sink).await, bytes).await;
+    println!("throughput  single stream, {} MiB", bytes >> 20);
+    println!(
+        "            plain TCP {tcp:.2} Gbit/s, HBONE {hb:.2} Gbit/s, ratio {:.2}",
+        hb / tcp
+    );
+}
+
+async fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).await.expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    s
+}
+
+async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, n: usize) -> Vec<Duration> {
+    let req = [7u8; 1024];
+    let mut resp = [0u8; 1024];
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let t = Instant::now();
+        s.write_all(&req).await.expect("write");
+        s.read_exact(&mut resp).await.expect("read");
+        if i >= n / 10 {
+            out.push(t.elapsed()); // the first 10% warm up
+        }
+    }
+    out.sort();
+    out
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+async fn latency(n: usize) {
+    let echo = app(true).await;
+    let tcp = round_trips(connect(echo).await, n).await;
+    let h = hbone_to(echo).await;
+    let hb = round_trips(h.stream(echo).await, n).await;
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!("latency     1 KiB request/response, {n} round trips on one pooled stream");
+    for (name, p) in [("p50", 0.50), ("p99", 0.99)] {
+        let (a, b) = (pct(&tcp, p), pct(&hb, p));
+        println!(
+            "            {name}: plain TCP {:.1} µs, HBONE {:.1} µs, added {:.1} µs",
+            us(a),
+            us(b),
+            us(b) - us(a)
+        );
+    }
+}
+
+async fn setup(n: usize) {
+    let echo = app(true).await;
+    let h = hbone_to(echo).await;
+    let mut tcp = Vec::with_capacity(n);
+    let mut hb = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut s = connect(echo).await;
+        s.write_all(b"x").await.expect("write");
+        s.read_exact(&mut [0u8; 1]).await.expect("read");
+        tcp.push(t.elapsed());
+        // A fresh pool forces TLS handshake + HTTP/2 preface + CONNECT.
+        let pool = Pool::new(PoolSettings::default());
+        let t = Instant::now();
+        let req = ConnectRequest {
+            authority: echo,
+            headers: Default::default(),
+        };
+        let mut s = pool.connect(&h.key, &h.cert, req).await.expect("tunnel");
+        s.write_all(b"x").await.expect("write");
+        s.read_exact(&mut [0u8; 1]).await.expect("read");
+        hb.push(t.elapsed());
+    }
+    tcp.sort();
+    hb.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!("setup       new tunnel incl. first byte echoed, {n} runs");
+    println!(
+        "            p50: plain TCP {:.3} ms, HBONE (TLS 1.3 + h2 + CONNECT) {:.3} ms",
+        ms(pct(&tcp, 0.5)),
+        ms(pct(&hb, 0.5))
+    );
+}
+
+async fn csr_rate(seconds: u64) {
+    let mesh = Mesh::start().await;
+    let id = mesh.node("bench").workload("default", "bench");
+    // CSRs are made up front: the CA's cost is what is measured.
+    let csrs: Vec<String> = (0..2000).map(|_| make_csr(&id).expect("csr").0).collect();
+    let ca = mesh.controller.ca.clone();
+    let (count, elapsed) = tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        let mut count = 0usize;
+        while start.elapsed() < Duration::from_secs(seconds) {
+            let csr = &csrs[count % csrs.len()];
+            ca.sign_csr(csr, &id, Duration::from_secs(3600))
+                .expect("signed");
+            count += 1;
+        }
+        (count, start.elapsed())
+    })
+    .await
+    .expect("signer");
+    println!(
+        "csr         {:.0} certificates/s on one core (verify CSR + sign leaf)",
+        count as f64 / elapsed.as_secs_f64()
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let all = args.what == What::All;
+    if all || args.what == What::Throughput {
+        throughput(args.bytes).await;
+    }
+    if all || args.what == What::Latency {
+        latency(args.round_trips).await;
+    }
+    if all || args.what == What::Setup {
+        setup(args.setups).await;
+    }
+    if all || args.what == What::Csr {
+        csr_rate(args.csr_seconds).await;
+    }
+}

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use weft_integration::{Forward, HboneServer, Mesh};
+use weft_integration::{HboneServer, Mesh};
 use weft_proto::certs::make_csr;
 use weft_proto::hbone::H2Settings;
 use weft_proto::hbone::pool::{ConnectRequest, Pool, PoolKey, PoolSettings};
+use weft_proto::hbone::server::{Handler, InboundConnect};
 use weft_proto::tls::CertWatch;
 
 #[derive(Parser)]
@@ -45,8 +46,9 @@ enum What {
     Csr,
 }
 
-/// Plain TCP sink/echo "application" the HBONE server forwards to, so both
-/// sides of the comparison end at the same kind of socket.
+/// The plain-TCP baseline's server: a sink (acknowledging with one byte at
+/// EOF) or an echo. The HBONE server library runs the same two behaviours in
+/// its handler, so both sides of each comparison do the same work.
 async fn app(echo: bool) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
@@ -67,27 +69,44 @@ async fn app(echo: bool) -> SocketAddr {
     addr
 }
 
+/// The HBONE server's handler: the same sink or echo as [`app`], on the
+/// tunnelled stream itself (client lib → server lib, no extra hop).
+struct Serve {
+    echo: bool,
+}
+
+impl Handler for Serve {
+    async fn handle(&self, c: InboundConnect) {
+        let Ok(s) = c.accept() else { return };
+        let (mut r, mut w) = tokio::io::split(s);
+        if self.echo {
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        } else {
+            let _ = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
+            let _ = w.write_all(b"k").await;
+        }
+        // Dropping without shutdown would reset the stream (see H2Stream).
+        let _ = w.shutdown().await;
+    }
+}
+
 struct Hbone {
     pool: Pool,
     key: PoolKey,
     cert: CertWatch,
-    _server: HboneServer<Forward>,
+    _server: HboneServer<Serve>,
     _mesh: Mesh,
 }
 
-async fn hbone_to(target: SocketAddr) -> Hbone {
+async fn hbone(echo: bool) -> Hbone {
     let mesh = Mesh::start().await;
     let node = mesh.node("bench");
     let (src, dst) = (
         node.workload("default", "client"),
         node.workload("default", "server"),
     );
-    let server = HboneServer::start(
-        node.cert(&dst).await,
-        Forward(target),
-        H2Settings::default(),
-    )
-    .await;
+    let server =
+        HboneServer::start(node.cert(&dst).await, Serve { echo }, H2Settings::default()).await;
     let cert = node.cert(&src).await;
     let key = PoolKey {
         src,
@@ -104,9 +123,9 @@ async fn hbone_to(target: SocketAddr) -> Hbone {
 }
 
 impl Hbone {
-    async fn stream(&self, target: SocketAddr) -> weft_proto::hbone::H2Stream {
+    async fn stream(&self) -> weft_proto::hbone::H2Stream {
         let req = ConnectRequest {
-            authority: target,
+            authority: self.key.dst_addr,
             headers: Default::default(),
         };
         self.pool
@@ -135,8 +154,8 @@ async fn push<S: AsyncRead + AsyncWrite + Unpin>(s: S, bytes: u64) -> f64 {
 async fn throughput(bytes: u64) {
     let sink = app(false).await;
     let tcp = push(connect(sink).await, bytes).await;
-    let h = hbone_to(sink).await;
-    let hb = push(h.stream(sink).await, bytes).await;
+    let h = hbone(false).await;
+    let hb = push(h.stream().await, bytes).await;
     println!("throughput  single stream, {} MiB", bytes >> 20);
     println!(
         "            plain TCP {tcp:.2} Gbit/s, HBONE {hb:.2} Gbit/s, ratio {:.2}",
@@ -173,8 +192,8 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 async fn latency(n: usize) {
     let echo = app(true).await;
     let tcp = round_trips(connect(echo).await, n).await;
-    let h = hbone_to(echo).await;
-    let hb = round_trips(h.stream(echo).await, n).await;
+    let h = hbone(true).await;
+    let hb = round_trips(h.stream().await, n).await;
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!("latency     1 KiB request/response, {n} round trips on one pooled stream");
     for (name, p) in [("p50", 0.50), ("p99", 0.99)] {
@@ -190,7 +209,7 @@ async fn latency(n: usize) {
 
 async fn setup(n: usize) {
     let echo = app(true).await;
-    let h = hbone_to(echo).await;
+    let h = hbone(true).await;
     let mut tcp = Vec::with_capacity(n);
     let mut hb = Vec::with_capacity(n);
     for _ in 0..n {
@@ -203,7 +222,7 @@ async fn setup(n: usize) {
         let pool = Pool::new(PoolSettings::default());
         let t = Instant::now();
         let req = ConnectRequest {
-            authority: echo,
+            authority: h.key.dst_addr,
             headers: Default::default(),
         };
         let mut s = pool.connect(&h.key, &h.cert, req).await.expect("tunnel");

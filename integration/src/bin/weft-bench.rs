@@ -24,8 +24,11 @@ struct Args {
     #[arg(value_enum, default_value = "all")]
     what: What,
     /// Bytes per throughput run.
-    #[arg(long, default_value_t = 1 << 30)]
+    #[arg(long, default_value_t = 512 << 20)]
     bytes: u64,
+    /// Throughput runs (each: one baseline, one HBONE).
+    #[arg(long, default_value_t = 9)]
+    runs: usize,
     /// Round trips per latency run.
     #[arg(long, default_value_t = 20_000)]
     round_trips: usize,
@@ -151,15 +154,38 @@ async fn push<S: AsyncRead + AsyncWrite + Unpin>(s: S, bytes: u64) -> f64 {
     bytes as f64 / start.elapsed().as_secs_f64() / 1e9 * 8.0
 }
 
-async fn throughput(bytes: u64) {
+/// Alternates baseline and HBONE runs and reports the median of the
+/// per-pair ratios: single runs on a 2-vCPU VM swing by 2x.
+async fn throughput(bytes: u64, runs: usize) {
     let sink = app(false).await;
-    let tcp = push(connect(sink).await, bytes).await;
     let h = hbone(false).await;
-    let hb = push(h.stream().await, bytes).await;
-    println!("throughput  single stream, {} MiB", bytes >> 20);
+    let mut ratios = Vec::with_capacity(runs);
+    let (mut tcps, mut hbs) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let tcp = push(connect(sink).await, bytes).await;
+        let hb = push(h.stream().await, bytes).await;
+        ratios.push(hb / tcp);
+        tcps.push(tcp);
+        hbs.push(hb);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
     println!(
-        "            plain TCP {tcp:.2} Gbit/s, HBONE {hb:.2} Gbit/s, ratio {:.2}",
-        hb / tcp
+        "throughput  single stream, {} MiB per run, {runs} alternating runs",
+        bytes >> 20
+    );
+    println!(
+        "            median plain TCP {:.2} Gbit/s, HBONE {:.2} Gbit/s; median ratio {:.2} (runs: {})",
+        median(&mut tcps),
+        median(&mut hbs),
+        median(&mut ratios.clone()),
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
 }
 
@@ -271,7 +297,7 @@ async fn main() {
     let args = Args::parse();
     let all = args.what == What::All;
     if all || args.what == What::Throughput {
-        throughput(args.bytes).await;
+        throughput(args.bytes, args.runs).await;
     }
     if all || args.what == What::Latency {
         latency(args.round_trips).await;

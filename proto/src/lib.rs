@@ -5,6 +5,7 @@ pub mod certs;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;
+pub mod model;
 pub mod tls;
 
 pub use identity::Identity;

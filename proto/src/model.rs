@@ -1,0 +1,560 @@
+//! The mesh as a proxy needs it: workloads, services and L4 authorization
+//! policies, validated once, indexed for the hot path.
+//!
+//! Today it is loaded from the ztunnel's static YAML file; the controller's
+//! config push (issue #4) will produce the same [`Model`].
+//!
+//! ```yaml
+//! workloads:
+//!   - {name: web-1, namespace: default, serviceAccount: web, node: node-a,
+//!      addresses: [10.244.1.2], services: [default/api]}
+//! services:
+//!   - {name: api, namespace: default, addresses: [10.96.0.10],
+//!      ports: [{port: 80, targetPort: 8080}]}
+//! policies:
+//!   - {name: only-web, namespace: default, action: ALLOW,
+//!      rules: [{principals: ["spiffe://cluster.local/ns/default/sa/web"]}]}
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use serde::Deserialize;
+
+use crate::identity::Identity;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("config is not valid YAML for weft's model: {0}")]
+    Yaml(String),
+    #[error("{object}: {field}: {reason}")]
+    Invalid {
+        object: String,
+        field: &'static str,
+        reason: String,
+    },
+}
+
+fn invalid(object: &str, field: &'static str, reason: impl ToString) -> ModelError {
+    ModelError::Invalid {
+        object: object.to_owned(),
+        field,
+        reason: reason.to_string(),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Document {
+    #[serde(default)]
+    workloads: Vec<WorkloadSpec>,
+    #[serde(default)]
+    services: Vec<ServiceSpec>,
+    #[serde(default)]
+    policies: Vec<PolicySpec>,
+}
+
+fn default_ns() -> String {
+    "default".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WorkloadSpec {
+    name: String,
+    #[serde(default = "default_ns")]
+    namespace: String,
+    #[serde(default = "default_ns")]
+    service_account: String,
+    node: String,
+    addresses: Vec<IpAddr>,
+    #[serde(default = "yes")]
+    meshed: bool,
+    #[serde(default)]
+    services: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ServiceSpec {
+    name: String,
+    #[serde(default = "default_ns")]
+    namespace: String,
+    addresses: Vec<IpAddr>,
+    ports: Vec<PortSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PortSpec {
+    port: u16,
+    target_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PolicySpec {
+    name: String,
+    #[serde(default = "default_ns")]
+    namespace: String,
+    action: Action,
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+    #[serde(default)]
+    rules: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RuleSpec {
+    #[serde(default)]
+    principals: Vec<String>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+    #[serde(default)]
+    ip_blocks: Vec<String>,
+    #[serde(default)]
+    ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug)]
+pub struct Workload {
+    /// `<namespace>/<name>`.
+    pub key: String,
+    pub name: String,
+    pub namespace: String,
+    pub identity: Identity,
+    pub node: String,
+    pub addresses: Vec<IpAddr>,
+    pub meshed: bool,
+    pub services: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug)]
+pub struct Service {
+    /// `<namespace>/<name>`.
+    pub key: String,
+    pub addresses: Vec<IpAddr>,
+    /// (service port, target port)
+    pub ports: Vec<(u16, u16)>,
+    endpoints: Vec<Arc<Workload>>,
+    next: AtomicUsize,
+}
+
+impl Service {
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports.iter().find(|(p, _)| *p == port).map(|(_, t)| *t)
+    }
+
+    /// Round robin over the service's endpoints.
+    pub fn pick(&self) -> Option<&Arc<Workload>> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        self.endpoints.get(i)
+    }
+
+    pub fn endpoints(&self) -> &[Arc<Workload>] {
+        &self.endpoints
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{s:?}: prefix must be 0-{max}"))?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Rule {
+    pub principals: Vec<Identity>,
+    pub namespaces: Vec<String>,
+    pub ip_blocks: Vec<Cidr>,
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug)]
+pub struct Policy {
+    pub key: String,
+    pub namespace: String,
+    pub action: Action,
+    pub selector: BTreeMap<String, String>,
+    pub rules: Vec<Rule>,
+}
+
+/// Who is connecting, as inbound authorization sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    /// `None` for plaintext (PERMISSIVE) connections.
+    pub identity: Option<&'a Identity>,
+    pub ip: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// Denied, naming the policy (or the absence of a matching ALLOW).
+    Deny(String),
+}
+
+#[derive(Debug, Default)]
+pub struct Model {
+    pub workloads: Vec<Arc<Workload>>,
+    pub services: Vec<Arc<Service>>,
+    pub policies: Vec<Policy>,
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+    by_vip: HashMap<IpAddr, Arc<Service>>,
+}
+
+impl Model {
+    pub fn from_yaml(yaml: &str, trust_domain: &str) -> Result<Model, ModelError> {
+        let doc: Document = if yaml.trim().is_empty() {
+            Document::default()
+        } else {
+            serde_yaml::from_str(yaml).map_err(|e| ModelError::Yaml(e.to_string()))?
+        };
+        build(doc, trust_domain)
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
+        self.workloads
+            .iter()
+            .find(|w| w.namespace == namespace && w.name == name)
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(&ip)
+    }
+
+    /// L4 authorization for a connection to `dst` on `port`: any matching
+    /// DENY refuses; if ALLOW policies apply, one must match; no policy allows.
+    pub fn authorize(&self, dst: &Workload, src: Source<'_>, port: u16) -> Decision {
+        let applicable: Vec<&Policy> = self
+            .policies
+            .iter()
+            .filter(|p| {
+                p.namespace == dst.namespace
+                    && p.selector.iter().all(|(k, v)| dst.labels.get(k) == Some(v))
+            })
+            .collect();
+        let matches = |p: &Policy| p.rules.iter().any(|r| rule_matches(r, src, port));
+        if let Some(p) = applicable
+            .iter()
+            .find(|p| p.action == Action::Deny && matches(p))
+        {
+            return Decision::Deny(format!("DENY policy {}", p.key));
+        }
+        let mut allows = applicable
+            .iter()
+            .filter(|p| p.action == Action::Allow)
+            .peekable();
+        if allows.peek().is_none() || allows.any(|p| matches(p)) {
+            Decision::Allow
+        } else {
+            Decision::Deny("no ALLOW policy matched".into())
+        }
+    }
+}
+
+fn rule_matches(rule: &Rule, src: Source<'_>, port: u16) -> bool {
+    let principal =
+        rule.principals.is_empty() || src.identity.is_some_and(|id| rule.principals.contains(id));
+    let namespace = rule.namespaces.is_empty()
+        || src
+            .identity
+            .is_some_and(|id| rule.namespaces.iter().any(|n| n == id.namespace()));
+    let ip = rule.ip_blocks.is_empty() || rule.ip_blocks.iter().any(|c| c.contains(src.ip));
+    let port_ok = rule.ports.is_empty() || rule.ports.contains(&port);
+    principal && namespace && ip && port_ok
+}
+
+fn build(doc: Document, trust_domain: &str) -> Result<Model, ModelError> {
+    let mut model = Model::default();
+    for (i, w) in doc.workloads.into_iter().enumerate() {
+        let key = format!("{}/{}", w.namespace, w.name);
+        let object = format!("workloads[{i}] ({key})");
+        let identity = Identity::new(trust_domain, &w.namespace, &w.service_account)
+            .map_err(|e| invalid(&object, "serviceAccount", e))?;
+        if w.addresses.is_empty() {
+            return Err(invalid(&object, "addresses", "at least one IP is required"));
+        }
+        let workload = Arc::new(Workload {
+            key,
+            name: w.name,
+            namespace: w.namespace,
+            identity,
+            node: w.node,
+            addresses: w.addresses,
+            meshed: w.meshed,
+            services: w.services,
+            labels: w.labels,
+        });
+        for ip in &workload.addresses {
+            if let Some(other) = model.by_ip.insert(*ip, workload.clone()) {
+                return Err(invalid(
+                    &object,
+                    "addresses",
+                    format!("{ip} is already used by {}", other.key),
+                ));
+            }
+        }
+        model.workloads.push(workload);
+    }
+    for (i, s) in doc.services.into_iter().enumerate() {
+        let key = format!("{}/{}", s.namespace, s.name);
+        let object = format!("services[{i}] ({key})");
+        if s.ports.is_empty() {
+            return Err(invalid(&object, "ports", "at least one port is required"));
+        }
+        let endpoints = model
+            .workloads
+            .iter()
+            .filter(|w| w.services.contains(&key))
+            .cloned()
+            .collect();
+        let service = Arc::new(Service {
+            ports: s
+                .ports
+                .iter()
+                .map(|p| (p.port, p.target_port.unwrap_or(p.port)))
+                .collect(),
+            addresses: s.addresses,
+            key,
+            endpoints,
+            next: AtomicUsize::new(0),
+        });
+        for ip in &service.addresses {
+            if model.by_ip.contains_key(ip) || model.by_vip.insert(*ip, service.clone()).is_some() {
+                return Err(invalid(
+                    &object,
+                    "addresses",
+                    format!("{ip} is already in use"),
+                ));
+            }
+        }
+        model.services.push(service);
+    }
+    for (i, p) in doc.policies.into_iter().enumerate() {
+        let key = format!("{}/{}", p.namespace, p.name);
+        let object = format!("policies[{i}] ({key})");
+        let mut rules = Vec::with_capacity(p.rules.len());
+        for r in p.rules {
+            let principals = r
+                .principals
+                .iter()
+                .map(|s| s.parse::<Identity>())
+                .collect::<Result<_, _>>()
+                .map_err(|e| invalid(&object, "rules.principals", e))?;
+            let ip_blocks = r
+                .ip_blocks
+                .iter()
+                .map(|s| Cidr::parse(s))
+                .collect::<Result<_, _>>()
+                .map_err(|e| invalid(&object, "rules.ipBlocks", e))?;
+            rules.push(Rule {
+                principals,
+                namespaces: r.namespaces,
+                ip_blocks,
+                ports: r.ports,
+            });
+        }
+        model.policies.push(Policy {
+            key,
+            namespace: p.namespace,
+            action: p.action,
+            selector: p.selector,
+            rules,
+        });
+    }
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YAML: &str = r#"
+workloads:
+  - {name: web, serviceAccount: web, node: a, addresses: [10.0.1.2]}
+  - {name: api-1, serviceAccount: api, node: b, addresses: [10.0.2.2], services: [default/api], labels: {app: api}}
+  - {name: api-2, serviceAccount: api, node: b, addresses: [10.0.2.3], services: [default/api], labels: {app: api}}
+services:
+  - {name: api, addresses: [10.96.0.10], ports: [{port: 80, targetPort: 8080}]}
+policies:
+  - name: deny-db
+    action: DENY
+    selector: {app: api}
+    rules: [{principals: ["spiffe://cluster.local/ns/default/sa/db"]}]
+"#;
+
+    fn id(sa: &str) -> Identity {
+        Identity::new("cluster.local", "default", sa).expect("id")
+    }
+
+    #[test]
+    fn loads_indexes_and_balances() {
+        let m = Model::from_yaml(YAML, "cluster.local").expect("valid");
+        let svc = m
+            .service_by_vip("10.96.0.10".parse().expect("ip"))
+            .expect("vip");
+        assert_eq!(svc.target_port(80), Some(8080));
+        let picks: Vec<_> = (0..4)
+            .map(|_| svc.pick().expect("ep").name.clone())
+            .collect();
+        assert_eq!(picks, ["api-1", "api-2", "api-1", "api-2"]);
+        let web = m
+            .workload_by_ip("10.0.1.2".parse().expect("ip"))
+            .expect("web");
+        assert_eq!(web.identity, id("web"));
+    }
+
+    #[test]
+    fn deny_wins_and_allow_restricts() {
+        let mut m = Model::from_yaml(YAML, "cluster.local").expect("valid");
+        let api = m.workload("default", "api-1").expect("api").clone();
+        let ip = "10.0.1.2".parse().expect("ip");
+        let (web, db) = (id("web"), id("db"));
+        let src = |i| Source {
+            identity: Some(i),
+            ip,
+        };
+        assert_eq!(m.authorize(&api, src(&web), 8080), Decision::Allow);
+        assert!(matches!(
+            m.authorize(&api, src(&db), 8080),
+            Decision::Deny(_)
+        ));
+        // An ALLOW for web only: others (and plaintext) are refused; DENY still wins.
+        let extra = Model::from_yaml(
+            r#"policies: [{name: only-web, action: ALLOW, rules: [{principals: ["spiffe://cluster.local/ns/default/sa/web", "spiffe://cluster.local/ns/default/sa/db"], ports: [8080]}]}]"#,
+            "cluster.local",
+        )
+        .expect("valid");
+        m.policies.extend(extra.policies);
+        assert_eq!(m.authorize(&api, src(&web), 8080), Decision::Allow);
+        assert!(matches!(
+            m.authorize(&api, src(&web), 9090),
+            Decision::Deny(_)
+        ));
+        assert!(
+            matches!(m.authorize(&api, src(&db), 8080), Decision::Deny(r) if r.contains("deny-db"))
+        );
+        let plaintext = Source { identity: None, ip };
+        assert!(matches!(
+            m.authorize(&api, plaintext, 8080),
+            Decision::Deny(_)
+        ));
+    }
+
+    #[test]
+    fn errors_name_object_and_field() {
+        let bad = [
+            (
+                "workloads: [{name: w, node: a, addresses: []}]",
+                "workloads[0] (default/w): addresses",
+            ),
+            (
+                "workloads: [{name: w, node: a, addresses: [1.2.3.4], serviceAccount: 'a/b'}]",
+                "serviceAccount",
+            ),
+            (
+                "services: [{name: s, addresses: [1.1.1.1], ports: []}]",
+                "services[0] (default/s): ports",
+            ),
+            (
+                "policies: [{name: p, action: DENY, rules: [{ipBlocks: [10.0.0.0/33]}]}]",
+                "rules.ipBlocks",
+            ),
+            (
+                "workloads: [{name: w, node: a, addresses: [1.2.3.4], bogus: 1}]",
+                "unknown field",
+            ),
+            ("policies: [{name: p, action: MAYBE}]", "unknown variant"),
+            ("[1, 2", "not valid YAML"),
+        ];
+        for (yaml, want) in bad {
+            let err = Model::from_yaml(yaml, "cluster.local")
+                .expect_err(yaml)
+                .to_string();
+            assert!(err.contains(want), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let c = Cidr::parse("10.1.0.0/16").expect("cidr");
+        assert!(c.contains("10.1.255.3".parse().expect("ip")));
+        assert!(!c.contains("10.2.0.1".parse().expect("ip")));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .expect("cidr")
+                .contains("8.8.8.8".parse().expect("ip"))
+        );
+        assert!(
+            Cidr::parse("fd00::/8")
+                .expect("cidr")
+                .contains("fd12::1".parse().expect("ip"))
+        );
+        assert!(Cidr::parse("nope").is_err());
+    }
+}

@@ -19,10 +19,6 @@ use crate::ca_server::CaService;
 use crate::nodes::{NodeError, Nodes};
 use crate::tls_incoming;
 
-/// The namespace and service account the controller runs as.
-pub const CONTROLLER_NAMESPACE: &str = "weft-system";
-pub const CONTROLLER_SERVICE_ACCOUNT: &str = "weft-controller";
-
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Holds `ca/` and `nodes/`; made 0700.
@@ -87,11 +83,7 @@ impl Bound {
 }
 
 pub async fn build(config: Config) -> Result<Bound, BuildError> {
-    let identity = Identity::new(
-        &config.trust_domain,
-        CONTROLLER_NAMESPACE,
-        CONTROLLER_SERVICE_ACCOUNT,
-    )?;
+    let identity = weft_proto::identity::controller(&config.trust_domain)?;
     prepare_data_dir(&config.data_dir)?;
     let ca = Arc::new(CertificateAuthority::load_or_create(
         &config.data_dir.join("ca"),

@@ -125,6 +125,7 @@ pub async fn run(keep: bool) -> anyhow::Result<()> {
         src: web.clone(),
         dst: api.clone(),
         dst_addr: hbone_addr,
+        src_ip: None,
     };
     checks.push(traffic(&pool, &key, &certs_a.watch(&web)).await);
     checks.push(pooling(&pool, &key, &certs_a.watch(&web)).await);
@@ -279,6 +280,7 @@ async fn wrong_server(
         src: web.clone(),
         dst: db,
         dst_addr: addr,
+        src_ip: None,
     };
     let req = ConnectRequest {
         authority: addr,

@@ -239,3 +239,4 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for: {what}"));
 }
+pub mod netns;

@@ -359,6 +359,7 @@ async fn plugged_intermediate_serves_the_full_chain() {
         src: web.clone(),
         dst: api.clone(),
         dst_addr: server.addr,
+        src_ip: None,
     };
     let s = pool
         .connect(

@@ -32,6 +32,7 @@ async fn bytes_round_trip_with_both_identities() {
         src: web.clone(),
         dst: api.clone(),
         dst_addr: server.addr,
+        src_ip: None,
     };
     let target = "10.1.2.3:8080".parse().expect("addr");
     let mut stream = pool
@@ -78,6 +79,7 @@ async fn concurrent_streams_share_a_connection_until_the_limit() {
         src: web.clone(),
         dst: api.clone(),
         dst_addr: server.addr,
+        src_ip: None,
     };
 
     for (limit, want_conns) in [(100, 1), (10, 5)] {
@@ -132,6 +134,7 @@ async fn client_refuses_server_with_unexpected_identity() {
         src: web.clone(),
         dst: api,
         dst_addr: server.addr,
+        src_ip: None,
     };
     let err = pool
         .connect(&key, &node.cert(&web).await, request(server.addr))
@@ -164,6 +167,7 @@ async fn foreign_ca_is_refused_both_ways() {
         src: fake_web.clone(),
         dst: api.clone(),
         dst_addr: server.addr,
+        src_ip: None,
     };
     let _ = pool
         .connect(&key, &stranger.cert(&fake_web).await, request(server.addr))
@@ -182,6 +186,7 @@ async fn foreign_ca_is_refused_both_ways() {
         src: web.clone(),
         dst: api.clone(),
         dst_addr: fake_server.addr,
+        src_ip: None,
     };
     let err = pool
         .connect(&key, &node.cert(&web).await, request(fake_server.addr))
@@ -299,6 +304,7 @@ async fn non_connect_and_bad_authority_are_refused_per_stream() {
         src: web,
         dst: api,
         dst_addr: server.addr,
+        src_ip: None,
     };
     let mut s = pool
         .connect(&key, &pool_cert, request(server.addr))
@@ -330,6 +336,7 @@ async fn rotation_keeps_old_streams_and_new_streams_use_the_new_certificate() {
         src: web.clone(),
         dst: api.clone(),
         dst_addr: server.addr,
+        src_ip: None,
     };
     let mut old = pool
         .connect(&key, &web_cert, request(server.addr))
@@ -382,6 +389,7 @@ async fn idle_connections_are_evicted() {
         src: web.clone(),
         dst: api,
         dst_addr: server.addr,
+        src_ip: None,
     };
     let mut s = pool
         .connect(&key, &node.cert(&web).await, request(server.addr))
@@ -443,6 +451,7 @@ async fn keepalive_detects_a_dead_peer() {
         src: web.clone(),
         dst: api,
         dst_addr: relay,
+        src_ip: None,
     };
     let mut s = pool
         .connect(&key, &node.cert(&web).await, request(relay))

@@ -14,6 +14,20 @@ const MAX_LEN: usize = 2048;
 /// Longest trust domain the SPIFFE spec allows.
 const MAX_TRUST_DOMAIN_LEN: usize = 255;
 
+/// The namespace and service account the controller runs as; proxies expect
+/// this identity on the controller's port.
+pub const CONTROLLER_NAMESPACE: &str = "weft-system";
+pub const CONTROLLER_SERVICE_ACCOUNT: &str = "weft-controller";
+
+/// The controller's identity in `trust_domain`.
+pub fn controller(trust_domain: &str) -> Result<Identity, IdentityError> {
+    Identity::new(
+        trust_domain,
+        CONTROLLER_NAMESPACE,
+        CONTROLLER_SERVICE_ACCOUNT,
+    )
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
     #[error("SPIFFE ID is empty")]

@@ -2,9 +2,11 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
+use weft_ztunnel::app::{self, Config};
+use weft_ztunnel::node::Mode;
 
 /// weft's node proxy: captures the TCP traffic of enrolled pods and carries it
 /// between nodes in HBONE (HTTP/2 CONNECT in mutual TLS 1.3).
@@ -14,25 +16,63 @@ struct Args {
     /// This node's name, as the controller knows it.
     #[arg(long, env = "NODE_NAME")]
     node: String,
-    /// Controller gRPC address (CA and config push).
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Controller gRPC address (CA).
     #[arg(long, default_value = "127.0.0.1:15012")]
     controller: SocketAddr,
-    /// File holding this node's token (local mode).
+    /// The mesh root certificate (controller data dir: ca/root-cert.pem).
     #[arg(long)]
-    token_file: Option<PathBuf>,
-    /// Static config (Workload/Service/Authorization YAML) instead of the push.
+    ca_root: PathBuf,
+    /// This node's token (controller data dir: nodes/<node>.token).
     #[arg(long)]
-    config: Option<PathBuf>,
+    token_file: PathBuf,
+    /// Static config: Workload/Service/Policy YAML.
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long, default_value = "/var/run/weft/ztunnel.sock")]
+    enroll_socket: PathBuf,
+    #[arg(long, default_value = "/var/lib/weft/ztunnel")]
+    state_dir: PathBuf,
+    /// Accept plaintext from outside the mesh (subject to policy).
+    #[arg(long)]
+    permissive: bool,
+    /// Refuse outbound connections to destinations outside the mesh.
+    #[arg(long)]
+    deny_passthrough: bool,
 }
 
-#[allow(clippy::print_stderr)]
-fn main() -> ExitCode {
-    let args = Args::parse();
-    eprintln!(
-        "weft-ztunnel (node {}): traffic capture and forwarding are not built yet (issue #3); \
-         the HBONE, TLS and certificate libraries it will use are in weft-proto. Exiting.",
-        args.node
-    );
-    let _ = (args.controller, args.token_file, args.config);
-    ExitCode::from(2)
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let a = Args::parse();
+    let bound = app::build(Config {
+        node: a.node,
+        trust_domain: a.trust_domain,
+        model_file: a.config,
+        ca_addr: a.controller,
+        ca_root: a.ca_root,
+        token_file: a.token_file,
+        enroll_socket: a.enroll_socket,
+        state_dir: a.state_dir,
+        mode: if a.permissive {
+            Mode::Permissive
+        } else {
+            Mode::Strict
+        },
+        deny_passthrough: a.deny_passthrough,
+    })
+    .await
+    .context("ztunnel failed to start")?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    bound.shutdown().await;
+    Ok(())
 }

@@ -115,6 +115,7 @@ async fn hbone(echo: bool) -> Hbone {
         src,
         dst,
         dst_addr: server.addr,
+        src_ip: None,
     };
     Hbone {
         pool: Pool::new(PoolSettings::default()),

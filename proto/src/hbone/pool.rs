@@ -12,7 +12,9 @@
 //!   connections to dead peers.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -33,6 +35,33 @@ pub struct PoolKey {
     pub src: Identity,
     pub dst: Identity,
     pub dst_addr: SocketAddr,
+    /// The source pod's address when connections must originate from it (a
+    /// ztunnel dials from inside the pod's network namespace); pods sharing
+    /// an identity still get separate connections, so the far side sees the
+    /// true source IP.
+    pub src_ip: Option<IpAddr>,
+}
+
+/// Makes the TCP connection under an HBONE tunnel.
+pub trait Dialer: Send + Sync + 'static {
+    fn dial(
+        &self,
+        src: Option<IpAddr>,
+        dst: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send + '_>>;
+}
+
+/// Connects from the process's own network namespace.
+pub struct DirectDialer;
+
+impl Dialer for DirectDialer {
+    fn dial(
+        &self,
+        _src: Option<IpAddr>,
+        dst: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send + '_>> {
+        Box::pin(TcpStream::connect(dst))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +99,7 @@ pub struct Pool {
 
 struct PoolInner {
     settings: PoolSettings,
+    dialer: Arc<dyn Dialer>,
     keys: Mutex<HashMap<PoolKey, Arc<KeyConns>>>,
     stats: Arc<PoolStats>,
 }
@@ -114,8 +144,14 @@ pub struct ConnectRequest {
 impl Pool {
     /// Must be called inside a tokio runtime (starts the idle sweeper).
     pub fn new(settings: PoolSettings) -> Self {
+        Pool::with_dialer(settings, Arc::new(DirectDialer))
+    }
+
+    /// A pool whose connections are made by `dialer`.
+    pub fn with_dialer(settings: PoolSettings, dialer: Arc<dyn Dialer>) -> Self {
         let inner = Arc::new(PoolInner {
             settings,
+            dialer,
             keys: Mutex::new(HashMap::new()),
             stats: Arc::new(PoolStats::default()),
         });
@@ -210,7 +246,10 @@ impl Pool {
             vec![key.dst.clone()],
         );
         let handshake = async {
-            let tcp = TcpStream::connect(addr)
+            let tcp = self
+                .inner
+                .dialer
+                .dial(key.src_ip, addr)
                 .await
                 .map_err(|source| HboneError::Connect { addr, source })?;
             let _ = tcp.set_nodelay(true);

@@ -1,0 +1,336 @@
+//! Pod enrollment: the unix-socket protocol the CNI plugin (and the demo and
+//! tests) speak, and what enrolling a pod does.
+//!
+//! One JSON object per line, one reply line each:
+//! `{"op":"add","uid":"…","namespace":"default","name":"web-1","netns":"/var/run/netns/x","ips":["10.244.1.2"]}`
+//! `{"op":"remove","uid":"…"}` → `{"ok":true}` or `{"ok":false,"error":"…"}`.
+//! Lines over 64 KiB, bad JSON and unknown fields get an error reply; the
+//! connection stays usable.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+use weft_proto::hbone::server::{self, ServerStats};
+use weft_proto::hbone::{H2Settings, HBONE_PORT};
+use weft_proto::tls::{self, ClientAuth};
+
+use crate::capture::{self, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::inbound::{self, Inbound};
+use crate::netns::Netns;
+use crate::node::Node;
+use crate::outbound;
+use crate::pods::{Pod, PodSpec, log_enrolled};
+
+const MAX_LINE: u64 = 64 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    Add(PodSpec),
+    Remove { uid: String },
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("no workload {0} in config; cannot tell its identity")]
+    UnknownWorkload(String),
+    #[error("workload {0} is not meshed")]
+    NotMeshed(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Capture(#[from] capture::CaptureError),
+}
+
+/// Everything enrollment needs besides the node.
+pub struct Enroller {
+    pub node: Arc<Node>,
+    pub state_file: PathBuf,
+    pub hbone_stats: Arc<ServerStats>,
+    pub shutdown: CancellationToken,
+    /// Every pod listener task, so shutdown can wait for them to close.
+    pub tasks: TaskTracker,
+    /// Restored pods still being retried; persisted with the enrolled ones so
+    /// a second restart does not forget them.
+    pending: Mutex<Vec<PodSpec>>,
+}
+
+impl Enroller {
+    pub fn new(
+        node: Arc<Node>,
+        state_file: PathBuf,
+        hbone_stats: Arc<ServerStats>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Enroller {
+            node,
+            state_file,
+            hbone_stats,
+            shutdown,
+            tasks: TaskTracker::new(),
+            pending: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Captures the pod's traffic and opens its listeners. Idempotent.
+    pub async fn add(&self, spec: PodSpec) -> Result<(), EnrollError> {
+        if self
+            .node
+            .pods
+            .get(&spec.uid)
+            .is_some_and(|p| p.spec == spec)
+        {
+            return Ok(());
+        }
+        self.remove(&spec.uid).await?;
+        let key = format!("{}/{}", spec.namespace, spec.name);
+        let workload = self
+            .node
+            .model
+            .borrow()
+            .workload(&spec.namespace, &spec.name)
+            .cloned()
+            .ok_or_else(|| EnrollError::UnknownWorkload(key.clone()))?;
+        if !workload.meshed {
+            return Err(EnrollError::NotMeshed(key));
+        }
+        let netns = Netns::open(&spec.netns)?;
+        let ips = if spec.ips.is_empty() {
+            workload.addresses.clone()
+        } else {
+            spec.ips.clone()
+        };
+        // Start the certificate now so the first connection does not wait.
+        let cert = self.node.certs.watch(&workload.identity);
+        let pod = Arc::new(Pod {
+            spec,
+            netns,
+            ips,
+            identity: workload.identity.clone(),
+        });
+        let stop = self.shutdown.child_token();
+        let listeners = async {
+            let any = |port| std::net::SocketAddr::from(([0, 0, 0, 0], port));
+            Ok::<_, std::io::Error>((
+                pod.netns.listen(any(OUTBOUND_PORT)).await?,
+                pod.netns.listen(any(INBOUND_PLAINTEXT_PORT)).await?,
+                pod.netns.listen(any(HBONE_PORT)).await?,
+            ))
+        };
+        let (out_l, plain_l, hbone_l) = listeners.await?;
+        capture::install(&pod.netns).await?;
+        let node = &self.node;
+        tokio::spawn(outbound::serve(
+            node.clone(),
+            pod.clone(),
+            out_l,
+            stop.clone(),
+        ));
+        tokio::spawn(inbound::serve_plaintext(
+            node.clone(),
+            pod.clone(),
+            plain_l,
+            stop.clone(),
+        ));
+        let tls = tls::server_config(
+            cert,
+            ClientAuth::Required {
+                trust_domain: node.trust_domain.clone(),
+            },
+        );
+        let handler = Arc::new(Inbound {
+            node: node.clone(),
+            pod: pod.clone(),
+        });
+        tokio::spawn(server::serve(
+            hbone_l,
+            tls,
+            handler,
+            H2Settings::default(),
+            self.hbone_stats.clone(),
+            stop.clone(),
+        ));
+        log_enrolled(&pod);
+        node.pods.insert(pod, stop);
+        self.persist();
+        Ok(())
+    }
+
+    /// Closes the pod's listeners and deletes its capture table.
+    pub async fn remove(&self, uid: &str) -> Result<(), EnrollError> {
+        self.pending
+            .lock()
+            .expect("poisoned")
+            .retain(|p| p.uid != uid);
+        let Some(pod) = self.node.pods.remove(uid) else {
+            return Ok(());
+        };
+        let result = capture::remove(&pod.netns).await;
+        if !self.node.pods.uses_identity(&pod.identity) {
+            self.node.certs.forget(&pod.identity);
+        }
+        self.persist();
+        debug!(uid, "pod removed");
+        Ok(result?)
+    }
+
+    /// Re-enrolls what a previous run had. A pod whose namespace is gone was
+    /// deleted while we were down and is dropped; any other failure is
+    /// retried in the background, and the pod stays in the persisted set.
+    pub async fn restore(self: &Arc<Self>, specs: Vec<PodSpec>) {
+        for spec in specs {
+            if !spec.netns.exists() {
+                warn!(uid = spec.uid, netns = %spec.netns.display(), "pod namespace gone; dropping it");
+                continue;
+            }
+            if let Err(e) = self.add(spec.clone()).await {
+                warn!(uid = spec.uid, error = %e, "could not restore pod yet; retrying");
+                self.pending.lock().expect("poisoned").push(spec.clone());
+                tokio::spawn(self.clone().retry(spec));
+            }
+        }
+        self.persist();
+    }
+
+    async fn retry(self: Arc<Self>, spec: PodSpec) {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            let still_pending = self.pending.lock().expect("poisoned").contains(&spec);
+            if !still_pending || !spec.netns.exists() {
+                break;
+            }
+            match self.add(spec.clone()).await {
+                Ok(()) => break,
+                Err(e) => debug!(uid = spec.uid, error = %e, "restore retry failed"),
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+        self.pending
+            .lock()
+            .expect("poisoned")
+            .retain(|p| p != &spec);
+        self.persist();
+    }
+
+    fn persist(&self) {
+        let pending = self.pending.lock().expect("poisoned").clone();
+        if let Err(e) = self.node.pods.persist(&self.state_file, &pending) {
+            warn!(path = %self.state_file.display(), error = %e, "cannot persist enrolled pods");
+        }
+    }
+}
+
+/// Serves the enrollment socket (mode 0600) until shutdown.
+pub fn listen(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub async fn serve(enroller: Arc<Enroller>, listener: UnixListener) {
+    loop {
+        let stream = tokio::select! {
+            _ = enroller.shutdown.cancelled() => return,
+            a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+        };
+        tokio::spawn(connection(enroller.clone(), stream));
+    }
+}
+
+async fn connection(enroller: Arc<Enroller>, stream: UnixStream) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    loop {
+        let mut line = String::new();
+        // Bounded: a peer that never sends a newline cannot grow this buffer.
+        let n = match (&mut reader).take(MAX_LINE + 1).read_line(&mut line).await {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) => {
+                return reply_and_close(&mut write, &format!("unreadable request: {e}")).await;
+            }
+        };
+        if n as u64 > MAX_LINE {
+            return reply_and_close(&mut write, "request line over 64 KiB").await;
+        }
+        let reply = match serde_json::from_str::<Request>(line.trim()) {
+            Err(e) => Reply {
+                ok: false,
+                error: Some(format!("bad request: {e}")),
+            },
+            Ok(req) => {
+                let result = match req {
+                    Request::Add(spec) => enroller.add(spec).await,
+                    Request::Remove { uid } => enroller.remove(&uid).await,
+                };
+                match result {
+                    Ok(()) => Reply {
+                        ok: true,
+                        error: None,
+                    },
+                    Err(e) => Reply {
+                        ok: false,
+                        error: Some(e.to_string()),
+                    },
+                }
+            }
+        };
+        if send(&mut write, &reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, reply: &Reply) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    w.write_all(&out).await
+}
+
+async fn reply_and_close(w: &mut tokio::net::unix::OwnedWriteHalf, error: &str) {
+    let _ = send(
+        w,
+        &Reply {
+            ok: false,
+            error: Some(error.into()),
+        },
+    )
+    .await;
+}
+
+/// Client side, for the CNI plugin, the demo and tests.
+pub async fn request(socket: &Path, line: &str) -> std::io::Result<Reply> {
+    let stream = UnixStream::connect(socket).await?;
+    let (read, mut write) = stream.into_split();
+    write.write_all(line.as_bytes()).await?;
+    write.write_all(b"\n").await?;
+    let mut reply = String::new();
+    BufReader::new(read)
+        .take(MAX_LINE)
+        .read_line(&mut reply)
+        .await?;
+    serde_json::from_str(&reply).map_err(std::io::Error::other)
+}

@@ -1,0 +1,188 @@
+//! Inbound: HBONE on 15008 and plaintext on 15006, inside each pod's
+//! namespace. Authorize, then connect to the application from inside the
+//! pod with a marked socket.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use http::StatusCode;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+use weft_proto::hbone::copy_bidirectional;
+use weft_proto::hbone::server::{Handler, InboundConnect};
+use weft_proto::identity::Identity;
+use weft_proto::model::{Decision, Source};
+
+use crate::netns::original_dst;
+use crate::node::{Mode, Node};
+use crate::pods::Pod;
+
+pub struct Inbound {
+    pub node: Arc<Node>,
+    pub pod: Arc<Pod>,
+}
+
+impl Handler for Inbound {
+    async fn handle(&self, c: InboundConnect) {
+        let started = Instant::now();
+        // Phase 1, before the 200: every refusal is an HTTP status.
+        // An HBONE listener is never a relay: only this pod's addresses.
+        if !self.pod.ips.contains(&c.authority.ip()) {
+            warn!(authority = %c.authority, "CONNECT to an address that is not this pod's");
+            return c.refuse(StatusCode::BAD_REQUEST);
+        }
+        let src = Source {
+            identity: Some(&c.peer),
+            ip: c.peer_addr.ip(),
+        };
+        if let Err(reason) = authorize(&self.node, &self.pod, src, c.authority.port()) {
+            self.node
+                .stats
+                .inbound_denied
+                .fetch_add(1, Ordering::Relaxed);
+            access_log(
+                &self.pod,
+                Some(&c.peer),
+                c.peer_addr,
+                c.authority,
+                (0, 0),
+                started,
+                &reason,
+            );
+            return c.refuse(StatusCode::FORBIDDEN);
+        }
+        let mut app = match self.pod.netns.connect(c.authority).await {
+            Ok(app) => app,
+            Err(e) => {
+                let reason = format!("application unreachable: {e}");
+                access_log(
+                    &self.pod,
+                    Some(&c.peer),
+                    c.peer_addr,
+                    c.authority,
+                    (0, 0),
+                    started,
+                    &reason,
+                );
+                return c.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            }
+        };
+        // Phase 2, after the 200: an error is a stream reset.
+        let (peer, peer_addr, authority) = (c.peer.clone(), c.peer_addr, c.authority);
+        let Ok(mut tunnel) = c.accept() else { return };
+        self.node
+            .stats
+            .inbound_hbone
+            .fetch_add(1, Ordering::Relaxed);
+        let result = copy_bidirectional(&mut tunnel, &mut app).await;
+        let (bytes, reason) = match result {
+            Ok(b) => (b, "closed".to_owned()),
+            Err(e) => ((0, 0), format!("error: {e}")),
+        };
+        access_log(
+            &self.pod,
+            Some(&peer),
+            peer_addr,
+            authority,
+            bytes,
+            started,
+            &reason,
+        );
+    }
+}
+
+fn authorize(node: &Node, pod: &Pod, src: Source<'_>, port: u16) -> Result<(), String> {
+    let model = node.model.borrow().clone();
+    // Deny on doubt: a pod the config no longer knows gets no traffic.
+    let Some(workload) = model.workload(&pod.spec.namespace, &pod.spec.name) else {
+        return Err("destination workload not in config".into());
+    };
+    match model.authorize(workload, src, port) {
+        Decision::Allow => Ok(()),
+        Decision::Deny(reason) => Err(format!("denied: {reason}")),
+    }
+}
+
+/// Plaintext arriving at the pod (redirected to 15006): refused in STRICT,
+/// authorized by source IP alone in PERMISSIVE.
+pub async fn serve_plaintext(
+    node: Arc<Node>,
+    pod: Arc<Pod>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+        };
+        let (node, pod) = (node.clone(), pod.clone());
+        let span = info_span!("inbound_plaintext", src.addr = %peer);
+        tokio::spawn(async move { plaintext(&node, &pod, tcp, peer).await }.instrument(span));
+    }
+}
+
+async fn plaintext(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let Ok(dst) = original_dst(&tcp) else { return };
+    if node.mode == Mode::Strict {
+        node.stats.plaintext_refused.fetch_add(1, Ordering::Relaxed);
+        access_log(
+            pod,
+            None,
+            peer,
+            dst,
+            (0, 0),
+            started,
+            "refused: plaintext in STRICT mode",
+        );
+        return;
+    }
+    let src = Source {
+        identity: None,
+        ip: peer.ip(),
+    };
+    if let Err(reason) = authorize(node, pod, src, dst.port()) {
+        node.stats.inbound_denied.fetch_add(1, Ordering::Relaxed);
+        access_log(pod, None, peer, dst, (0, 0), started, &reason);
+        return;
+    }
+    let Ok(mut app) = pod.netns.connect(dst).await else {
+        return;
+    };
+    node.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
+    let bytes = copy_bidirectional(&mut tcp, &mut app)
+        .await
+        .unwrap_or_default();
+    access_log(pod, None, peer, dst, bytes, started, "closed");
+}
+
+/// One line per inbound connection, emitted when it ends.
+fn access_log(
+    pod: &Pod,
+    src: Option<&Identity>,
+    src_addr: SocketAddr,
+    dst_addr: SocketAddr,
+    (received, sent): (u64, u64),
+    started: Instant,
+    reason: &str,
+) {
+    info!(
+        target: "access",
+        direction = "inbound",
+        src.identity = %src.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
+        src.addr = %src_addr,
+        dst.identity = %pod.identity,
+        dst.addr = %dst_addr,
+        dst.workload = %format!("{}/{}", pod.spec.namespace, pod.spec.name),
+        bytes_received = received,
+        bytes_sent = sent,
+        duration_ms = started.elapsed().as_millis() as u64,
+        security = if src.is_some() { "mutual_tls" } else { "none" },
+        reason,
+        "connection"
+    );
+}

@@ -1,0 +1,113 @@
+//! Doing things inside a pod's network namespace from the node's ztunnel.
+//!
+//! A socket belongs to the namespace it was created in, whichever thread
+//! uses it later. So the ztunnel creates pod-side sockets (listeners, marked
+//! upstream sockets) on a short-lived thread that has entered the pod's
+//! namespace, then hands them to tokio. Tokio's own threads never change
+//! namespace; a reused thread in the wrong namespace would be a silent,
+//! cross-pod bug.
+
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::sched::{CloneFlags, setns};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Mark on the ztunnel's own sockets inside pods; capture rules let them pass.
+pub const MARK: u32 = 0x539;
+
+#[derive(Clone, Debug)]
+pub struct Netns {
+    path: PathBuf,
+    fd: Arc<OwnedFd>,
+}
+
+impl Netns {
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = File::open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("open netns {}: {e}", path.display())))?;
+        Ok(Netns {
+            path: path.to_owned(),
+            fd: Arc::new(file.into()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on a new thread inside this namespace.
+    pub async fn run<T, F>(&self, f: F) -> io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> io::Result<T> + Send + 'static,
+    {
+        let fd = self.fd.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("weft-netns".into())
+            .spawn(move || {
+                let result = setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from)
+                    .and_then(|()| f());
+                let _ = tx.send(result);
+            })?;
+        rx.await
+            .map_err(|_| io::Error::other("netns worker thread panicked"))?
+    }
+
+    /// A listener inside the namespace.
+    pub async fn listen(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        let std = self
+            .run(move || {
+                let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+                s.set_reuse_address(true)?;
+                s.bind(&addr.into())?;
+                s.listen(1024)?;
+                s.set_nonblocking(true)?;
+                Ok(std::net::TcpListener::from(s))
+            })
+            .await
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("listen on {addr} in {}: {e}", self.path.display()),
+                )
+            })?;
+        TcpListener::from_std(std)
+    }
+
+    /// A connection from inside the namespace, marked so capture lets it
+    /// through instead of looping it back into the ztunnel.
+    pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
+        let socket = self
+            .run(move || {
+                let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+                s.set_mark(MARK)?;
+                s.set_nonblocking(true)?;
+                s.set_tcp_nodelay(true)?;
+                Ok(std::net::TcpStream::from(OwnedFd::from(s)))
+            })
+            .await?;
+        tokio::net::TcpSocket::from_std_stream(socket)
+            .connect(dst)
+            .await
+    }
+}
+
+/// The destination a captured connection was headed for (before the
+/// nftables redirect).
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let addr = match stream.local_addr()? {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket()
+        .ok_or_else(|| io::Error::other("original destination is not an IP address"))
+}

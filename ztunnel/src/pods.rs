@@ -1,0 +1,146 @@
+//! The pods enrolled on this node: their namespaces, capture rules and
+//! listeners, persisted so a restarted ztunnel picks them all up again.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use weft_proto::hbone::pool::Dialer;
+use weft_proto::identity::Identity;
+
+use crate::netns::Netns;
+
+/// A pod as the enrollment message (and the persisted set) describe it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodSpec {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub netns: PathBuf,
+    /// The pod's IPs (from the CNI result); empty: take them from config.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+}
+
+#[derive(Debug)]
+pub struct Pod {
+    pub spec: PodSpec,
+    pub netns: Netns,
+    pub ips: Vec<IpAddr>,
+    pub identity: Identity,
+}
+
+struct Enrolled {
+    pod: Arc<Pod>,
+    stop: CancellationToken,
+}
+
+/// Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Pods {
+    inner: Arc<Mutex<HashMap<String, Enrolled>>>,
+}
+
+impl Pods {
+    pub fn get(&self, uid: &str) -> Option<Arc<Pod>> {
+        self.lock().get(uid).map(|e| e.pod.clone())
+    }
+
+    pub fn by_ip(&self, ip: IpAddr) -> Option<Arc<Pod>> {
+        self.lock()
+            .values()
+            .find(|e| e.pod.ips.contains(&ip))
+            .map(|e| e.pod.clone())
+    }
+
+    pub fn insert(&self, pod: Arc<Pod>, stop: CancellationToken) {
+        self.lock()
+            .insert(pod.spec.uid.clone(), Enrolled { pod, stop });
+    }
+
+    /// Removes the pod and stops its listeners.
+    pub fn remove(&self, uid: &str) -> Option<Arc<Pod>> {
+        let e = self.lock().remove(uid)?;
+        e.stop.cancel();
+        Some(e.pod)
+    }
+
+    pub fn uses_identity(&self, id: &Identity) -> bool {
+        self.lock().values().any(|e| &e.pod.identity == id)
+    }
+
+    pub fn specs(&self) -> Vec<PodSpec> {
+        let mut v: Vec<_> = self.lock().values().map(|e| e.pod.spec.clone()).collect();
+        v.sort_by(|a, b| a.uid.cmp(&b.uid));
+        v
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Enrolled>> {
+        self.inner.lock().expect("pods poisoned")
+    }
+
+    /// Writes the enrolled set (plus `pending` restores) atomically.
+    pub fn persist(&self, path: &Path, pending: &[PodSpec]) -> std::io::Result<()> {
+        let mut specs = self.specs();
+        specs.extend(
+            pending
+                .iter()
+                .filter(|p| !specs.iter().any(|s| s.uid == p.uid))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        let json = serde_json::to_vec_pretty(&specs).map_err(std::io::Error::other)?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+/// Reads the set persisted by a previous run (empty if none).
+pub fn load_persisted(path: &Path) -> Vec<PodSpec> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            warn!(path = %path.display(), error = %e, "ignoring unreadable enrolled-pod state");
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Dials HBONE from inside the source pod's namespace, so the far side sees
+/// the pod's own address.
+pub struct PodDialer(pub Pods);
+
+impl Dialer for PodDialer {
+    fn dial(
+        &self,
+        src: Option<IpAddr>,
+        dst: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send + '_>> {
+        Box::pin(async move {
+            let pod = src.and_then(|ip| self.0.by_ip(ip)).ok_or_else(|| {
+                std::io::Error::other(format!("no enrolled pod with source address {src:?}"))
+            })?;
+            pod.netns.connect(dst).await
+        })
+    }
+}
+
+pub fn log_enrolled(pod: &Pod) {
+    info!(
+        pod = %format!("{}/{}", pod.spec.namespace, pod.spec.name),
+        uid = %pod.spec.uid,
+        identity = %pod.identity,
+        ips = ?pod.ips,
+        netns = %pod.netns.path().display(),
+        "pod enrolled"
+    );
+}

@@ -62,6 +62,8 @@ pub struct PodNs {
     pub netns: String,
     pub path: PathBuf,
     pub ip: IpAddr,
+    /// What the bridge plugin returned: the `prevResult` for a chained plugin.
+    pub cni_result: serde_json::Value,
 }
 
 impl Default for Topology {
@@ -173,6 +175,7 @@ impl Topology {
             netns,
             path,
             ip,
+            cni_result: result,
         }
     }
 }

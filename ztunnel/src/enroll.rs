@@ -3,7 +3,9 @@
 //!
 //! One JSON object per line, one reply line each:
 //! `{"op":"add","uid":"…","namespace":"default","name":"web-1","netns":"/var/run/netns/x","ips":["10.244.1.2"]}`
-//! `{"op":"remove","uid":"…"}` → `{"ok":true}` or `{"ok":false,"error":"…"}`.
+//! `{"op":"remove","uid":"…"}`, `{"op":"check","uid":"…"}`
+//! → `{"ok":true}` or `{"ok":false,"error":"…"}`. A workload that is not meshed is
+//! acknowledged and left alone.
 //! Lines over 64 KiB, bad JSON and unknown fields get an error reply; the
 //! connection stays usable.
 
@@ -34,7 +36,13 @@ const MAX_LINE: u64 = 64 * 1024;
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Request {
     Add(PodSpec),
-    Remove { uid: String },
+    Remove {
+        uid: String,
+    },
+    /// Is the pod enrolled? (CNI CHECK)
+    Check {
+        uid: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -48,8 +56,8 @@ pub struct Reply {
 pub enum EnrollError {
     #[error("no workload {0} in config; cannot tell its identity")]
     UnknownWorkload(String),
-    #[error("workload {0} is not meshed")]
-    NotMeshed(String),
+    #[error("pod {0} is not enrolled")]
+    NotEnrolled(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
@@ -106,7 +114,9 @@ impl Enroller {
             .cloned()
             .ok_or_else(|| EnrollError::UnknownWorkload(key.clone()))?;
         if !workload.meshed {
-            return Err(EnrollError::NotMeshed(key));
+            // Not in the mesh: nothing to capture, and the pod may start.
+            debug!(pod = key, "workload not meshed; enrollment skipped");
+            return Ok(());
         }
         let netns = Netns::open(&spec.netns)?;
         let ips = if spec.ips.is_empty() {
@@ -285,6 +295,10 @@ async fn connection(enroller: Arc<Enroller>, stream: UnixStream) {
                 let result = match req {
                     Request::Add(spec) => enroller.add(spec).await,
                     Request::Remove { uid } => enroller.remove(&uid).await,
+                    Request::Check { uid } => match enroller.node.pods.get(&uid) {
+                        Some(_) => Ok(()),
+                        None => Err(EnrollError::NotEnrolled(uid)),
+                    },
                 };
                 match result {
                     Ok(()) => Reply {

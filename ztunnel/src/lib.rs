@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod capture;
+pub mod cni;
 pub mod enroll;
 pub mod inbound;
 pub mod netns;

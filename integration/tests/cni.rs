@@ -1,0 +1,138 @@
+//! weft-cni chained after the real CNI bridge plugin, against a real ztunnel
+//! and real nftables. Needs root (CI runs as root).
+
+use std::path::PathBuf;
+
+use serde_json::json;
+use weft_integration::Mesh;
+use weft_integration::netns::{PodNs, Topology, is_root, run};
+use weft_ztunnel::app::{self, Config};
+use weft_ztunnel::cni::{self, Env};
+use weft_ztunnel::node::Mode;
+
+fn conf(socket: &PathBuf, prev: &serde_json::Value) -> Vec<u8> {
+    json!({"cniVersion": "1.0.0", "name": "weft-test", "type": "weft-cni",
+           "socket": socket, "timeoutSeconds": 3, "prevResult": prev})
+    .to_string()
+    .into_bytes()
+}
+
+async fn weft_cni(
+    command: &str,
+    pod: &PodNs,
+    socket: &PathBuf,
+) -> Result<String, (String, cni::CniError)> {
+    let env = Env {
+        command: command.into(),
+        container_id: format!("ctr-{}", pod.name),
+        netns: pod.path.display().to_string(),
+        args: format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={0};K8S_POD_UID=uid-{0}",
+            pod.name
+        ),
+    };
+    let stdin = conf(socket, &pod.cni_result);
+    // The plugin is synchronous, as the runtime runs it.
+    tokio::task::spawn_blocking(move || cni::run(&env, &stdin))
+        .await
+        .expect("plugin thread")
+}
+
+fn captured(pod: &PodNs) -> bool {
+    run(&["ip", "netns", "exec", &pod.netns, "nft", "list", "tables"]).contains("weft")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chained_after_bridge_enrolls_checks_and_removes() {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces and nftables (CI runs as root)");
+        return;
+    }
+    let mut topo = Topology::new();
+    let mesh = Mesh::start().await;
+    let node = topo.node("a", "10.244.7.0/24");
+    let web = topo.pod(&node, "web");
+    let plain = topo.pod(&node, "plain");
+    let stranger = topo.pod(&node, "stranger");
+    let dir = topo.dir.path().join("zt");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let yaml = format!(
+        "workloads:\n  - {{name: web, serviceAccount: web, node: a, addresses: [{}]}}\n  - {{name: plain, node: a, meshed: false, addresses: [{}]}}\n",
+        web.ip, plain.ip
+    );
+    std::fs::write(dir.join("config.yaml"), &yaml).expect("config");
+    std::fs::write(dir.join("root.pem"), &mesh.controller.root_pem).expect("root");
+    mesh.controller.nodes.place(
+        "a",
+        "spiffe://cluster.local/ns/default/sa/web"
+            .parse()
+            .expect("id"),
+    );
+    let zt = app::build(Config {
+        node: "a".into(),
+        trust_domain: "cluster.local".into(),
+        model_file: dir.join("config.yaml"),
+        ca_addr: mesh.controller.grpc_addr,
+        ca_root: dir.join("root.pem"),
+        token_file: mesh.controller.nodes.ensure("a").expect("token"),
+        enroll_socket: dir.join("zt.sock"),
+        state_dir: dir.join("state"),
+        mode: Mode::Strict,
+        deny_passthrough: false,
+    })
+    .await
+    .expect("ztunnel");
+    let socket = zt.enroll_socket.clone();
+
+    // ADD passes the bridge's result through unchanged and enrolls the pod.
+    let out = weft_cni("ADD", &web, &socket).await.expect("ADD");
+    let out: serde_json::Value = serde_json::from_str(&out).expect("JSON result");
+    assert_eq!(out, web.cni_result);
+    assert!(captured(&web), "no weft table in the pod after ADD");
+    let listening = run(&["ip", "netns", "exec", &web.netns, "ss", "-Htln"]);
+    for port in [":15001", ":15006", ":15008"] {
+        assert!(
+            listening.contains(port),
+            "{port} not listening: {listening}"
+        );
+    }
+    weft_cni("CHECK", &web, &socket)
+        .await
+        .expect("CHECK after ADD");
+
+    // A pod the config marks as outside the mesh starts, uncaptured.
+    weft_cni("ADD", &plain, &socket)
+        .await
+        .expect("ADD for an unmeshed workload");
+    assert!(!captured(&plain));
+
+    // A pod the ztunnel knows nothing about is refused: deny on doubt.
+    let (_, err) = weft_cni("ADD", &stranger, &socket)
+        .await
+        .expect_err("unknown pod refused");
+    assert_eq!(err.code, 100, "{err}");
+    assert!(
+        err.details.contains("no workload default/stranger"),
+        "{err}"
+    );
+    assert!(!captured(&stranger));
+
+    // DEL removes everything, and is idempotent.
+    weft_cni("DEL", &web, &socket).await.expect("DEL");
+    assert!(!captured(&web), "weft table left after DEL");
+    weft_cni("DEL", &web, &socket).await.expect("second DEL");
+    assert!(
+        weft_cni("CHECK", &web, &socket).await.is_err(),
+        "CHECK passes for a removed pod"
+    );
+
+    // The ztunnel gone: ADD fails within its bound instead of starting the pod unprotected.
+    zt.shutdown().await;
+    let _ = std::fs::remove_file(&socket);
+    let started = std::time::Instant::now();
+    let (_, err) = weft_cni("ADD", &web, &socket)
+        .await
+        .expect_err("no ztunnel, no pod");
+    assert_eq!(err.code, 11, "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}

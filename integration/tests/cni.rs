@@ -79,6 +79,9 @@ async fn chained_after_bridge_enrolls_checks_and_removes() {
         state_dir: dir.join("state"),
         mode: Mode::Strict,
         deny_passthrough: false,
+        admin_addr: "127.0.0.1:0".parse().expect("addr"),
+        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+        ready_addr: "127.0.0.1:0".parse().expect("addr"),
     })
     .await
     .expect("ztunnel");

@@ -185,6 +185,9 @@ async fn ztunnel(topo: &Topology, mesh: &Mesh, node: &str, yaml: &str, mode: Mod
         state_dir: dir.join("state"),
         mode,
         deny_passthrough: false,
+        admin_addr: "127.0.0.1:0".parse().expect("addr"),
+        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+        ready_addr: "127.0.0.1:0".parse().expect("addr"),
     })
     .await
     .expect("ztunnel starts")
@@ -201,6 +204,25 @@ async fn enroll(zt: &Bound, pod: &PodNs) {
         .await
         .expect("enroll");
     assert!(reply.ok, "enrolling {}: {:?}", pod.name, reply.error);
+}
+
+/// GET with curl, the way an operator would; panics on a non-200.
+async fn curl(addr: SocketAddr, path: &str) -> String {
+    let url = format!("http://{addr}{path}");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("curl")
+            .args(["-sSf", "--max-time", "5", &url])
+            .output()
+    })
+    .await
+    .expect("curl thread")
+    .expect("curl (install curl)");
+    assert!(
+        out.status.success(),
+        "curl {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
 }
 
 /// tcpdump on the link between the nodes, started and ready before traffic.
@@ -300,6 +322,35 @@ async fn cross_node_traffic_is_mtls_and_policy_applies() {
     );
     assert!(c.zt_b.node.stats.inbound_hbone.load(Ordering::Relaxed) >= 1);
     assert!(c.zt_a.node.stats.outbound_hbone.load(Ordering::Relaxed) >= 1);
+
+    // The receiver's metrics name the sender's identity, over mTLS.
+    let metrics = curl(c.zt_b.metrics_addr, "/metrics").await;
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("weft_tcp_connections_opened_total")
+                && l.contains(r#"reporter="destination""#)
+        })
+        .unwrap_or_else(|| panic!("no inbound connection metric in:\n{metrics}"));
+    for want in [
+        r#"source_principal="spiffe://cluster.local/ns/default/sa/client""#,
+        r#"source_workload="client""#,
+        r#"destination_workload="server-b""#,
+        r#"destination_service="default/api""#,
+        r#"connection_security_policy="mutual_tls""#,
+    ] {
+        assert!(line.contains(want), "{want} missing from {line}");
+    }
+    assert!(metrics.contains("weft_tcp_received_bytes_total"));
+    assert_eq!(
+        curl(c.zt_b.ready_addr, "/healthz/ready").await.trim(),
+        "ready"
+    );
+    let dump: serde_json::Value =
+        serde_json::from_str(&curl(c.zt_b.admin_addr, "/config_dump").await).expect("JSON");
+    assert_eq!(dump["enrolledPods"][0]["name"], "server-b");
+    assert_eq!(dump["certificates"][0]["state"], "available");
+    assert_eq!(dump["mode"], "STRICT");
 
     // A DENY for the client's principal: refused, counted.
     let deny = r#"policies: [{name: no-client, action: DENY, selector: {app: server-b},

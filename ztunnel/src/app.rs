@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use hyper::StatusCode;
+use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -13,11 +15,12 @@ use weft_proto::certs::{CertConfig, CertManager, GrpcCaClient};
 use weft_proto::hbone::pool::{Pool, PoolSettings};
 use weft_proto::hbone::server::ServerStats;
 use weft_proto::model::{Model, ModelError};
-use weft_proto::tls::TrustBundle;
+use weft_proto::tls::{CertState, TrustBundle};
 
 use crate::enroll::{self, Enroller};
 use crate::node::{Mode, Node, Stats};
 use crate::pods::{PodDialer, Pods, load_persisted};
+use crate::telemetry;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -34,6 +37,23 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub mode: Mode,
     pub deny_passthrough: bool,
+    /// `/config_dump`, `/debug/...`: loopback only (SPEC: 127.0.0.1:15000).
+    pub admin_addr: SocketAddr,
+    /// Prometheus `/metrics` (SPEC: 15020).
+    pub metrics_addr: SocketAddr,
+    /// `/healthz/ready` (SPEC: 15021).
+    pub ready_addr: SocketAddr,
+}
+
+impl Config {
+    /// The SPEC ports for the admin, metrics and readiness endpoints.
+    pub fn default_ports() -> (SocketAddr, SocketAddr, SocketAddr) {
+        (
+            ([127, 0, 0, 1], 15000).into(),
+            ([0, 0, 0, 0], 15020).into(),
+            ([0, 0, 0, 0], 15021).into(),
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,11 +74,19 @@ pub enum BuildError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 pub struct Bound {
     pub node: Arc<Node>,
     pub enroll_socket: PathBuf,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub ready_addr: SocketAddr,
     pub hbone_stats: Arc<ServerStats>,
     model: watch::Sender<Arc<Model>>,
     shutdown: CancellationToken,
@@ -139,13 +167,116 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     })?;
     let tasks = enroller.tasks.clone();
     tokio::spawn(enroll::serve(enroller, socket));
+    let bind = |addr| async move {
+        telemetry::bind(addr)
+            .await
+            .map_err(|source| BuildError::Bind { addr, source })
+    };
+    let (admin, admin_addr) = bind(config.admin_addr).await?;
+    let (metrics, metrics_addr) = bind(config.metrics_addr).await?;
+    let (ready, ready_addr) = bind(config.ready_addr).await?;
+    telemetry::prometheus();
+    let dump = node.clone();
+    let admin_handler = Arc::new(move |path: &str| admin_page(&dump, path));
+    tokio::spawn(telemetry::serve_http(
+        admin,
+        admin_handler,
+        shutdown.clone(),
+    ));
+    let metrics_handler = Arc::new(|path: &str| match path {
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            telemetry::prometheus().render(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /metrics\n".to_owned(),
+        ),
+    });
+    tokio::spawn(telemetry::serve_http(
+        metrics,
+        metrics_handler,
+        shutdown.clone(),
+    ));
+    // Ready once restored pods are back and the enrollment socket is open.
+    let ready_handler = Arc::new(|path: &str| match path {
+        "/healthz/ready" => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /healthz/ready\n".to_owned(),
+        ),
+    });
+    tokio::spawn(telemetry::serve_http(
+        ready,
+        ready_handler,
+        shutdown.clone(),
+    ));
     info!(node = %config.node, socket = %config.enroll_socket.display(), mode = ?config.mode, "ztunnel ready");
     Ok(Bound {
         node,
         enroll_socket: config.enroll_socket,
+        admin_addr,
+        metrics_addr,
+        ready_addr,
         hbone_stats,
         model: model_tx,
         shutdown,
         tasks,
+    })
+}
+
+/// The admin port: what this ztunnel knows and does, as JSON.
+fn admin_page(node: &Node, path: &str) -> (StatusCode, &'static str, String) {
+    let body = match path {
+        "/config_dump" => config_dump(node),
+        "/debug/pods" => json!(node.pods.specs()),
+        "/debug/certs" => json!(certs(node)),
+        _ => {
+            let help = "endpoints: /config_dump /debug/pods /debug/certs\n";
+            return (StatusCode::NOT_FOUND, "text/plain", help.to_owned());
+        }
+    };
+    let text = serde_json::to_string_pretty(&body).unwrap_or_default();
+    (StatusCode::OK, "application/json", text)
+}
+
+fn certs(node: &Node) -> Vec<serde_json::Value> {
+    node.certs
+        .snapshot()
+        .into_iter()
+        .map(|(id, state)| match state {
+            CertState::Available(c) => json!({
+                "identity": id.to_string(), "state": "available", "serial": c.serial(),
+                "expiresInSeconds": c.remaining().as_secs(),
+            }),
+            CertState::Initializing => json!({"identity": id.to_string(), "state": "initializing"}),
+            CertState::Unavailable(why) => json!({"identity": id.to_string(), "state": "unavailable", "reason": why.to_string()}),
+        })
+        .collect()
+}
+
+fn config_dump(node: &Node) -> serde_json::Value {
+    let model = node.model.borrow().clone();
+    json!({
+        "node": node.name,
+        "trustDomain": node.trust_domain,
+        "mode": format!("{:?}", node.mode).to_uppercase(),
+        "denyPassthrough": node.deny_passthrough,
+        "workloads": model.workloads.iter().map(|w| json!({
+            "workload": w.key, "identity": w.identity.to_string(), "node": w.node,
+            "addresses": w.addresses, "meshed": w.meshed, "services": w.services,
+        })).collect::<Vec<_>>(),
+        "services": model.services.iter().map(|s| json!({
+            "service": s.key, "addresses": s.addresses, "ports": s.ports,
+            "endpoints": s.endpoints().iter().map(|w| w.key.clone()).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "policies": model.policies.iter().map(|p| json!({
+            "policy": p.key, "action": format!("{:?}", p.action).to_uppercase(), "rules": p.rules.len(),
+        })).collect::<Vec<_>>(),
+        "enrolledPods": node.pods.specs(),
+        "certificates": certs(node),
     })
 }

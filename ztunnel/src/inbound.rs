@@ -19,6 +19,7 @@ use weft_proto::model::{Decision, Source};
 use crate::netns::original_dst;
 use crate::node::{Mode, Node};
 use crate::pods::Pod;
+use crate::telemetry::ConnLabels;
 
 pub struct Inbound {
     pub node: Arc<Node>,
@@ -77,11 +78,14 @@ impl Handler for Inbound {
             .stats
             .inbound_hbone
             .fetch_add(1, Ordering::Relaxed);
+        let labels = labels(&self.node, &self.pod, Some(&peer), peer_addr);
+        labels.opened();
         let result = copy_bidirectional(&mut tunnel, &mut app).await;
         let (bytes, reason) = match result {
             Ok(b) => (b, "closed".to_owned()),
             Err(e) => ((0, 0), format!("error: {e}")),
         };
+        labels.closed(bytes.0, bytes.1);
         access_log(
             &self.pod,
             Some(&peer),
@@ -154,10 +158,36 @@ async fn plaintext(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr)
         return;
     };
     node.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
+    let labels = labels(node, pod, None, peer);
+    labels.opened();
     let bytes = copy_bidirectional(&mut tcp, &mut app)
         .await
         .unwrap_or_default();
+    labels.closed(bytes.0, bytes.1);
     access_log(pod, None, peer, dst, bytes, started, "closed");
+}
+
+/// Metrics labels for a connection this pod received.
+fn labels(node: &Node, pod: &Pod, peer: Option<&Identity>, peer_addr: SocketAddr) -> ConnLabels {
+    let model = node.model.borrow().clone();
+    let source_workload = model
+        .workload_by_ip(peer_addr.ip())
+        .map(|w| w.name.clone())
+        .unwrap_or_else(|| "unknown".into());
+    let destination_service = model
+        .workload(&pod.spec.namespace, &pod.spec.name)
+        .and_then(|w| w.services.first().cloned())
+        .unwrap_or_else(|| "unknown".into());
+    ConnLabels {
+        reporter: "destination",
+        source_workload,
+        source_principal: peer
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "unknown".into()),
+        destination_workload: pod.spec.name.clone(),
+        destination_service,
+        security: if peer.is_some() { "mutual_tls" } else { "none" },
+    }
 }
 
 /// One line per inbound connection, emitted when it ends.

@@ -11,3 +11,4 @@ pub mod netns;
 pub mod node;
 pub mod outbound;
 pub mod pods;
+pub mod telemetry;

@@ -50,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let a = Args::parse();
+    let (admin_addr, metrics_addr, ready_addr) = Config::default_ports();
     let bound = app::build(Config {
         node: a.node,
         trust_domain: a.trust_domain,
@@ -65,6 +66,9 @@ async fn main() -> anyhow::Result<()> {
             Mode::Strict
         },
         deny_passthrough: a.deny_passthrough,
+        admin_addr,
+        metrics_addr,
+        ready_addr,
     })
     .await
     .context("ztunnel failed to start")?;

@@ -21,6 +21,7 @@ use weft_proto::identity::Identity;
 use crate::netns::original_dst;
 use crate::node::Node;
 use crate::pods::Pod;
+use crate::telemetry::ConnLabels;
 
 /// How long a connection may wait for its pod's first certificate.
 const CERT_WAIT: Duration = Duration::from_secs(5);
@@ -42,16 +43,23 @@ enum Route {
     Hbone {
         endpoint: SocketAddr,
         identity: Identity,
+        /// For metrics labels.
+        workload: String,
+        service: String,
     },
     Passthrough(SocketAddr),
 }
 
 fn route(node: &Node, dst: SocketAddr) -> Option<Route> {
     let model = node.model.borrow().clone();
-    let (workload, port) = match model.service_by_vip(dst.ip()) {
-        Some(svc) => (svc.pick()?.clone(), svc.target_port(dst.port())?),
+    let (workload, port, service) = match model.service_by_vip(dst.ip()) {
+        Some(svc) => (
+            svc.pick()?.clone(),
+            svc.target_port(dst.port())?,
+            svc.key.clone(),
+        ),
         None => match model.workload_by_ip(dst.ip()) {
-            Some(w) => (w.clone(), dst.port()),
+            Some(w) => (w.clone(), dst.port(), "unknown".to_owned()),
             None => return Some(Route::Passthrough(dst)),
         },
     };
@@ -62,6 +70,8 @@ fn route(node: &Node, dst: SocketAddr) -> Option<Route> {
     Some(Route::Hbone {
         endpoint: SocketAddr::new(ip, port),
         identity: workload.identity.clone(),
+        workload: workload.name.clone(),
+        service,
     })
 }
 
@@ -77,8 +87,25 @@ async fn handle(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) {
             Err("destination outside the mesh and passthrough is denied".into())
         }
         Some(Route::Passthrough(to)) => passthrough(node, pod, &mut tcp, to).await,
-        Some(Route::Hbone { endpoint, identity }) => {
-            hbone(node, pod, &mut tcp, peer, endpoint, &identity).await
+        Some(Route::Hbone {
+            endpoint,
+            identity,
+            workload,
+            service,
+        }) => {
+            let labels = ConnLabels {
+                reporter: "source",
+                source_workload: pod.spec.name.clone(),
+                source_principal: pod.identity.to_string(),
+                destination_workload: workload,
+                destination_service: service,
+                security: "mutual_tls",
+            };
+            labels.opened();
+            let result = hbone(node, pod, &mut tcp, peer, endpoint, &identity).await;
+            let (sent, received) = result.as_ref().copied().unwrap_or_default();
+            labels.closed(sent, received);
+            result
         }
     };
     let (bytes, reason) = match result {

@@ -239,4 +239,5 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
         .await
         .unwrap_or_else(|_| panic!("timed out waiting for: {what}"));
 }
-pub mod netns;
+/// Network-namespace topologies (shared with `weft demo`).
+pub use weft_controller::demo::topology as netns;

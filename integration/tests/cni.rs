@@ -50,10 +50,10 @@ async fn chained_after_bridge_enrolls_checks_and_removes() {
     }
     let mut topo = Topology::new();
     let mesh = Mesh::start().await;
-    let node = topo.node("a", "10.244.7.0/24");
-    let web = topo.pod(&node, "web");
-    let plain = topo.pod(&node, "plain");
-    let stranger = topo.pod(&node, "stranger");
+    let node = topo.node("a", "10.244.7.0/24").expect("topology");
+    let web = topo.pod(&node, "web").expect("topology");
+    let plain = topo.pod(&node, "plain").expect("topology");
+    let stranger = topo.pod(&node, "stranger").expect("topology");
     let dir = topo.dir.path().join("zt");
     std::fs::create_dir_all(&dir).expect("dir");
     let yaml = format!(

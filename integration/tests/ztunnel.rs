@@ -3,17 +3,15 @@
 //! Needs root (CI runs as root); without it each test says so and passes.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use weft_integration::Mesh;
-use weft_integration::netns::{NodeNs, PodNs, Topology, is_root, run};
+use weft_integration::netns::{LinkCapture, NodeNs, PodNs, Topology, is_root, run};
 use weft_proto::model::Model;
 use weft_ztunnel::app::{self, Bound, Config};
-use weft_ztunnel::netns::Netns;
 use weft_ztunnel::node::Mode;
 
 const VIP: &str = "10.96.0.10";
@@ -31,8 +29,7 @@ macro_rules! require_root {
 /// An application listening on 0.0.0.0:8080 inside a pod: it greets with
 /// its own name, then echoes.
 async fn app(pod: &PodNs) {
-    let listener = Netns::open(&pod.path)
-        .expect("pod netns")
+    let listener = pod
         .listen("0.0.0.0:8080".parse().expect("addr"))
         .await
         .expect("app listens");
@@ -49,23 +46,13 @@ async fn app(pod: &PodNs) {
     });
 }
 
-/// Connects from inside `pod` the way its application would: an ordinary,
-/// unmarked socket, so capture applies.
-async fn dial(pod: &PodNs, dst: SocketAddr) -> std::io::Result<TcpStream> {
-    let std = Netns::open(&pod.path)?
-        .run(move || {
-            let s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
-            s.set_nonblocking(true)?;
-            Ok(s)
-        })
-        .await?;
-    TcpStream::from_std(std)
-}
-
 /// Sends the marker through `dst` and returns (greeting, echo), bounded.
 async fn exchange(pod: &PodNs, dst: SocketAddr) -> Result<(String, String), String> {
     let talk = async {
-        let mut s = dial(pod, dst).await.map_err(|e| format!("connect: {e}"))?;
+        let mut s = pod
+            .connect(dst)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         s.write_all(MARKER.as_bytes())
             .await
             .map_err(|e| e.to_string())?;
@@ -122,13 +109,13 @@ impl Cluster {
     async fn start(mode: Mode) -> Cluster {
         let mut topo = Topology::new();
         let mesh = Mesh::start().await;
-        let a = topo.node("a", "10.244.1.0/24");
-        let b = topo.node("b", "10.244.2.0/24");
-        let link = topo.link(&a, &b);
-        let client = topo.pod(&a, "client");
-        let server_a = topo.pod(&a, "server-a");
-        let outsider = topo.pod(&a, "outsider");
-        let server_b = topo.pod(&b, "server-b");
+        let a = topo.node("a", "10.244.1.0/24").expect("topology");
+        let b = topo.node("b", "10.244.2.0/24").expect("topology");
+        let link = topo.link(&a, &b).expect("topology");
+        let client = topo.pod(&a, "client").expect("topology");
+        let server_a = topo.pod(&a, "server-a").expect("topology");
+        let outsider = topo.pod(&a, "outsider").expect("topology");
+        let server_b = topo.pod(&b, "server-b").expect("topology");
         let yaml = model_yaml(
             &[
                 (&client, "a", "client", false),
@@ -225,91 +212,18 @@ async fn curl(addr: SocketAddr, path: &str) -> String {
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
-/// tcpdump on the link between the nodes, started and ready before traffic.
-struct Capture {
-    child: Child,
-    file: std::path::PathBuf,
-    netns: String,
-}
-
-impl Capture {
-    fn start(topo: &Topology, netns: &str, dev: &str) -> Capture {
-        use std::io::BufRead;
-        let file = topo.dir.path().join("link.pcap");
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                netns,
-                "tcpdump",
-                "-i",
-                dev,
-                "--immediate-mode",
-                "-U",
-                "-n",
-                "-w",
-            ])
-            .arg(&file)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("tcpdump (install tcpdump)");
-        // tcpdump says "listening on …" once the capture is live.
-        let stderr = child.stderr.take().expect("stderr");
-        let mut line = String::new();
-        std::io::BufReader::new(stderr)
-            .read_line(&mut line)
-            .expect("tcpdump output");
-        assert!(line.contains("listening"), "tcpdump: {line}");
-        Capture {
-            child,
-            file,
-            netns: netns.into(),
-        }
-    }
-
-    /// Stops the capture; returns (raw bytes, number of packets on 15008).
-    async fn finish(mut self) -> (Vec<u8>, usize) {
-        // Packets reach the file within moments in immediate mode; wait for
-        // more than the 24-byte pcap header before stopping (bounded).
-        let file = self.file.clone();
-        let _ = tokio::time::timeout(Duration::from_secs(5), async move {
-            while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) <= 24 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-        let raw = std::fs::read(&self.file).expect("pcap");
-        let out = run(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.netns,
-            "tcpdump",
-            "-r",
-            self.file.to_str().expect("path"),
-            "-n",
-            "tcp port 15008",
-        ]);
-        (raw, out.lines().count())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_node_traffic_is_mtls_and_policy_applies() {
     require_root!();
     let c = Cluster::start(Mode::Strict).await;
     let vip: SocketAddr = format!("{VIP}:80").parse().expect("vip");
     // Client on node A → service VIP → server on node B.
-    let capture = Capture::start(&c.topo, &c.node_a.netns, &c.link);
+    let capture = LinkCapture::start(&c.node_a.netns, &c.link, c.topo.dir.path())
+        .expect("tcpdump (install tcpdump)");
     let (hello, echo) = exchange(&c.client, vip)
         .await
         .expect("client reaches api through the mesh");
-    let (raw, hbone_packets) = capture.finish().await;
+    let (marker_seen, hbone_packets) = capture.finish(MARKER.as_bytes()).await;
     assert_eq!(hello, "hello from server-b");
     assert_eq!(echo, MARKER);
     assert!(
@@ -317,7 +231,7 @@ async fn cross_node_traffic_is_mtls_and_policy_applies() {
         "traffic between the nodes went to port 15008"
     );
     assert!(
-        !raw.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+        !marker_seen,
         "the payload's plaintext marker crossed the link between nodes"
     );
     assert!(c.zt_b.node.stats.inbound_hbone.load(Ordering::Relaxed) >= 1);

@@ -1,11 +1,8 @@
-//! `weft demo`: the mesh on this machine, end to end, in words a person wants
-//! to read.
-//!
-//! Stage 1 (issue #2): the controller's CA on a fresh data dir, two nodes that
+//! The loopback variant of `weft demo`, for machines where it cannot run as
+//! root: the controller's CA on a fresh data dir, two nodes that
 //! authenticate with their tokens and obtain workload certificates over gRPC,
-//! and an application request carried through an HBONE tunnel between them,
-//! with both identities verified. Network namespaces, CNI and traffic capture
-//! join with the ztunnel (issue #3).
+//! and a request carried through an HBONE tunnel between them, with both
+//! identities verified and two refusals shown.
 
 #![allow(clippy::print_stdout)]
 
@@ -52,7 +49,7 @@ struct Check {
 
 pub async fn run(keep: bool) -> anyhow::Result<()> {
     let dir = tempdir()?;
-    println!("weft demo — identity, CA and HBONE (stage 1 of the local mesh)\n");
+    println!("weft demo (loopback variant) — identity, CA and HBONE on 127.0.0.1\n");
     let controller = app::build(Config {
         grpc_addr: "127.0.0.1:0".parse()?,
         ..Config::local(dir.clone())

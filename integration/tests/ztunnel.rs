@@ -237,13 +237,15 @@ async fn cross_node_traffic_is_mtls_and_policy_applies() {
     assert!(c.zt_b.node.stats.inbound_hbone.load(Ordering::Relaxed) >= 1);
     assert!(c.zt_a.node.stats.outbound_hbone.load(Ordering::Relaxed) >= 1);
 
-    // The receiver's metrics name the sender's identity, over mTLS.
+    // The receiver's metrics name the sender's identity, over mTLS. (The
+    // recorder is per process, and other tests' ztunnels share it here.)
     let metrics = curl(c.zt_b.metrics_addr, "/metrics").await;
     let line = metrics
         .lines()
         .find(|l| {
             l.starts_with("weft_tcp_connections_opened_total")
                 && l.contains(r#"reporter="destination""#)
+                && l.contains(r#"destination_workload="server-b""#)
         })
         .unwrap_or_else(|| panic!("no inbound connection metric in:\n{metrics}"));
     for want in [

@@ -183,7 +183,22 @@ impl HboneServer<Echo> {
 
 impl<H: Handler> HboneServer<H> {
     pub async fn start(cert: CertWatch, handler: H, settings: H2Settings) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_on(
+            "127.0.0.1:0".parse().expect("addr"),
+            cert,
+            handler,
+            settings,
+        )
+        .await
+    }
+
+    pub async fn start_on(
+        addr: SocketAddr,
+        cert: CertWatch,
+        handler: H,
+        settings: H2Settings,
+    ) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let config = tls::server_config(
             cert,

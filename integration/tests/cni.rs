@@ -82,6 +82,7 @@ async fn chained_after_bridge_enrolls_checks_and_removes() {
         admin_addr: "127.0.0.1:0".parse().expect("addr"),
         metrics_addr: "127.0.0.1:0".parse().expect("addr"),
         ready_addr: "127.0.0.1:0".parse().expect("addr"),
+        socks5_addr: "127.0.0.1:0".parse().expect("addr"),
     })
     .await
     .expect("ztunnel");

@@ -175,6 +175,7 @@ async fn ztunnel(topo: &Topology, mesh: &Mesh, node: &str, yaml: &str, mode: Mod
         admin_addr: "127.0.0.1:0".parse().expect("addr"),
         metrics_addr: "127.0.0.1:0".parse().expect("addr"),
         ready_addr: "127.0.0.1:0".parse().expect("addr"),
+        socks5_addr: "127.0.0.1:0".parse().expect("addr"),
     })
     .await
     .expect("ztunnel starts")

@@ -20,6 +20,7 @@ use weft_proto::tls::{CertState, TrustBundle};
 use crate::enroll::{self, Enroller};
 use crate::node::{Mode, Node, Stats};
 use crate::pods::{PodDialer, Pods, load_persisted};
+use crate::socks5::{self, SocksStats};
 use crate::telemetry;
 
 #[derive(Debug, Clone)]
@@ -43,15 +44,18 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// `/healthz/ready` (SPEC: 15021).
     pub ready_addr: SocketAddr,
+    /// SOCKS5 explicit proxy (SPEC: 15080).
+    pub socks5_addr: SocketAddr,
 }
 
 impl Config {
     /// The SPEC ports for the admin, metrics and readiness endpoints.
-    pub fn default_ports() -> (SocketAddr, SocketAddr, SocketAddr) {
+    pub fn default_ports() -> (SocketAddr, SocketAddr, SocketAddr, SocketAddr) {
         (
             ([127, 0, 0, 1], 15000).into(),
             ([0, 0, 0, 0], 15020).into(),
             ([0, 0, 0, 0], 15021).into(),
+            ([127, 0, 0, 1], 15080).into(),
         )
     }
 }
@@ -87,6 +91,8 @@ pub struct Bound {
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub ready_addr: SocketAddr,
+    pub socks5_addr: SocketAddr,
+    pub socks5_stats: Arc<SocksStats>,
     pub hbone_stats: Arc<ServerStats>,
     model: watch::Sender<Arc<Model>>,
     shutdown: CancellationToken,
@@ -214,6 +220,14 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         ready_handler,
         shutdown.clone(),
     ));
+    let (socks, socks5_addr) = bind(config.socks5_addr).await?;
+    let socks5_stats = Arc::new(SocksStats::default());
+    tokio::spawn(socks5::serve(
+        node.clone(),
+        socks,
+        socks5_stats.clone(),
+        shutdown.clone(),
+    ));
     info!(node = %config.node, socket = %config.enroll_socket.display(), mode = ?config.mode, "ztunnel ready");
     Ok(Bound {
         node,
@@ -221,6 +235,8 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         admin_addr,
         metrics_addr,
         ready_addr,
+        socks5_addr,
+        socks5_stats,
         hbone_stats,
         model: model_tx,
         shutdown,

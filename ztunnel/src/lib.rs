@@ -11,4 +11,5 @@ pub mod netns;
 pub mod node;
 pub mod outbound;
 pub mod pods;
+pub mod socks5;
 pub mod telemetry;

@@ -50,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let a = Args::parse();
-    let (admin_addr, metrics_addr, ready_addr) = Config::default_ports();
+    let (admin_addr, metrics_addr, ready_addr, socks5_addr) = Config::default_ports();
     let bound = app::build(Config {
         node: a.node,
         trust_domain: a.trust_domain,
@@ -69,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
         admin_addr,
         metrics_addr,
         ready_addr,
+        socks5_addr,
     })
     .await
     .context("ztunnel failed to start")?;

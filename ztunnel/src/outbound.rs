@@ -1,7 +1,10 @@
-//! Outbound: captured connections from a pod (redirected to 15001). Find
-//! where they were going, then HBONE to the destination pod (service VIPs
-//! balanced over endpoints), or pass through for destinations outside the
-//! mesh.
+//! Outbound: connections leaving a workload, either captured in a pod
+//! (redirected to 15001) or asked for over SOCKS5. Find where they go, then
+//! HBONE to the destination pod (service VIPs balanced over endpoints), or
+//! pass through for destinations outside the mesh.
+//!
+//! [`open`] routes and connects; [`relay`] copies, counts and logs. SOCKS5
+//! answers its client between the two.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span};
@@ -18,13 +22,33 @@ use weft_proto::hbone::pool::{ConnectRequest, PoolKey};
 use weft_proto::hbone::{FORWARDED, HBONE_PORT};
 use weft_proto::identity::Identity;
 
-use crate::netns::original_dst;
+use crate::netns::{Netns, original_dst};
 use crate::node::Node;
 use crate::pods::Pod;
 use crate::telemetry::ConnLabels;
 
-/// How long a connection may wait for its pod's first certificate.
+/// How long a connection may wait for its source's first certificate.
 const CERT_WAIT: Duration = Duration::from_secs(5);
+
+/// Who an outbound connection is from.
+pub struct Source<'a> {
+    pub identity: &'a Identity,
+    pub workload: &'a str,
+    pub addr: SocketAddr,
+    /// Dial from inside this namespace (a captured pod); `None`: from the
+    /// ztunnel's own (SOCKS5 clients on the node).
+    pub netns: Option<&'a Netns>,
+}
+
+/// A byte stream to the destination: plain TCP or an HBONE tunnel.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+pub struct Upstream {
+    stream: Box<dyn Stream>,
+    /// Set for HBONE (mesh traffic is what the metrics describe).
+    labels: Option<ConnLabels>,
+}
 
 pub async fn serve(node: Arc<Node>, pod: Arc<Pod>, listener: TcpListener, stop: CancellationToken) {
     loop {
@@ -34,79 +58,141 @@ pub async fn serve(node: Arc<Node>, pod: Arc<Pod>, listener: TcpListener, stop: 
         };
         let (node, pod) = (node.clone(), pod.clone());
         let span = info_span!("outbound", src.addr = %peer);
-        tokio::spawn(async move { handle(&node, &pod, tcp, peer).await }.instrument(span));
+        tokio::spawn(async move { captured(&node, &pod, tcp, peer).await }.instrument(span));
     }
 }
 
-/// Where a captured connection goes.
-enum Route {
-    Hbone {
-        endpoint: SocketAddr,
-        identity: Identity,
-        /// For metrics labels.
-        workload: String,
-        service: String,
-    },
-    Passthrough(SocketAddr),
-}
-
-fn route(node: &Node, dst: SocketAddr) -> Option<Route> {
-    let model = node.model.borrow().clone();
-    let (workload, port, service) = match model.service_by_vip(dst.ip()) {
-        Some(svc) => (
-            svc.pick()?.clone(),
-            svc.target_port(dst.port())?,
-            svc.key.clone(),
-        ),
-        None => match model.workload_by_ip(dst.ip()) {
-            Some(w) => (w.clone(), dst.port(), "unknown".to_owned()),
-            None => return Some(Route::Passthrough(dst)),
-        },
-    };
-    let ip = *workload.addresses.first()?;
-    if !workload.meshed {
-        return Some(Route::Passthrough(SocketAddr::new(ip, port)));
-    }
-    Some(Route::Hbone {
-        endpoint: SocketAddr::new(ip, port),
-        identity: workload.identity.clone(),
-        workload: workload.name.clone(),
-        service,
-    })
-}
-
-async fn handle(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) {
+async fn captured(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     let Ok(dst) = original_dst(&tcp) else { return };
-    let result = match route(node, dst) {
-        None => Err(format!(
-            "{dst} is a service with no ready endpoint for that port"
-        )),
-        Some(Route::Passthrough(_)) if node.deny_passthrough => {
-            Err("destination outside the mesh and passthrough is denied".into())
+    let src = Source {
+        identity: &pod.identity,
+        workload: &pod.spec.name,
+        addr: peer,
+        netns: Some(&pod.netns),
+    };
+    let result = open(node, &src, dst).await;
+    relay(node, &src, &mut tcp, dst, result, started).await;
+}
+
+/// Routes `dst` and connects to it on `src`'s behalf.
+pub async fn open(node: &Node, src: &Source<'_>, dst: SocketAddr) -> Result<Upstream, String> {
+    let model = node.model.borrow().clone();
+    let (workload, port, service) = match model.service_by_vip(dst.ip()) {
+        Some(svc) => {
+            let port = svc
+                .target_port(dst.port())
+                .ok_or_else(|| format!("service {} has no port {}", svc.key, dst.port()))?;
+            let ep = svc
+                .pick()
+                .ok_or_else(|| format!("service {} has no ready endpoint", svc.key))?;
+            (ep.clone(), port, svc.key.clone())
         }
-        Some(Route::Passthrough(to)) => passthrough(node, pod, &mut tcp, to).await,
-        Some(Route::Hbone {
-            endpoint,
-            identity,
-            workload,
-            service,
-        }) => {
-            let labels = ConnLabels {
-                reporter: "source",
-                source_workload: pod.spec.name.clone(),
-                source_principal: pod.identity.to_string(),
-                destination_workload: workload,
-                destination_service: service,
-                security: "mutual_tls",
-            };
-            labels.opened();
-            let result = hbone(node, pod, &mut tcp, peer, endpoint, &identity).await;
-            let (sent, received) = result.as_ref().copied().unwrap_or_default();
-            labels.closed(sent, received);
-            result
+        None => match model.workload_by_ip(dst.ip()) {
+            Some(w) => (w.clone(), dst.port(), "unknown".to_owned()),
+            None => return passthrough(node, src, dst).await,
+        },
+    };
+    let ip = *workload
+        .addresses
+        .first()
+        .ok_or("destination workload has no address")?;
+    let endpoint = SocketAddr::new(ip, port);
+    if !workload.meshed {
+        return passthrough(node, src, endpoint).await;
+    }
+    let stream = hbone(node, src, endpoint, &workload.identity).await?;
+    Ok(Upstream {
+        stream: Box::new(stream),
+        labels: Some(ConnLabels {
+            reporter: "source",
+            source_workload: src.workload.to_owned(),
+            source_principal: src.identity.to_string(),
+            destination_workload: workload.name.clone(),
+            destination_service: service,
+            security: "mutual_tls",
+        }),
+    })
+}
+
+async fn passthrough(node: &Node, src: &Source<'_>, to: SocketAddr) -> Result<Upstream, String> {
+    if node.deny_passthrough {
+        return Err(format!(
+            "{to} is outside the mesh and passthrough is denied"
+        ));
+    }
+    let connected = match src.netns {
+        Some(netns) => netns.connect(to).await,
+        None => TcpStream::connect(to).await,
+    };
+    let stream = connected.map_err(|e| format!("connect {to}: {e}"))?;
+    node.stats
+        .outbound_passthrough
+        .fetch_add(1, Ordering::Relaxed);
+    Ok(Upstream {
+        stream: Box::new(stream),
+        labels: None,
+    })
+}
+
+async fn hbone(
+    node: &Node,
+    src: &Source<'_>,
+    endpoint: SocketAddr,
+    dst_identity: &Identity,
+) -> Result<weft_proto::hbone::H2Stream, String> {
+    // The first certificate may still be in flight: wait, bounded.
+    let cert = node.certs.watch(src.identity);
+    wait_for_cert(cert.clone(), src.identity, CERT_WAIT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let key = PoolKey {
+        src: src.identity.clone(),
+        dst: dst_identity.clone(),
+        dst_addr: SocketAddr::new(endpoint.ip(), HBONE_PORT),
+        src_ip: src.netns.map(|_| src.addr.ip()),
+    };
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = format!("for={}", src.addr.ip()).parse() {
+        headers.insert(FORWARDED, v);
+    }
+    let req = ConnectRequest {
+        authority: endpoint,
+        headers,
+    };
+    let stream = node
+        .pool
+        .connect(&key, &cert, req)
+        .await
+        .map_err(|e| e.to_string())?;
+    node.stats.outbound_hbone.fetch_add(1, Ordering::Relaxed);
+    Ok(stream)
+}
+
+/// Copies between the client and the upstream (if `open` succeeded), then
+/// records metrics and the one access-log line.
+pub async fn relay(
+    node: &Node,
+    src: &Source<'_>,
+    client: &mut TcpStream,
+    dst: SocketAddr,
+    upstream: Result<Upstream, String>,
+    started: Instant,
+) {
+    let result = match upstream {
+        Ok(mut up) => {
+            if let Some(l) = &up.labels {
+                l.opened();
+            }
+            let copied = copy_bidirectional(client, &mut up.stream).await;
+            let bytes = copied.as_ref().copied().unwrap_or_default();
+            if let Some(l) = &up.labels {
+                l.closed(bytes.0, bytes.1);
+            }
+            copied.map_err(|e| e.to_string())
         }
+        Err(e) => Err(e),
     };
     let (bytes, reason) = match result {
         Ok(b) => (b, "closed".to_owned()),
@@ -118,8 +204,8 @@ async fn handle(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) {
     info!(
         target: "access",
         direction = "outbound",
-        src.identity = %pod.identity,
-        src.addr = %peer,
+        src.identity = %src.identity,
+        src.addr = %src.addr,
         dst.addr = %dst,
         bytes_sent = bytes.0,
         bytes_received = bytes.1,
@@ -127,61 +213,4 @@ async fn handle(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) {
         reason,
         "connection"
     );
-}
-
-async fn passthrough(
-    node: &Node,
-    pod: &Pod,
-    tcp: &mut TcpStream,
-    to: SocketAddr,
-) -> Result<(u64, u64), String> {
-    let mut upstream = pod
-        .netns
-        .connect(to)
-        .await
-        .map_err(|e| format!("connect {to}: {e}"))?;
-    node.stats
-        .outbound_passthrough
-        .fetch_add(1, Ordering::Relaxed);
-    copy_bidirectional(tcp, &mut upstream)
-        .await
-        .map_err(|e| e.to_string())
-}
-
-async fn hbone(
-    node: &Node,
-    pod: &Pod,
-    tcp: &mut TcpStream,
-    peer: SocketAddr,
-    endpoint: SocketAddr,
-    dst_identity: &Identity,
-) -> Result<(u64, u64), String> {
-    // The first certificate may still be in flight: wait, bounded.
-    let cert = node.certs.watch(&pod.identity);
-    wait_for_cert(cert.clone(), &pod.identity, CERT_WAIT)
-        .await
-        .map_err(|e| e.to_string())?;
-    let key = PoolKey {
-        src: pod.identity.clone(),
-        dst: dst_identity.clone(),
-        dst_addr: SocketAddr::new(endpoint.ip(), HBONE_PORT),
-        src_ip: Some(peer.ip()),
-    };
-    let mut headers = HeaderMap::new();
-    if let Ok(v) = format!("for={}", peer.ip()).parse() {
-        headers.insert(FORWARDED, v);
-    }
-    let req = ConnectRequest {
-        authority: endpoint,
-        headers,
-    };
-    let mut tunnel = node
-        .pool
-        .connect(&key, &cert, req)
-        .await
-        .map_err(|e| e.to_string())?;
-    node.stats.outbound_hbone.fetch_add(1, Ordering::Relaxed);
-    copy_bidirectional(tcp, &mut tunnel)
-        .await
-        .map_err(|e| e.to_string())
 }

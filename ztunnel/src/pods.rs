@@ -116,7 +116,7 @@ pub fn load_persisted(path: &Path) -> Vec<PodSpec> {
 }
 
 /// Dials HBONE from inside the source pod's namespace, so the far side sees
-/// the pod's own address.
+/// the pod's own address; without a source pod, from the ztunnel's own.
 pub struct PodDialer(pub Pods);
 
 impl Dialer for PodDialer {
@@ -126,8 +126,12 @@ impl Dialer for PodDialer {
         dst: SocketAddr,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send + '_>> {
         Box::pin(async move {
-            let pod = src.and_then(|ip| self.0.by_ip(ip)).ok_or_else(|| {
-                std::io::Error::other(format!("no enrolled pod with source address {src:?}"))
+            let Some(ip) = src else {
+                // No source pod: a SOCKS5 client on the node itself.
+                return TcpStream::connect(dst).await;
+            };
+            let pod = self.0.by_ip(ip).ok_or_else(|| {
+                std::io::Error::other(format!("no enrolled pod with source address {ip}"))
             })?;
             pod.netns.connect(dst).await
         })

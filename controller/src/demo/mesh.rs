@@ -377,6 +377,7 @@ async fn start_ztunnel(
         admin_addr: any,
         metrics_addr: any,
         ready_addr: any,
+        socks5_addr: any,
     })
     .await
     .with_context(|| format!("starting {node}'s ztunnel"))

@@ -391,3 +391,77 @@ async fn permissive_accepts_plaintext_from_outside_the_mesh() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_on_pod_ports() {
+    require_root!();
+    let c = Cluster::start(Mode::Permissive).await;
+    let server_a = c.server_a.ip;
+    let stats = &c.zt_a.node.stats;
+    let closed_promptly =
+        |r: Result<(String, String), String>| assert!(r.is_err(), "expected a refusal, got {r:?}");
+
+    // Straight at the capture ports, which would otherwise loop forever.
+    closed_promptly(exchange(&c.client, "127.0.0.1:15001".parse().expect("addr")).await);
+    assert_eq!(stats.outbound_failed.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        stats.outbound_passthrough.load(Ordering::Relaxed),
+        0,
+        "forwarded to itself"
+    );
+    closed_promptly(exchange(&c.outsider, SocketAddr::new(server_a, 15006)).await);
+    closed_promptly(exchange(&c.outsider, SocketAddr::new(server_a, 15001)).await);
+    assert_eq!(
+        stats.plaintext_refused.load(Ordering::Relaxed)
+            + stats.outbound_failed.load(Ordering::Relaxed),
+        3
+    );
+
+    // Garbage and a half-open flood on 15008, from a pod outside the mesh.
+    let hbone = SocketAddr::new(server_a, 15008);
+    let before = c
+        .zt_a
+        .hbone_stats
+        .handshake_failures
+        .load(Ordering::Relaxed);
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0x16, 3, 1, 0xff, 0xff, 1],
+        &[0u8; 4096],
+    ] {
+        let mut s = c.outsider.connect(hbone).await.expect("connect");
+        let _ = s.write_all(junk).await;
+        let _ = s.shutdown().await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink))
+            .await
+            .expect("closed promptly");
+    }
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        silent.push(c.outsider.connect(hbone).await.expect("connect"));
+    }
+    // Real traffic is served while the flood holds its sockets open.
+    let (hello, _) = exchange(&c.client, SocketAddr::new(server_a, 8080))
+        .await
+        .expect("served during flood");
+    assert_eq!(hello, "hello from server-a");
+    drop(silent);
+    weft_integration::eventually("garbage and abandoned handshakes counted", || {
+        c.zt_a
+            .hbone_stats
+            .handshake_failures
+            .load(Ordering::Relaxed)
+            >= before + 103
+    })
+    .await;
+    weft_integration::eventually("no inbound connection left behind", || {
+        // Only the client's pooled HBONE connection may remain.
+        c.zt_a
+            .hbone_stats
+            .active_connections
+            .load(Ordering::Relaxed)
+            <= 1
+    })
+    .await;
+}

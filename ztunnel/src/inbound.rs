@@ -132,17 +132,16 @@ pub async fn serve_plaintext(
 async fn plaintext(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let Ok(dst) = original_dst(&tcp) else { return };
-    if node.mode == Mode::Strict {
+    // Not redirected (a direct connection to 15006): forwarding would loop
+    // back into this listener. Refused like plaintext in STRICT mode.
+    if node.mode == Mode::Strict || tcp.local_addr().ok() == Some(dst) {
         node.stats.plaintext_refused.fetch_add(1, Ordering::Relaxed);
-        access_log(
-            pod,
-            None,
-            peer,
-            dst,
-            (0, 0),
-            started,
-            "refused: plaintext in STRICT mode",
-        );
+        let reason = if node.mode == Mode::Strict {
+            "refused: plaintext in STRICT mode"
+        } else {
+            "refused: connection to the inbound port itself"
+        };
+        access_log(pod, None, peer, dst, (0, 0), started, reason);
         return;
     }
     let src = Source {

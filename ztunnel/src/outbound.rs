@@ -72,7 +72,15 @@ async fn captured(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) 
         addr: peer,
         netns: Some(&pod.netns),
     };
-    let result = open(node, &src, dst).await;
+    // Not redirected: someone connected to 15001 itself. Forwarding would
+    // connect to 15001 again, and again — refuse instead of looping.
+    let result = if tcp.local_addr().ok() == Some(dst) {
+        Err(format!(
+            "{dst} is the capture port itself, not a destination"
+        ))
+    } else {
+        open(node, &src, dst).await
+    };
     relay(node, &src, &mut tcp, dst, result, started).await;
 }
 

@@ -1,0 +1,140 @@
+//! Hostile input on the ztunnel's enrollment socket: every bad request gets
+//! an error reply naming the problem, the socket keeps serving, nothing
+//! panics and memory stays flat. No root needed.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use weft_integration::Mesh;
+use weft_ztunnel::app::{self, Config};
+use weft_ztunnel::enroll::{Reply, request};
+use weft_ztunnel::node::Mode;
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_errors_and_the_socket_keeps_serving() {
+    let mesh = Mesh::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        "workloads: [{name: web, node: n, addresses: [10.0.0.2]}]",
+    )
+    .expect("config");
+    std::fs::write(dir.path().join("root.pem"), &mesh.controller.root_pem).expect("root");
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let zt = app::build(Config {
+        node: "n".into(),
+        trust_domain: "cluster.local".into(),
+        model_file: dir.path().join("config.yaml"),
+        ca_addr: mesh.controller.grpc_addr,
+        ca_root: dir.path().join("root.pem"),
+        token_file: mesh.controller.nodes.ensure("n").expect("token"),
+        enroll_socket: dir.path().join("zt.sock"),
+        state_dir: dir.path().join("state"),
+        mode: Mode::Strict,
+        deny_passthrough: false,
+        admin_addr: any,
+        metrics_addr: any,
+        ready_addr: any,
+        socks5_addr: any,
+    })
+    .await
+    .expect("ztunnel");
+    let socket = zt.enroll_socket.clone();
+
+    let cases = [
+        ("not json", "bad request"),
+        (r#"{"op":"explode"}"#, "unknown variant"),
+        (
+            r#"{"op":"add","uid":"u","namespace":"default","name":"web","netns":"/x","extra":1}"#,
+            "unknown field",
+        ),
+        (
+            r#"{"op":"add","uid":"u","namespace":"default"}"#,
+            "missing field",
+        ),
+        (
+            r#"{"op":"add","uid":"u","namespace":"default","name":"ghost","netns":"/x"}"#,
+            "no workload default/ghost",
+        ),
+        (
+            r#"{"op":"add","uid":"u","namespace":"default","name":"web","netns":"/nonexistent/netns"}"#,
+            "/nonexistent/netns",
+        ),
+        (r#"{"op":"check","uid":"nobody"}"#, "not enrolled"),
+    ];
+    // One connection, many requests: each answered, the connection stays up.
+    let stream = UnixStream::connect(&socket).await.expect("connect");
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    for (input, want) in cases {
+        write
+            .write_all(format!("{input}\n").as_bytes())
+            .await
+            .expect("write");
+        let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+            .await
+            .expect("bounded")
+            .expect("read")
+            .expect("a reply");
+        let reply: Reply = serde_json::from_str(&line).expect("reply is JSON");
+        assert!(!reply.ok, "{input} was accepted");
+        let error = reply.error.unwrap_or_default();
+        assert!(error.contains(want), "{input}: {error}");
+    }
+    // Removing what is not there is fine (idempotent, like CNI DEL).
+    assert!(
+        request(&socket, r#"{"op":"remove","uid":"nobody"}"#)
+            .await
+            .expect("reply")
+            .ok
+    );
+
+    // An endless line is cut off at 64 KiB with an error, not buffered.
+    // (The server closes with our excess bytes unread, so only its reply
+    // line is readable; after it the connection resets.)
+    let mut s = UnixStream::connect(&socket).await.expect("connect");
+    let _ = s.write_all(&vec![b'x'; 200 * 1024]).await;
+    let mut reply = String::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        BufReader::new(&mut s).read_line(&mut reply),
+    )
+    .await
+    .expect("answered");
+    assert!(reply.contains("over 64 KiB"), "{reply}");
+
+    // Many hostile connections leave memory flat.
+    let before = rss_kib();
+    for _ in 0..500 {
+        let mut s = UnixStream::connect(&socket).await.expect("connect");
+        let _ = s.write_all(&[0xffu8; 8192]).await;
+        let _ = s.write_all(b"\n").await;
+        let mut sink = Vec::new();
+        let _ = s.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await;
+    }
+    let grown = rss_kib().saturating_sub(before);
+    assert!(
+        grown < 20 * 1024,
+        "RSS grew by {grown} KiB over 500 hostile connections"
+    );
+    assert!(
+        request(&socket, r#"{"op":"check","uid":"x"}"#)
+            .await
+            .is_ok(),
+        "socket still serving"
+    );
+}

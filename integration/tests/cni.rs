@@ -140,3 +140,25 @@ async fn chained_after_bridge_enrolls_checks_and_removes() {
     assert_eq!(err.code, 11, "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_is_removed_when_a_test_panics() {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces");
+        return;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let failing = tokio::spawn(async move {
+        let mut topo = Topology::new();
+        let node = topo.node("p", "10.244.9.0/24").expect("topology");
+        let pod = topo.pod(&node, "victim").expect("topology");
+        let _ = tx.send(vec![node.netns.clone(), pod.netns.clone()]);
+        panic!("a test failing half way");
+    });
+    assert!(failing.await.expect_err("the task panicked").is_panic());
+    let made = rx.await.expect("namespaces were made");
+    let left = run(&["ip", "netns", "list"]);
+    for ns in made {
+        assert!(!left.contains(&ns), "{ns} left behind after a panic");
+    }
+}

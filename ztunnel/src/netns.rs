@@ -1,18 +1,18 @@
 //! Doing things inside a pod's network namespace from the node's ztunnel.
 //!
 //! A socket belongs to the namespace it was created in, whichever thread
-//! uses it later. So the ztunnel creates pod-side sockets (listeners, marked
-//! upstream sockets) on a short-lived thread that has entered the pod's
-//! namespace, then hands them to tokio. Tokio's own threads never change
-//! namespace; a reused thread in the wrong namespace would be a silent,
-//! cross-pod bug.
+//! uses it later. So each pod's namespace gets one worker thread that enters
+//! it once and then creates that pod's sockets (listeners, marked upstream
+//! sockets) on request; tokio drives them from then on. Tokio's own threads
+//! never change namespace: a reused thread in the wrong namespace would be a
+//! silent, cross-pod bug. One thread per pod bounds the thread count, and no
+//! connection pays for a thread spawn.
 
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -21,19 +21,45 @@ use tokio::net::{TcpListener, TcpStream};
 /// Mark on the ztunnel's own sockets inside pods; capture rules let them pass.
 pub const MARK: u32 = 0x539;
 
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A handle on a network namespace and its worker thread; the thread ends
+/// when the last clone is dropped.
 #[derive(Clone, Debug)]
 pub struct Netns {
     path: PathBuf,
-    fd: Arc<OwnedFd>,
+    jobs: std::sync::mpsc::Sender<Job>,
 }
 
 impl Netns {
+    /// Opens the namespace and starts its worker (which enters it once).
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = File::open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("open netns {}: {e}", path.display())))?;
+        let fd: OwnedFd = file.into();
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("weft-netns".into())
+            .spawn(move || {
+                let entered = setns(fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from);
+                let ok = entered.is_ok();
+                let _ = entered_tx.send(entered);
+                if ok {
+                    while let Ok(job) = queue.recv() {
+                        job();
+                    }
+                }
+            })?;
+        entered
+            .recv()
+            .map_err(|_| io::Error::other("netns worker died"))?
+            .map_err(|e| {
+                io::Error::new(e.kind(), format!("enter netns {}: {e}", path.display()))
+            })?;
         Ok(Netns {
             path: path.to_owned(),
-            fd: Arc::new(file.into()),
+            jobs,
         })
     }
 
@@ -41,24 +67,21 @@ impl Netns {
         &self.path
     }
 
-    /// Runs `f` on a new thread inside this namespace.
+    /// Runs `f` on this namespace's worker thread. Keep `f` short (socket
+    /// creation, a quick command): the pod's other requests queue behind it.
     pub async fn run<T, F>(&self, f: F) -> io::Result<T>
     where
         T: Send + 'static,
         F: FnOnce() -> io::Result<T> + Send + 'static,
     {
-        let fd = self.fd.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("weft-netns".into())
-            .spawn(move || {
-                let result = setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)
-                    .map_err(io::Error::from)
-                    .and_then(|()| f());
-                let _ = tx.send(result);
-            })?;
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| io::Error::other("netns worker stopped"))?;
         rx.await
-            .map_err(|_| io::Error::other("netns worker thread panicked"))?
+            .map_err(|_| io::Error::other("netns worker dropped the request (it panicked)"))?
     }
 
     /// A listener inside the namespace.

@@ -7,7 +7,7 @@
 //! including when a test fails.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -240,11 +240,21 @@ pub fn cni(
 impl Drop for Topology {
     fn drop(&mut self) {
         // Pods first (their veths go with them), then nodes (bridges, links).
+        // Retried, because a failing test may have left the machine short of
+        // processes for a moment; whatever still fails is named.
         for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
+            let deleted = (0..3).any(|_| {
+                Command::new("ip")
+                    .args(["netns", "del", ns])
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+            if !deleted && Path::new("/var/run/netns").join(ns).exists() {
+                eprintln!(
+                    "weft: could not delete network namespace {ns}; remove it with `ip netns del {ns}`"
+                );
+            }
         }
     }
 }

@@ -47,15 +47,15 @@ pub enum BuildError {
     Ca(#[from] CaError),
     #[error(transparent)]
     Nodes(#[from] NodeError),
-    #[error("cannot prepare data directory {path}: {source}")]
+    #[error("cannot prepare data directory {path}: {reason}")]
     DataDir {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {reason}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("trust domain: {0}")]
     TrustDomain(#[from] weft_proto::identity::IdentityError),
@@ -113,11 +113,11 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         .await
         .map_err(|source| BuildError::Bind {
             addr: config.grpc_addr,
-            source,
+            reason: source,
         })?;
     let grpc_addr = listener.local_addr().map_err(|source| BuildError::Bind {
         addr: config.grpc_addr,
-        source,
+        reason: source,
     })?;
     let shutdown = CancellationToken::new();
     let incoming = tls_incoming::incoming(listener, tls, shutdown.clone());
@@ -150,7 +150,7 @@ fn prepare_data_dir(dir: &std::path::Path) -> Result<(), BuildError> {
     use std::os::unix::fs::PermissionsExt;
     let err = |source| BuildError::DataDir {
         path: dir.to_owned(),
-        source,
+        reason: source,
     };
     std::fs::create_dir_all(dir).map_err(err)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;

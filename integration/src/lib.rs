@@ -256,3 +256,4 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
 }
 /// Network-namespace topologies (shared with `weft demo`).
 pub use weft_controller::demo::topology as netns;
+pub mod mesh_bench;

@@ -48,40 +48,28 @@ pub struct Config {
     pub socks5_addr: SocketAddr,
 }
 
-impl Config {
-    /// The SPEC ports for the admin, metrics and readiness endpoints.
-    pub fn default_ports() -> (SocketAddr, SocketAddr, SocketAddr, SocketAddr) {
-        (
-            ([127, 0, 0, 1], 15000).into(),
-            ([0, 0, 0, 0], 15020).into(),
-            ([0, 0, 0, 0], 15021).into(),
-            ([127, 0, 0, 1], 15080).into(),
-        )
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {reason}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
-    #[error("config {path}: {source}")]
-    Model { path: PathBuf, source: ModelError },
+    #[error("config {path}: {reason}")]
+    Model { path: PathBuf, reason: ModelError },
     #[error("root certificate {path}: {reason}")]
     Root { path: PathBuf, reason: String },
     #[error("trust domain: {0}")]
     TrustDomain(#[from] weft_proto::identity::IdentityError),
-    #[error("enrollment socket {path}: {source}")]
+    #[error("enrollment socket {path}: {reason}")]
     Socket {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {reason}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
 }
 
@@ -118,7 +106,7 @@ impl Bound {
 fn read(path: &PathBuf) -> Result<String, BuildError> {
     std::fs::read_to_string(path).map_err(|source| BuildError::Read {
         path: path.clone(),
-        source,
+        reason: source,
     })
 }
 
@@ -127,7 +115,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         Model::from_yaml(&read(&config.model_file)?, &config.trust_domain).map_err(|source| {
             BuildError::Model {
                 path: config.model_file.clone(),
-                source,
+                reason: source,
             }
         })?;
     let (model_tx, model_rx) = watch::channel(Arc::new(model));
@@ -157,7 +145,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let shutdown = CancellationToken::new();
     std::fs::create_dir_all(&config.state_dir).map_err(|source| BuildError::Read {
         path: config.state_dir.clone(),
-        source,
+        reason: source,
     })?;
     let hbone_stats = Arc::new(ServerStats::default());
     let enroller = Arc::new(Enroller::new(
@@ -169,14 +157,17 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     enroller.restore(load_persisted(&enroller.state_file)).await;
     let socket = enroll::listen(&config.enroll_socket).map_err(|source| BuildError::Socket {
         path: config.enroll_socket.clone(),
-        source,
+        reason: source,
     })?;
     let tasks = enroller.tasks.clone();
     tokio::spawn(enroll::serve(enroller, socket));
     let bind = |addr| async move {
         telemetry::bind(addr)
             .await
-            .map_err(|source| BuildError::Bind { addr, source })
+            .map_err(|source| BuildError::Bind {
+                addr,
+                reason: source,
+            })
     };
     let (admin, admin_addr) = bind(config.admin_addr).await?;
     let (metrics, metrics_addr) = bind(config.metrics_addr).await?;

@@ -40,6 +40,18 @@ struct Args {
     /// Refuse outbound connections to destinations outside the mesh.
     #[arg(long)]
     deny_passthrough: bool,
+    /// Admin endpoints (/config_dump, /debug/...); keep it on loopback.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Prometheus /metrics.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// /healthz/ready.
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    ready_addr: SocketAddr,
+    /// SOCKS5 explicit proxy for hosts without capture.
+    #[arg(long, default_value = "127.0.0.1:15080")]
+    socks5_addr: SocketAddr,
 }
 
 #[tokio::main]
@@ -50,7 +62,6 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let a = Args::parse();
-    let (admin_addr, metrics_addr, ready_addr, socks5_addr) = Config::default_ports();
     let bound = app::build(Config {
         node: a.node,
         trust_domain: a.trust_domain,
@@ -66,10 +77,10 @@ async fn main() -> anyhow::Result<()> {
             Mode::Strict
         },
         deny_passthrough: a.deny_passthrough,
-        admin_addr,
-        metrics_addr,
-        ready_addr,
-        socks5_addr,
+        admin_addr: a.admin_addr,
+        metrics_addr: a.metrics_addr,
+        ready_addr: a.ready_addr,
+        socks5_addr: a.socks5_addr,
     })
     .await
     .context("ztunnel failed to start")?;

@@ -38,6 +38,9 @@ struct Args {
     /// Seconds of CSR signing.
     #[arg(long, default_value_t = 3)]
     csr_seconds: u64,
+    /// Seconds per iperf3/wrk run in the mesh bench.
+    #[arg(long, default_value_t = 5)]
+    mesh_seconds: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -47,6 +50,8 @@ enum What {
     Latency,
     Setup,
     Csr,
+    /// The ztunnel across network namespaces (root; not part of `all`).
+    Mesh,
 }
 
 /// The plain-TCP baseline's server: a sink (acknowledging with one byte at
@@ -308,5 +313,11 @@ async fn main() {
     }
     if all || args.what == What::Csr {
         csr_rate(args.csr_seconds).await;
+    }
+    if args.what == What::Mesh {
+        if let Err(e) = weft_integration::mesh_bench::run(args.mesh_seconds).await {
+            println!("mesh bench failed: {e:#}");
+            std::process::exit(1);
+        }
     }
 }

@@ -314,10 +314,10 @@ async fn main() {
     if all || args.what == What::Csr {
         csr_rate(args.csr_seconds).await;
     }
-    if args.what == What::Mesh {
-        if let Err(e) = weft_integration::mesh_bench::run(args.mesh_seconds).await {
-            println!("mesh bench failed: {e:#}");
-            std::process::exit(1);
-        }
+    if args.what == What::Mesh
+        && let Err(e) = weft_integration::mesh_bench::run(args.mesh_seconds).await
+    {
+        println!("mesh bench failed: {e:#}");
+        std::process::exit(1);
     }
 }

@@ -280,8 +280,18 @@ async fn cross_node_traffic_is_mtls_and_policy_applies() {
         ],
         &format!("{deny}\n"),
     );
+    // A connection open before the DENY is closed by it, not just new ones.
+    let mut live = c.client.connect(vip).await.expect("connect");
+    let mut greeting = [0u8; 5];
+    live.read_exact(&mut greeting)
+        .await
+        .expect("live connection answered");
     c.zt_b
         .set_model(Model::from_yaml(&yaml, "cluster.local").expect("model"));
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), live.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "live connection survived the DENY");
+    assert_eq!(c.zt_b.node.stats.inbound_revoked.load(Ordering::Relaxed), 1);
     let refused = exchange(&c.client, vip).await;
     assert!(
         refused.is_err(),

@@ -80,10 +80,22 @@ impl Handler for Inbound {
             .fetch_add(1, Ordering::Relaxed);
         let labels = labels(&self.node, &self.pod, Some(&peer), peer_addr);
         labels.opened();
-        let result = copy_bidirectional(&mut tunnel, &mut app).await;
+        let src = Source {
+            identity: Some(&peer),
+            ip: peer_addr.ip(),
+        };
+        let result = copy_while_allowed(
+            &self.node,
+            &self.pod,
+            src,
+            authority.port(),
+            &mut tunnel,
+            &mut app,
+        )
+        .await;
         let (bytes, reason) = match result {
             Ok(b) => (b, "closed".to_owned()),
-            Err(e) => ((0, 0), format!("error: {e}")),
+            Err(reason) => ((0, 0), reason),
         };
         labels.closed(bytes.0, bytes.1);
         access_log(
@@ -159,11 +171,53 @@ async fn plaintext(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr)
     node.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
     let labels = labels(node, pod, None, peer);
     labels.opened();
-    let bytes = copy_bidirectional(&mut tcp, &mut app)
-        .await
-        .unwrap_or_default();
+    let src = Source {
+        identity: None,
+        ip: peer.ip(),
+    };
+    let (bytes, reason) =
+        match copy_while_allowed(node, pod, src, dst.port(), &mut tcp, &mut app).await {
+            Ok(b) => (b, "closed".to_owned()),
+            Err(reason) => ((0, 0), reason),
+        };
     labels.closed(bytes.0, bytes.1);
-    access_log(pod, None, peer, dst, bytes, started, "closed");
+    access_log(pod, None, peer, dst, bytes, started, &reason);
+}
+
+/// Copies until either side closes, or until a config change means policy
+/// would no longer admit this connection: then it is closed, so a new DENY
+/// also ends the connections it covers.
+async fn copy_while_allowed<A, B>(
+    node: &Node,
+    pod: &Pod,
+    src: Source<'_>,
+    port: u16,
+    a: &mut A,
+    b: &mut B,
+) -> Result<(u64, u64), String>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    let mut model = node.model.clone();
+    model.mark_unchanged();
+    let revoked = async {
+        loop {
+            if model.changed().await.is_err() {
+                return std::future::pending::<String>().await;
+            }
+            if let Err(reason) = authorize(node, pod, src, port) {
+                return reason;
+            }
+        }
+    };
+    tokio::select! {
+        copied = copy_bidirectional(a, b) => copied.map_err(|e| format!("error: {e}")),
+        reason = revoked => {
+            node.stats.inbound_revoked.fetch_add(1, Ordering::Relaxed);
+            Err(format!("closed by a policy change: {reason}"))
+        }
+    }
 }
 
 /// Metrics labels for a connection this pod received.

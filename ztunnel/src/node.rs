@@ -24,6 +24,8 @@ pub enum Mode {
 pub struct Stats {
     pub inbound_hbone: AtomicU64,
     pub inbound_denied: AtomicU64,
+    /// Live connections closed because a policy change now denies them.
+    pub inbound_revoked: AtomicU64,
     pub inbound_plaintext: AtomicU64,
     pub plaintext_refused: AtomicU64,
     pub outbound_hbone: AtomicU64,

@@ -61,11 +61,7 @@ fn parse_placement(s: &str) -> Result<(String, Identity), String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    weft_proto::process::init_logging();
     let args = Args::parse();
     let bound = app::build(Config {
         data_dir: args.data_dir.clone(),
@@ -89,17 +85,8 @@ async fn main() -> anyhow::Result<()> {
         root = %args.data_dir.join("ca/root-cert.pem").display(),
         "CA serving; ztunnels need the root certificate and their node token"
     );
-    wait_for_signal().await;
+    weft_proto::process::shutdown_signal().await;
     tracing::info!("shutting down");
     bound.shutdown().await;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

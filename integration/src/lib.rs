@@ -58,6 +58,28 @@ impl Mesh {
         }
     }
 
+    /// A ztunnel for `node` with `yaml` as its static config (written under
+    /// `dir`), every port on 127.0.0.1:0. The controller is told which of
+    /// the config's workloads run on `node`, as the config push will (#4).
+    pub async fn ztunnel(
+        &self,
+        node: &str,
+        yaml: &str,
+        dir: &std::path::Path,
+        options: weft_controller::demo::mesh::ZtunnelOptions,
+    ) -> weft_ztunnel::app::Bound {
+        let model = weft_proto::model::Model::from_yaml(yaml, TRUST_DOMAIN).expect("valid config");
+        for w in model.workloads.iter().filter(|w| w.node == node) {
+            self.controller.nodes.place(node, w.identity.clone());
+        }
+        std::fs::create_dir_all(dir).expect("dir");
+        let config = dir.join(format!("{node}.yaml"));
+        std::fs::write(&config, yaml).expect("config");
+        weft_controller::demo::mesh::start_ztunnel(&self.controller, node, &config, dir, options)
+            .await
+            .expect("ztunnel starts")
+    }
+
     pub fn roots(&self) -> Arc<TrustBundle> {
         Arc::new(TrustBundle::from_pem(&self.controller.root_pem).expect("root parses"))
     }

@@ -4,11 +4,10 @@
 use std::path::PathBuf;
 
 use serde_json::json;
+use weft_controller::demo::mesh::ZtunnelOptions;
 use weft_integration::Mesh;
 use weft_integration::netns::{PodNs, Topology, is_root, run};
-use weft_ztunnel::app::{self, Config};
 use weft_ztunnel::cni::{self, Env};
-use weft_ztunnel::node::Mode;
 
 fn conf(socket: &PathBuf, prev: &serde_json::Value) -> Vec<u8> {
     json!({"cniVersion": "1.0.0", "name": "weft-test", "type": "weft-cni",
@@ -54,38 +53,18 @@ async fn chained_after_bridge_enrolls_checks_and_removes() {
     let web = topo.pod(&node, "web").expect("topology");
     let plain = topo.pod(&node, "plain").expect("topology");
     let stranger = topo.pod(&node, "stranger").expect("topology");
-    let dir = topo.dir.path().join("zt");
-    std::fs::create_dir_all(&dir).expect("dir");
     let yaml = format!(
         "workloads:\n  - {{name: web, serviceAccount: web, node: a, addresses: [{}]}}\n  - {{name: plain, node: a, meshed: false, addresses: [{}]}}\n",
         web.ip, plain.ip
     );
-    std::fs::write(dir.join("config.yaml"), &yaml).expect("config");
-    std::fs::write(dir.join("root.pem"), &mesh.controller.root_pem).expect("root");
-    mesh.controller.nodes.place(
-        "a",
-        "spiffe://cluster.local/ns/default/sa/web"
-            .parse()
-            .expect("id"),
-    );
-    let zt = app::build(Config {
-        node: "a".into(),
-        trust_domain: "cluster.local".into(),
-        model_file: dir.join("config.yaml"),
-        ca_addr: mesh.controller.grpc_addr,
-        ca_root: dir.join("root.pem"),
-        token_file: mesh.controller.nodes.ensure("a").expect("token"),
-        enroll_socket: dir.join("zt.sock"),
-        state_dir: dir.join("state"),
-        mode: Mode::Strict,
-        deny_passthrough: false,
-        admin_addr: "127.0.0.1:0".parse().expect("addr"),
-        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
-        ready_addr: "127.0.0.1:0".parse().expect("addr"),
-        socks5_addr: "127.0.0.1:0".parse().expect("addr"),
-    })
-    .await
-    .expect("ztunnel");
+    let zt = mesh
+        .ztunnel(
+            "a",
+            &yaml,
+            &topo.dir.path().join("zt"),
+            ZtunnelOptions::default(),
+        )
+        .await;
     let socket = zt.enroll_socket.clone();
 
     // ADD passes the bridge's result through unchanged and enrolls the pod.

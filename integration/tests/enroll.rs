@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
+use weft_controller::demo::mesh::ZtunnelOptions;
 use weft_integration::Mesh;
-use weft_ztunnel::app::{self, Config};
 use weft_ztunnel::enroll::{Reply, request};
-use weft_ztunnel::node::Mode;
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -27,31 +26,10 @@ fn rss_kib() -> u64 {
 async fn bad_requests_get_errors_and_the_socket_keeps_serving() {
     let mesh = Mesh::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("config.yaml"),
-        "workloads: [{name: web, node: n, addresses: [10.0.0.2]}]",
-    )
-    .expect("config");
-    std::fs::write(dir.path().join("root.pem"), &mesh.controller.root_pem).expect("root");
-    let any = "127.0.0.1:0".parse().expect("addr");
-    let zt = app::build(Config {
-        node: "n".into(),
-        trust_domain: "cluster.local".into(),
-        model_file: dir.path().join("config.yaml"),
-        ca_addr: mesh.controller.grpc_addr,
-        ca_root: dir.path().join("root.pem"),
-        token_file: mesh.controller.nodes.ensure("n").expect("token"),
-        enroll_socket: dir.path().join("zt.sock"),
-        state_dir: dir.path().join("state"),
-        mode: Mode::Strict,
-        deny_passthrough: false,
-        admin_addr: any,
-        metrics_addr: any,
-        ready_addr: any,
-        socks5_addr: any,
-    })
-    .await
-    .expect("ztunnel");
+    let yaml = "workloads: [{name: web, node: n, addresses: [10.0.0.2]}]";
+    let zt = mesh
+        .ztunnel("n", yaml, dir.path(), ZtunnelOptions::default())
+        .await;
     let socket = zt.enroll_socket.clone();
 
     let cases = [

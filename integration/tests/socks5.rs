@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use weft_controller::demo::mesh::ZtunnelOptions;
 use weft_integration::{HboneServer, Mesh, read_hello};
 use weft_proto::hbone::H2Settings;
-use weft_ztunnel::app::{self, Bound, Config};
+use weft_ztunnel::app::Bound;
 use weft_ztunnel::node::Mode;
 
 fn config(api: [u8; 4]) -> String {
@@ -58,27 +59,13 @@ async fn setup() -> Setup {
     )
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("config.yaml"), config(api_addr)).expect("config");
-    std::fs::write(dir.path().join("root.pem"), &mesh.controller.root_pem).expect("root");
-    let any = "127.0.0.1:0".parse().expect("addr");
-    let zt = app::build(Config {
-        node: "n".into(),
-        trust_domain: "cluster.local".into(),
-        model_file: dir.path().join("config.yaml"),
-        ca_addr: mesh.controller.grpc_addr,
-        ca_root: dir.path().join("root.pem"),
-        token_file: mesh.controller.nodes.token_path("n"),
-        enroll_socket: dir.path().join("zt.sock"),
-        state_dir: dir.path().join("state"),
+    let options = ZtunnelOptions {
         mode: Mode::Strict,
         deny_passthrough: true,
-        admin_addr: any,
-        metrics_addr: any,
-        ready_addr: any,
-        socks5_addr: any,
-    })
-    .await
-    .expect("ztunnel");
+    };
+    let zt = mesh
+        .ztunnel("n", &config(api_addr), dir.path(), options)
+        .await;
     Setup {
         _mesh: mesh,
         zt,

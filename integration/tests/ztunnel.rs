@@ -8,10 +8,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_controller::demo::mesh::ZtunnelOptions;
 use weft_integration::Mesh;
 use weft_integration::netns::{LinkCapture, NodeNs, PodNs, Topology, is_root, run};
 use weft_proto::model::Model;
-use weft_ztunnel::app::{self, Bound, Config};
+use weft_ztunnel::app::Bound;
 use weft_ztunnel::node::Mode;
 
 const VIP: &str = "10.96.0.10";
@@ -149,36 +150,16 @@ impl Cluster {
 
 async fn ztunnel(topo: &Topology, mesh: &Mesh, node: &str, yaml: &str, mode: Mode) -> Bound {
     let dir = topo.dir.path().join(format!("zt-{node}"));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let model_file = dir.join("config.yaml");
-    std::fs::write(&model_file, yaml).expect("config");
-    let token_file = mesh.controller.nodes.ensure(node).expect("token");
-    // The controller learns placement from the same config (issue #4 will
-    // push it); here the test tells it.
-    let model = Model::from_yaml(yaml, "cluster.local").expect("model");
-    for w in model.workloads.iter().filter(|w| w.node == node) {
-        mesh.controller.nodes.place(node, w.identity.clone());
-    }
-    let root = dir.join("root-cert.pem");
-    std::fs::write(&root, &mesh.controller.root_pem).expect("root");
-    app::build(Config {
-        node: node.into(),
-        trust_domain: "cluster.local".into(),
-        model_file,
-        ca_addr: mesh.controller.grpc_addr,
-        ca_root: root,
-        token_file,
-        enroll_socket: dir.join("ztunnel.sock"),
-        state_dir: dir.join("state"),
-        mode,
-        deny_passthrough: false,
-        admin_addr: "127.0.0.1:0".parse().expect("addr"),
-        metrics_addr: "127.0.0.1:0".parse().expect("addr"),
-        ready_addr: "127.0.0.1:0".parse().expect("addr"),
-        socks5_addr: "127.0.0.1:0".parse().expect("addr"),
-    })
+    mesh.ztunnel(
+        node,
+        yaml,
+        &dir,
+        ZtunnelOptions {
+            mode,
+            deny_passthrough: false,
+        },
+    )
     .await
-    .expect("ztunnel starts")
 }
 
 async fn enroll(zt: &Bound, pod: &PodNs) {
@@ -345,7 +326,7 @@ async fn same_node_strict_removal_and_restart() {
 
     // Restart the ztunnel: pods come back from its state, traffic works again.
     let state = c.topo.dir.path().join("zt-a");
-    let yaml = std::fs::read_to_string(state.join("config.yaml")).expect("config");
+    let yaml = std::fs::read_to_string(state.join("a.yaml")).expect("config");
     c.zt_a.shutdown().await;
     let zt_a = ztunnel(&c.topo, &c.mesh, "a", &yaml, Mode::Strict).await;
     // A listener of the old instance can linger for a moment in the kernel;

@@ -6,6 +6,7 @@ pub mod grpc;
 pub mod hbone;
 pub mod identity;
 pub mod model;
+pub mod process;
 pub mod tls;
 
 pub use identity::Identity;

@@ -10,12 +10,13 @@ use std::time::Instant;
 use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{info, warn};
 use weft_proto::hbone::copy_bidirectional;
 use weft_proto::hbone::server::{Handler, InboundConnect};
 use weft_proto::identity::Identity;
 use weft_proto::model::{Decision, Source};
 
+use crate::listen::accept_each;
 use crate::netns::original_dst;
 use crate::node::{Mode, Node};
 use crate::pods::Pod;
@@ -130,15 +131,11 @@ pub async fn serve_plaintext(
     listener: TcpListener,
     stop: CancellationToken,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-        };
+    accept_each(listener, stop, "inbound_plaintext", move |tcp, peer| {
         let (node, pod) = (node.clone(), pod.clone());
-        let span = info_span!("inbound_plaintext", src.addr = %peer);
-        tokio::spawn(async move { plaintext(&node, &pod, tcp, peer).await }.instrument(span));
-    }
+        async move { plaintext(&node, &pod, tcp, peer).await }
+    })
+    .await;
 }
 
 async fn plaintext(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) {

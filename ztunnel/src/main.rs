@@ -56,11 +56,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    weft_proto::process::init_logging();
     let a = Args::parse();
     let bound = app::build(Config {
         node: a.node,
@@ -84,11 +80,7 @@ async fn main() -> anyhow::Result<()> {
     })
     .await
     .context("ztunnel failed to start")?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    weft_proto::process::shutdown_signal().await;
     bound.shutdown().await;
     Ok(())
 }

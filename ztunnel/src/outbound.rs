@@ -15,13 +15,14 @@ use http::HeaderMap;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, info, info_span};
+use tracing::info;
 use weft_proto::certs::wait_for_cert;
 use weft_proto::hbone::copy_bidirectional;
 use weft_proto::hbone::pool::{ConnectRequest, PoolKey};
 use weft_proto::hbone::{FORWARDED, HBONE_PORT};
 use weft_proto::identity::Identity;
 
+use crate::listen::accept_each;
 use crate::netns::{Netns, original_dst};
 use crate::node::Node;
 use crate::pods::Pod;
@@ -51,15 +52,11 @@ pub struct Upstream {
 }
 
 pub async fn serve(node: Arc<Node>, pod: Arc<Pod>, listener: TcpListener, stop: CancellationToken) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-        };
+    accept_each(listener, stop, "outbound", move |tcp, peer| {
         let (node, pod) = (node.clone(), pod.clone());
-        let span = info_span!("outbound", src.addr = %peer);
-        tokio::spawn(async move { captured(&node, &pod, tcp, peer).await }.instrument(span));
-    }
+        async move { captured(&node, &pod, tcp, peer).await }
+    })
+    .await;
 }
 
 async fn captured(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) {

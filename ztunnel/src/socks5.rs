@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span};
+use tracing::debug;
 use weft_proto::model::Model;
 
+use crate::listen::accept_each;
 use crate::node::Node;
 use crate::outbound::{self, Source};
 
@@ -50,15 +51,11 @@ pub async fn serve(
     stats: Arc<SocksStats>,
     stop: CancellationToken,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-        };
+    accept_each(listener, stop, "socks5", move |tcp, peer| {
         let (node, stats) = (node.clone(), stats.clone());
-        let span = info_span!("socks5", src.addr = %peer);
-        tokio::spawn(async move { handle(&node, &stats, tcp, peer).await }.instrument(span));
-    }
+        async move { handle(&node, &stats, tcp, peer).await }
+    })
+    .await;
 }
 
 async fn handle(node: &Node, stats: &SocksStats, mut tcp: TcpStream, peer: SocketAddr) {

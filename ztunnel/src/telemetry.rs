@@ -14,6 +14,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::listen::accept_each;
+
 /// The process-wide Prometheus recorder (installed once).
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -67,13 +69,9 @@ type Handler = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send + S
 
 /// A small HTTP/1.1 server: GET path → (status, content type, body).
 pub async fn serve_http(listener: TcpListener, handler: Handler, stop: CancellationToken) {
-    loop {
-        let tcp = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => match a { Ok((tcp, _)) => tcp, Err(_) => continue },
-        };
+    accept_each(listener, stop, "http", move |tcp, _peer| {
         let handler = handler.clone();
-        tokio::spawn(async move {
+        async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let (status, content_type, body) = handler(req.uri().path());
                 let resp = Response::builder()
@@ -91,8 +89,9 @@ pub async fn serve_http(listener: TcpListener, handler: Handler, stop: Cancellat
             if let Err(e) = conn.await {
                 debug!(error = %e, "admin HTTP connection error");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {

@@ -120,13 +120,18 @@ async fn demo(keep: bool, verdict: Verdict) -> anyhow::Result<()> {
         ctl.nodes
             .place(p.node, weft_proto::Identity::new(TD, "default", p.sa)?);
     }
-    let root = data.path().join("root-cert.pem");
-    std::fs::write(&root, &ctl.root_pem)?;
     let config_file = data.path().join("mesh.yaml");
     std::fs::write(&config_file, &yaml)?;
     let mut ztunnels = BTreeMap::new();
     for node in ["node-a", "node-b"] {
-        let zt = start_ztunnel(&ctl, node, &config_file, &root, data.path()).await?;
+        let zt = start_ztunnel(
+            &ctl,
+            node,
+            &config_file,
+            data.path(),
+            ZtunnelOptions::default(),
+        )
+        .await?;
         println!(
             "{node}       ztunnel up; metrics http://{}/metrics",
             zt.metrics_addr
@@ -353,27 +358,47 @@ fn config_yaml(pods: &[Pod]) -> String {
     y
 }
 
-async fn start_ztunnel(
+/// How a local ztunnel should behave (the demo's and the tests' knobs).
+#[derive(Debug, Clone, Copy)]
+pub struct ZtunnelOptions {
+    pub mode: Mode,
+    pub deny_passthrough: bool,
+}
+
+impl Default for ZtunnelOptions {
+    fn default() -> Self {
+        ZtunnelOptions {
+            mode: Mode::Strict,
+            deny_passthrough: false,
+        }
+    }
+}
+
+/// A ztunnel for `node` on this machine, reading `config`, trusting `ctl`'s
+/// root, with every port on 127.0.0.1:0 and its state under `dir/<node>`.
+pub async fn start_ztunnel(
     ctl: &controller::Bound,
     node: &str,
     config: &Path,
-    root: &Path,
     dir: &Path,
+    options: ZtunnelOptions,
 ) -> anyhow::Result<Ztunnel> {
     let dir = dir.join(node);
     std::fs::create_dir_all(&dir)?;
+    let root = dir.join("root-cert.pem");
+    std::fs::write(&root, &ctl.root_pem)?;
     let any = "127.0.0.1:0".parse()?;
     ztunnel::build(ztunnel::Config {
         node: node.into(),
         trust_domain: TD.into(),
         model_file: config.to_owned(),
         ca_addr: ctl.grpc_addr,
-        ca_root: root.to_owned(),
+        ca_root: root,
         token_file: ctl.nodes.ensure(node)?,
         enroll_socket: dir.join("ztunnel.sock"),
         state_dir: dir.join("state"),
-        mode: Mode::Strict,
-        deny_passthrough: false,
+        mode: options.mode,
+        deny_passthrough: options.deny_passthrough,
         admin_addr: any,
         metrics_addr: any,
         ready_addr: any,

@@ -34,6 +34,9 @@ struct Args {
     /// Repeatable. (The config sources of issue #4 will do this from pods.)
     #[arg(long = "place", value_name = "NODE=SPIFFE_ID", value_parser = parse_placement)]
     placements: Vec<(String, Identity)>,
+    /// Log lines as text or json.
+    #[arg(long, default_value = "text")]
+    log_format: weft_proto::process::LogFormat,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -61,8 +64,8 @@ fn parse_placement(s: &str) -> Result<(String, Identity), String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    weft_proto::process::init_logging();
     let args = Args::parse();
+    weft_proto::process::init_logging(args.log_format);
     let bound = app::build(Config {
         data_dir: args.data_dir.clone(),
         trust_domain: args.trust_domain,

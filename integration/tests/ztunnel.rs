@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -175,6 +176,37 @@ async fn enroll(zt: &Bound, pod: &PodNs) {
     assert!(reply.ok, "enrolling {}: {:?}", pod.name, reply.error);
 }
 
+/// Every access-log line of the ztunnels in this test process, as the JSON
+/// lines `--log-format json` writes.
+fn access_log() -> Arc<Mutex<Vec<u8>>> {
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_env_filter("access=info")
+            .with_writer(move || LogSink(sink.clone()))
+            .try_init();
+        log
+    })
+    .clone()
+}
+
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// GET with curl, the way an operator would; panics on a non-200.
 async fn curl(addr: SocketAddr, path: &str) -> String {
     let url = format!("http://{addr}{path}");
@@ -197,6 +229,7 @@ async fn curl(addr: SocketAddr, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_node_traffic_is_mtls_and_policy_applies() {
     require_root!();
+    let log = access_log();
     let c = Cluster::start(Mode::Strict).await;
     let vip: SocketAddr = format!("{VIP}:80").parse().expect("vip");
     // Client on node A → service VIP → server on node B.
@@ -218,6 +251,21 @@ async fn cross_node_traffic_is_mtls_and_policy_applies() {
     );
     assert!(c.zt_b.node.stats.inbound_hbone.load(Ordering::Relaxed) >= 1);
     assert!(c.zt_a.node.stats.outbound_hbone.load(Ordering::Relaxed) >= 1);
+
+    // The receiver's access log names the sender's identity.
+    let sender = "spiffe://cluster.local/ns/default/sa/client";
+    let logged = || {
+        let text = String::from_utf8_lossy(&log.lock().expect("log")).into_owned();
+        text.lines().any(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            v["direction"] == "inbound"
+                && v["src.identity"] == sender
+                && v["dst.workload"] == "default/server-b"
+                && v["security"] == "mutual_tls"
+                && v["bytes_received"].as_u64().unwrap_or(0) > 0
+        })
+    };
+    weft_integration::eventually("receiver's access log line for the client", logged).await;
 
     // The receiver's metrics name the sender's identity, over mTLS. (The
     // recorder is per process, and other tests' ztunnels share it here.)

@@ -52,12 +52,15 @@ struct Args {
     /// SOCKS5 explicit proxy for hosts without capture.
     #[arg(long, default_value = "127.0.0.1:15080")]
     socks5_addr: SocketAddr,
+    /// Log lines (including the per-connection access log) as text or json.
+    #[arg(long, default_value = "text")]
+    log_format: weft_proto::process::LogFormat,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    weft_proto::process::init_logging();
     let a = Args::parse();
+    weft_proto::process::init_logging(a.log_format);
     let bound = app::build(Config {
         node: a.node,
         trust_domain: a.trust_domain,

@@ -7,6 +7,7 @@ pub mod hbone;
 pub mod identity;
 pub mod model;
 pub mod process;
+pub mod resources;
 pub mod tls;
 
 pub use identity::Identity;

@@ -203,6 +203,14 @@ impl Cidr {
         Ok(Cidr { addr, prefix })
     }
 
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
@@ -270,6 +278,13 @@ impl Model {
         } else {
             serde_yaml::from_str(yaml).map_err(|e| ModelError::Yaml(e.to_string()))?
         };
+        build(doc, trust_domain)
+    }
+
+    /// From an already parsed document (the config stream builds one).
+    pub fn from_value(doc: serde_yaml::Value, trust_domain: &str) -> Result<Model, ModelError> {
+        let doc: Document =
+            serde_yaml::from_value(doc).map_err(|e| ModelError::Yaml(e.to_string()))?;
         build(doc, trust_domain)
     }
 

@@ -1,0 +1,395 @@
+//! The model as config-stream resources (`weft.v1.Workload`, `Service`,
+//! `Authorization`) and back. The controller encodes what it knows; a proxy
+//! decodes what it receives and validates it through the same [`Model`]
+//! rules a static file goes through.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use prost::Message;
+
+use crate::model::{Action, Model, ModelError};
+use crate::pb::weft::v1 as pb;
+
+pub const WORKLOAD: &str = "type.googleapis.com/weft.v1.Workload";
+pub const SERVICE: &str = "type.googleapis.com/weft.v1.Service";
+pub const AUTHORIZATION: &str = "type.googleapis.com/weft.v1.Authorization";
+/// Every type a ztunnel subscribes to.
+pub const ZTUNNEL_TYPES: [&str; 3] = [WORKLOAD, SERVICE, AUTHORIZATION];
+
+/// One named, versioned resource ready for the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    pub name: String,
+    /// Content hash: equal versions mean equal bytes.
+    pub version: String,
+    pub body: prost_types::Any,
+}
+
+fn resource(type_url: &str, name: String, msg: &impl Message) -> Resource {
+    let value = msg.encode_to_vec();
+    Resource {
+        version: format!("{:016x}", fnv1a(&value)),
+        name,
+        body: prost_types::Any {
+            type_url: type_url.to_owned(),
+            value,
+        },
+    }
+}
+
+// Versions need only be stable and change with content; FNV-1a is enough.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?))),
+        16 => Some(IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(bytes).ok()?,
+        ))),
+        _ => None,
+    }
+}
+
+/// The model as resources, by type URL, keyed by name.
+pub fn encode(model: &Model) -> BTreeMap<&'static str, BTreeMap<String, Resource>> {
+    let mut out: BTreeMap<&'static str, BTreeMap<String, Resource>> = BTreeMap::new();
+    for w in &model.workloads {
+        let msg = pb::Workload {
+            uid: w.key.clone(),
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            service_account: w.identity.service_account().to_owned(),
+            trust_domain: w.identity.trust_domain().to_owned(),
+            node: w.node.clone(),
+            addresses: w.addresses.iter().map(ip_bytes).collect(),
+            meshed: w.meshed,
+            ready: true,
+            services: w.services.clone(),
+            waypoint: String::new(),
+            labels: w.labels.clone().into_iter().collect(),
+        };
+        out.entry(WORKLOAD)
+            .or_default()
+            .insert(w.key.clone(), resource(WORKLOAD, w.key.clone(), &msg));
+    }
+    for s in &model.services {
+        let (namespace, name) = s.key.split_once('/').unwrap_or(("default", &s.key));
+        let msg = pb::Service {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            hostname: format!("{name}.{namespace}.svc.cluster.local"),
+            addresses: s.addresses.iter().map(ip_bytes).collect(),
+            ports: s
+                .ports
+                .iter()
+                .map(|(port, target)| pb::ServicePort {
+                    port: u32::from(*port),
+                    target_port: u32::from(*target),
+                    app_protocol: String::new(),
+                })
+                .collect(),
+            waypoint: String::new(),
+        };
+        out.entry(SERVICE)
+            .or_default()
+            .insert(s.key.clone(), resource(SERVICE, s.key.clone(), &msg));
+    }
+    for p in &model.policies {
+        let (_, name) = p.key.split_once('/').unwrap_or(("", &p.key));
+        let msg = pb::Authorization {
+            name: name.to_owned(),
+            namespace: p.namespace.clone(),
+            scope: if p.selector.is_empty() {
+                pb::Scope::Namespace
+            } else {
+                pb::Scope::WorkloadSelector
+            } as i32,
+            action: match p.action {
+                Action::Allow => pb::Action::Allow,
+                Action::Deny => pb::Action::Deny,
+            } as i32,
+            selector: p.selector.clone().into_iter().collect(),
+            rules: p
+                .rules
+                .iter()
+                .map(|r| pb::Rule {
+                    matches: vec![pb::Match {
+                        principals: r.principals.iter().map(|i| i.to_string()).collect(),
+                        namespaces: r.namespaces.clone(),
+                        source_ips: r
+                            .ip_blocks
+                            .iter()
+                            .map(|c| pb::Cidr {
+                                address: ip_bytes(&c.addr()),
+                                prefix_len: u32::from(c.prefix()),
+                            })
+                            .collect(),
+                        destination_ports: r.ports.iter().map(|p| u32::from(*p)).collect(),
+                        ..Default::default()
+                    }],
+                })
+                .collect(),
+        };
+        out.entry(AUTHORIZATION)
+            .or_default()
+            .insert(p.key.clone(), resource(AUTHORIZATION, p.key.clone(), &msg));
+    }
+    out
+}
+
+/// Builds a model from received resources (all types, by name). Anything
+/// malformed or unsupported is an error naming the resource, so the caller
+/// can NACK it and keep its last good model.
+pub fn decode(
+    resources: &BTreeMap<String, BTreeMap<String, prost_types::Any>>,
+    trust_domain: &str,
+) -> Result<Model, ModelError> {
+    let bad = |name: &str, reason: String| ModelError::Invalid {
+        object: name.to_owned(),
+        field: "resource",
+        reason,
+    };
+    let empty = BTreeMap::new();
+    let of = |t: &str| resources.get(t).unwrap_or(&empty);
+    let mut yaml = serde_yaml::Mapping::new();
+    let mut list = |key: &str, items: Vec<serde_yaml::Value>| {
+        yaml.insert(key.into(), serde_yaml::Value::Sequence(items));
+    };
+    let ips = |name: &str, addrs: &[Vec<u8>]| -> Result<Vec<String>, ModelError> {
+        addrs
+            .iter()
+            .map(|a| {
+                ip_from(a)
+                    .map(|ip| ip.to_string())
+                    .ok_or_else(|| bad(name, "address is not 4 or 16 bytes".into()))
+            })
+            .collect()
+    };
+    let mut workloads = Vec::new();
+    for (name, any) in of(WORKLOAD) {
+        let w = pb::Workload::decode(any.value.as_slice()).map_err(|e| bad(name, e.to_string()))?;
+        if !w.trust_domain.is_empty() && w.trust_domain != trust_domain {
+            return Err(bad(
+                name,
+                format!(
+                    "trust domain {} is not ours ({trust_domain})",
+                    w.trust_domain
+                ),
+            ));
+        }
+        workloads.push(fields(&[
+            ("name", w.name.into()),
+            ("namespace", w.namespace.into()),
+            ("serviceAccount", w.service_account.into()),
+            ("node", w.node.into()),
+            ("addresses", ips(name, &w.addresses)?.into()),
+            ("meshed", w.meshed.into()),
+            ("services", w.services.into()),
+            (
+                "labels",
+                to_value(w.labels.into_iter().collect::<BTreeMap<_, _>>()),
+            ),
+        ]));
+    }
+    list("workloads", workloads);
+    let mut services = Vec::new();
+    for (name, any) in of(SERVICE) {
+        let s = pb::Service::decode(any.value.as_slice()).map_err(|e| bad(name, e.to_string()))?;
+        let ports: Vec<serde_yaml::Value> = s
+            .ports
+            .iter()
+            .map(|p| {
+                let port = u16::try_from(p.port)
+                    .map_err(|_| bad(name, format!("port {} out of range", p.port)))?;
+                let target = u16::try_from(p.target_port)
+                    .map_err(|_| bad(name, format!("targetPort {} out of range", p.target_port)))?;
+                Ok(fields(&[
+                    ("port", port.into()),
+                    ("targetPort", target.into()),
+                ]))
+            })
+            .collect::<Result<_, ModelError>>()?;
+        services.push(fields(&[
+            ("name", s.name.into()),
+            ("namespace", s.namespace.into()),
+            ("addresses", ips(name, &s.addresses)?.into()),
+            ("ports", serde_yaml::Value::Sequence(ports)),
+        ]));
+    }
+    list("services", services);
+    let mut policies = Vec::new();
+    for (name, any) in of(AUTHORIZATION) {
+        let a = pb::Authorization::decode(any.value.as_slice())
+            .map_err(|e| bad(name, e.to_string()))?;
+        let mut rules = Vec::new();
+        for m in a.rules.iter().flat_map(|r| r.matches.iter()) {
+            if !(m.not_principals.is_empty()
+                && m.not_namespaces.is_empty()
+                && m.not_source_ips.is_empty()
+                && m.not_destination_ports.is_empty())
+            {
+                return Err(bad(
+                    name,
+                    "not* matchers are not supported yet; refusing rather than guessing".into(),
+                ));
+            }
+            let blocks: Vec<String> = m
+                .source_ips
+                .iter()
+                .map(|c| {
+                    ip_from(&c.address)
+                        .map(|ip| format!("{ip}/{}", c.prefix_len))
+                        .ok_or_else(|| bad(name, "CIDR address is not 4 or 16 bytes".into()))
+                })
+                .collect::<Result<_, _>>()?;
+            let ports: Vec<u16> = m
+                .destination_ports
+                .iter()
+                .map(|p| u16::try_from(*p).map_err(|_| bad(name, format!("port {p} out of range"))))
+                .collect::<Result<_, _>>()?;
+            rules.push(fields(&[
+                ("principals", m.principals.clone().into()),
+                ("namespaces", m.namespaces.clone().into()),
+                ("ipBlocks", blocks.into()),
+                ("ports", ports.into()),
+            ]));
+        }
+        let action = match pb::Action::try_from(a.action) {
+            Ok(pb::Action::Allow) => "ALLOW",
+            Ok(pb::Action::Deny) => "DENY",
+            Err(_) => return Err(bad(name, format!("unknown action {}", a.action))),
+        };
+        policies.push(fields(&[
+            ("name", a.name.into()),
+            ("namespace", a.namespace.into()),
+            ("action", action.into()),
+            (
+                "selector",
+                to_value(a.selector.into_iter().collect::<BTreeMap<_, _>>()),
+            ),
+            ("rules", serde_yaml::Value::Sequence(rules)),
+        ]));
+    }
+    list("policies", policies);
+    // One validation path for files and pushed config alike.
+    Model::from_value(serde_yaml::Value::Mapping(yaml), trust_domain)
+}
+
+fn to_value(map: BTreeMap<String, String>) -> serde_yaml::Value {
+    serde_yaml::Value::Mapping(map.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+}
+
+fn fields(fields: &[(&str, serde_yaml::Value)]) -> serde_yaml::Value {
+    let mut m = serde_yaml::Mapping::new();
+    for (k, v) in fields {
+        m.insert((*k).into(), v.clone());
+    }
+    serde_yaml::Value::Mapping(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YAML: &str = r#"
+workloads:
+  - {name: web, serviceAccount: web, node: a, addresses: [10.0.1.2], labels: {app: web}}
+  - {name: api, serviceAccount: api, node: b, addresses: [10.0.2.2, "fd00::2"], services: [default/api]}
+services:
+  - {name: api, addresses: [10.96.0.10], ports: [{port: 80, targetPort: 8080}]}
+policies:
+  - {name: p, action: DENY, selector: {app: api}, rules: [{principals: ["spiffe://cluster.local/ns/default/sa/db"], ipBlocks: [10.0.0.0/8], ports: [8080]}]}
+"#;
+
+    fn by_type(model: &Model) -> BTreeMap<String, BTreeMap<String, prost_types::Any>> {
+        encode(model)
+            .into_iter()
+            .map(|(t, rs)| {
+                (
+                    t.to_owned(),
+                    rs.into_iter().map(|(n, r)| (n, r.body)).collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_trips_through_resources() {
+        let model = Model::from_yaml(YAML, "cluster.local").expect("valid");
+        let back = decode(&by_type(&model), "cluster.local").expect("decodes");
+        // Re-encoding gives identical resources, versions included.
+        assert_eq!(encode(&back), encode(&model));
+        assert_eq!(back.workloads.len(), 2);
+        assert_eq!(back.policies[0].rules[0].ports, vec![8080]);
+    }
+
+    #[test]
+    fn versions_change_only_with_content() {
+        let a = encode(&Model::from_yaml(YAML, "cluster.local").expect("valid"));
+        let b = encode(
+            &Model::from_yaml(&YAML.replace("10.0.1.2", "10.0.1.3"), "cluster.local")
+                .expect("valid"),
+        );
+        assert_ne!(
+            a[WORKLOAD]["default/web"].version,
+            b[WORKLOAD]["default/web"].version
+        );
+        assert_eq!(
+            a[WORKLOAD]["default/api"].version,
+            b[WORKLOAD]["default/api"].version
+        );
+        assert_eq!(
+            a[SERVICE]["default/api"].version,
+            b[SERVICE]["default/api"].version
+        );
+    }
+
+    #[test]
+    fn malformed_resources_are_named() {
+        let mut res = by_type(&Model::from_yaml(YAML, "cluster.local").expect("valid"));
+        res.get_mut(WORKLOAD).expect("w").insert(
+            "default/bad".into(),
+            prost_types::Any {
+                type_url: WORKLOAD.into(),
+                value: vec![0xff, 0xff, 0xff],
+            },
+        );
+        let err = decode(&res, "cluster.local")
+            .expect_err("garbage")
+            .to_string();
+        assert!(err.contains("default/bad"), "{err}");
+        let mut res = by_type(&Model::from_yaml(YAML, "cluster.local").expect("valid"));
+        let foreign = pb::Workload {
+            name: "x".into(),
+            node: "a".into(),
+            trust_domain: "evil.td".into(),
+            addresses: vec![vec![1, 2, 3, 4]],
+            ..Default::default()
+        };
+        res.get_mut(WORKLOAD).expect("w").insert(
+            "default/x".into(),
+            prost_types::Any {
+                type_url: WORKLOAD.into(),
+                value: foreign.encode_to_vec(),
+            },
+        );
+        assert!(
+            decode(&res, "cluster.local")
+                .expect_err("foreign")
+                .to_string()
+                .contains("not ours")
+        );
+    }
+}

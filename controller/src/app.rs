@@ -18,6 +18,7 @@ use crate::ca::{CaError, CertificateAuthority};
 use crate::ca_server::CaService;
 use crate::nodes::{NodeError, Nodes};
 use crate::tls_incoming;
+use crate::xds::{ConfigStore, Proxies, XdsService};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -28,6 +29,9 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// Upper bound on workload certificate lifetime.
     pub max_cert_ttl: Duration,
+    /// Config to serve at start (Workload/Service/Policy YAML); the local
+    /// directory and Kubernetes sources arrive with issue #4.
+    pub config_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -37,6 +41,7 @@ impl Config {
             trust_domain: "cluster.local".into(),
             grpc_addr: ([0, 0, 0, 0], 15012).into(),
             max_cert_ttl: Duration::from_secs(24 * 3600),
+            config_file: None,
         }
     }
 }
@@ -61,6 +66,8 @@ pub enum BuildError {
     TrustDomain(#[from] weft_proto::identity::IdentityError),
     #[error("controller certificate: {0}")]
     Cert(#[from] weft_proto::certs::CertError),
+    #[error("config {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
 }
 
 /// A running controller.
@@ -70,15 +77,26 @@ pub struct Bound {
     pub nodes: Arc<Nodes>,
     pub identity: Identity,
     pub root_pem: String,
+    /// What the config stream serves; `set` pushes changes to proxies.
+    pub config: ConfigStore,
+    /// Proxies on the config stream and what they ACKed.
+    pub proxies: Proxies,
     shutdown: CancellationToken,
     server: JoinHandle<()>,
 }
 
 impl Bound {
-    /// Stops accepting and waits for the servers to finish.
+    /// Stops accepting, ends config streams, and waits (bounded) for
+    /// in-flight requests to finish.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        let _ = self.server.await;
+        let abort = self.server.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), self.server)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
     }
 }
 
@@ -122,12 +140,31 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let shutdown = CancellationToken::new();
     let incoming = tls_incoming::incoming(listener, tls, shutdown.clone());
     let service = CaService::new(ca.clone(), nodes.clone(), config.trust_domain.clone());
+    let store = ConfigStore::new(nodes.clone());
+    if let Some(path) = &config.config_file {
+        let err = |reason: String| BuildError::Config {
+            path: path.clone(),
+            reason,
+        };
+        let yaml = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let model = weft_proto::model::Model::from_yaml(&yaml, &config.trust_domain)
+            .map_err(|e| err(e.to_string()))?;
+        store.set(model);
+    }
+    let proxies = Proxies::default();
+    let xds = XdsService::new(
+        store.clone(),
+        nodes.clone(),
+        proxies.clone(),
+        shutdown.clone(),
+    );
     let stop = shutdown.clone();
     let server = tokio::spawn(async move {
         // Keep the certificate manager (and its renewals) alive with the server.
         let _certs = certs;
         let result = tonic::transport::Server::builder()
             .add_service(service)
+            .add_service(xds)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
             .await;
         if let Err(e) = result {
@@ -141,6 +178,8 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         ca,
         nodes,
         identity,
+        config: store,
+        proxies,
         shutdown,
         server,
     })

@@ -38,28 +38,6 @@ impl CaService {
         })
         .max_decoding_message_size(MAX_REQUEST_BYTES)
     }
-
-    fn authenticate<T>(&self, req: &Request<T>) -> Result<String, Status> {
-        let header = req
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| refuse_unauthenticated("no authorization header; send \"Bearer <node token>\" (local mode: <data-dir>/nodes/<node>.token)"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                refuse_unauthenticated("authorization header is not \"Bearer <token>\"")
-            })?;
-        self.nodes
-            .authenticate(token.trim())
-            .ok_or_else(|| refuse_unauthenticated("node token not recognised"))
-    }
-}
-
-fn refuse_unauthenticated(why: &str) -> Status {
-    warn!(reason = why, "CSR refused: unauthenticated");
-    Status::unauthenticated(why)
 }
 
 fn requested_identity(req: &IstioCertificateRequest) -> Result<Identity, Status> {
@@ -87,7 +65,7 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let node = self.authenticate(&request)?;
+        let node = self.nodes.authenticate_request(request.metadata())?;
         let req = request.into_inner();
         let identity = requested_identity(&req)?;
         if identity.trust_domain() != self.trust_domain {

@@ -7,3 +7,4 @@ pub mod ca_server;
 pub mod demo;
 pub mod nodes;
 pub mod tls_incoming;
+pub mod xds;

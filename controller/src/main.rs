@@ -34,6 +34,10 @@ struct Args {
     /// Repeatable. (The config sources of issue #4 will do this from pods.)
     #[arg(long = "place", value_name = "NODE=SPIFFE_ID", value_parser = parse_placement)]
     placements: Vec<(String, Identity)>,
+    /// Config to serve to proxies (Workload/Service/Policy YAML, as the
+    /// ztunnel's static file).
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Log lines as text or json.
     #[arg(long, default_value = "text")]
     log_format: weft_proto::process::LogFormat,
@@ -71,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
         trust_domain: args.trust_domain,
         grpc_addr: args.grpc_addr,
         max_cert_ttl: args.max_cert_ttl,
+        config_file: args.config,
     })
     .await
     .context("controller failed to start")?;

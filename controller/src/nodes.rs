@@ -26,8 +26,10 @@ pub struct Nodes {
     dir: PathBuf,
     // node name → token
     tokens: RwLock<HashMap<String, String>>,
-    // node name → identities of workloads placed there
+    // node name → identities of workloads placed there by hand (--place)
     placements: RwLock<HashMap<String, HashSet<Identity>>>,
+    // the same, from the config the controller serves
+    from_config: RwLock<HashMap<String, HashSet<Identity>>>,
 }
 
 impl Nodes {
@@ -60,6 +62,7 @@ impl Nodes {
             dir: dir.to_owned(),
             tokens: RwLock::new(tokens),
             placements: RwLock::new(HashMap::new()),
+            from_config: RwLock::new(HashMap::new()),
         })
     }
 
@@ -96,6 +99,33 @@ impl Nodes {
         found
     }
 
+    /// The node a gRPC request comes from, by its `authorization: Bearer`
+    /// header; `UNAUTHENTICATED` (logged) with what to do otherwise.
+    pub fn authenticate_request(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<String, tonic::Status> {
+        let refuse = |why: &str| {
+            tracing::warn!(reason = why, "request refused: unauthenticated");
+            tonic::Status::unauthenticated(why)
+        };
+        let header = metadata.get("authorization").ok_or_else(|| {
+            refuse("no authorization header; send \"Bearer <node token>\" (local mode: <data-dir>/nodes/<node>.token)")
+        })?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| refuse("authorization header is not \"Bearer <token>\""))?;
+        self.authenticate(token.trim())
+            .ok_or_else(|| refuse("node token not recognised"))
+    }
+
+    /// Replaces the placements that come from config (hand-made ones stay).
+    pub fn set_config_placements(&self, placements: HashMap<String, HashSet<Identity>>) {
+        *self.from_config.write().expect("poisoned") = placements;
+    }
+
     /// Records that a workload running as `identity` is scheduled on `node`.
     pub fn place(&self, node: &str, identity: Identity) {
         self.placements
@@ -113,11 +143,12 @@ impl Nodes {
     }
 
     pub fn entitled(&self, node: &str, identity: &Identity) -> bool {
-        self.placements
-            .read()
-            .expect("poisoned")
-            .get(node)
-            .is_some_and(|s| s.contains(identity))
+        [&self.placements, &self.from_config].iter().any(|map| {
+            map.read()
+                .expect("poisoned")
+                .get(node)
+                .is_some_and(|s| s.contains(identity))
+        })
     }
 }
 

@@ -9,6 +9,7 @@ pub mod model;
 pub mod process;
 pub mod resources;
 pub mod tls;
+pub mod xds;
 
 pub use identity::Identity;
 

@@ -1,0 +1,329 @@
+//! The config push: Delta xDS (`DeltaAggregatedResources`) on 15012.
+//!
+//! A proxy subscribes to weft's resource types; the first response for each
+//! type carries everything it lacks (its `initial_resource_versions` say what
+//! it already has, so a reconnect resends only what changed meanwhile); later
+//! responses carry only the resources that changed and the names removed.
+//! ACKs and NACKs are recorded per proxy; a NACKed version is not resent
+//! until the config changes again.
+//!
+//! Today every ztunnel receives every workload, service and policy (it needs
+//! any destination); per-node filtering of policies comes with the
+//! Kubernetes source.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+use weft_proto::model::Model;
+use weft_proto::pb::xds::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use weft_proto::pb::xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as PbResource};
+use weft_proto::resources::{self, Resource, ZTUNNEL_TYPES};
+
+use crate::nodes::Nodes;
+
+/// A config version and its resources, by type and name.
+pub struct Snapshot {
+    pub version: u64,
+    pub model: Arc<Model>,
+    resources: BTreeMap<&'static str, BTreeMap<String, Resource>>,
+}
+
+/// What the controller serves. Setting a new model pushes the difference to
+/// every connected proxy and updates which identities each node may request.
+#[derive(Clone)]
+pub struct ConfigStore {
+    tx: Arc<watch::Sender<Arc<Snapshot>>>,
+    nodes: Arc<Nodes>,
+}
+
+impl ConfigStore {
+    pub fn new(nodes: Arc<Nodes>) -> Self {
+        let empty = Snapshot {
+            version: 0,
+            model: Arc::new(Model::default()),
+            resources: BTreeMap::new(),
+        };
+        ConfigStore {
+            tx: Arc::new(watch::channel(Arc::new(empty)).0),
+            nodes,
+        }
+    }
+
+    pub fn set(&self, model: Model) -> u64 {
+        let mut placements: HashMap<String, HashSet<_>> = HashMap::new();
+        for w in model.workloads.iter().filter(|w| w.meshed) {
+            placements
+                .entry(w.node.clone())
+                .or_default()
+                .insert(w.identity.clone());
+        }
+        self.nodes.set_config_placements(placements);
+        let resources = resources::encode(&model);
+        let version = self.tx.borrow().version + 1;
+        self.tx.send_replace(Arc::new(Snapshot {
+            version,
+            model: Arc::new(model),
+            resources,
+        }));
+        info!(version, "config updated");
+        version
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+}
+
+/// One proxy's view, for the REST API and tests.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyStatus {
+    pub connected: bool,
+    /// Config version of the last response the proxy ACKed, per type.
+    pub acked: BTreeMap<String, u64>,
+    /// NACK reasons, newest last.
+    pub nacks: Vec<String>,
+    /// Resources in the most recent response (a one-pod change: 1).
+    pub last_push_resources: usize,
+    pub resources_sent: u64,
+    pub last_seen: Option<SystemTime>,
+}
+
+#[derive(Clone, Default)]
+pub struct Proxies(Arc<Mutex<BTreeMap<String, ProxyStatus>>>);
+
+impl Proxies {
+    pub fn get(&self, node: &str) -> Option<ProxyStatus> {
+        self.0.lock().expect("poisoned").get(node).cloned()
+    }
+
+    pub fn all(&self) -> BTreeMap<String, ProxyStatus> {
+        self.0.lock().expect("poisoned").clone()
+    }
+
+    fn update(&self, node: &str, f: impl FnOnce(&mut ProxyStatus)) {
+        let mut all = self.0.lock().expect("poisoned");
+        let status = all.entry(node.to_owned()).or_default();
+        status.last_seen = Some(SystemTime::now());
+        f(status);
+    }
+}
+
+pub struct XdsService {
+    store: ConfigStore,
+    nodes: Arc<Nodes>,
+    proxies: Proxies,
+    /// Streams never end by themselves; shutdown ends them.
+    shutdown: CancellationToken,
+}
+
+impl XdsService {
+    pub fn new(
+        store: ConfigStore,
+        nodes: Arc<Nodes>,
+        proxies: Proxies,
+        shutdown: CancellationToken,
+    ) -> AggregatedDiscoveryServiceServer<Self> {
+        AggregatedDiscoveryServiceServer::new(XdsService {
+            store,
+            nodes,
+            proxies,
+            shutdown,
+        })
+        .max_decoding_message_size(1024 * 1024)
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsService {
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let node = self.nodes.authenticate_request(request.metadata())?;
+        let (tx, rx) = mpsc::channel(16);
+        let session = Session {
+            node: node.clone(),
+            tx,
+            proxies: self.proxies.clone(),
+            have: HashMap::new(),
+            pending: HashMap::new(),
+            nonce: 0,
+        };
+        info!(node, "proxy connected to the config stream");
+        tokio::spawn(session.run(
+            request.into_inner(),
+            self.store.subscribe(),
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+struct Session {
+    node: String,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    proxies: Proxies,
+    /// What the proxy has (or was last sent), per type: name → version.
+    have: HashMap<String, HashMap<String, String>>,
+    /// Unanswered responses: nonce → (type, config version).
+    pending: HashMap<String, (String, u64)>,
+    nonce: u64,
+}
+
+impl Session {
+    async fn run(
+        mut self,
+        mut inbound: Streaming<DeltaDiscoveryRequest>,
+        mut store: watch::Receiver<Arc<Snapshot>>,
+        shutdown: CancellationToken,
+    ) {
+        self.proxies.update(&self.node, |s| s.connected = true);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => {
+                        // Clone the snapshot out: a watch guard must not live across an await.
+                        let snapshot = store.borrow().clone();
+                        if self.on_request(req, &snapshot).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        debug!(node = self.node, error = %e, "config stream ended");
+                        break;
+                    }
+                },
+                changed = store.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let snapshot = store.borrow_and_update().clone();
+                    let types: Vec<String> = self.have.keys().cloned().collect();
+                    for t in types {
+                        if self.push(&t, &snapshot, false).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.proxies.update(&self.node, |s| s.connected = false);
+        info!(
+            node = self.node,
+            "proxy disconnected from the config stream"
+        );
+    }
+
+    async fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        snapshot: &Arc<Snapshot>,
+    ) -> Result<(), ()> {
+        if !req.response_nonce.is_empty() {
+            let Some((type_url, version)) = self.pending.remove(&req.response_nonce) else {
+                return Ok(()); // stale nonce: superseded by a newer response
+            };
+            match req.error_detail {
+                Some(err) => {
+                    warn!(
+                        node = self.node,
+                        type_url,
+                        version,
+                        reason = err.message,
+                        "proxy NACKed config"
+                    );
+                    self.proxies.update(&self.node, |s| {
+                        s.nacks
+                            .push(format!("{type_url} v{version}: {}", err.message))
+                    });
+                }
+                None => self.proxies.update(&self.node, |s| {
+                    s.acked.insert(type_url, version);
+                }),
+            }
+            return Ok(());
+        }
+        if !ZTUNNEL_TYPES.contains(&req.type_url.as_str()) {
+            warn!(
+                node = self.node,
+                type_url = req.type_url,
+                "subscription to an unknown type ignored"
+            );
+            return Ok(());
+        }
+        // A (re)subscription: start from what the proxy says it has.
+        self.have.insert(
+            req.type_url.clone(),
+            req.initial_resource_versions.into_iter().collect(),
+        );
+        self.push(&req.type_url, snapshot, true).await
+    }
+
+    /// Sends what `type_url`'s resources lack relative to `snapshot`. The
+    /// first response for a type is sent even when empty, so the proxy
+    /// knows its view is complete.
+    async fn push(&mut self, type_url: &str, snapshot: &Snapshot, always: bool) -> Result<(), ()> {
+        let empty = BTreeMap::new();
+        let current = snapshot.resources.get(type_url).unwrap_or(&empty);
+        let have = self.have.entry(type_url.to_owned()).or_default();
+        let changed: Vec<&Resource> = current
+            .values()
+            .filter(|r| have.get(&r.name) != Some(&r.version))
+            .collect();
+        let removed: Vec<String> = have
+            .keys()
+            .filter(|n| !current.contains_key(*n))
+            .cloned()
+            .collect();
+        if changed.is_empty() && removed.is_empty() && !always {
+            return Ok(());
+        }
+        for r in &changed {
+            have.insert(r.name.clone(), r.version.clone());
+        }
+        for n in &removed {
+            have.remove(n);
+        }
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        self.pending
+            .insert(nonce.clone(), (type_url.to_owned(), snapshot.version));
+        let count = changed.len();
+        let resp = DeltaDiscoveryResponse {
+            system_version_info: snapshot.version.to_string(),
+            resources: changed
+                .into_iter()
+                .map(|r| PbResource {
+                    version: r.version.clone(),
+                    resource: Some(r.body.clone()),
+                    name: r.name.clone(),
+                    aliases: vec![],
+                })
+                .collect(),
+            type_url: type_url.to_owned(),
+            nonce,
+            removed_resources: removed,
+        };
+        self.proxies.update(&self.node, |s| {
+            s.last_push_resources = count;
+            s.resources_sent += count as u64;
+        });
+        self.tx.send(Ok(resp)).await.map_err(|_| ())
+    }
+}

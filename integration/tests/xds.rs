@@ -1,0 +1,138 @@
+//! The config stream: controller → proxy over Delta xDS, on loopback.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use weft_integration::Mesh;
+use weft_proto::model::Model;
+use weft_proto::resources::{AUTHORIZATION, WORKLOAD};
+use weft_proto::xds::{self, XdsConfig};
+
+const Y1: &str = "workloads:
+  - {name: web, serviceAccount: web, node: a, addresses: [10.0.1.2]}
+  - {name: api, serviceAccount: api, node: b, addresses: [10.0.2.2], services: [default/api]}
+services:
+  - {name: api, addresses: [10.96.0.10], ports: [{port: 80, targetPort: 8080}]}
+";
+
+fn model(yaml: &str) -> Model {
+    Model::from_yaml(yaml, "cluster.local").expect("valid")
+}
+
+fn client(
+    mesh: &Mesh,
+    node: &str,
+    token: &str,
+) -> (watch::Receiver<Option<Arc<Model>>>, Arc<xds::XdsStats>) {
+    xds::spawn(XdsConfig {
+        controller: mesh.controller.grpc_addr,
+        roots: mesh.roots(),
+        controller_identity: mesh.controller.identity.clone(),
+        token: token.to_owned(),
+        node: node.to_owned(),
+        trust_domain: "cluster.local".into(),
+    })
+}
+
+async fn until(
+    rx: &mut watch::Receiver<Option<Arc<Model>>>,
+    what: &str,
+    f: impl Fn(&Model) -> bool,
+) -> Arc<Model> {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|m| m.as_deref().is_some_and(&f)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    .expect("client alive")
+    .clone()
+    .expect("model")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_changes_and_survives_a_controller_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mesh = Mesh::start_in(dir.path().to_owned(), Duration::from_secs(3600)).await;
+    let addr = mesh.controller.grpc_addr;
+    mesh.controller.config.set(model(Y1));
+    let token = mesh.node("a").token;
+    let (mut rx, stats) = client(&mesh, "a", &token);
+    let m = until(&mut rx, "the first config", |m| m.workloads.len() == 2).await;
+    assert!(
+        m.service_by_vip("10.96.0.10".parse().expect("ip"))
+            .is_some()
+    );
+    // Placement follows config: node a may now get web's certificate.
+    let web = weft_proto::Identity::new("cluster.local", "default", "web").expect("id");
+    assert!(mesh.controller.nodes.entitled("a", &web));
+    assert!(!mesh.controller.nodes.entitled("b", &web));
+
+    // One pod changes: one resource is pushed, and the proxy ACKs it.
+    let y2 = Y1.replace("10.0.1.2", "10.0.1.9");
+    let version = mesh.controller.config.set(model(&y2));
+    until(&mut rx, "the changed pod", |m| {
+        m.workload_by_ip("10.0.1.9".parse().expect("ip")).is_some()
+    })
+    .await;
+    let status = || mesh.controller.proxies.get("a").expect("proxy known");
+    weft_integration::eventually("ACK of the new version", || {
+        status().acked.get(WORKLOAD) == Some(&version)
+    })
+    .await;
+    assert_eq!(
+        status().last_push_resources,
+        1,
+        "a one-pod change sends one resource"
+    );
+    assert!(status().connected);
+    assert!(status().nacks.is_empty());
+
+    // A wrong token gets nothing, however often it retries.
+    let (mut stranger, stranger_stats) = client(&mesh, "a", "not-a-token");
+    weft_integration::eventually("stranger retried", || {
+        stranger_stats.connects.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    assert!(stranger.borrow_and_update().is_none());
+
+    // The controller goes away: the proxy keeps serving its last config.
+    mesh.controller.shutdown().await;
+    assert!(
+        rx.borrow()
+            .as_ref()
+            .expect("kept")
+            .workload_by_ip("10.0.1.9".parse().expect("ip"))
+            .is_some()
+    );
+
+    // It comes back (same data dir, same address) with a new policy: the
+    // proxy reconnects, says what it has, and receives only the policy.
+    let y3 = format!(
+        "{y2}policies:\n  - {{name: p, action: DENY, rules: [{{principals: [\"spiffe://cluster.local/ns/default/sa/web\"]}}]}}\n"
+    );
+    let mut config = weft_controller::app::Config::local(dir.path().to_owned());
+    config.grpc_addr = addr;
+    let controller = weft_controller::app::build(config).await.expect("restart");
+    let v3 = controller.config.set(model(&y3));
+    until(&mut rx, "the policy after the restart", |m| {
+        m.policies.len() == 1
+    })
+    .await;
+    weft_integration::eventually("ACK after reconnect", || {
+        controller
+            .proxies
+            .get("a")
+            .is_some_and(|s| s.acked.get(AUTHORIZATION) == Some(&v3))
+    })
+    .await;
+    let after = controller.proxies.get("a").expect("proxy");
+    assert_eq!(
+        after.resources_sent, 1,
+        "only the new policy was sent after the reconnect"
+    );
+    assert!(stats.connects.load(Ordering::Relaxed) >= 2);
+    controller.shutdown().await;
+}

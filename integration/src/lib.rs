@@ -75,7 +75,26 @@ impl Mesh {
         std::fs::create_dir_all(dir).expect("dir");
         let config = dir.join(format!("{node}.yaml"));
         std::fs::write(&config, yaml).expect("config");
-        weft_controller::demo::mesh::start_ztunnel(&self.controller, node, &config, dir, options)
+        weft_controller::demo::mesh::start_ztunnel(
+            &self.controller,
+            node,
+            Some(&config),
+            dir,
+            options,
+        )
+        .await
+        .expect("ztunnel starts")
+    }
+
+    /// A ztunnel for `node` that takes its config from this controller's push.
+    pub async fn ztunnel_pushed(
+        &self,
+        node: &str,
+        dir: &std::path::Path,
+        options: weft_controller::demo::mesh::ZtunnelOptions,
+    ) -> weft_ztunnel::app::Bound {
+        std::fs::create_dir_all(dir).expect("dir");
+        weft_controller::demo::mesh::start_ztunnel(&self.controller, node, None, dir, options)
             .await
             .expect("ztunnel starts")
     }

@@ -504,3 +504,127 @@ async fn hostile_input_on_pod_ports() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_pushed_by_the_controller_reaches_live_traffic() {
+    require_root!();
+    let mut topo = Topology::new();
+    let mesh = Mesh::start().await;
+    let a = topo.node("a", "10.244.1.0/24").expect("topology");
+    let b = topo.node("b", "10.244.2.0/24").expect("topology");
+    topo.link(&a, &b).expect("topology");
+    let client = topo.pod(&a, "client").expect("topology");
+    let server = topo.pod(&b, "server-b").expect("topology");
+    let late = topo.pod(&b, "late").expect("topology");
+    let first = model_yaml(
+        &[
+            (&client, "a", "client", false),
+            (&server, "b", "server", true),
+        ],
+        "",
+    );
+    mesh.controller
+        .config
+        .set(Model::from_yaml(&first, "cluster.local").expect("model"));
+    let dir = topo.dir.path();
+    let zt_a = mesh
+        .ztunnel_pushed("a", &dir.join("zt-a"), ZtunnelOptions::default())
+        .await;
+    let zt_b = mesh
+        .ztunnel_pushed("b", &dir.join("zt-b"), ZtunnelOptions::default())
+        .await;
+    for zt in [&zt_a, &zt_b] {
+        weft_integration::eventually("ztunnel has the pushed config", || {
+            zt.config_ready.load(Ordering::Acquire)
+        })
+        .await;
+    }
+    enroll(&zt_a, &client).await;
+    enroll(&zt_b, &server).await;
+    app(&server).await;
+    app(&late).await;
+    let vip: SocketAddr = format!("{VIP}:80").parse().expect("vip");
+    exchange(&client, vip)
+        .await
+        .expect("traffic on pushed config");
+
+    // A pod the config does not know yet cannot be enrolled (deny on doubt)…
+    let line = format!(
+        r#"{{"op":"add","uid":"late","namespace":"default","name":"late","netns":"{}","ips":["{}"]}}"#,
+        late.path.display(),
+        late.ip
+    );
+    let refused = weft_ztunnel::enroll::request(&zt_b.enroll_socket, &line)
+        .await
+        .expect("reply");
+    assert!(!refused.ok);
+    // …until the controller's config includes it: no restart anywhere.
+    let second = model_yaml(
+        &[
+            (&client, "a", "client", false),
+            (&server, "b", "server", true),
+            (&late, "b", "late", false),
+        ],
+        "",
+    );
+    let version = mesh
+        .controller
+        .config
+        .set(Model::from_yaml(&second, "cluster.local").expect("model"));
+    weft_integration::eventually("both ztunnels ACK the new config", || {
+        ["a", "b"].iter().all(|n| {
+            mesh.controller
+                .proxies
+                .get(n)
+                .is_some_and(|s| s.acked.get(weft_proto::resources::WORKLOAD) == Some(&version))
+        })
+    })
+    .await;
+    assert_eq!(
+        mesh.controller
+            .proxies
+            .get("a")
+            .expect("a")
+            .last_push_resources,
+        1,
+        "one new pod, one resource"
+    );
+    enroll(&zt_b, &late).await;
+    let before = zt_b.node.stats.inbound_hbone.load(Ordering::Relaxed);
+    let (hello, _) = exchange(&client, SocketAddr::new(late.ip, 8080))
+        .await
+        .expect("late pod reachable");
+    assert_eq!(hello, "hello from late");
+    assert_eq!(
+        zt_b.node.stats.inbound_hbone.load(Ordering::Relaxed),
+        before + 1,
+        "over HBONE"
+    );
+
+    // A DENY pushed by the controller ends a live connection within a second.
+    let mut live = client.connect(vip).await.expect("connect");
+    let mut greeting = [0u8; 5];
+    live.read_exact(&mut greeting).await.expect("answered");
+    let deny = "policies: [{name: no-client, action: DENY, selector: {app: server-b}, rules: [{principals: [\"spiffe://cluster.local/ns/default/sa/client\"]}]}]\n";
+    let third = model_yaml(
+        &[
+            (&client, "a", "client", false),
+            (&server, "b", "server", true),
+            (&late, "b", "late", false),
+        ],
+        deny,
+    );
+    mesh.controller
+        .config
+        .set(Model::from_yaml(&third, "cluster.local").expect("model"));
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(1), live.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "live connection still open a second after the DENY was pushed"
+    );
+    assert!(
+        exchange(&client, vip).await.is_err(),
+        "new connections are refused too"
+    );
+}

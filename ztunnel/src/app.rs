@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use hyper::StatusCode;
 use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,6 +18,7 @@ use weft_proto::hbone::pool::{Pool, PoolSettings};
 use weft_proto::hbone::server::ServerStats;
 use weft_proto::model::{Model, ModelError};
 use weft_proto::tls::{CertState, TrustBundle};
+use weft_proto::xds::{self, XdsConfig};
 
 use crate::enroll::{self, Enroller};
 use crate::node::{Mode, Node, Stats};
@@ -27,8 +30,9 @@ use crate::telemetry;
 pub struct Config {
     pub node: String,
     pub trust_domain: String,
-    /// Static Workload/Service/Policy YAML (until the controller pushes config).
-    pub model_file: PathBuf,
+    /// Static Workload/Service/Policy YAML; `None`: config pushed by the
+    /// controller (Delta xDS on `ca_addr`).
+    pub model_file: Option<PathBuf>,
     pub ca_addr: SocketAddr,
     /// The mesh root, to verify the controller.
     pub ca_root: PathBuf,
@@ -82,7 +86,9 @@ pub struct Bound {
     pub socks5_addr: SocketAddr,
     pub socks5_stats: Arc<SocksStats>,
     pub hbone_stats: Arc<ServerStats>,
-    model: watch::Sender<Arc<Model>>,
+    model: Arc<watch::Sender<Arc<Model>>>,
+    /// A complete config has arrived (always true with a static file).
+    pub config_ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -103,6 +109,24 @@ impl Bound {
     }
 }
 
+/// How long start-up waits for the controller's first config.
+const FIRST_CONFIG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Copies each complete config from the stream into the node's model.
+async fn follow(
+    mut pushed: watch::Receiver<Option<Arc<Model>>>,
+    model: Arc<watch::Sender<Arc<Model>>>,
+    ready: Arc<AtomicBool>,
+) {
+    while pushed.changed().await.is_ok() {
+        let next = pushed.borrow_and_update().clone();
+        if let Some(next) = next {
+            model.send_replace(next);
+            ready.store(true, Ordering::Release);
+        }
+    }
+}
+
 fn read(path: &PathBuf) -> Result<String, BuildError> {
     std::fs::read_to_string(path).map_err(|source| BuildError::Read {
         path: path.clone(),
@@ -111,25 +135,44 @@ fn read(path: &PathBuf) -> Result<String, BuildError> {
 }
 
 pub async fn build(config: Config) -> Result<Bound, BuildError> {
-    let model =
-        Model::from_yaml(&read(&config.model_file)?, &config.trust_domain).map_err(|source| {
-            BuildError::Model {
-                path: config.model_file.clone(),
-                reason: source,
-            }
-        })?;
-    let (model_tx, model_rx) = watch::channel(Arc::new(model));
     let roots = TrustBundle::from_pem(&read(&config.ca_root)?).map_err(|e| BuildError::Root {
         path: config.ca_root.clone(),
         reason: e.to_string(),
     })?;
+    let roots = Arc::new(roots);
     let token = read(&config.token_file)?;
-    let ca = GrpcCaClient::new(
-        config.ca_addr,
-        Arc::new(roots),
-        weft_proto::identity::controller(&config.trust_domain)?,
-        &token,
-    );
+    let controller = weft_proto::identity::controller(&config.trust_domain)?;
+    let ca = GrpcCaClient::new(config.ca_addr, roots.clone(), controller.clone(), &token);
+    let model_tx = Arc::new(watch::channel(Arc::new(Model::default())).0);
+    let model_rx = model_tx.subscribe();
+    let config_ready = Arc::new(AtomicBool::new(false));
+    match &config.model_file {
+        Some(path) => {
+            let model = Model::from_yaml(&read(path)?, &config.trust_domain).map_err(|source| {
+                BuildError::Model {
+                    path: path.clone(),
+                    reason: source,
+                }
+            })?;
+            model_tx.send_replace(Arc::new(model));
+            config_ready.store(true, Ordering::Release);
+        }
+        None => {
+            let (pushed, _stats) = xds::spawn(XdsConfig {
+                controller: config.ca_addr,
+                roots,
+                controller_identity: controller,
+                token: token.clone(),
+                node: config.node.clone(),
+                trust_domain: config.trust_domain.clone(),
+            });
+            tokio::spawn(follow(pushed, model_tx.clone(), config_ready.clone()));
+            // Restoring pods needs to know their workloads: give the first
+            // config a moment; pods that still fail are retried anyway.
+            let mut first = model_rx.clone();
+            let _ = tokio::time::timeout(FIRST_CONFIG_WAIT, first.changed()).await;
+        }
+    }
     let pods = Pods::default();
     let node = Arc::new(Node {
         name: config.node.clone(),
@@ -197,9 +240,18 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         metrics_handler,
         shutdown.clone(),
     ));
-    // Ready once restored pods are back and the enrollment socket is open.
-    let ready_handler = Arc::new(|path: &str| match path {
-        "/healthz/ready" => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+    // Ready once a complete config is in, restored pods are back and the
+    // enrollment socket is open.
+    let is_ready = config_ready.clone();
+    let ready_handler = Arc::new(move |path: &str| match path {
+        "/healthz/ready" if is_ready.load(Ordering::Acquire) => {
+            (StatusCode::OK, "text/plain", "ready\n".to_owned())
+        }
+        "/healthz/ready" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "waiting for config from the controller\n".to_owned(),
+        ),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -230,6 +282,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         socks5_stats,
         hbone_stats,
         model: model_tx,
+        config_ready,
         shutdown,
         tasks,
     })

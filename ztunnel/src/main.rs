@@ -27,9 +27,10 @@ struct Args {
     /// This node's token (controller data dir: nodes/<node>.token).
     #[arg(long)]
     token_file: PathBuf,
-    /// Static config: Workload/Service/Policy YAML.
+    /// Static config (Workload/Service/Policy YAML) instead of the
+    /// controller's config push.
     #[arg(long)]
-    config: PathBuf,
+    config: Option<PathBuf>,
     #[arg(long, default_value = "/var/run/weft/ztunnel.sock")]
     enroll_socket: PathBuf,
     #[arg(long, default_value = "/var/lib/weft/ztunnel")]

@@ -127,7 +127,7 @@ async fn demo(keep: bool, verdict: Verdict) -> anyhow::Result<()> {
         let zt = start_ztunnel(
             &ctl,
             node,
-            &config_file,
+            Some(&config_file),
             data.path(),
             ZtunnelOptions::default(),
         )
@@ -374,12 +374,13 @@ impl Default for ZtunnelOptions {
     }
 }
 
-/// A ztunnel for `node` on this machine, reading `config`, trusting `ctl`'s
-/// root, with every port on 127.0.0.1:0 and its state under `dir/<node>`.
+/// A ztunnel for `node` on this machine, reading `config` (or, with `None`,
+/// taking config pushed by `ctl`), trusting `ctl`'s root, with every port on
+/// 127.0.0.1:0 and its state under `dir/<node>`.
 pub async fn start_ztunnel(
     ctl: &controller::Bound,
     node: &str,
-    config: &Path,
+    config: Option<&Path>,
     dir: &Path,
     options: ZtunnelOptions,
 ) -> anyhow::Result<Ztunnel> {
@@ -391,7 +392,7 @@ pub async fn start_ztunnel(
     ztunnel::build(ztunnel::Config {
         node: node.into(),
         trust_domain: TD.into(),
-        model_file: config.to_owned(),
+        model_file: config.map(Path::to_owned),
         ca_addr: ctl.grpc_addr,
         ca_root: root,
         token_file: ctl.nodes.ensure(node)?,

@@ -17,6 +17,7 @@ use weft_proto::tls::{self, ClientAuth};
 use crate::ca::{CaError, CertificateAuthority};
 use crate::ca_server::CaService;
 use crate::nodes::{NodeError, Nodes};
+use crate::rest;
 use crate::tls_incoming;
 use crate::xds::{ConfigStore, Proxies, XdsService};
 
@@ -29,19 +30,25 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// Upper bound on workload certificate lifetime.
     pub max_cert_ttl: Duration,
-    /// Config to serve at start (Workload/Service/Policy YAML); the local
-    /// directory and Kubernetes sources arrive with issue #4.
+    /// Config to serve at start (Workload/Service/Policy YAML). Without it,
+    /// what was last accepted through the REST API (`<data-dir>/config.yaml`).
     pub config_file: Option<PathBuf>,
+    /// REST API (SPEC: 8080).
+    pub rest_addr: SocketAddr,
 }
 
 impl Config {
+    /// A controller on `data_dir` with every port on 127.0.0.1, chosen by the
+    /// kernel (the demo and tests); the binary sets the SPEC ports from its
+    /// flags.
     pub fn local(data_dir: PathBuf) -> Self {
         Config {
             data_dir,
             trust_domain: "cluster.local".into(),
-            grpc_addr: ([0, 0, 0, 0], 15012).into(),
+            grpc_addr: ([127, 0, 0, 1], 0).into(),
             max_cert_ttl: Duration::from_secs(24 * 3600),
             config_file: None,
+            rest_addr: ([127, 0, 0, 1], 0).into(),
         }
     }
 }
@@ -81,6 +88,9 @@ pub struct Bound {
     pub config: ConfigStore,
     /// Proxies on the config stream and what they ACKed.
     pub proxies: Proxies,
+    pub rest_addr: SocketAddr,
+    /// Bearer token for the REST API.
+    pub api_token: String,
     shutdown: CancellationToken,
     server: JoinHandle<()>,
 }
@@ -141,7 +151,12 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let incoming = tls_incoming::incoming(listener, tls, shutdown.clone());
     let service = CaService::new(ca.clone(), nodes.clone(), config.trust_domain.clone());
     let store = ConfigStore::new(nodes.clone());
-    if let Some(path) = &config.config_file {
+    let persisted = config.data_dir.join("config.yaml");
+    let initial = config
+        .config_file
+        .clone()
+        .or_else(|| persisted.exists().then_some(persisted));
+    if let Some(path) = &initial {
         let err = |reason: String| BuildError::Config {
             path: path.clone(),
             reason,
@@ -171,7 +186,29 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             tracing::error!(error = %e, "gRPC server failed");
         }
     });
-    info!(grpc = %grpc_addr, identity = %identity, "controller ready");
+    let api_token = rest::load_or_create_token(&config.data_dir)?;
+    let rest_listener = rest::bind(config.rest_addr)
+        .await
+        .map_err(|reason| BuildError::Bind {
+            addr: config.rest_addr,
+            reason,
+        })?;
+    let rest_addr = rest_listener
+        .local_addr()
+        .map_err(|reason| BuildError::Bind {
+            addr: config.rest_addr,
+            reason,
+        })?;
+    let api = rest::Api::new(
+        store.clone(),
+        proxies.clone(),
+        ca.root_pem(),
+        &config.trust_domain,
+        &config.data_dir,
+        api_token.clone(),
+    );
+    tokio::spawn(rest::serve(rest_listener, api, shutdown.clone()));
+    info!(grpc = %grpc_addr, rest = %rest_addr, identity = %identity, "controller ready");
     Ok(Bound {
         grpc_addr,
         root_pem: ca.root_pem().to_owned(),
@@ -180,6 +217,8 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         identity,
         config: store,
         proxies,
+        rest_addr,
+        api_token,
         shutdown,
         server,
     })

@@ -6,5 +6,6 @@ pub mod ca;
 pub mod ca_server;
 pub mod demo;
 pub mod nodes;
+pub mod rest;
 pub mod tls_incoming;
 pub mod xds;

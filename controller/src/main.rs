@@ -38,6 +38,9 @@ struct Args {
     /// ztunnel's static file).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// REST API listen address.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    rest_addr: SocketAddr,
     /// Log lines as text or json.
     #[arg(long, default_value = "text")]
     log_format: weft_proto::process::LogFormat,
@@ -76,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
         grpc_addr: args.grpc_addr,
         max_cert_ttl: args.max_cert_ttl,
         config_file: args.config,
+        rest_addr: args.rest_addr,
     })
     .await
     .context("controller failed to start")?;

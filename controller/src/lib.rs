@@ -4,6 +4,7 @@
 pub mod app;
 pub mod ca;
 pub mod ca_server;
+pub mod cli;
 pub mod demo;
 pub mod nodes;
 pub mod rest;

@@ -187,6 +187,52 @@ async fn authenticated_reads_validated_writes_and_persistence() {
             .is_some_and(|m| !m.is_empty())
     );
 
+    // kubectl weft, reading the same API.
+    let target = weft_controller::cli::Target {
+        controller: format!("http://{api}"),
+        token_file: dir.path().join("api-token"),
+    };
+    let table = weft_controller::cli::workloads(&target, weft_controller::cli::Output::Table)
+        .await
+        .expect("workloads");
+    assert!(table.starts_with("NAMESPACE  NAME"), "{table}");
+    assert!(
+        table.contains("spiffe://cluster.local/ns/default/sa/web"),
+        "{table}"
+    );
+    let status = weft_controller::cli::proxy_status(&target, weft_controller::cli::Output::Table)
+        .await
+        .expect("proxy-status");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with('a') && l.contains("yes") && l.contains("SYNCED")),
+        "{status}"
+    );
+    let summary = weft_controller::cli::status(&target).await.expect("status");
+    assert!(
+        summary.contains("1 connected, 1 on the current config"),
+        "{summary}"
+    );
+    let wrong_file = dir.path().join("wrong-token");
+    std::fs::write(&wrong_file, "0123456789abcdef").expect("write");
+    let wrong = weft_controller::cli::Target {
+        token_file: wrong_file,
+        ..target.clone()
+    };
+    let err = weft_controller::cli::workloads(&wrong, weft_controller::cli::Output::Json)
+        .await
+        .expect_err("wrong token");
+    assert!(err.to_string().contains("refused the token"), "{err}");
+    let not_a_token = weft_controller::cli::Target {
+        token_file: dir.path().join("config.yaml"),
+        ..target.clone()
+    };
+    let err = weft_controller::cli::workloads(&not_a_token, weft_controller::cli::Output::Json)
+        .await
+        .expect_err("not a token");
+    assert!(err.to_string().contains("does not hold a token"), "{err}");
+
     // Nothing accepted is lost on restart.
     mesh.controller.shutdown().await;
     let mesh = Mesh::start_in(dir.path().to_owned(), Duration::from_secs(3600)).await;

@@ -2,7 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use weft_controller::cli::{self, Output, Target};
 
 /// Operate a weft mesh. Run `kubectl weft demo` to see it work on this machine.
 #[derive(Parser, Debug)]
@@ -10,6 +13,31 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The controller's REST API (local mode).
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_CONTROLLER",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    controller: String,
+    /// The API token (local mode: <data-dir>/api-token).
+    #[arg(
+        long,
+        global = true,
+        env = "WEFT_TOKEN_FILE",
+        default_value = "/var/lib/weft/api-token"
+    )]
+    token_file: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    output: Format,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -41,10 +69,37 @@ enum Command {
     },
 }
 
-#[allow(clippy::print_stderr)]
+#[allow(clippy::print_stderr, clippy::print_stdout)]
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let target = Target {
+        controller: cli.controller.clone(),
+        token_file: cli.token_file.clone(),
+    };
+    let output = match cli.output {
+        Format::Table => Output::Table,
+        Format::Json => Output::Json,
+    };
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    };
+    let print = |result: Result<String, cli::CliError>| match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    };
     match cli.command {
+        Command::Workloads => print(runtime().block_on(cli::workloads(&target, output))),
+        Command::ProxyStatus => print(runtime().block_on(cli::proxy_status(&target, output))),
+        Command::Status => print(runtime().block_on(cli::status(&target))),
         Command::Demo { keep } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -60,8 +115,7 @@ fn main() -> ExitCode {
         }
         other => {
             eprintln!(
-                "`{}` needs the controller's REST API, which arrives with issue #4; \
-                 until then only `demo` works.",
+                "`{}` is not built yet; `demo`, `status`, `proxy-status` and `workloads` work today.",
                 format!("{other:?}")
                     .split([' ', '{'])
                     .next()

@@ -1,0 +1,239 @@
+//! `kubectl weft` commands that read the controller's REST API.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpStream;
+
+/// Where the controller is and how to authenticate (local mode).
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `http://host:port`
+    pub controller: String,
+    pub token_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("--controller {0:?} must look like http://host:port")]
+    BadUrl(String),
+    #[error(
+        "cannot read the API token {path}: {reason}; pass --token-file (local mode: <data-dir>/api-token)"
+    )]
+    Token { path: PathBuf, reason: String },
+    #[error(
+        "cannot reach the controller at {url}: {reason}; is weft-controller running? (pass --controller)"
+    )]
+    Unreachable { url: String, reason: String },
+    #[error("the controller refused the token (401); check --token-file")]
+    Unauthorized,
+    #[error("the controller answered {status}: {body}")]
+    Status { status: u16, body: String },
+}
+
+/// GET `path` from the REST API as JSON.
+pub async fn get(target: &Target, path: &str) -> Result<Value, CliError> {
+    let authority = target
+        .controller
+        .strip_prefix("http://")
+        .map(|a| a.trim_end_matches('/'))
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| CliError::BadUrl(target.controller.clone()))?;
+    let token = std::fs::read_to_string(&target.token_file).map_err(|e| CliError::Token {
+        path: target.token_file.clone(),
+        reason: e.to_string(),
+    })?;
+    let token = token.trim();
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(CliError::Token {
+            path: target.token_file.clone(),
+            reason: "the file does not hold a token (one word of printable characters)".into(),
+        });
+    }
+    let unreachable = |reason: String| CliError::Unreachable {
+        url: target.controller.clone(),
+        reason,
+    };
+    let exchange = async {
+        let tcp = TcpStream::connect(authority)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header(http::header::HOST, authority)
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(String::new())
+            .map_err(|e| unreachable(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .to_bytes();
+        Ok::<_, CliError>((status, body))
+    };
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| unreachable("no answer within 10 s".into()))??;
+    if status == http::StatusCode::UNAUTHORIZED {
+        return Err(CliError::Unauthorized);
+    }
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if !status.is_success() {
+        return Err(CliError::Status {
+            status: status.as_u16(),
+            body: text,
+        });
+    }
+    serde_json::from_str(&text).map_err(|e| CliError::Status {
+        status: status.as_u16(),
+        body: format!("not JSON: {e}"),
+    })
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = vec![line(headers.iter().map(|h| h.to_string()).collect())];
+    out.extend(rows.into_iter().map(line));
+    out.join("\n") + "\n"
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Array(a) => a.iter().map(s).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+pub async fn workloads(target: &Target, output: Output) -> Result<String, CliError> {
+    let v = get(target, "/api/v1/workloads").await?;
+    if output == Output::Json {
+        return Ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n");
+    }
+    let rows = v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            vec![
+                s(&w["namespace"]),
+                s(&w["name"]),
+                s(&w["node"]),
+                s(&w["addresses"]),
+                s(&w["meshed"]),
+                s(&w["identity"]),
+            ]
+        })
+        .collect();
+    Ok(table(
+        &[
+            "NAMESPACE",
+            "NAME",
+            "NODE",
+            "ADDRESSES",
+            "MESHED",
+            "IDENTITY",
+        ],
+        rows,
+    ))
+}
+
+/// Proxies and whether each has ACKed the config being served.
+pub async fn proxy_status(target: &Target, output: Output) -> Result<String, CliError> {
+    let v = get(target, "/api/v1/proxies").await?;
+    if output == Output::Json {
+        return Ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n");
+    }
+    let current = v["configVersion"].as_u64().unwrap_or(0);
+    let rows = v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let acked: Vec<u64> = p["ackedVersions"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter_map(|(_, v)| v.as_u64())
+                .collect();
+            let newest = acked.iter().copied().max().unwrap_or(0);
+            let sync = if p["nacks"].as_array().is_some_and(|n| !n.is_empty()) {
+                "NACKED".to_owned()
+            } else if newest == current {
+                "SYNCED".to_owned()
+            } else {
+                format!("STALE (v{newest} of v{current})")
+            };
+            let connected = if p["connected"] == Value::Bool(true) {
+                "yes"
+            } else {
+                "no"
+            };
+            let seen = p["lastSeenSecondsAgo"]
+                .as_u64()
+                .map(|s| format!("{s}s ago"))
+                .unwrap_or_else(|| "-".into());
+            vec![s(&p["node"]), connected.to_owned(), sync, seen]
+        })
+        .collect();
+    Ok(table(&["NODE", "CONNECTED", "CONFIG", "LAST SEEN"], rows))
+}
+
+/// The mesh at a glance.
+pub async fn status(target: &Target) -> Result<String, CliError> {
+    let workloads = get(target, "/api/v1/workloads").await?;
+    let proxies = get(target, "/api/v1/proxies").await?;
+    let current = proxies["configVersion"].as_u64().unwrap_or(0);
+    let items = proxies["items"].as_array().cloned().unwrap_or_default();
+    let connected = items
+        .iter()
+        .filter(|p| p["connected"] == Value::Bool(true))
+        .count();
+    let synced = items
+        .iter()
+        .filter(|p| {
+            p["ackedVersions"]
+                .as_object()
+                .is_some_and(|m| m.values().any(|v| v.as_u64() == Some(current)))
+        })
+        .count();
+    let n = workloads["items"].as_array().map(Vec::len).unwrap_or(0);
+    Ok(format!(
+        "controller  {}\nconfig      version {current}, {n} workloads\nproxies     {connected} connected, {synced} on the current config\n",
+        target.controller
+    ))
+}

@@ -35,6 +35,8 @@ pub struct Config {
     pub config_file: Option<PathBuf>,
     /// REST API (SPEC: 8080).
     pub rest_addr: SocketAddr,
+    /// Prometheus metrics (SPEC: 15014).
+    pub metrics_addr: SocketAddr,
 }
 
 impl Config {
@@ -49,6 +51,7 @@ impl Config {
             max_cert_ttl: Duration::from_secs(24 * 3600),
             config_file: None,
             rest_addr: ([127, 0, 0, 1], 0).into(),
+            metrics_addr: ([127, 0, 0, 1], 0).into(),
         }
     }
 }
@@ -89,6 +92,7 @@ pub struct Bound {
     /// Proxies on the config stream and what they ACKed.
     pub proxies: Proxies,
     pub rest_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     /// Bearer token for the REST API.
     pub api_token: String,
     shutdown: CancellationToken,
@@ -113,6 +117,7 @@ impl Bound {
 pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let identity = weft_proto::identity::controller(&config.trust_domain)?;
     prepare_data_dir(&config.data_dir)?;
+    weft_proto::process::prometheus();
     let ca = Arc::new(CertificateAuthority::load_or_create(
         &config.data_dir.join("ca"),
         &config.trust_domain,
@@ -208,6 +213,20 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         api_token.clone(),
     );
     tokio::spawn(rest::serve(rest_listener, api, shutdown.clone()));
+    let metrics_listener =
+        rest::bind(config.metrics_addr)
+            .await
+            .map_err(|reason| BuildError::Bind {
+                addr: config.metrics_addr,
+                reason,
+            })?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_err(|reason| BuildError::Bind {
+            addr: config.metrics_addr,
+            reason,
+        })?;
+    tokio::spawn(rest::serve_metrics(metrics_listener, shutdown.clone()));
     info!(grpc = %grpc_addr, rest = %rest_addr, identity = %identity, "controller ready");
     Ok(Bound {
         grpc_addr,
@@ -218,6 +237,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         config: store,
         proxies,
         rest_addr,
+        metrics_addr,
         api_token,
         shutdown,
         server,

@@ -65,6 +65,22 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let result = self.issue(request);
+        let name = if result.is_ok() {
+            "weft_controller_certificates_issued_total"
+        } else {
+            "weft_controller_certificate_refusals_total"
+        };
+        metrics::counter!(name).increment(1);
+        result
+    }
+}
+
+impl CaService {
+    fn issue(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
         let node = self.nodes.authenticate_request(request.metadata())?;
         let req = request.into_inner();
         let identity = requested_identity(&req)?;

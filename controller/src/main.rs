@@ -41,6 +41,9 @@ struct Args {
     /// REST API listen address.
     #[arg(long, default_value = "0.0.0.0:8080")]
     rest_addr: SocketAddr,
+    /// Prometheus metrics listen address.
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    metrics_addr: SocketAddr,
     /// Log lines as text or json.
     #[arg(long, default_value = "text")]
     log_format: weft_proto::process::LogFormat,
@@ -80,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
         max_cert_ttl: args.max_cert_ttl,
         config_file: args.config,
         rest_addr: args.rest_addr,
+        metrics_addr: args.metrics_addr,
     })
     .await
     .context("controller failed to start")?;

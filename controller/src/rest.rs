@@ -103,6 +103,18 @@ pub async fn serve(listener: TcpListener, api: Api, stop: CancellationToken) {
     }
 }
 
+/// Prometheus `/metrics` (SPEC: 15014), no token: like every metrics port,
+/// it is for the cluster's scraper.
+pub async fn serve_metrics(listener: TcpListener, stop: CancellationToken) {
+    let app = Router::new().route(
+        "/metrics",
+        get(|| async { weft_proto::process::prometheus().render() }),
+    );
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
+}
+
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
@@ -207,7 +219,10 @@ async fn get_config(State(api): State<Api>) -> Response {
 async fn put_config(State(api): State<Api>, body: String) -> Response {
     let model = match Model::from_yaml(&body, &api.trust_domain) {
         Ok(m) => m,
-        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string()),
+        Err(e) => {
+            metrics::counter!("weft_controller_config_errors_total").increment(1);
+            return error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string());
+        }
     };
     if let Err(e) = write_atomic(&api.config_path, body.as_bytes(), 0o600) {
         return error(

@@ -32,6 +32,8 @@ use crate::nodes::Nodes;
 /// A config version and its resources, by type and name.
 pub struct Snapshot {
     pub version: u64,
+    /// When this version was set (for push latency).
+    created: std::time::Instant,
     pub model: Arc<Model>,
     resources: BTreeMap<&'static str, BTreeMap<String, Resource>>,
 }
@@ -48,6 +50,7 @@ impl ConfigStore {
     pub fn new(nodes: Arc<Nodes>) -> Self {
         let empty = Snapshot {
             version: 0,
+            created: std::time::Instant::now(),
             model: Arc::new(Model::default()),
             resources: BTreeMap::new(),
         };
@@ -70,9 +73,11 @@ impl ConfigStore {
         let version = self.tx.borrow().version + 1;
         self.tx.send_replace(Arc::new(Snapshot {
             version,
+            created: std::time::Instant::now(),
             model: Arc::new(model),
             resources,
         }));
+        metrics::gauge!("weft_controller_config_version").set(version as f64);
         info!(version, "config updated");
         version
     }
@@ -179,8 +184,8 @@ struct Session {
     proxies: Proxies,
     /// What the proxy has (or was last sent), per type: name → version.
     have: HashMap<String, HashMap<String, String>>,
-    /// Unanswered responses: nonce → (type, config version).
-    pending: HashMap<String, (String, u64)>,
+    /// Unanswered responses: nonce → (type, config version, when it was set).
+    pending: HashMap<String, (String, u64, std::time::Instant)>,
     nonce: u64,
 }
 
@@ -192,6 +197,7 @@ impl Session {
         shutdown: CancellationToken,
     ) {
         self.proxies.update(&self.node, |s| s.connected = true);
+        metrics::gauge!("weft_controller_connected_proxies").increment(1.0);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -224,6 +230,7 @@ impl Session {
             }
         }
         self.proxies.update(&self.node, |s| s.connected = false);
+        metrics::gauge!("weft_controller_connected_proxies").decrement(1.0);
         info!(
             node = self.node,
             "proxy disconnected from the config stream"
@@ -236,11 +243,13 @@ impl Session {
         snapshot: &Arc<Snapshot>,
     ) -> Result<(), ()> {
         if !req.response_nonce.is_empty() {
-            let Some((type_url, version)) = self.pending.remove(&req.response_nonce) else {
+            let Some((type_url, version, created)) = self.pending.remove(&req.response_nonce)
+            else {
                 return Ok(()); // stale nonce: superseded by a newer response
             };
             match req.error_detail {
                 Some(err) => {
+                    metrics::counter!("weft_controller_nacks_total").increment(1);
                     warn!(
                         node = self.node,
                         type_url,
@@ -253,9 +262,14 @@ impl Session {
                             .push(format!("{type_url} v{version}: {}", err.message))
                     });
                 }
-                None => self.proxies.update(&self.node, |s| {
-                    s.acked.insert(type_url, version);
-                }),
+                None => {
+                    // Config change (or subscription) to this proxy's ACK.
+                    metrics::histogram!("weft_controller_push_latency_seconds")
+                        .record(created.elapsed().as_secs_f64());
+                    self.proxies.update(&self.node, |s| {
+                        s.acked.insert(type_url, version);
+                    });
+                }
             }
             return Ok(());
         }
@@ -302,8 +316,16 @@ impl Session {
         }
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        self.pending
-            .insert(nonce.clone(), (type_url.to_owned(), snapshot.version));
+        // A subscription's latency counts from now, not from the config's birth.
+        let start = if always {
+            std::time::Instant::now()
+        } else {
+            snapshot.created
+        };
+        self.pending.insert(
+            nonce.clone(),
+            (type_url.to_owned(), snapshot.version, start),
+        );
         let count = changed.len();
         let resp = DeltaDiscoveryResponse {
             system_version_info: snapshot.version.to_string(),
@@ -324,6 +346,8 @@ impl Session {
             s.last_push_resources = count;
             s.resources_sent += count as u64;
         });
+        metrics::counter!("weft_controller_pushes_total").increment(1);
+        metrics::counter!("weft_controller_pushed_resources_total").increment(count as u64);
         self.tx.send(Ok(resp)).await.map_err(|_| ())
     }
 }

@@ -90,6 +90,36 @@ async fn pushes_changes_and_survives_a_controller_restart() {
     assert!(status().connected);
     assert!(status().nacks.is_empty());
 
+    // The controller's own metrics on 15014 tell the same story.
+    let url = format!("http://{}/metrics", mesh.controller.metrics_addr);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["-sSf", "--max-time", "5", &url])
+            .output()
+    })
+    .await
+    .expect("curl thread")
+    .expect("curl (install curl)");
+    let metrics = String::from_utf8_lossy(&out.stdout).into_owned();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from:\n{metrics}"))
+    };
+    assert!(value("weft_controller_connected_proxies") >= 1.0);
+    assert!(
+        value("weft_controller_pushes_total") >= 4.0,
+        "three subscriptions and a change"
+    );
+    assert!(value("weft_controller_push_latency_seconds_count") >= 1.0);
+    assert!(
+        metrics.contains("weft_controller_push_latency_seconds_bucket"),
+        "a real histogram"
+    );
+
     // A wrong token gets nothing, however often it retries.
     let (mut stranger, stranger_stats) = client(&mesh, "a", "not-a-token");
     weft_integration::eventually("stranger retried", || {

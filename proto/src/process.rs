@@ -49,3 +49,25 @@ pub async fn shutdown_signal() {
         }
     }
 }
+
+/// The process-wide Prometheus recorder, installed on first use; render it
+/// for `/metrics`.
+pub fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        // Buckets (seconds) make histograms real Prometheus histograms.
+        let buckets = [
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets(&buckets)
+            .expect("buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder already installed (tests embedding several parts):
+        // ours still renders whatever is recorded through it.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}

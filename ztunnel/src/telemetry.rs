@@ -3,31 +3,19 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::listen::accept_each;
 
-/// The process-wide Prometheus recorder (installed once).
-pub fn prometheus() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
-        let handle = recorder.handle();
-        // Another recorder already installed (tests embedding several parts):
-        // ours still renders whatever is recorded through it.
-        let _ = metrics::set_global_recorder(recorder);
-        handle
-    })
-}
+pub use weft_proto::process::prometheus;
 
 /// Who talked to whom, as one connection's metrics labels.
 pub struct ConnLabels {

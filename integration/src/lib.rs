@@ -297,4 +297,5 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
 }
 /// Network-namespace topologies (shared with `weft demo`).
 pub use weft_controller::demo::topology as netns;
+pub mod controller_bench;
 pub mod mesh_bench;

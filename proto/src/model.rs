@@ -45,15 +45,17 @@ fn invalid(object: &str, field: &'static str, reason: impl ToString) -> ModelErr
     }
 }
 
+/// The model before validation: what a config file (or the config stream)
+/// says, field for field.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Document {
+pub struct Specs {
     #[serde(default)]
-    workloads: Vec<WorkloadSpec>,
+    pub workloads: Vec<WorkloadSpec>,
     #[serde(default)]
-    services: Vec<ServiceSpec>,
+    pub services: Vec<ServiceSpec>,
     #[serde(default)]
-    policies: Vec<PolicySpec>,
+    pub policies: Vec<PolicySpec>,
 }
 
 fn default_ns() -> String {
@@ -66,63 +68,63 @@ fn yes() -> bool {
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct WorkloadSpec {
-    name: String,
+pub struct WorkloadSpec {
+    pub name: String,
     #[serde(default = "default_ns")]
-    namespace: String,
+    pub namespace: String,
     #[serde(default = "default_ns")]
-    service_account: String,
-    node: String,
-    addresses: Vec<IpAddr>,
+    pub service_account: String,
+    pub node: String,
+    pub addresses: Vec<IpAddr>,
     #[serde(default = "yes")]
-    meshed: bool,
+    pub meshed: bool,
     #[serde(default)]
-    services: Vec<String>,
+    pub services: Vec<String>,
     #[serde(default)]
-    labels: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ServiceSpec {
-    name: String,
+pub struct ServiceSpec {
+    pub name: String,
     #[serde(default = "default_ns")]
-    namespace: String,
-    addresses: Vec<IpAddr>,
-    ports: Vec<PortSpec>,
+    pub namespace: String,
+    pub addresses: Vec<IpAddr>,
+    pub ports: Vec<PortSpec>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct PortSpec {
-    port: u16,
-    target_port: Option<u16>,
+pub struct PortSpec {
+    pub port: u16,
+    pub target_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct PolicySpec {
-    name: String,
+pub struct PolicySpec {
+    pub name: String,
     #[serde(default = "default_ns")]
-    namespace: String,
-    action: Action,
+    pub namespace: String,
+    pub action: Action,
     #[serde(default)]
-    selector: BTreeMap<String, String>,
+    pub selector: BTreeMap<String, String>,
     #[serde(default)]
-    rules: Vec<RuleSpec>,
+    pub rules: Vec<RuleSpec>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RuleSpec {
+pub struct RuleSpec {
     #[serde(default)]
-    principals: Vec<String>,
+    pub principals: Vec<String>,
     #[serde(default)]
-    namespaces: Vec<String>,
+    pub namespaces: Vec<String>,
     #[serde(default)]
-    ip_blocks: Vec<String>,
+    pub ip_blocks: Vec<String>,
     #[serde(default)]
-    ports: Vec<u16>,
+    pub ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -273,19 +275,17 @@ pub struct Model {
 
 impl Model {
     pub fn from_yaml(yaml: &str, trust_domain: &str) -> Result<Model, ModelError> {
-        let doc: Document = if yaml.trim().is_empty() {
-            Document::default()
+        let doc: Specs = if yaml.trim().is_empty() {
+            Specs::default()
         } else {
             serde_yaml::from_str(yaml).map_err(|e| ModelError::Yaml(e.to_string()))?
         };
         build(doc, trust_domain)
     }
 
-    /// From an already parsed document (the config stream builds one).
-    pub fn from_value(doc: serde_yaml::Value, trust_domain: &str) -> Result<Model, ModelError> {
-        let doc: Document =
-            serde_yaml::from_value(doc).map_err(|e| ModelError::Yaml(e.to_string()))?;
-        build(doc, trust_domain)
+    /// Validates and indexes specs (the config stream builds them directly).
+    pub fn from_specs(specs: Specs, trust_domain: &str) -> Result<Model, ModelError> {
+        build(specs, trust_domain)
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
@@ -344,7 +344,7 @@ fn rule_matches(rule: &Rule, src: Source<'_>, port: u16) -> bool {
     principal && namespace && ip && port_ok
 }
 
-fn build(doc: Document, trust_domain: &str) -> Result<Model, ModelError> {
+fn build(doc: Specs, trust_domain: &str) -> Result<Model, ModelError> {
     let mut model = Model::default();
     for (i, w) in doc.workloads.into_iter().enumerate() {
         let key = format!("{}/{}", w.namespace, w.name);
@@ -376,18 +376,24 @@ fn build(doc: Document, trust_domain: &str) -> Result<Model, ModelError> {
         }
         model.workloads.push(workload);
     }
+    // Endpoints by service, in one pass over the workloads.
+    let mut by_service: HashMap<&str, Vec<Arc<Workload>>> = HashMap::new();
+    for w in &model.workloads {
+        for svc in &w.services {
+            by_service.entry(svc.as_str()).or_default().push(w.clone());
+        }
+    }
+    let mut by_service: HashMap<String, Vec<Arc<Workload>>> = by_service
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
     for (i, s) in doc.services.into_iter().enumerate() {
         let key = format!("{}/{}", s.namespace, s.name);
         let object = format!("services[{i}] ({key})");
         if s.ports.is_empty() {
             return Err(invalid(&object, "ports", "at least one port is required"));
         }
-        let endpoints = model
-            .workloads
-            .iter()
-            .filter(|w| w.services.contains(&key))
-            .cloned()
-            .collect();
+        let endpoints = by_service.remove(&key).unwrap_or_default();
         let service = Arc::new(Service {
             ports: s
                 .ports

@@ -8,7 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use prost::Message;
 
-use crate::model::{Action, Model, ModelError};
+use crate::model::{
+    Action, Model, ModelError, PolicySpec, PortSpec, RuleSpec, ServiceSpec, Specs, WorkloadSpec,
+};
 use crate::pb::weft::v1 as pb;
 
 pub const WORKLOAD: &str = "type.googleapis.com/weft.v1.Workload";
@@ -163,21 +165,16 @@ pub fn decode(
     };
     let empty = BTreeMap::new();
     let of = |t: &str| resources.get(t).unwrap_or(&empty);
-    let mut yaml = serde_yaml::Mapping::new();
-    let mut list = |key: &str, items: Vec<serde_yaml::Value>| {
-        yaml.insert(key.into(), serde_yaml::Value::Sequence(items));
-    };
-    let ips = |name: &str, addrs: &[Vec<u8>]| -> Result<Vec<String>, ModelError> {
+    let ips = |name: &str, addrs: &[Vec<u8>]| -> Result<Vec<IpAddr>, ModelError> {
         addrs
             .iter()
-            .map(|a| {
-                ip_from(a)
-                    .map(|ip| ip.to_string())
-                    .ok_or_else(|| bad(name, "address is not 4 or 16 bytes".into()))
-            })
+            .map(|a| ip_from(a).ok_or_else(|| bad(name, "address is not 4 or 16 bytes".into())))
             .collect()
     };
-    let mut workloads = Vec::new();
+    let port = |name: &str, p: u32| {
+        u16::try_from(p).map_err(|_| bad(name, format!("port {p} out of range")))
+    };
+    let mut specs = Specs::default();
     for (name, any) in of(WORKLOAD) {
         let w = pb::Workload::decode(any.value.as_slice()).map_err(|e| bad(name, e.to_string()))?;
         if !w.trust_domain.is_empty() && w.trust_domain != trust_domain {
@@ -189,47 +186,36 @@ pub fn decode(
                 ),
             ));
         }
-        workloads.push(fields(&[
-            ("name", w.name.into()),
-            ("namespace", w.namespace.into()),
-            ("serviceAccount", w.service_account.into()),
-            ("node", w.node.into()),
-            ("addresses", ips(name, &w.addresses)?.into()),
-            ("meshed", w.meshed.into()),
-            ("services", w.services.into()),
-            (
-                "labels",
-                to_value(w.labels.into_iter().collect::<BTreeMap<_, _>>()),
-            ),
-        ]));
+        specs.workloads.push(WorkloadSpec {
+            addresses: ips(name, &w.addresses)?,
+            name: w.name,
+            namespace: w.namespace,
+            service_account: w.service_account,
+            node: w.node,
+            meshed: w.meshed,
+            services: w.services,
+            labels: w.labels.into_iter().collect(),
+        });
     }
-    list("workloads", workloads);
-    let mut services = Vec::new();
     for (name, any) in of(SERVICE) {
         let s = pb::Service::decode(any.value.as_slice()).map_err(|e| bad(name, e.to_string()))?;
-        let ports: Vec<serde_yaml::Value> = s
+        let ports = s
             .ports
             .iter()
             .map(|p| {
-                let port = u16::try_from(p.port)
-                    .map_err(|_| bad(name, format!("port {} out of range", p.port)))?;
-                let target = u16::try_from(p.target_port)
-                    .map_err(|_| bad(name, format!("targetPort {} out of range", p.target_port)))?;
-                Ok(fields(&[
-                    ("port", port.into()),
-                    ("targetPort", target.into()),
-                ]))
+                Ok(PortSpec {
+                    port: port(name, p.port)?,
+                    target_port: Some(port(name, p.target_port)?),
+                })
             })
             .collect::<Result<_, ModelError>>()?;
-        services.push(fields(&[
-            ("name", s.name.into()),
-            ("namespace", s.namespace.into()),
-            ("addresses", ips(name, &s.addresses)?.into()),
-            ("ports", serde_yaml::Value::Sequence(ports)),
-        ]));
+        specs.services.push(ServiceSpec {
+            addresses: ips(name, &s.addresses)?,
+            name: s.name,
+            namespace: s.namespace,
+            ports,
+        });
     }
-    list("services", services);
-    let mut policies = Vec::new();
     for (name, any) in of(AUTHORIZATION) {
         let a = pb::Authorization::decode(any.value.as_slice())
             .map_err(|e| bad(name, e.to_string()))?;
@@ -245,7 +231,7 @@ pub fn decode(
                     "not* matchers are not supported yet; refusing rather than guessing".into(),
                 ));
             }
-            let blocks: Vec<String> = m
+            let ip_blocks = m
                 .source_ips
                 .iter()
                 .map(|c| {
@@ -254,49 +240,33 @@ pub fn decode(
                         .ok_or_else(|| bad(name, "CIDR address is not 4 or 16 bytes".into()))
                 })
                 .collect::<Result<_, _>>()?;
-            let ports: Vec<u16> = m
+            let ports = m
                 .destination_ports
                 .iter()
-                .map(|p| u16::try_from(*p).map_err(|_| bad(name, format!("port {p} out of range"))))
+                .map(|p| port(name, *p))
                 .collect::<Result<_, _>>()?;
-            rules.push(fields(&[
-                ("principals", m.principals.clone().into()),
-                ("namespaces", m.namespaces.clone().into()),
-                ("ipBlocks", blocks.into()),
-                ("ports", ports.into()),
-            ]));
+            rules.push(RuleSpec {
+                principals: m.principals.clone(),
+                namespaces: m.namespaces.clone(),
+                ip_blocks,
+                ports,
+            });
         }
         let action = match pb::Action::try_from(a.action) {
-            Ok(pb::Action::Allow) => "ALLOW",
-            Ok(pb::Action::Deny) => "DENY",
+            Ok(pb::Action::Allow) => Action::Allow,
+            Ok(pb::Action::Deny) => Action::Deny,
             Err(_) => return Err(bad(name, format!("unknown action {}", a.action))),
         };
-        policies.push(fields(&[
-            ("name", a.name.into()),
-            ("namespace", a.namespace.into()),
-            ("action", action.into()),
-            (
-                "selector",
-                to_value(a.selector.into_iter().collect::<BTreeMap<_, _>>()),
-            ),
-            ("rules", serde_yaml::Value::Sequence(rules)),
-        ]));
+        specs.policies.push(PolicySpec {
+            name: a.name,
+            namespace: a.namespace,
+            action,
+            selector: a.selector.into_iter().collect(),
+            rules,
+        });
     }
-    list("policies", policies);
     // One validation path for files and pushed config alike.
-    Model::from_value(serde_yaml::Value::Mapping(yaml), trust_domain)
-}
-
-fn to_value(map: BTreeMap<String, String>) -> serde_yaml::Value {
-    serde_yaml::Value::Mapping(map.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
-}
-
-fn fields(fields: &[(&str, serde_yaml::Value)]) -> serde_yaml::Value {
-    let mut m = serde_yaml::Mapping::new();
-    for (k, v) in fields {
-        m.insert((*k).into(), v.clone());
-    }
-    serde_yaml::Value::Mapping(m)
+    Model::from_specs(specs, trust_domain)
 }
 
 #[cfg(test)]

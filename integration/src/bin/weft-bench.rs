@@ -52,6 +52,8 @@ enum What {
     Csr,
     /// The ztunnel across network namespaces (root; not part of `all`).
     Mesh,
+    /// The config push at scale (not part of `all`).
+    Controller,
 }
 
 /// The plain-TCP baseline's server: a sink (acknowledging with one byte at
@@ -313,6 +315,12 @@ async fn main() {
     }
     if all || args.what == What::Csr {
         csr_rate(args.csr_seconds).await;
+    }
+    if args.what == What::Controller
+        && let Err(e) = weft_integration::controller_bench::run(10_000, 1_000, 100).await
+    {
+        println!("controller bench failed: {e:#}");
+        std::process::exit(1);
     }
     if args.what == What::Mesh
         && let Err(e) = weft_integration::mesh_bench::run(args.mesh_seconds).await

@@ -142,16 +142,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         },
     );
 
-    let listener = TcpListener::bind(config.grpc_addr)
-        .await
-        .map_err(|source| BuildError::Bind {
-            addr: config.grpc_addr,
-            reason: source,
-        })?;
-    let grpc_addr = listener.local_addr().map_err(|source| BuildError::Bind {
-        addr: config.grpc_addr,
-        reason: source,
-    })?;
+    let (listener, grpc_addr) = bind(config.grpc_addr).await?;
     let shutdown = CancellationToken::new();
     let incoming = tls_incoming::incoming(listener, tls, shutdown.clone());
     let service = CaService::new(ca.clone(), nodes.clone(), config.trust_domain.clone());
@@ -192,18 +183,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         }
     });
     let api_token = rest::load_or_create_token(&config.data_dir)?;
-    let rest_listener = rest::bind(config.rest_addr)
-        .await
-        .map_err(|reason| BuildError::Bind {
-            addr: config.rest_addr,
-            reason,
-        })?;
-    let rest_addr = rest_listener
-        .local_addr()
-        .map_err(|reason| BuildError::Bind {
-            addr: config.rest_addr,
-            reason,
-        })?;
+    let (rest_listener, rest_addr) = bind(config.rest_addr).await?;
     let api = rest::Api::new(
         store.clone(),
         proxies.clone(),
@@ -213,19 +193,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         api_token.clone(),
     );
     tokio::spawn(rest::serve(rest_listener, api, shutdown.clone()));
-    let metrics_listener =
-        rest::bind(config.metrics_addr)
-            .await
-            .map_err(|reason| BuildError::Bind {
-                addr: config.metrics_addr,
-                reason,
-            })?;
-    let metrics_addr = metrics_listener
-        .local_addr()
-        .map_err(|reason| BuildError::Bind {
-            addr: config.metrics_addr,
-            reason,
-        })?;
+    let (metrics_listener, metrics_addr) = bind(config.metrics_addr).await?;
     tokio::spawn(rest::serve_metrics(metrics_listener, shutdown.clone()));
     info!(grpc = %grpc_addr, rest = %rest_addr, identity = %identity, "controller ready");
     Ok(Bound {
@@ -242,6 +210,19 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         shutdown,
         server,
     })
+}
+
+/// Binds `addr`; the listener and the address it really got (port 0 → a
+/// free port).
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BuildError> {
+    let bound = async {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        Ok::<_, std::io::Error>((listener, local))
+    };
+    bound
+        .await
+        .map_err(|reason| BuildError::Bind { addr, reason })
 }
 
 fn prepare_data_dir(dir: &std::path::Path) -> Result<(), BuildError> {

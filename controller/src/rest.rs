@@ -3,7 +3,6 @@
 //! `Authorization: Bearer <token>`; locally the token is
 //! `<data-dir>/api-token` (0600, made on first start).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -113,10 +112,6 @@ pub async fn serve_metrics(listener: TcpListener, stop: CancellationToken) {
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await;
-}
-
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

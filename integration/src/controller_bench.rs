@@ -10,19 +10,7 @@ use std::time::{Duration, Instant};
 use weft_proto::model::Model;
 use weft_proto::xds::{self, XdsConfig};
 
-use crate::Mesh;
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .map(str::to_owned)
-        })
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
-}
+use crate::{Mesh, rss_kib};
 
 fn config(workloads: usize, services: usize, nodes: usize, moved: Option<usize>) -> String {
     let mut y = String::with_capacity(workloads * 120);

@@ -299,3 +299,16 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
 pub use weft_controller::demo::topology as netns;
 pub mod controller_bench;
 pub mod mesh_bench;
+
+/// This process's resident memory, in KiB (from /proc).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}

@@ -128,6 +128,12 @@ async fn connect_by_ip_and_by_service_name_goes_over_hbone() {
     let seen = server.handler.seen.lock().expect("lock").clone();
     assert_eq!(seen.len(), 2);
     assert!(seen.iter().all(|s| s.authority == (api, 8080).into()));
+    // The CONNECT carried who is calling (SPEC §3 headers).
+    assert_eq!(seen[0].headers["forwarded"], "for=127.0.0.1");
+    assert_eq!(
+        seen[0].headers["baggage"],
+        "k8s.namespace.name=default,k8s.pod.name=host,service.account=host"
+    );
     assert_eq!(zt.socks5_stats.connected.load(Ordering::Relaxed), 2);
 }
 

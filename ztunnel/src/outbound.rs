@@ -19,7 +19,7 @@ use tracing::info;
 use weft_proto::certs::wait_for_cert;
 use weft_proto::hbone::copy_bidirectional;
 use weft_proto::hbone::pool::{ConnectRequest, PoolKey};
-use weft_proto::hbone::{FORWARDED, HBONE_PORT};
+use weft_proto::hbone::{BAGGAGE, FORWARDED, HBONE_PORT};
 use weft_proto::identity::Identity;
 
 use crate::listen::accept_each;
@@ -161,6 +161,17 @@ async fn hbone(
     let mut headers = HeaderMap::new();
     if let Ok(v) = format!("for={}", src.addr.ip()).parse() {
         headers.insert(FORWARDED, v);
+    }
+    // Who is calling, in W3C baggage (keys as OpenTelemetry names them), so
+    // the far side can label metrics without guessing from addresses.
+    let baggage = format!(
+        "k8s.namespace.name={},k8s.pod.name={},service.account={}",
+        src.identity.namespace(),
+        src.workload,
+        src.identity.service_account()
+    );
+    if let Ok(v) = baggage.parse() {
+        headers.insert(BAGGAGE, v);
     }
     let req = ConnectRequest {
         authority: endpoint,

@@ -271,6 +271,10 @@ pub struct Model {
     pub policies: Vec<Policy>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     by_vip: HashMap<IpAddr, Arc<Service>>,
+    // "<namespace>/<name>" → object: the per-connection lookups are O(1)
+    // whatever the size of the mesh.
+    workloads_by_key: HashMap<String, Arc<Workload>>,
+    services_by_key: HashMap<String, Arc<Service>>,
 }
 
 impl Model {
@@ -293,9 +297,12 @@ impl Model {
     }
 
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.workloads
-            .iter()
-            .find(|w| w.namespace == namespace && w.name == name)
+        self.workloads_by_key.get(&format!("{namespace}/{name}"))
+    }
+
+    /// A service by `<namespace>/<name>`.
+    pub fn service(&self, key: &str) -> Option<&Arc<Service>> {
+        self.services_by_key.get(key)
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
@@ -374,6 +381,16 @@ fn build(doc: Specs, trust_domain: &str) -> Result<Model, ModelError> {
                 ));
             }
         }
+        if let Some(other) = model
+            .workloads_by_key
+            .insert(workload.key.clone(), workload.clone())
+        {
+            return Err(invalid(
+                &object,
+                "name",
+                format!("{} is defined twice", other.key),
+            ));
+        }
         model.workloads.push(workload);
     }
     // Endpoints by service, in one pass over the workloads.
@@ -413,6 +430,17 @@ fn build(doc: Specs, trust_domain: &str) -> Result<Model, ModelError> {
                     format!("{ip} is already in use"),
                 ));
             }
+        }
+        if model
+            .services_by_key
+            .insert(service.key.clone(), service.clone())
+            .is_some()
+        {
+            return Err(invalid(
+                &object,
+                "name",
+                format!("{} is defined twice", service.key),
+            ));
         }
         model.services.push(service);
     }
@@ -552,6 +580,10 @@ policies:
             ),
             ("policies: [{name: p, action: MAYBE}]", "unknown variant"),
             ("[1, 2", "not valid YAML"),
+            (
+                "workloads: [{name: w, node: a, addresses: [1.2.3.4]}, {name: w, node: b, addresses: [1.2.3.5]}]",
+                "workloads[1] (default/w): name: default/w is defined twice",
+            ),
         ];
         for (yaml, want) in bad {
             let err = Model::from_yaml(yaml, "cluster.local")

@@ -338,6 +338,19 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<Identity, P
 /// The one SPIFFE ID a leaf certificate carries; refuses CA certificates and
 /// anything with zero or several URI SANs.
 pub fn leaf_identity(der: &CertificateDer<'_>) -> Result<Identity, PeerError> {
+    leaf_identity_and_serial(der).map(|(id, _)| id)
+}
+
+/// The peer's identity and certificate serial (colon-separated hex), from
+/// one parse of the leaf.
+pub fn peer_identity_and_serial(
+    certs: Option<&[CertificateDer<'_>]>,
+) -> Result<(Identity, String), PeerError> {
+    let leaf = certs.and_then(|c| c.first()).ok_or(PeerError::Malformed)?;
+    leaf_identity_and_serial(leaf)
+}
+
+fn leaf_identity_and_serial(der: &CertificateDer<'_>) -> Result<(Identity, String), PeerError> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
         .map_err(|_| PeerError::Malformed)?;
     if cert.is_ca() {
@@ -356,11 +369,12 @@ pub fn leaf_identity(der: &CertificateDer<'_>) -> Result<Identity, PeerError> {
             _ => None,
         })
         .collect();
-    match uris.as_slice() {
-        [] => Err(PeerError::NoUriSan),
-        [uri] => Ok(uri.parse()?),
-        many => Err(PeerError::ManyUriSans(many.len())),
-    }
+    let identity = match uris.as_slice() {
+        [] => return Err(PeerError::NoUriSan),
+        [uri] => uri.parse()?,
+        many => return Err(PeerError::ManyUriSans(many.len())),
+    };
+    Ok((identity, cert.raw_serial_as_string()))
 }
 
 /// A handshake failure in words an operator can act on (rustls prints our
@@ -376,13 +390,6 @@ pub fn describe_handshake_error(e: &std::io::Error) -> String {
         rustls::Error::InvalidCertificate(c) => format!("peer certificate refused: {c:?}"),
         other => other.to_string(),
     }
-}
-
-/// The serial number of a certificate, colon-separated hex ("" if unparsable).
-pub fn serial(der: &CertificateDer<'_>) -> String {
-    x509_parser::certificate::X509Certificate::from_der(der)
-        .map(|(_, c)| c.raw_serial_as_string())
-        .unwrap_or_default()
 }
 
 fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, String), TlsError> {

@@ -45,31 +45,13 @@ impl Handler for Inbound {
                 .stats
                 .inbound_denied
                 .fetch_add(1, Ordering::Relaxed);
-            access_log(
-                &self.pod,
-                Some(&c.peer),
-                c.peer_addr,
-                c.authority,
-                (0, 0),
-                started,
-                &reason,
-            );
-            return c.refuse(StatusCode::FORBIDDEN);
+            return self.refuse(c, StatusCode::FORBIDDEN, &reason, started);
         }
         let mut app = match self.pod.netns.connect(c.authority).await {
             Ok(app) => app,
             Err(e) => {
                 let reason = format!("application unreachable: {e}");
-                access_log(
-                    &self.pod,
-                    Some(&c.peer),
-                    c.peer_addr,
-                    c.authority,
-                    (0, 0),
-                    started,
-                    &reason,
-                );
-                return c.refuse(StatusCode::SERVICE_UNAVAILABLE);
+                return self.refuse(c, StatusCode::SERVICE_UNAVAILABLE, &reason, started);
             }
         };
         // Phase 2, after the 200: an error is a stream reset.
@@ -108,6 +90,22 @@ impl Handler for Inbound {
             started,
             &reason,
         );
+    }
+}
+
+impl Inbound {
+    /// Phase-1 refusal: logged once, answered with an HTTP status.
+    fn refuse(&self, c: InboundConnect, status: StatusCode, reason: &str, started: Instant) {
+        access_log(
+            &self.pod,
+            Some(&c.peer),
+            c.peer_addr,
+            c.authority,
+            (0, 0),
+            started,
+            reason,
+        );
+        c.refuse(status);
     }
 }
 

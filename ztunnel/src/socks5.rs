@@ -160,11 +160,8 @@ enum Host {
 fn resolve(model: &Model, name: &str) -> Option<IpAddr> {
     let mut parts = name.trim_end_matches('.').split('.');
     let (svc, ns) = (parts.next()?, parts.next()?);
-    let key = format!("{ns}/{svc}");
     model
-        .services
-        .iter()
-        .find(|s| s.key == key)?
+        .service(&format!("{ns}/{svc}"))?
         .addresses
         .first()
         .copied()

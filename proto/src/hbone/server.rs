@@ -160,15 +160,10 @@ async fn serve_connection<H: Handler>(
         Ok(Err(e)) => return handshake_failed(&stats, &tls::describe_handshake_error(&e)),
         Err(_) => return handshake_failed(&stats, "handshake timed out"),
     };
-    let certs = tls.get_ref().1.peer_certificates();
-    let peer = match tls::peer_identity(certs) {
-        Ok(id) => PeerCert {
-            serial: certs
-                .and_then(|c| c.first())
-                .map(tls::serial)
-                .unwrap_or_default()
-                .into(),
-            identity: id,
+    let peer = match tls::peer_identity_and_serial(tls.get_ref().1.peer_certificates()) {
+        Ok((identity, serial)) => PeerCert {
+            identity,
+            serial: serial.into(),
         },
         Err(e) => return handshake_failed(&stats, &e.to_string()),
     };

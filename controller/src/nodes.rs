@@ -136,12 +136,6 @@ impl Nodes {
             .insert(identity);
     }
 
-    pub fn unplace(&self, node: &str, identity: &Identity) {
-        if let Some(set) = self.placements.write().expect("poisoned").get_mut(node) {
-            set.remove(identity);
-        }
-    }
-
     pub fn entitled(&self, node: &str, identity: &Identity) -> bool {
         [&self.placements, &self.from_config].iter().any(|map| {
             map.read()

@@ -19,8 +19,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use weft_controller::app::{self, Bound, Config};
 use weft_proto::certs::{CertConfig, CertManager, GrpcCaClient, wait_for_cert};
+use weft_proto::hbone::H2Settings;
 use weft_proto::hbone::server::{self, Handler, InboundConnect, ServerStats};
-use weft_proto::hbone::{H2Settings, copy_bidirectional};
 use weft_proto::identity::Identity;
 use weft_proto::tls::{self, CertWatch, ClientAuth, TrustBundle};
 
@@ -191,20 +191,6 @@ impl Handler for Echo {
         let (mut r, mut w) = tokio::io::split(stream);
         let _ = tokio::io::copy(&mut r, &mut w).await;
         let _ = w.shutdown().await;
-    }
-}
-
-/// Forwards every stream to a fixed TCP address (an "application").
-pub struct Forward(pub SocketAddr);
-
-impl Handler for Forward {
-    async fn handle(&self, c: InboundConnect) {
-        let Ok(mut app) = tokio::net::TcpStream::connect(self.0).await else {
-            return c.refuse(http::StatusCode::SERVICE_UNAVAILABLE);
-        };
-        let _ = app.set_nodelay(true);
-        let Ok(mut stream) = c.accept() else { return };
-        let _ = copy_bidirectional(&mut stream, &mut app).await;
     }
 }
 

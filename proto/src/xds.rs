@@ -47,7 +47,13 @@ pub struct XdsStats {
     pub nacks: AtomicU64,
 }
 
-type Cache = BTreeMap<String, BTreeMap<String, (String, prost_types::Any)>>;
+/// What the proxy holds: bodies by type and name (what decoding reads), and
+/// versions alongside (what a reconnect reports).
+#[derive(Default)]
+struct Cache {
+    bodies: BTreeMap<String, BTreeMap<String, prost_types::Any>>,
+    versions: BTreeMap<String, BTreeMap<String, String>>,
+}
 
 /// Starts the client; the watch holds `None` until the first complete config.
 pub fn spawn(config: XdsConfig) -> (watch::Receiver<Option<Arc<Model>>>, Arc<XdsStats>) {
@@ -64,7 +70,7 @@ async fn run(config: XdsConfig, tx: watch::Sender<Option<Arc<Model>>>, stats: Ar
         vec![config.controller_identity.clone()],
     );
     let channel = crate::grpc::tls_channel(config.controller, tls);
-    let mut cache = Cache::new();
+    let mut cache = Cache::default();
     let mut delay = Duration::from_millis(200);
     loop {
         stats.connects.fetch_add(1, Ordering::Relaxed);
@@ -96,9 +102,12 @@ async fn session(
     let (req_tx, req_rx) = mpsc::channel(16);
     for type_url in ZTUNNEL_TYPES {
         let have = cache
+            .versions
             .get(type_url)
-            .map(|r| r.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect())
-            .unwrap_or_default();
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         let subscribe = DeltaDiscoveryRequest {
             node: Some(Node {
                 id: config.node.clone(),
@@ -166,44 +175,47 @@ async fn session(
     Ok(())
 }
 
-/// Applies one response to a copy of the cache and validates the result;
-/// the cache changes only if the whole config is valid.
+/// Applies one response and validates the whole config; if it is invalid
+/// the cache is left as it was. Only the changed type's map is copied.
 fn apply(
     cache: &mut Cache,
     resp: DeltaDiscoveryResponse,
     trust_domain: &str,
 ) -> Result<Model, String> {
-    let mut next = cache.clone();
-    let of_type = next.entry(resp.type_url.clone()).or_default();
+    let type_url = resp.type_url;
+    let mut bodies = cache.bodies.get(&type_url).cloned().unwrap_or_default();
+    let mut versions = cache.versions.get(&type_url).cloned().unwrap_or_default();
     for name in &resp.removed_resources {
-        of_type.remove(name);
+        bodies.remove(name);
+        versions.remove(name);
     }
     for r in resp.resources {
         let body = r
             .resource
             .ok_or_else(|| format!("resource {} has no body", r.name))?;
-        if body.type_url != resp.type_url {
+        if body.type_url != type_url {
             return Err(format!(
-                "resource {} is a {}, not a {}",
-                r.name, body.type_url, resp.type_url
+                "resource {} is a {}, not a {type_url}",
+                r.name, body.type_url
             ));
         }
-        of_type.insert(r.name, (r.version, body));
+        versions.insert(r.name.clone(), r.version);
+        bodies.insert(r.name, body);
     }
-    let view: BTreeMap<String, BTreeMap<String, prost_types::Any>> = next
-        .iter()
-        .map(|(t, rs)| {
-            (
-                t.clone(),
-                rs.iter()
-                    .map(|(n, (_, a))| (n.clone(), a.clone()))
-                    .collect(),
-            )
-        })
-        .collect();
-    let model = resources::decode(&view, trust_domain).map_err(|e| e.to_string())?;
-    *cache = next;
-    Ok(model)
+    let previous = cache.bodies.insert(type_url.clone(), bodies);
+    match resources::decode(&cache.bodies, trust_domain) {
+        Ok(model) => {
+            cache.versions.insert(type_url, versions);
+            Ok(model)
+        }
+        Err(e) => {
+            match previous {
+                Some(p) => cache.bodies.insert(type_url, p),
+                None => cache.bodies.remove(&type_url),
+            };
+            Err(e.to_string())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -242,7 +254,7 @@ mod tests {
         .expect("valid");
         let enc = resources::encode(&model);
         let a = enc[resources::WORKLOAD]["default/a"].body.clone();
-        let mut cache = Cache::new();
+        let mut cache = Cache::default();
         apply(
             &mut cache,
             response(resources::WORKLOAD, vec![("default/a", a.clone())], vec![]),
@@ -266,7 +278,7 @@ mod tests {
         .expect_err("clash");
         assert!(err.contains("already used"), "{err}");
         assert_eq!(
-            cache[resources::WORKLOAD].len(),
+            cache.bodies[resources::WORKLOAD].len(),
             1,
             "refused response left the cache as it was"
         );

@@ -152,6 +152,35 @@ impl Node {
     }
 }
 
+/// The usual test pair: `default/web` and `default/api` on one node, with
+/// api serving HBONE (echo) on 127.0.0.1.
+pub struct Pair {
+    pub mesh: Mesh,
+    pub node: Node,
+    pub web: Identity,
+    pub api: Identity,
+    pub server: HboneServer<Echo>,
+}
+
+impl Pair {
+    pub async fn start() -> Pair {
+        let mesh = Mesh::start().await;
+        let node = mesh.node("node-a");
+        let (web, api) = (
+            node.workload("default", "web"),
+            node.workload("default", "api"),
+        );
+        let server = HboneServer::echo(node.cert(&api).await).await;
+        Pair {
+            mesh,
+            node,
+            web,
+            api,
+            server,
+        }
+    }
+}
+
 /// What an HBONE test server saw.
 #[derive(Debug, Clone)]
 pub struct Seen {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use http::HeaderMap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use weft_integration::{HboneServer, Mesh, eventually, read_hello};
+use weft_integration::{HboneServer, Mesh, Pair, eventually, read_hello};
 use weft_proto::certs::CertConfig;
 use weft_proto::hbone::HboneError;
 use weft_proto::hbone::pool::{ConnectRequest, Pool, PoolKey, PoolSettings};
@@ -67,13 +67,13 @@ async fn bytes_round_trip_with_both_identities() {
 
 #[tokio::test]
 async fn concurrent_streams_share_a_connection_until_the_limit() {
-    let mesh = Mesh::start().await;
-    let node = mesh.node("node-a");
-    let (web, api) = (
-        node.workload("default", "web"),
-        node.workload("default", "api"),
-    );
-    let server = HboneServer::echo(node.cert(&api).await).await;
+    let Pair {
+        mesh: _mesh,
+        node,
+        web,
+        api,
+        server,
+    } = Pair::start().await;
     let web_cert = node.cert(&web).await;
     let key = PoolKey {
         src: web.clone(),
@@ -199,13 +199,13 @@ async fn foreign_ca_is_refused_both_ways() {
 
 #[tokio::test]
 async fn garbage_on_the_hbone_port_is_closed_and_counted() {
-    let mesh = Mesh::start().await;
-    let node = mesh.node("node-a");
-    let (web, api) = (
-        node.workload("default", "web"),
-        node.workload("default", "api"),
-    );
-    let server = HboneServer::echo(node.cert(&api).await).await;
+    let Pair {
+        mesh: _mesh,
+        node,
+        web,
+        api,
+        server,
+    } = Pair::start().await;
 
     let inputs: [&[u8]; 4] = [
         b"hello plaintext\n",
@@ -265,13 +265,13 @@ async fn garbage_on_the_hbone_port_is_closed_and_counted() {
 
 #[tokio::test]
 async fn non_connect_and_bad_authority_are_refused_per_stream() {
-    let mesh = Mesh::start().await;
-    let node = mesh.node("node-a");
-    let (web, api) = (
-        node.workload("default", "web"),
-        node.workload("default", "api"),
-    );
-    let server = HboneServer::echo(node.cert(&api).await).await;
+    let Pair {
+        mesh: _mesh,
+        node,
+        web,
+        api,
+        server,
+    } = Pair::start().await;
     let cert = node.cert(&web).await;
     let config = weft_proto::tls::client_config(
         Some(cert.clone()),
@@ -374,13 +374,13 @@ async fn rotation_keeps_old_streams_and_new_streams_use_the_new_certificate() {
 
 #[tokio::test]
 async fn idle_connections_are_evicted() {
-    let mesh = Mesh::start().await;
-    let node = mesh.node("node-a");
-    let (web, api) = (
-        node.workload("default", "web"),
-        node.workload("default", "api"),
-    );
-    let server = HboneServer::echo(node.cert(&api).await).await;
+    let Pair {
+        mesh: _mesh,
+        node,
+        web,
+        api,
+        server,
+    } = Pair::start().await;
     let pool = Pool::new(PoolSettings {
         idle_timeout: Duration::from_millis(200),
         ..Default::default()
@@ -435,13 +435,13 @@ async fn freezable_relay(
 
 #[tokio::test]
 async fn keepalive_detects_a_dead_peer() {
-    let mesh = Mesh::start().await;
-    let node = mesh.node("node-a");
-    let (web, api) = (
-        node.workload("default", "web"),
-        node.workload("default", "api"),
-    );
-    let server = HboneServer::echo(node.cert(&api).await).await;
+    let Pair {
+        mesh: _mesh,
+        node,
+        web,
+        api,
+        server,
+    } = Pair::start().await;
     let (relay, freeze) = freezable_relay(server.addr).await;
     let mut settings = PoolSettings::default();
     settings.h2.keepalive_interval = Some(Duration::from_millis(100));

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -18,6 +19,8 @@ use crate::ca::{CaError, CertificateAuthority};
 use crate::ca_server::CaService;
 use crate::nodes::{NodeError, Nodes};
 use crate::rest;
+use crate::source::local::LocalSource;
+use crate::source::{SourceStatus, kubernetes};
 use crate::tls_incoming;
 use crate::xds::{ConfigStore, Proxies, XdsService};
 
@@ -30,9 +33,8 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// Upper bound on workload certificate lifetime.
     pub max_cert_ttl: Duration,
-    /// Config to serve at start (Workload/Service/Policy YAML). Without it,
-    /// what was last accepted through the REST API (`<data-dir>/config.yaml`).
-    pub config_file: Option<PathBuf>,
+    /// Where the config comes from.
+    pub source: SourceConfig,
     /// REST API (SPEC: 8080).
     pub rest_addr: SocketAddr,
     /// Prometheus metrics (SPEC: 15014).
@@ -49,15 +51,28 @@ impl Config {
             trust_domain: "cluster.local".into(),
             grpc_addr: ([127, 0, 0, 1], 0).into(),
             max_cert_ttl: Duration::from_secs(24 * 3600),
-            config_file: None,
+            source: SourceConfig::Local(None),
             rest_addr: ([127, 0, 0, 1], 0).into(),
             metrics_addr: ([127, 0, 0, 1], 0).into(),
         }
     }
 }
 
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// A directory of Kubernetes-shaped YAML files, watched (default:
+    /// `<data-dir>/config`).
+    Local(Option<PathBuf>),
+    /// The Kubernetes API server (in-cluster config or kubeconfig).
+    Kubernetes,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    #[error(transparent)]
+    Local(#[from] crate::source::local::LocalError),
+    #[error("Kubernetes source: {0}")]
+    Kubernetes(String),
     #[error(transparent)]
     Ca(#[from] CaError),
     #[error(transparent)]
@@ -76,8 +91,6 @@ pub enum BuildError {
     TrustDomain(#[from] weft_proto::identity::IdentityError),
     #[error("controller certificate: {0}")]
     Cert(#[from] weft_proto::certs::CertError),
-    #[error("config {path}: {reason}")]
-    Config { path: PathBuf, reason: String },
 }
 
 /// A running controller.
@@ -95,6 +108,10 @@ pub struct Bound {
     pub metrics_addr: SocketAddr,
     /// Bearer token for the REST API.
     pub api_token: String,
+    /// The local directory source (local mode).
+    pub local: Option<Arc<LocalSource>>,
+    /// What the source holds and could not use.
+    pub sources: watch::Receiver<Arc<SourceStatus>>,
     shutdown: CancellationToken,
     server: JoinHandle<()>,
 }
@@ -147,21 +164,28 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let incoming = tls_incoming::incoming(listener, tls, shutdown.clone());
     let service = CaService::new(ca.clone(), nodes.clone(), config.trust_domain.clone());
     let store = ConfigStore::new(nodes.clone());
-    let persisted = config.data_dir.join("config.yaml");
-    let initial = config
-        .config_file
-        .clone()
-        .or_else(|| persisted.exists().then_some(persisted));
-    if let Some(path) = &initial {
-        let err = |reason: String| BuildError::Config {
-            path: path.clone(),
-            reason,
-        };
-        let yaml = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let model = weft_proto::model::Model::from_yaml(&yaml, &config.trust_domain)
-            .map_err(|e| err(e.to_string()))?;
-        store.set(model);
-    }
+    let (local, sources, kube_client) = match &config.source {
+        SourceConfig::Local(dir) => {
+            let dir = dir
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("config"));
+            let local = LocalSource::start(
+                &dir,
+                &config.data_dir,
+                &config.trust_domain,
+                store.clone(),
+                shutdown.clone(),
+            )?;
+            let status = local.status();
+            (Some(local), status, None)
+        }
+        SourceConfig::Kubernetes => {
+            let k8s = kubernetes::start(store.clone(), &config.trust_domain, shutdown.clone())
+                .await
+                .map_err(|e| BuildError::Kubernetes(e.to_string()))?;
+            (None, k8s.status, Some(k8s.client))
+        }
+    };
     let proxies = Proxies::default();
     let xds = XdsService::new(
         store.clone(),
@@ -184,14 +208,17 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     });
     let api_token = rest::load_or_create_token(&config.data_dir)?;
     let (rest_listener, rest_addr) = bind(config.rest_addr).await?;
-    let api = rest::Api::new(
-        store.clone(),
-        proxies.clone(),
-        ca.root_pem(),
-        &config.trust_domain,
-        &config.data_dir,
-        api_token.clone(),
-    );
+    let api = rest::Api {
+        config: store.clone(),
+        proxies: proxies.clone(),
+        ca: ca.clone(),
+        local: local.clone(),
+        sources: sources.clone(),
+        auth: match kube_client {
+            Some(client) => rest::Auth::TokenReview(client),
+            None => rest::Auth::Token(api_token.clone().into()),
+        },
+    };
     tokio::spawn(rest::serve(rest_listener, api, shutdown.clone()));
     let (metrics_listener, metrics_addr) = bind(config.metrics_addr).await?;
     tokio::spawn(rest::serve_metrics(metrics_listener, shutdown.clone()));
@@ -207,6 +234,8 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         rest_addr,
         metrics_addr,
         api_token,
+        local,
+        sources,
         shutdown,
         server,
     })

@@ -73,9 +73,26 @@ pub struct CertificateAuthority {
     root: String,
     issuer_not_after: SystemTime,
     max_ttl: Duration,
+    /// The latest certificate issued per identity (bounded by the
+    /// identities placed on nodes), for the REST API.
+    issued: std::sync::Mutex<std::collections::BTreeMap<String, Issued>>,
+}
+
+/// A certificate the CA issued.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Hex, as `openssl x509 -serial` prints it.
+    pub serial: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
 }
 
 impl CertificateAuthority {
+    /// The latest certificate issued to each identity.
+    pub fn issued(&self) -> std::collections::BTreeMap<String, Issued> {
+        self.issued.lock().expect("poisoned").clone()
+    }
+
     /// Loads the CA from `dir`, or makes a new root there on first start.
     pub fn load_or_create(
         dir: &Path,
@@ -154,6 +171,7 @@ impl CertificateAuthority {
             root: to_pem(&root_der),
             issuer_not_after,
             max_ttl,
+            issued: Default::default(),
         };
         info!(dir = %dir.display(), intermediate = !ca.chain.is_empty(), "CA loaded");
         Ok(ca)
@@ -203,13 +221,24 @@ impl CertificateAuthority {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.serial_number = Some(random_serial());
+        let serial = random_serial();
+        let serial_hex: String = serial.as_ref().iter().map(|b| format!("{b:02X}")).collect();
+        params.serial_number = Some(serial);
         params.not_before = OffsetDateTime::from(now - BACKDATE);
         params.not_after = OffsetDateTime::from(not_after);
         params.use_authority_key_identifier_extension = true;
         let leaf = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(|e| CaError::Sign(e.to_string()))?;
+        self.issued.lock().expect("poisoned").insert(
+            identity.to_string(),
+            Issued {
+                serial: serial_hex,
+                not_before: now - BACKDATE,
+                not_after,
+            },
+        );
+        metrics::counter!("weft_controller_certificates_issued_total").increment(1);
         let mut out = Vec::with_capacity(self.chain.len() + 2);
         out.push(leaf.pem());
         out.extend(self.chain.iter().cloned());

@@ -8,5 +8,6 @@ pub mod cli;
 pub mod demo;
 pub mod nodes;
 pub mod rest;
+pub mod source;
 pub mod tls_incoming;
 pub mod xds;

@@ -1,5 +1,5 @@
-//! weft-controller: certificate authority (and, with later issues, config
-//! server and REST API).
+//! weft-controller: certificate authority, config server (Delta xDS), REST
+//! API and metrics, fed by a local YAML directory or the Kubernetes API.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use weft_controller::app::{self, Config};
+use weft_controller::app::{self, Config, SourceConfig};
 use weft_proto::identity::Identity;
 
-/// weft's control plane. Today: the certificate authority on --grpc-addr
-/// (istio.v1.auth.IstioCertificateService over TLS), with node tokens in
-/// <data-dir>/nodes. Config push and the REST API arrive with issue #4.
+/// weft's control plane: the certificate authority and the config stream on
+/// --grpc-addr (TLS), the REST API on --rest-addr, metrics on --metrics-addr.
+/// Config comes from a directory of Kubernetes-shaped YAML (default
+/// <data-dir>/config, watched) or, with --kubernetes, from the cluster.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
@@ -31,13 +32,19 @@ struct Args {
     #[arg(long = "node", value_name = "NODE")]
     nodes: Vec<String>,
     /// Place a workload identity on a node: NODE=spiffe://td/ns/NS/sa/SA.
-    /// Repeatable. (The config sources of issue #4 will do this from pods.)
+    /// Repeatable. Pods in the config place their identities themselves;
+    /// this is for workloads the config does not list.
     #[arg(long = "place", value_name = "NODE=SPIFFE_ID", value_parser = parse_placement)]
     placements: Vec<(String, Identity)>,
-    /// Config to serve to proxies (Workload/Service/Policy YAML, as the
-    /// ztunnel's static file).
+    /// Directory of Kubernetes-shaped YAML to serve (Namespace, Pod,
+    /// Service, AuthorizationPolicy, ...), watched for changes.
+    /// Default: <data-dir>/config.
+    #[arg(long, conflicts_with = "kubernetes")]
+    config_dir: Option<PathBuf>,
+    /// Read config from the Kubernetes API (in-cluster, or the kubeconfig)
+    /// instead of a directory; the REST API then checks tokens by TokenReview.
     #[arg(long)]
-    config: Option<PathBuf>,
+    kubernetes: bool,
     /// REST API listen address.
     #[arg(long, default_value = "0.0.0.0:8080")]
     rest_addr: SocketAddr,
@@ -81,7 +88,11 @@ async fn main() -> anyhow::Result<()> {
         trust_domain: args.trust_domain,
         grpc_addr: args.grpc_addr,
         max_cert_ttl: args.max_cert_ttl,
-        config_file: args.config,
+        source: if args.kubernetes {
+            SourceConfig::Kubernetes
+        } else {
+            SourceConfig::Local(args.config_dir)
+        },
         rest_addr: args.rest_addr,
         metrics_addr: args.metrics_addr,
     })

@@ -3,10 +3,10 @@
 //! `Authorization: Bearer <token>`; locally the token is
 //! `<data-dir>/api-token` (0600, made on first start).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Path as AxPath, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -14,11 +14,13 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use weft_proto::model::Model;
 
-use crate::ca::write_atomic;
+use crate::ca::{CertificateAuthority, write_atomic};
+use crate::source::local::{LocalError, LocalSource};
+use crate::source::{Object, SourceStatus};
 use crate::xds::{ConfigStore, Proxies};
 
 /// Largest config document accepted.
@@ -28,31 +30,20 @@ const MAX_BODY: usize = 1024 * 1024;
 pub struct Api {
     pub config: ConfigStore,
     pub proxies: Proxies,
-    pub root_pem: Arc<str>,
-    pub trust_domain: Arc<str>,
-    /// Where accepted config is persisted (local mode).
-    pub config_path: PathBuf,
-    token: Arc<str>,
+    pub ca: Arc<CertificateAuthority>,
+    /// The local directory (local mode): config objects are edited here.
+    pub local: Option<Arc<LocalSource>>,
+    pub sources: watch::Receiver<Arc<SourceStatus>>,
+    pub auth: Auth,
 }
 
-impl Api {
-    pub fn new(
-        config: ConfigStore,
-        proxies: Proxies,
-        root_pem: &str,
-        trust_domain: &str,
-        data_dir: &Path,
-        token: String,
-    ) -> Self {
-        Api {
-            config,
-            proxies,
-            root_pem: root_pem.into(),
-            trust_domain: trust_domain.into(),
-            config_path: data_dir.join("config.yaml"),
-            token: token.into(),
-        }
-    }
+/// How a bearer token is checked.
+#[derive(Clone)]
+pub enum Auth {
+    /// Local mode: the token in `<data-dir>/api-token`.
+    Token(Arc<str>),
+    /// Kubernetes: a ServiceAccount token, checked by TokenReview.
+    TokenReview(kube::Client),
 }
 
 /// The API token, made on first start.
@@ -76,7 +67,19 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/policies", get(policies))
         .route("/api/v1/proxies", get(proxies))
         .route("/api/v1/trust-bundle", get(trust_bundle))
-        .route("/api/v1/config", get(get_config).put(put_config))
+        .route("/api/v1/waypoints", get(waypoints))
+        .route("/api/v1/routes", get(routes))
+        .route("/api/v1/certificates", get(certificates))
+        .route("/api/v1/sources", get(sources))
+        .route("/api/v1/objects", get(list_objects))
+        .route(
+            "/api/v1/objects/{kind}/{name}",
+            axum::routing::put(put_cluster_object).delete(delete_cluster_object),
+        )
+        .route(
+            "/api/v1/objects/{kind}/{namespace}/{name}",
+            axum::routing::put(put_object).delete(delete_object),
+        )
         .route("/api/v1/openapi.json", get(openapi))
         .layer(middleware::from_fn_with_state(api.clone(), authenticate));
     Router::new()
@@ -129,17 +132,23 @@ async fn authenticate(
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
         .map(str::trim);
-    let ok = presented.is_some_and(|t| {
-        t.len() == api.token.len()
-            && t.bytes()
-                .zip(api.token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
+    let ok = match (&api.auth, presented) {
+        (_, None) => false,
+        (Auth::Token(token), Some(t)) => {
+            t.len() == token.len()
+                && t.bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
+        }
+        (Auth::TokenReview(client), Some(t)) => {
+            crate::source::kubernetes::token_review(client, t).await
+        }
+    };
     if !ok {
         return error(
             StatusCode::UNAUTHORIZED,
-            "send Authorization: Bearer <token> (local mode: <data-dir>/api-token)",
+            "send Authorization: Bearer <token> (local mode: <data-dir>/api-token; Kubernetes: a ServiceAccount token)",
         );
     }
     next.run(req).await
@@ -196,45 +205,199 @@ async fn proxies(State(api): State<Api>) -> Json<Value> {
 async fn trust_bundle(State(api): State<Api>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/x-pem-file")],
-        api.root_pem.to_string(),
+        api.ca.root_pem().to_owned(),
     )
         .into_response()
 }
 
-async fn get_config(State(api): State<Api>) -> Response {
-    match std::fs::read_to_string(&api.config_path) {
-        Ok(yaml) => ([(header::CONTENT_TYPE, "application/yaml")], yaml).into_response(),
-        Err(_) => ([(header::CONTENT_TYPE, "application/yaml")], String::new()).into_response(),
-    }
+async fn waypoints(State(api): State<Api>) -> Json<Value> {
+    let status = api.sources.borrow().clone();
+    Json(json!({"items": status.waypoints.iter().map(|w| json!({
+        "waypoint": w.key, "forServiceAccount": w.for_service_account, "services": w.services,
+    })).collect::<Vec<_>>()}))
 }
 
-/// Replaces the config (YAML, the ztunnel's static-file format). Validated
-/// first, persisted atomically, then pushed: nothing half-applied, nothing
-/// accepted lost on restart.
-async fn put_config(State(api): State<Api>, body: String) -> Response {
-    let model = match Model::from_yaml(&body, &api.trust_domain) {
-        Ok(m) => m,
+async fn routes(State(api): State<Api>) -> Json<Value> {
+    let status = api.sources.borrow().clone();
+    Json(json!({"items": status.routes.iter().map(|r| json!({
+        "route": r.key, "parents": r.parents, "rules": r.rules,
+    })).collect::<Vec<_>>()}))
+}
+
+async fn certificates(State(api): State<Api>) -> Json<Value> {
+    let rfc3339 = |t: std::time::SystemTime| {
+        time::OffsetDateTime::from(t)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let items: Vec<Value> = api
+        .ca
+        .issued()
+        .into_iter()
+        .map(|(identity, c)| {
+            json!({"identity": identity, "serial": c.serial,
+                "notBefore": rfc3339(c.not_before), "notAfter": rfc3339(c.not_after)})
+        })
+        .collect();
+    Json(json!({"items": items}))
+}
+
+async fn sources(State(api): State<Api>) -> Json<Value> {
+    let status = api.sources.borrow().clone();
+    Json(json!({
+        "source": status.source, "location": status.location,
+        "files": status.files.iter().map(|(file, (objects, error))| json!({
+            "file": file, "objects": objects, "error": error,
+        })).collect::<Vec<_>>(),
+        "problems": status.problems.iter().map(|p| json!({
+            "object": p.object, "reason": p.reason, "refused": p.refused,
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+fn local(api: &Api) -> Result<Arc<LocalSource>, Box<Response>> {
+    api.local.clone().ok_or_else(|| {
+        Box::new(error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "config objects are edited with kubectl in Kubernetes mode",
+        ))
+    })
+}
+
+async fn list_objects(State(api): State<Api>) -> Response {
+    let local = match local(&api) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
+    let items: Vec<Value> = local
+        .objects()
+        .into_iter()
+        .map(|(file, o)| json!({"kind": o.kind(), "key": o.key(), "file": file}))
+        .collect();
+    Json(json!({"items": items})).into_response()
+}
+
+async fn put_cluster_object(
+    State(api): State<Api>,
+    AxPath((kind, name)): AxPath<(String, String)>,
+    body: String,
+) -> Response {
+    apply_object(&api, &kind, None, &name, &body).await
+}
+
+async fn put_object(
+    State(api): State<Api>,
+    AxPath((kind, namespace, name)): AxPath<(String, String, String)>,
+    body: String,
+) -> Response {
+    apply_object(&api, &kind, Some(&namespace), &name, &body).await
+}
+
+/// Creates or replaces one object (JSON or YAML, in its Kubernetes shape).
+/// The path names it; the body must agree. Validated, written atomically,
+/// applied; on any refusal nothing changes.
+async fn apply_object(
+    api: &Api,
+    kind: &str,
+    namespace: Option<&str>,
+    name: &str,
+    body: &str,
+) -> Response {
+    let local = match local(api) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
+    let value: serde_yaml::Value = match serde_yaml::from_str(body) {
+        Ok(v) => v,
         Err(e) => {
-            metrics::counter!("weft_controller_config_errors_total").increment(1);
-            return error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string());
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("body is not JSON or YAML: {e}"),
+            );
         }
     };
-    if let Err(e) = write_atomic(&api.config_path, body.as_bytes(), 0o600) {
+    let object = match Object::from_value(value) {
+        Ok(o) => o,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, &e),
+    };
+    let want = match namespace {
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None => format!("{kind} {name}"),
+    };
+    if object.id() != want || object.cluster_scoped() != namespace.is_none() {
         return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("config not saved, nothing applied: {e}"),
+            StatusCode::BAD_REQUEST,
+            &format!("the body is {}, the path names {want}", object.id()),
         );
     }
-    let version = api.config.set(model);
-    info!(version, "config replaced through the REST API");
-    Json(json!({"version": version})).into_response()
+    match tokio::task::spawn_blocking(move || local.put(object)).await {
+        Ok(Ok(version)) => {
+            info!(
+                object = want,
+                version, "config object written through the REST API"
+            );
+            Json(json!({"version": version})).into_response()
+        }
+        Ok(Err(e)) => local_error(e),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "write failed; nothing applied",
+        ),
+    }
 }
 
+async fn delete_cluster_object(
+    State(api): State<Api>,
+    AxPath((kind, name)): AxPath<(String, String)>,
+) -> Response {
+    remove_object(&api, kind, name).await
+}
+
+async fn delete_object(
+    State(api): State<Api>,
+    AxPath((kind, namespace, name)): AxPath<(String, String, String)>,
+) -> Response {
+    remove_object(&api, kind, format!("{namespace}/{name}")).await
+}
+
+async fn remove_object(api: &Api, kind: String, key: String) -> Response {
+    let local = match local(api) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
+    match tokio::task::spawn_blocking(move || local.delete(&kind, &key)).await {
+        Ok(Ok(version)) => Json(json!({"version": version})).into_response(),
+        Ok(Err(e)) => local_error(e),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "delete failed"),
+    }
+}
+
+fn local_error(e: LocalError) -> Response {
+    let status = match &e {
+        LocalError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        LocalError::NotManaged { .. } => StatusCode::CONFLICT,
+        LocalError::NotFound(_) => StatusCode::NOT_FOUND,
+        LocalError::Dir { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    if status == StatusCode::UNPROCESSABLE_ENTITY {
+        metrics::counter!("weft_controller_config_errors_total").increment(1);
+    }
+    error(status, &e.to_string())
+}
 async fn openapi() -> Json<Value> {
     let list = |what: &str| {
         json!({"get": {"summary": format!("List {what}"), "security": [{"bearer": []}],
         "responses": {"200": {"description": "items and the config version"}, "401": {"description": "missing or wrong token"}}}})
     };
+    let object_ops = json!({
+        "put": {"summary": "Create or replace one object (local mode), in its Kubernetes shape, JSON or YAML; written to <dir>/<kind>.<namespace>.<name>.yaml atomically",
+            "security": [{"bearer": []}], "requestBody": {"content": {"application/yaml": {}, "application/json": {}}},
+            "responses": {"200": {"description": "applied; the config version"}, "400": {"description": "not JSON/YAML, or the body names another object"},
+                "409": {"description": "defined in a hand-written file"}, "413": {"description": "over 1 MiB"},
+                "422": {"description": "invalid; the error names the object and field; nothing applied"}}},
+        "delete": {"summary": "Delete an object the API wrote (local mode)", "security": [{"bearer": []}],
+            "responses": {"200": {"description": "applied"}, "404": {"description": "no such object"}, "409": {"description": "defined in a hand-written file"}}},
+    });
     Json(json!({
         "openapi": "3.0.3",
         "info": {"title": "weft controller API", "version": "v1"},
@@ -246,13 +409,13 @@ async fn openapi() -> Json<Value> {
             "/api/v1/policies": list("authorization policies"),
             "/api/v1/proxies": list("proxies on the config stream, with ACKed versions and NACKs"),
             "/api/v1/trust-bundle": {"get": {"summary": "The mesh root (PEM)", "security": [{"bearer": []}], "responses": {"200": {"description": "PEM"}}}},
-            "/api/v1/config": {
-                "get": {"summary": "The config served (YAML)", "security": [{"bearer": []}], "responses": {"200": {"description": "YAML"}}},
-                "put": {"summary": "Replace the config (local mode)", "security": [{"bearer": []}],
-                    "requestBody": {"content": {"application/yaml": {}}},
-                    "responses": {"200": {"description": "applied; the new version"}, "413": {"description": "over 1 MiB"},
-                                  "422": {"description": "invalid; the error names the object and field; nothing applied"}}}
-            },
+            "/api/v1/waypoints": list("waypoints (Gateways of class weft-waypoint) and the services bound to them"),
+            "/api/v1/routes": list("HTTPRoutes attached to Services"),
+            "/api/v1/certificates": list("certificates issued since start: identity, serial, validity"),
+            "/api/v1/sources": {"get": {"summary": "The config source: files (local mode) with their errors, and objects not used as written", "security": [{"bearer": []}], "responses": {"200": {"description": "status"}}}},
+            "/api/v1/objects": list("config objects (local mode) and the file each comes from"),
+            "/api/v1/objects/{kind}/{namespace}/{name}": object_ops,
+            "/api/v1/objects/{kind}/{name}": object_ops,
             "/api/v1/openapi.json": {"get": {"summary": "This document", "security": [{"bearer": []}], "responses": {"200": {"description": "OpenAPI 3"}}}},
         }
     }))

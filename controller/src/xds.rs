@@ -60,7 +60,17 @@ impl ConfigStore {
         }
     }
 
+    /// Serves `model`; returns its version. A model that encodes to exactly
+    /// what is served keeps the current version and pushes nothing (a pod's
+    /// status churning in Kubernetes must not wake every proxy).
     pub fn set(&self, model: Model) -> u64 {
+        let resources = resources::encode(&model);
+        {
+            let current = self.tx.borrow();
+            if current.version > 0 && current.resources == resources {
+                return current.version;
+            }
+        }
         let mut placements: HashMap<String, HashSet<_>> = HashMap::new();
         for w in model.workloads.iter().filter(|w| w.meshed) {
             placements
@@ -69,7 +79,6 @@ impl ConfigStore {
                 .insert(w.identity.clone());
         }
         self.nodes.set_config_placements(placements);
-        let resources = resources::encode(&model);
         let version = self.tx.borrow().version + 1;
         self.tx.send_replace(Arc::new(Snapshot {
             version,

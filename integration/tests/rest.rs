@@ -7,14 +7,19 @@ use std::time::Duration;
 use weft_integration::Mesh;
 use weft_proto::xds::{self, XdsConfig};
 
-const ENDPOINTS: [&str; 7] = [
+const ENDPOINTS: [&str; 12] = [
     "/api/v1/workloads",
     "/api/v1/services",
     "/api/v1/policies",
+    "/api/v1/waypoints",
+    "/api/v1/routes",
     "/api/v1/proxies",
+    "/api/v1/certificates",
+    "/api/v1/sources",
+    "/api/v1/objects",
     "/api/v1/trust-bundle",
-    "/api/v1/config",
     "/api/v1/openapi.json",
+    "/api/v1/objects/Pod/default/web",
 ];
 
 /// (status, body)
@@ -60,8 +65,13 @@ async fn curl(
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
-const GOOD: &str =
-    "workloads:\n  - {name: web, serviceAccount: web, node: a, addresses: [10.0.1.2]}\n";
+const POD: &str = "/api/v1/objects/Pod/default/web";
+const GOOD: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: default, labels: {app: web}}
+spec: {nodeName: a, serviceAccountName: web, containers: [{name: web, image: web}]}
+status: {podIP: 10.0.1.2}
+";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authenticated_reads_validated_writes_and_persistence() {
@@ -76,74 +86,117 @@ async fn authenticated_reads_validated_writes_and_persistence() {
 
     assert_eq!(curl(api, "GET", "/healthz", None, None).await.0, 200);
     for path in ENDPOINTS {
-        assert_eq!(
-            curl(api, "GET", path, None, None).await.0,
-            401,
-            "{path} without a token"
-        );
-        assert_eq!(
-            curl(api, "GET", path, Some("wrong"), None).await.0,
-            401,
-            "{path} with a wrong token"
-        );
-        assert_eq!(
-            curl(api, "GET", path, Some(&token), None).await.0,
-            200,
-            "{path} with the token"
+        for (method, body) in [("GET", None), ("PUT", Some(GOOD)), ("DELETE", None)] {
+            let body = body.map(|b| b.as_bytes().to_vec());
+            for wrong in [None, Some("wrong")] {
+                let (status, _) = curl(api, method, path, wrong, body.clone()).await;
+                // 405: the path has no such method, which axum says before auth.
+                assert!(
+                    status == 401 || status == 405,
+                    "{method} {path} with {wrong:?}: {status}"
+                );
+            }
+        }
+        let status = curl(api, "GET", path, Some(&token), None).await.0;
+        assert!(
+            status == 200 || status == 405,
+            "{path} with the token: {status}"
         );
     }
-    assert_eq!(
-        curl(api, "PUT", "/api/v1/config", None, Some(GOOD.into()))
-            .await
-            .0,
-        401
-    );
     let (_, doc) = curl(api, "GET", "/api/v1/openapi.json", Some(&token), None).await;
     let doc: serde_json::Value = serde_json::from_str(&doc).expect("OpenAPI JSON");
     assert!(doc["paths"]["/api/v1/workloads"].is_object());
+    assert!(doc["paths"]["/api/v1/objects/{kind}/{namespace}/{name}"]["put"].is_object());
 
     // Writes are validated first; a bad one changes nothing.
-    let (status, body) = curl(
-        api,
-        "PUT",
-        "/api/v1/config",
-        Some(&token),
-        Some(GOOD.into()),
-    )
-    .await;
+    let (status, body) = curl(api, "PUT", POD, Some(&token), Some(GOOD.into())).await;
     assert_eq!(status, 200, "{body}");
+    assert!(dir.path().join("config/pod.default.web.yaml").exists());
+    let clash = GOOD.replace("name: web,", "name: web2,");
     let bad = [
         (
-            "workloads: [{name: w, node: a, addresses: []}]",
-            "workloads[0] (default/w): addresses",
+            POD,
+            GOOD.replace("labels:", "lables:"),
+            422,
+            "unknown field metadata.lables",
+        ),
+        (POD, "{{{{".to_owned(), 400, "not JSON or YAML"),
+        (
+            POD,
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}".to_owned(),
+            422,
+            "not a kind weft reads",
         ),
         (
-            "workloads: [{name: w, node: a, addresses: [1.2.3.4], color: red}]",
-            "unknown field",
+            "/api/v1/objects/Pod/default/other",
+            GOOD.to_owned(),
+            400,
+            "the path names Pod default/other",
         ),
-        ("{{{{", "not valid YAML"),
+        (
+            "/api/v1/objects/Pod/default/web2",
+            clash,
+            422,
+            "IP 10.0.1.2 is also default/web's",
+        ),
+        (
+            "/api/v1/objects/Pod/default/web3",
+            GOOD.replace("name: web,", "name: web3,")
+                .replace("10.0.1.2", "10.0.1.300"),
+            422,
+            "\\\"10.0.1.300\\\" is not an IP",
+        ),
     ];
-    for (yaml, want) in bad {
-        let (status, body) = curl(
-            api,
-            "PUT",
-            "/api/v1/config",
-            Some(&token),
-            Some(yaml.into()),
-        )
-        .await;
-        assert_eq!(status, 422, "{yaml}: {body}");
+    for (path, yaml, want_status, want) in bad {
+        let (status, body) = curl(api, "PUT", path, Some(&token), Some(yaml.clone().into())).await;
+        assert_eq!(status, want_status, "{yaml}: {body}");
         assert!(body.contains(want), "{yaml}: {body}");
     }
     let (status, _) = curl(
         api,
         "PUT",
-        "/api/v1/config",
+        POD,
         Some(&token),
         Some(vec![b'#'; 2 * 1024 * 1024]),
     )
     .await;
     assert_eq!(status, 413);
+    assert!(
+        !dir.path().join("config/pod.default.web2.yaml").exists(),
+        "a refused write leaves no file"
+    );
+    // A hand-written file's objects are edited by hand; deletes of what does not exist say so.
+    std::fs::write(
+        dir.path().join("config/hand.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {weft.dev/mesh: enabled}}\n",
+    )
+    .expect("write");
+    // The directory is polled: wait (bounded) until the file is seen.
+    let sources = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let (_, s) = curl(api, "GET", "/api/v1/sources", Some(&token), None).await;
+            if s.contains("hand.yaml") {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the hand-written file is picked up within 10 s");
+    let sources: serde_json::Value = serde_json::from_str(&sources).expect("JSON");
+    assert_eq!(sources["source"], "local");
+    let ns = "/api/v1/objects/Namespace/default";
+    let (status, body) = curl(api, "DELETE", ns, Some(&token), None).await;
+    assert_eq!((status, body.contains("hand.yaml")), (409, true), "{body}");
+    let (status, _) = curl(
+        api,
+        "DELETE",
+        "/api/v1/objects/Pod/default/nope",
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
     let (_, listed) = curl(api, "GET", "/api/v1/workloads", Some(&token), None).await;
     let listed: serde_json::Value = serde_json::from_str(&listed).expect("JSON");
     assert_eq!(
@@ -154,6 +207,10 @@ async fn authenticated_reads_validated_writes_and_persistence() {
     assert_eq!(
         listed["items"][0]["identity"],
         "spiffe://cluster.local/ns/default/sa/web"
+    );
+    assert_eq!(
+        listed["items"][0]["meshed"], true,
+        "the namespace joined: {listed}"
     );
 
     // A proxy on the config stream shows up with its ACKed version.
@@ -225,7 +282,7 @@ async fn authenticated_reads_validated_writes_and_persistence() {
         .expect_err("wrong token");
     assert!(err.to_string().contains("refused the token"), "{err}");
     let not_a_token = weft_controller::cli::Target {
-        token_file: dir.path().join("config.yaml"),
+        token_file: dir.path().join("config/pod.default.web.yaml"),
         ..target.clone()
     };
     let err = weft_controller::cli::workloads(&not_a_token, weft_controller::cli::Output::Json)
@@ -237,13 +294,21 @@ async fn authenticated_reads_validated_writes_and_persistence() {
     mesh.controller.shutdown().await;
     let mesh = Mesh::start_in(dir.path().to_owned(), Duration::from_secs(3600)).await;
     assert_eq!(mesh.controller.api_token, token, "same token after restart");
-    let (_, listed) = curl(
-        mesh.controller.rest_addr,
-        "GET",
-        "/api/v1/workloads",
-        Some(&token),
-        None,
-    )
-    .await;
+    let api = mesh.controller.rest_addr;
+    let get = |path: &'static str| {
+        let token = token.clone();
+        async move { curl(api, "GET", path, Some(&token), None).await.1 }
+    };
+    let listed = get("/api/v1/workloads").await;
     assert!(listed.contains("sa/web"), "{listed}");
+    // The controller's own certificate is listed with its serial; a delete applies.
+    let certs = get("/api/v1/certificates").await;
+    assert!(
+        certs.contains("spiffe://cluster.local/ns/weft-system") && certs.contains("\"serial\""),
+        "{certs}"
+    );
+    let (status, _) = curl(api, "DELETE", POD, Some(&token), None).await;
+    assert_eq!(status, 200);
+    let listed = get("/api/v1/workloads").await;
+    assert!(!listed.contains("sa/web"), "{listed}");
 }

@@ -1,0 +1,185 @@
+//! weft's own Kubernetes kinds (`weft.dev/v1alpha1`). The Rust types are the
+//! source of truth: `kubectl weft install` prints the CRDs generated from
+//! them, and the local directory accepts the same shapes.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// L4 (ztunnel) and L7 (waypoint) authorization for the workloads it selects.
+///
+/// ```yaml
+/// apiVersion: weft.dev/v1alpha1
+/// kind: AuthorizationPolicy
+/// metadata: {name: api-from-web, namespace: shop}
+/// spec:
+///   selector: {matchLabels: {app: api}}
+///   action: ALLOW
+///   rules:
+///     - principals: ["spiffe://cluster.local/ns/shop/sa/web"]
+///       ports: [8080]
+/// ```
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    namespaced
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    /// Workloads in the policy's namespace it applies to; absent: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    pub action: PolicyAction,
+    /// A connection matches when any rule matches; a rule matches when every
+    /// field it sets matches.
+    #[serde(default)]
+    pub rules: Vec<PolicyRule>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabelSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum PolicyAction {
+    #[default]
+    Allow,
+    Deny,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyRule {
+    /// Source SPIFFE identities.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
+    /// Source namespaces (of the peer's identity).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    /// Source addresses, as IPs or CIDRs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_blocks: Vec<String>,
+    /// Destination (target) ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    /// L7, enforced by a waypoint: HTTP methods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// L7: request paths (exact, or a prefix ending in `*`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    /// L7: Host / :authority values.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// L7: request headers that must be present with these values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+impl PolicyRule {
+    pub fn has_l7(&self) -> bool {
+        !(self.methods.is_empty()
+            && self.paths.is_empty()
+            && self.hosts.is_empty()
+            && self.headers.is_empty())
+    }
+}
+
+/// Per-backend traffic policy for a Service, applied by waypoints.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "BackendPolicy",
+    namespaced
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendPolicySpec {
+    pub target_ref: TargetRef,
+    /// RoundRobin (default), LeastRequest or Random.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TargetRef {
+    /// Only `Service` today.
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    pub max_connections: Option<u32>,
+    pub max_pending_requests: Option<u32>,
+    pub max_requests: Option<u32>,
+    pub max_retries: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    pub consecutive5xx: u32,
+    /// e.g. `30s`.
+    pub base_ejection_time: String,
+}
+
+/// A fault an HTTPRoute's `ExtensionRef` filter injects.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "FaultInjection",
+    namespaced
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultInjectionSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<Delay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<Abort>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Delay {
+    /// e.g. `500ms`.
+    pub fixed: String,
+    pub percentage: f64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Abort {
+    pub http_status: Option<u16>,
+    pub grpc_status: Option<u16>,
+    pub percentage: f64,
+}
+
+/// The CRD manifests, as `kubectl weft install` prints them.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    [
+        AuthorizationPolicy::crd(),
+        BackendPolicy::crd(),
+        FaultInjection::crd(),
+    ]
+    .iter()
+    .map(|crd| serde_yaml::to_string(crd).unwrap_or_default())
+    .collect::<Vec<_>>()
+    .join("---\n")
+}

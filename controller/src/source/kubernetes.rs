@@ -1,0 +1,243 @@
+//! The Kubernetes source: kube-runtime reflectors on every kind weft reads
+//! feed the same pure [`translate`] the local directory uses. This layer
+//! only watches, collects and debounces; resource versions, relists after
+//! `410 Gone`, and deletions are kube-runtime's (its watcher restarts with
+//! backoff and the reflector store replaces its contents on every relist).
+//!
+//! No API server can run on the build machines, so this file is exercised
+//! in acceptance on a real cluster; everything it calls into is tested.
+//! RBAC it needs: `manifests/weft.yaml` (get/list/watch on the kinds below,
+//! create on tokenreviews).
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway_api::gateways::Gateway;
+use gateway_api::httproutes::HttpRoute;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, watch};
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use weft_proto::model::Model;
+
+use super::crds::{AuthorizationPolicy, BackendPolicy, FaultInjection};
+use super::translate::translate;
+use super::{Objects, SourceStatus};
+use crate::xds::ConfigStore;
+
+/// Changes arriving within this window are translated once.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// A running Kubernetes source.
+pub struct Kubernetes {
+    pub client: Client,
+    pub status: watch::Receiver<Arc<SourceStatus>>,
+}
+
+struct Stores {
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
+    service_accounts: Store<ServiceAccount>,
+    nodes: Store<Node>,
+    gateways: Store<Gateway>,
+    http_routes: Store<HttpRoute>,
+    authorization_policies: Store<AuthorizationPolicy>,
+    backend_policies: Store<BackendPolicy>,
+    fault_injections: Store<FaultInjection>,
+}
+
+/// Connects (in-cluster config, else kubeconfig) and starts watching.
+pub async fn start(
+    store: ConfigStore,
+    trust_domain: &str,
+    shutdown: CancellationToken,
+) -> Result<Kubernetes, kube::Error> {
+    let client = Client::try_default().await?;
+    let changed = Arc::new(Notify::new());
+    let w = Watch {
+        client: &client,
+        changed: &changed,
+        shutdown: &shutdown,
+    };
+    let stores = Stores {
+        namespaces: w.watch(),
+        pods: w.watch(),
+        services: w.watch(),
+        endpoint_slices: w.watch(),
+        service_accounts: w.watch(),
+        nodes: w.watch(),
+        gateways: w.watch(),
+        http_routes: w.watch(),
+        authorization_policies: w.watch(),
+        backend_policies: w.watch(),
+        fault_injections: w.watch(),
+    };
+    let (tx, status) = watch::channel(Arc::new(SourceStatus {
+        source: "kubernetes".into(),
+        location: client.default_namespace().to_owned(),
+        ..Default::default()
+    }));
+    let td = trust_domain.to_owned();
+    tokio::spawn(async move {
+        // Serve nothing until the kinds every config needs have listed once:
+        // a half-listed cluster would look like deleted pods and policies.
+        let ready = async {
+            let _ = stores.namespaces.wait_until_ready().await;
+            let _ = stores.pods.wait_until_ready().await;
+            let _ = stores.services.wait_until_ready().await;
+            let _ = stores.endpoint_slices.wait_until_ready().await;
+            let _ = stores.authorization_policies.wait_until_ready().await;
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ready => info!("Kubernetes objects listed; serving config"),
+        }
+        loop {
+            let objects = stores.collect();
+            let t = translate(&objects, &td);
+            for p in t.problems.iter().filter(|p| p.refused) {
+                warn!(
+                    object = p.object,
+                    reason = p.reason,
+                    "object not used as written"
+                );
+            }
+            metrics::gauge!("weft_controller_config_problems").set(t.problems.len() as f64);
+            match Model::from_specs(t.specs, &td) {
+                Ok(model) => {
+                    store.set(model);
+                }
+                Err(e) => {
+                    metrics::counter!("weft_controller_config_errors_total").increment(1);
+                    warn!(error = %e, "translated config does not validate; keeping the config served");
+                }
+            }
+            tx.send_modify(|s| {
+                *s = Arc::new(SourceStatus {
+                    problems: t.problems,
+                    waypoints: t.waypoints,
+                    routes: t.routes,
+                    ..(**s).clone()
+                })
+            });
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = changed.notified() => {}
+            }
+            tokio::time::sleep(DEBOUNCE).await;
+        }
+    });
+    Ok(Kubernetes { client, status })
+}
+
+impl Stores {
+    fn collect(&self) -> Objects {
+        fn map<K: Resource + Clone>(store: &Store<K>) -> std::collections::BTreeMap<String, K>
+        where
+            K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+        {
+            store
+                .state()
+                .into_iter()
+                .map(|o| {
+                    let key = match o.namespace() {
+                        Some(ns) => format!("{ns}/{}", o.name_any()),
+                        None => o.name_any(),
+                    };
+                    (key, (*o).clone())
+                })
+                .collect()
+        }
+        Objects {
+            namespaces: map(&self.namespaces),
+            pods: map(&self.pods),
+            services: map(&self.services),
+            endpoint_slices: map(&self.endpoint_slices),
+            service_accounts: map(&self.service_accounts),
+            nodes: map(&self.nodes),
+            gateways: map(&self.gateways),
+            http_routes: map(&self.http_routes),
+            authorization_policies: map(&self.authorization_policies),
+            backend_policies: map(&self.backend_policies),
+            fault_injections: map(&self.fault_injections),
+        }
+    }
+}
+
+struct Watch<'a> {
+    client: &'a Client,
+    changed: &'a Arc<Notify>,
+    shutdown: &'a CancellationToken,
+}
+
+impl Watch<'_> {
+    /// A reflector on every `K` in the cluster; each event wakes the
+    /// translator. Fields weft never reads are dropped before they are
+    /// stored (managed fields, annotations), to keep memory per pod small.
+    fn watch<K>(&self) -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        let (reader, writer) = reflector::store();
+        let api = kube::Api::<K>::all(self.client.clone());
+        let stream = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default().any_semantic())
+                .default_backoff()
+                .modify(|o: &mut K| {
+                    o.managed_fields_mut().clear();
+                    o.annotations_mut().clear();
+                }),
+        );
+        let changed = self.changed.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                let event = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    e = stream.next() => e,
+                };
+                match event {
+                    Some(Ok(_)) => changed.notify_one(),
+                    // The watcher retries with backoff; an absent CRD (no
+                    // Gateway API installed) stays an empty store.
+                    Some(Err(e)) => {
+                        warn!(kind = %K::kind(&()), error = %e, "watch failed; retrying")
+                    }
+                    None => return,
+                }
+            }
+        });
+        reader
+    }
+}
+
+/// Whether a bearer token is a valid Kubernetes token (TokenReview).
+pub async fn token_review(client: &Client, token: &str) -> bool {
+    let review = TokenReview {
+        spec: TokenReviewSpec {
+            token: token.to_owned(),
+            audiences: None,
+        },
+        ..Default::default()
+    };
+    let api: kube::Api<TokenReview> = kube::Api::all(client.clone());
+    match api.create(&kube::api::PostParams::default(), &review).await {
+        Ok(r) => r.status.and_then(|s| s.authenticated).unwrap_or(false),
+        Err(e) => {
+            warn!(error = %e, "TokenReview failed; refusing the request");
+            false
+        }
+    }
+}

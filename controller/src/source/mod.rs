@@ -1,0 +1,316 @@
+//! Where config comes from: Kubernetes objects, read from a local directory
+//! of YAML files ([`local`]) or watched on an API server ([`kubernetes`]),
+//! collected as [`Objects`] and turned into weft's model by one pure
+//! function ([`translate`]).
+
+pub mod crds;
+pub mod kubernetes;
+pub mod local;
+pub mod translate;
+
+use std::collections::BTreeMap;
+
+use gateway_api::gateways::Gateway;
+use gateway_api::httproutes::HttpRoute;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_yaml::Value;
+
+use crds::{AuthorizationPolicy, BackendPolicy, FaultInjection};
+
+/// One Kubernetes object weft reads.
+#[derive(Debug, Clone)]
+pub enum Object {
+    Namespace(Namespace),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
+    EndpointSlice(EndpointSlice),
+    ServiceAccount(ServiceAccount),
+    Node(Box<Node>),
+    Gateway(Box<Gateway>),
+    HttpRoute(Box<HttpRoute>),
+    AuthorizationPolicy(AuthorizationPolicy),
+    BackendPolicy(BackendPolicy),
+    FaultInjection(FaultInjection),
+}
+
+/// (apiVersion, kind) of every kind weft reads.
+pub const KINDS: [(&str, &str); 11] = [
+    ("v1", "Namespace"),
+    ("v1", "Pod"),
+    ("v1", "Service"),
+    ("discovery.k8s.io/v1", "EndpointSlice"),
+    ("v1", "ServiceAccount"),
+    ("v1", "Node"),
+    ("gateway.networking.k8s.io/v1", "Gateway"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ("weft.dev/v1alpha1", "AuthorizationPolicy"),
+    ("weft.dev/v1alpha1", "BackendPolicy"),
+    ("weft.dev/v1alpha1", "FaultInjection"),
+];
+
+impl Object {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Object::Namespace(_) => "Namespace",
+            Object::Pod(_) => "Pod",
+            Object::Service(_) => "Service",
+            Object::EndpointSlice(_) => "EndpointSlice",
+            Object::ServiceAccount(_) => "ServiceAccount",
+            Object::Node(_) => "Node",
+            Object::Gateway(_) => "Gateway",
+            Object::HttpRoute(_) => "HTTPRoute",
+            Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Object::BackendPolicy(_) => "BackendPolicy",
+            Object::FaultInjection(_) => "FaultInjection",
+        }
+    }
+
+    fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            Object::Namespace(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+            Object::ServiceAccount(o) => &o.metadata,
+            Object::Node(o) => &o.metadata,
+            Object::Gateway(o) => &o.metadata,
+            Object::HttpRoute(o) => &o.metadata,
+            Object::AuthorizationPolicy(o) => &o.metadata,
+            Object::BackendPolicy(o) => &o.metadata,
+            Object::FaultInjection(o) => &o.metadata,
+        }
+    }
+
+    pub fn cluster_scoped(&self) -> bool {
+        matches!(self, Object::Namespace(_) | Object::Node(_))
+    }
+
+    /// `<namespace>/<name>`, or `<name>` for cluster-scoped kinds.
+    pub fn key(&self) -> String {
+        let meta = self.meta();
+        let name = meta.name.clone().unwrap_or_default();
+        if self.cluster_scoped() {
+            name
+        } else {
+            format!("{}/{name}", meta.namespace.as_deref().unwrap_or("default"))
+        }
+    }
+
+    /// `Kind namespace/name`, how errors and the REST API name an object.
+    pub fn id(&self) -> String {
+        format!("{} {}", self.kind(), self.key())
+    }
+
+    /// Parses one YAML (or JSON) document. Fields weft does not know are an
+    /// error, as `kubectl apply --validate=strict` makes them: a typo such
+    /// as `lables:` must not be silently dropped.
+    pub fn from_value(mut doc: Value) -> Result<Object, String> {
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or_default().to_owned();
+        let api_version = text(doc.get("apiVersion"));
+        let kind = text(doc.get("kind"));
+        let name = text(doc.get("metadata").and_then(|m| m.get("name")));
+        let what = format!("{kind} {name:?}");
+        if kind.is_empty() || api_version.is_empty() {
+            return Err("a document without apiVersion and kind".into());
+        }
+        if name.is_empty() {
+            return Err(format!("{kind}: metadata.name is required"));
+        }
+        if !KINDS.contains(&(api_version.as_str(), kind.as_str())) {
+            return Err(format!(
+                "{what}: {api_version} {kind} is not a kind weft reads (it reads {})",
+                KINDS.iter().map(|(_, k)| *k).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        // Namespaced objects without a namespace go to `default`, as kubectl does.
+        let cluster = kind == "Namespace" || kind == "Node";
+        if let Some(meta) = doc.get_mut("metadata").and_then(Value::as_mapping_mut)
+            && !cluster
+            && !meta.contains_key("namespace")
+        {
+            meta.insert("namespace".into(), "default".into());
+        }
+        let original = doc.clone();
+        fn typed<T: serde::de::DeserializeOwned>(doc: Value, what: &str) -> Result<T, String> {
+            serde_yaml::from_value(doc).map_err(|e| format!("{what}: {e}"))
+        }
+        let object = match kind.as_str() {
+            "Namespace" => Object::Namespace(typed(doc, &what)?),
+            "Pod" => Object::Pod(typed(doc, &what)?),
+            "Service" => Object::Service(typed(doc, &what)?),
+            "EndpointSlice" => Object::EndpointSlice(typed(doc, &what)?),
+            "ServiceAccount" => Object::ServiceAccount(typed(doc, &what)?),
+            "Node" => Object::Node(typed(doc, &what)?),
+            "Gateway" => Object::Gateway(typed(doc, &what)?),
+            "HTTPRoute" => Object::HttpRoute(typed(doc, &what)?),
+            "AuthorizationPolicy" => Object::AuthorizationPolicy(typed(doc, &what)?),
+            "BackendPolicy" => Object::BackendPolicy(typed(doc, &what)?),
+            _ => Object::FaultInjection(typed(doc, &what)?),
+        };
+        let round_trip = object.to_value();
+        if let Some(field) = unknown_field(&original, &round_trip, "") {
+            return Err(format!("{what}: unknown field {field}"));
+        }
+        Ok(object)
+    }
+
+    /// The object as a YAML value, with apiVersion and kind.
+    pub fn to_value(&self) -> Value {
+        let v = match self {
+            Object::Namespace(o) => serde_yaml::to_value(o),
+            Object::Pod(o) => serde_yaml::to_value(o),
+            Object::Service(o) => serde_yaml::to_value(o),
+            Object::EndpointSlice(o) => serde_yaml::to_value(o),
+            Object::ServiceAccount(o) => serde_yaml::to_value(o),
+            Object::Node(o) => serde_yaml::to_value(o),
+            Object::Gateway(o) => serde_yaml::to_value(o),
+            Object::HttpRoute(o) => serde_yaml::to_value(o),
+            Object::AuthorizationPolicy(o) => serde_yaml::to_value(o),
+            Object::BackendPolicy(o) => serde_yaml::to_value(o),
+            Object::FaultInjection(o) => serde_yaml::to_value(o),
+        };
+        v.unwrap_or(Value::Null)
+    }
+}
+
+/// The first key present in `input` that the typed round trip dropped (a
+/// field the type does not have). Nulls and empty values are not reported:
+/// serializers omit them.
+fn unknown_field(input: &Value, round_trip: &Value, path: &str) -> Option<String> {
+    match (input, round_trip) {
+        (Value::Mapping(a), Value::Mapping(b)) => a.iter().find_map(|(k, v)| {
+            let key = k.as_str().unwrap_or("?");
+            let here = if path.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{path}.{key}")
+            };
+            match b.get(k) {
+                Some(w) => unknown_field(v, w, &here),
+                None if is_empty(v) => None,
+                None => Some(here),
+            }
+        }),
+        (Value::Sequence(a), Value::Sequence(b)) => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (v, w))| unknown_field(v, w, &format!("{path}[{i}]"))),
+        _ => None,
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Mapping(m) => m.is_empty(),
+        Value::Sequence(s) => s.is_empty(),
+        Value::String(s) => s.is_empty(),
+        Value::Bool(b) => !b,
+        _ => false,
+    }
+}
+
+/// Every document of a YAML stream, parsed; the first bad one fails the
+/// whole stream (a file is applied whole or not at all).
+pub fn parse_documents(yaml: &str) -> Result<Vec<Object>, String> {
+    use serde::Deserialize;
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+        let value = Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+        if value.is_null() {
+            continue; // an empty document (`---` at the end)
+        }
+        let at = |e: String| format!("document {}: {e}", i + 1);
+        // `kubectl get -o yaml` of several objects prints a v1 List.
+        if value.get("kind").and_then(Value::as_str) == Some("List") {
+            let items = value.get("items").and_then(Value::as_sequence).cloned();
+            for (j, item) in items.unwrap_or_default().into_iter().enumerate() {
+                out.push(Object::from_value(item).map_err(|e| at(format!("items[{j}]: {e}")))?);
+            }
+            continue;
+        }
+        out.push(Object::from_value(value).map_err(at)?);
+    }
+    Ok(out)
+}
+
+/// Everything a source currently holds, by kind and key.
+#[derive(Debug, Clone, Default)]
+pub struct Objects {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<String, Pod>,
+    pub services: BTreeMap<String, Service>,
+    pub endpoint_slices: BTreeMap<String, EndpointSlice>,
+    pub service_accounts: BTreeMap<String, ServiceAccount>,
+    pub nodes: BTreeMap<String, Node>,
+    pub gateways: BTreeMap<String, Gateway>,
+    pub http_routes: BTreeMap<String, HttpRoute>,
+    pub authorization_policies: BTreeMap<String, AuthorizationPolicy>,
+    pub backend_policies: BTreeMap<String, BackendPolicy>,
+    pub fault_injections: BTreeMap<String, FaultInjection>,
+}
+
+impl Objects {
+    /// Adds or replaces; returns whether an object of that kind and key was
+    /// already there.
+    pub fn insert(&mut self, object: Object) -> bool {
+        let key = object.key();
+        match object {
+            Object::Namespace(o) => self.namespaces.insert(key, o).is_some(),
+            Object::Pod(o) => self.pods.insert(key, *o).is_some(),
+            Object::Service(o) => self.services.insert(key, *o).is_some(),
+            Object::EndpointSlice(o) => self.endpoint_slices.insert(key, o).is_some(),
+            Object::ServiceAccount(o) => self.service_accounts.insert(key, o).is_some(),
+            Object::Node(o) => self.nodes.insert(key, *o).is_some(),
+            Object::Gateway(o) => self.gateways.insert(key, *o).is_some(),
+            Object::HttpRoute(o) => self.http_routes.insert(key, *o).is_some(),
+            Object::AuthorizationPolicy(o) => self.authorization_policies.insert(key, o).is_some(),
+            Object::BackendPolicy(o) => self.backend_policies.insert(key, o).is_some(),
+            Object::FaultInjection(o) => self.fault_injections.insert(key, o).is_some(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.namespaces.len()
+            + self.pods.len()
+            + self.services.len()
+            + self.endpoint_slices.len()
+            + self.service_accounts.len()
+            + self.nodes.len()
+            + self.gateways.len()
+            + self.http_routes.len()
+            + self.authorization_policies.len()
+            + self.backend_policies.len()
+            + self.fault_injections.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a source holds and what it could not use, for the REST API.
+#[derive(Debug, Clone, Default)]
+pub struct SourceStatus {
+    /// `local` or `kubernetes`.
+    pub source: String,
+    /// The directory, or the API server.
+    pub location: String,
+    /// Local mode: file → (objects served from it, why its latest content was refused).
+    pub files: BTreeMap<String, (usize, Option<String>)>,
+    pub problems: Vec<translate::Problem>,
+    pub waypoints: Vec<translate::Waypoint>,
+    pub routes: Vec<translate::Route>,
+}
+
+impl SourceStatus {
+    pub fn local(dir: &std::path::Path) -> Self {
+        SourceStatus {
+            source: "local".into(),
+            location: dir.display().to_string(),
+            ..Default::default()
+        }
+    }
+}

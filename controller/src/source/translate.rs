@@ -1,0 +1,884 @@
+//! Kubernetes objects → weft's model, as one pure function both sources
+//! share (and the tests exercise with real `kubectl get -o yaml` output).
+//!
+//! - A namespace joins the mesh with label `weft.dev/mesh=enabled`; a pod
+//!   in it opts out with `weft.dev/mesh=disabled`. Pods elsewhere are still
+//!   workloads (meshed: false), so meshed clients reach them in plaintext.
+//! - A pod is a workload once it is scheduled and has an IP; host-network
+//!   pods (the node's IP) and finished pods (their IP may be reused) are not.
+//! - A pod is an endpoint of the Services whose selector matches it unless
+//!   it is not ready: its Ready condition is False, it is terminating, or an
+//!   EndpointSlice of that Service says `ready: false`.
+//! - Named `targetPort`s resolve through the Service's EndpointSlice ports,
+//!   else the endpoint pods' container ports.
+//! - Authorization rules with L7 fields are the waypoint's to enforce; at
+//!   L4 an ALLOW rule with them never matches and a DENY rule with them
+//!   denies the whole connection (deny on doubt).
+//! - An object that cannot be understood is reported in `problems`; a policy
+//!   among them becomes DENY-all for what it selects, never allow-all.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use weft_proto::identity::Identity;
+use weft_proto::model::{
+    Action, Cidr, PolicySpec, PortSpec, RuleSpec, ServiceSpec, Specs, WorkloadSpec,
+};
+
+use super::Objects;
+use super::crds::{AuthorizationPolicy, PolicyAction};
+
+/// Namespace and pod label that joins (`enabled`) or leaves (`disabled`).
+pub const MESH_LABEL: &str = "weft.dev/mesh";
+/// Gateway class that makes a Gateway a waypoint.
+pub const WAYPOINT_CLASS: &str = "weft-waypoint";
+/// On a waypoint Gateway: the one service account it serves.
+pub const FOR_SERVICE_ACCOUNT: &str = "weft.dev/for-service-account";
+/// On a Service or Namespace: the waypoint its traffic goes through.
+pub const USE_WAYPOINT: &str = "weft.dev/use-waypoint";
+
+/// An object weft could not use, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `Kind namespace/name`.
+    pub object: String,
+    pub reason: String,
+    /// The object is not used as written (left out, or a policy made
+    /// DENY-all); otherwise a warning about something it refers to.
+    pub refused: bool,
+}
+
+/// A waypoint (a `Gateway` of class `weft-waypoint`) and what binds to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waypoint {
+    /// `<namespace>/<name>`.
+    pub key: String,
+    /// Serves only this service account's workloads; `None`: the namespace.
+    pub for_service_account: Option<String>,
+    /// Services (`<namespace>/<name>`) whose traffic is bound to it.
+    pub services: Vec<String>,
+}
+
+/// An HTTPRoute attached to a Service (the mesh's way to attach routes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub key: String,
+    /// Services (`<namespace>/<name>`) it attaches to.
+    pub parents: Vec<String>,
+    pub rules: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Translation {
+    pub specs: Specs,
+    pub waypoints: Vec<Waypoint>,
+    pub routes: Vec<Route>,
+    pub problems: Vec<Problem>,
+}
+
+impl Translation {
+    fn refuse(&mut self, object: String, reason: impl Into<String>) {
+        self.problems.push(Problem {
+            object,
+            reason: reason.into(),
+            refused: true,
+        });
+    }
+
+    fn warn(&mut self, object: String, reason: impl Into<String>) {
+        self.problems.push(Problem {
+            object,
+            reason: reason.into(),
+            refused: false,
+        });
+    }
+}
+
+pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
+    let mut out = Translation::default();
+    let meshed_namespaces: HashSet<&str> = objects
+        .namespaces
+        .iter()
+        .filter(|(_, ns)| label(&ns.metadata.labels, MESH_LABEL) == Some("enabled"))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let slices = SliceIndex::new(objects);
+    let mut used_ips: HashMap<IpAddr, String> = HashMap::new();
+
+    for (key, pod) in &objects.pods {
+        let id = format!("Pod {key}");
+        let (node, addresses) = match placement(pod) {
+            Ok(Some(p)) => p,
+            Ok(None) => continue,
+            Err(reason) => {
+                out.refuse(id, reason);
+                continue;
+            }
+        };
+        let namespace = namespace_of(key);
+        if let Some(clash) = addresses
+            .iter()
+            .find_map(|ip| used_ips.get(ip).map(|other| (ip, other)))
+        {
+            out.refuse(id, format!("IP {} is also {}'s; skipped", clash.0, clash.1));
+            continue;
+        }
+        for ip in &addresses {
+            used_ips.insert(*ip, key.clone());
+        }
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let spec = pod.spec.as_ref();
+        let service_account = spec
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into());
+        let meshed = meshed_namespaces.contains(namespace)
+            && labels.get(MESH_LABEL).map(String::as_str) != Some("disabled");
+        let services = if pod_ready(pod) {
+            objects
+                .services
+                .iter()
+                .filter(|(skey, svc)| {
+                    namespace_of(skey) == namespace
+                        && selects(svc, &labels)
+                        && !slices.not_ready(skey, name_of(key), &addresses)
+                })
+                .map(|(skey, _)| skey.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        out.specs.workloads.push(WorkloadSpec {
+            name: name_of(key).to_owned(),
+            namespace: namespace.to_owned(),
+            service_account,
+            node,
+            addresses,
+            meshed,
+            services,
+            labels,
+        });
+    }
+
+    let endpoints: HashMap<&str, Vec<&Pod>> = {
+        let mut m: HashMap<&str, Vec<&Pod>> = HashMap::new();
+        for w in &out.specs.workloads {
+            for s in &w.services {
+                if let Some(pod) = objects.pods.get(&format!("{}/{}", w.namespace, w.name)) {
+                    m.entry(s.as_str()).or_default().push(pod);
+                }
+            }
+        }
+        m
+    };
+    let mut services = Vec::new();
+    let mut problems = Vec::new();
+    for (key, svc) in &objects.services {
+        let id = format!("Service {key}");
+        let Some(spec) = &svc.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue; // a DNS alias: nothing to capture
+        }
+        let mut addresses = Vec::new();
+        for ip in spec
+            .cluster_ips
+            .clone()
+            .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+            .unwrap_or_default()
+        {
+            if ip.is_empty() || ip == "None" {
+                continue; // headless
+            }
+            match ip.parse::<IpAddr>() {
+                Ok(ip) => match used_ips.get(&ip) {
+                    Some(other) => {
+                        problems.push((id.clone(), format!("IP {ip} is also {other}'s"), true))
+                    }
+                    None => {
+                        used_ips.insert(ip, key.clone());
+                        addresses.push(ip);
+                    }
+                },
+                Err(_) => {
+                    problems.push((id.clone(), format!("clusterIP {ip:?} is not an IP"), true))
+                }
+            }
+        }
+        let pods = endpoints
+            .get(key.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let mut ports = Vec::new();
+        for p in spec.ports.iter().flatten() {
+            if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+                continue; // ztunnel carries TCP only
+            }
+            let Ok(port) = u16::try_from(p.port) else {
+                problems.push((id.clone(), format!("port {} is out of range", p.port), true));
+                continue;
+            };
+            let target = match &p.target_port {
+                None => Some(port),
+                Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                Some(IntOrString::String(name)) => slices
+                    .named_port(key, name)
+                    .or_else(|| container_port(pods, name)),
+            };
+            match target {
+                Some(target_port) => ports.push(PortSpec {
+                    port,
+                    target_port: Some(target_port),
+                }),
+                // With no endpoints there is nothing to resolve against yet.
+                None if pods.is_empty() => {}
+                None => problems.push((
+                    id.clone(),
+                    format!(
+                        "port {port}: targetPort {:?} matches no container port of its pods",
+                        p.target_port
+                    ),
+                    false,
+                )),
+            }
+        }
+        if ports.is_empty() {
+            continue;
+        }
+        services.push(ServiceSpec {
+            name: name_of(key).to_owned(),
+            namespace: namespace_of(key).to_owned(),
+            addresses,
+            ports,
+        });
+    }
+    out.specs.services = services;
+    for (object, reason, refused) in problems {
+        if refused {
+            out.refuse(object, reason);
+        } else {
+            out.warn(object, reason);
+        }
+    }
+
+    for (key, policy) in &objects.authorization_policies {
+        let spec = match policy_spec(key, policy, trust_domain) {
+            Ok(spec) => spec,
+            Err(reason) => {
+                out.refuse(
+                    format!("AuthorizationPolicy {key}"),
+                    format!("{reason}; it denies everything it selects until fixed"),
+                );
+                PolicySpec {
+                    name: name_of(key).to_owned(),
+                    namespace: namespace_of(key).to_owned(),
+                    action: Action::Deny,
+                    selector: selector(policy),
+                    rules: vec![RuleSpec::default()],
+                }
+            }
+        };
+        out.specs.policies.push(spec);
+    }
+
+    waypoints_and_routes(objects, &mut out);
+    out
+}
+
+/// Node and IPs of a pod that is a workload now; `None` while it is
+/// pending, once it has finished, and for host-network pods.
+fn placement(pod: &Pod) -> Result<Option<(String, Vec<IpAddr>)>, String> {
+    let Some(spec) = pod.spec.as_ref() else {
+        return Ok(None);
+    };
+    let Some(node) = spec.node_name.clone().filter(|n| !n.is_empty()) else {
+        return Ok(None);
+    };
+    let Some(status) = pod.status.as_ref() else {
+        return Ok(None);
+    };
+    if spec.host_network == Some(true)
+        || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"))
+    {
+        return Ok(None);
+    }
+    let mut listed: Vec<&str> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .collect();
+    if listed.is_empty() {
+        listed.extend(status.pod_ip.as_deref());
+    }
+    let ips = listed
+        .iter()
+        .map(|ip| {
+            ip.parse::<IpAddr>()
+                .map_err(|_| format!("status.podIP {ip:?} is not an IP"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((!ips.is_empty()).then_some((node, ips)))
+}
+
+/// Ready unless it says otherwise: local-mode pods carry no conditions.
+fn pod_ready(pod: &Pod) -> bool {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    let conditions = pod.status.as_ref().and_then(|s| s.conditions.as_ref());
+    !conditions
+        .into_iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "False")
+}
+
+fn selects(svc: &Service, labels: &BTreeMap<String, String>) -> bool {
+    let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
+    // No selector: endpoints are managed by hand (EndpointSlices to IPs
+    // outside the mesh's pods), which weft does not route to by VIP.
+    selector.is_some_and(|sel| !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+fn container_port(pods: &[&Pod], name: &str) -> Option<u16> {
+    pods.iter()
+        .flat_map(|p| p.spec.iter().flat_map(|s| &s.containers))
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.name.as_deref() == Some(name))
+        .and_then(|p| u16::try_from(p.container_port).ok())
+}
+
+/// What the EndpointSlices say, by Service.
+struct SliceIndex {
+    /// service key → pod names and IPs listed as not ready.
+    not_ready: HashMap<String, (HashSet<String>, HashSet<IpAddr>)>,
+    /// service key → port name → number.
+    ports: HashMap<String, HashMap<String, u16>>,
+}
+
+impl SliceIndex {
+    fn new(objects: &Objects) -> Self {
+        let mut index = SliceIndex {
+            not_ready: HashMap::new(),
+            ports: HashMap::new(),
+        };
+        for (key, slice) in &objects.endpoint_slices {
+            let Some(service) = label(&slice.metadata.labels, "kubernetes.io/service-name") else {
+                continue;
+            };
+            let service = format!("{}/{service}", namespace_of(key));
+            for p in slice.ports.iter().flatten() {
+                if let (Some(name), Some(port)) =
+                    (&p.name, p.port.and_then(|n| u16::try_from(n).ok()))
+                {
+                    index
+                        .ports
+                        .entry(service.clone())
+                        .or_default()
+                        .insert(name.clone(), port);
+                }
+            }
+            for ep in slice.endpoints.iter().flatten() {
+                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                if ready {
+                    continue;
+                }
+                let entry = index.not_ready.entry(service.clone()).or_default();
+                if let Some(r) = &ep.target_ref
+                    && r.kind.as_deref() == Some("Pod")
+                    && let Some(name) = &r.name
+                {
+                    entry.0.insert(name.clone());
+                }
+                entry
+                    .1
+                    .extend(ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()));
+            }
+        }
+        index
+    }
+
+    fn not_ready(&self, service: &str, pod: &str, ips: &[IpAddr]) -> bool {
+        self.not_ready.get(service).is_some_and(|(names, addrs)| {
+            names.contains(pod) || ips.iter().any(|ip| addrs.contains(ip))
+        })
+    }
+
+    fn named_port(&self, service: &str, name: &str) -> Option<u16> {
+        self.ports.get(service)?.get(name).copied()
+    }
+}
+
+fn policy_spec(
+    key: &str,
+    policy: &AuthorizationPolicy,
+    trust_domain: &str,
+) -> Result<PolicySpec, String> {
+    let action = match policy.spec.action {
+        PolicyAction::Allow => Action::Allow,
+        PolicyAction::Deny => Action::Deny,
+    };
+    let mut rules = Vec::new();
+    for (i, r) in policy.spec.rules.iter().enumerate() {
+        for p in &r.principals {
+            let id: Identity = p
+                .parse()
+                .map_err(|e| format!("rules[{i}].principals: {e}"))?;
+            if id.trust_domain() != trust_domain {
+                return Err(format!(
+                    "rules[{i}].principals: {p} is not in trust domain {trust_domain}"
+                ));
+            }
+        }
+        for b in &r.ip_blocks {
+            Cidr::parse(b).map_err(|e| format!("rules[{i}].ipBlocks: {e}"))?;
+        }
+        if r.has_l7() && action == Action::Allow {
+            continue; // cannot match at L4: the waypoint enforces it
+        }
+        rules.push(RuleSpec {
+            principals: r.principals.clone(),
+            namespaces: r.namespaces.clone(),
+            ip_blocks: r.ip_blocks.clone(),
+            ports: r.ports.clone(),
+        });
+    }
+    // An ALLOW whose every rule was L7 allows nothing at L4; keep it as an
+    // ALLOW with no rules, which matches no connection.
+    Ok(PolicySpec {
+        name: name_of(key).to_owned(),
+        namespace: namespace_of(key).to_owned(),
+        action,
+        selector: selector(policy),
+        rules,
+    })
+}
+
+fn selector(policy: &AuthorizationPolicy) -> BTreeMap<String, String> {
+    policy
+        .spec
+        .selector
+        .as_ref()
+        .map(|s| s.match_labels.clone())
+        .unwrap_or_default()
+}
+
+fn waypoints_and_routes(objects: &Objects, out: &mut Translation) {
+    let service_bindings: BTreeMap<&str, String> = objects
+        .services
+        .iter()
+        .filter_map(|(key, svc)| {
+            let by_service = label(&svc.metadata.labels, USE_WAYPOINT);
+            let by_namespace = objects
+                .namespaces
+                .get(namespace_of(key))
+                .and_then(|ns| label(&ns.metadata.labels, USE_WAYPOINT));
+            let waypoint = by_service.or(by_namespace)?;
+            Some((key.as_str(), format!("{}/{waypoint}", namespace_of(key))))
+        })
+        .collect();
+    let mut known = BTreeSet::new();
+    for (key, gw) in &objects.gateways {
+        if gw.spec.gateway_class_name != WAYPOINT_CLASS {
+            continue;
+        }
+        known.insert(key.clone());
+        out.waypoints.push(Waypoint {
+            key: key.clone(),
+            for_service_account: label(&gw.metadata.labels, FOR_SERVICE_ACCOUNT).map(str::to_owned),
+            services: service_bindings
+                .iter()
+                .filter(|(_, w)| *w == key)
+                .map(|(s, _)| (*s).to_owned())
+                .collect(),
+        });
+    }
+    for (service, waypoint) in &service_bindings {
+        if !known.contains(waypoint) {
+            out.warn(
+                format!("Service {service}"),
+                format!("{USE_WAYPOINT}: no waypoint Gateway {waypoint} (gatewayClassName {WAYPOINT_CLASS})"),
+            );
+        }
+    }
+    for (key, route) in &objects.http_routes {
+        let parents: Vec<String> = route
+            .spec
+            .parent_refs
+            .iter()
+            .flatten()
+            .filter(|p| p.kind.as_deref() == Some("Service"))
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p.namespace.as_deref().unwrap_or(namespace_of(key)),
+                    p.name
+                )
+            })
+            .collect();
+        for p in &parents {
+            if !objects.services.contains_key(p) {
+                out.warn(
+                    format!("HTTPRoute {key}"),
+                    format!("parentRef Service {p} does not exist"),
+                );
+            }
+        }
+        out.routes.push(Route {
+            key: key.clone(),
+            parents,
+            rules: route.spec.rules.as_ref().map_or(0, Vec::len),
+        });
+    }
+}
+
+fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+    labels.as_ref()?.get(key).map(String::as_str)
+}
+
+fn namespace_of(key: &str) -> &str {
+    key.split_once('/').map_or("default", |(ns, _)| ns)
+}
+
+fn name_of(key: &str) -> &str {
+    key.split_once('/').map_or(key, |(_, name)| name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{Object, parse_documents};
+    use weft_proto::model::Model;
+
+    const SHOP: &str = include_str!("../../tests/k8s/shop.yaml");
+    const BILLING: &str = include_str!("../../tests/k8s/other-ns.yaml");
+    const TD: &str = "cluster.local";
+
+    fn objects(yaml: &[&str]) -> Objects {
+        let mut objects = Objects::default();
+        for y in yaml {
+            for o in parse_documents(y).expect("valid YAML") {
+                objects.insert(o);
+            }
+        }
+        objects
+    }
+
+    fn workload<'a>(t: &'a Translation, name: &str) -> Option<&'a WorkloadSpec> {
+        t.specs.workloads.iter().find(|w| w.name == name)
+    }
+
+    #[test]
+    fn deployment_pods_multi_port_service_and_not_ready_endpoints() {
+        let t = translate(&objects(&[SHOP]), TD);
+        assert_eq!(t.problems, vec![]);
+        let names: Vec<&str> = t.specs.workloads.iter().map(|w| w.name.as_str()).collect();
+        // Pending, finished and host-network pods are not workloads.
+        assert_eq!(
+            names,
+            [
+                "api-6d5f7c9b8-q8m2z",
+                "api-6d5f7c9b8-x2l4q",
+                "legacy",
+                "web-84c6b5d7f4-7kd9s"
+            ]
+        );
+        let ready = workload(&t, "api-6d5f7c9b8-x2l4q").expect("ready api pod");
+        assert_eq!(ready.services, ["shop/api"]);
+        assert_eq!(
+            (ready.node.as_str(), ready.service_account.as_str()),
+            ("kind-worker", "api")
+        );
+        assert!(ready.meshed);
+        assert_eq!(
+            ready.labels.get("pod-template-hash").map(String::as_str),
+            Some("6d5f7c9b8")
+        );
+        let unready = workload(&t, "api-6d5f7c9b8-q8m2z").expect("unready api pod");
+        assert!(
+            unready.services.is_empty(),
+            "a not-ready pod is no endpoint"
+        );
+        assert!(unready.meshed, "but it is still meshed (it may call out)");
+        let legacy = workload(&t, "legacy").expect("legacy");
+        assert!(!legacy.meshed, "weft.dev/mesh=disabled opts the pod out");
+        let web = workload(&t, "web-84c6b5d7f4-7kd9s").expect("web");
+        assert_eq!(web.service_account, "web");
+
+        let api = &t.specs.services[0];
+        assert_eq!((api.namespace.as_str(), api.name.as_str()), ("shop", "api"));
+        assert_eq!(api.addresses, ["10.96.41.7".parse::<IpAddr>().expect("ip")]);
+        let ports: Vec<(u16, Option<u16>)> =
+            api.ports.iter().map(|p| (p.port, p.target_port)).collect();
+        // The named targetPort resolves through the slice; UDP is not carried.
+        assert_eq!(ports, [(80, Some(8080)), (9090, Some(9000))]);
+
+        let model = Model::from_specs(t.specs, TD).expect("the translation validates");
+        let pod = model
+            .workload("shop", "api-6d5f7c9b8-x2l4q")
+            .expect("indexed");
+        assert_eq!(
+            pod.identity.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/api"
+        );
+        let svc = model.service("shop/api").expect("service");
+        assert_eq!(svc.endpoints().len(), 1);
+    }
+
+    #[test]
+    fn readiness_from_either_the_slice_or_the_pod() {
+        // The pod says Ready but the slice says not: not an endpoint.
+        let fixed = SHOP.replace("message: 'containers with unready status: [api]'\n      reason: ContainersNotReady\n      status: \"False\"", "status: \"True\"");
+        assert_ne!(fixed, SHOP);
+        let t = translate(&objects(&[&fixed]), TD);
+        assert!(
+            workload(&t, "api-6d5f7c9b8-q8m2z")
+                .expect("pod")
+                .services
+                .is_empty()
+        );
+        // Both ready: an endpoint.
+        let both = fixed.replace(
+            "      ready: false\n      serving: false",
+            "      ready: true\n      serving: true",
+        );
+        let t = translate(&objects(&[&both]), TD);
+        assert_eq!(
+            workload(&t, "api-6d5f7c9b8-q8m2z").expect("pod").services,
+            ["shop/api"]
+        );
+        // Terminating: not an endpoint, whatever else says.
+        let mut o = objects(&[&both]);
+        let pod = o.pods.get_mut("shop/api-6d5f7c9b8-q8m2z").expect("pod");
+        pod.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        let t = translate(&o, TD);
+        assert!(
+            workload(&t, "api-6d5f7c9b8-q8m2z")
+                .expect("pod")
+                .services
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn namespace_label_changes_move_pods_in_and_out_of_the_mesh() {
+        let t = translate(&objects(&[SHOP, BILLING]), TD);
+        let ledger = workload(&t, "ledger-0").expect("ledger");
+        assert!(!ledger.meshed, "billing has not joined");
+        assert_eq!(ledger.services, ["billing/ledger"]);
+        // The headless Service: no VIP, its named port resolved from the pod.
+        let svc = t
+            .specs
+            .services
+            .iter()
+            .find(|s| s.name == "ledger")
+            .expect("ledger svc");
+        assert!(svc.addresses.is_empty());
+        assert_eq!(svc.ports[0].target_port, Some(5432));
+
+        let joined = BILLING.replace(
+            "kubernetes.io/metadata.name: billing",
+            "kubernetes.io/metadata.name: billing\n    weft.dev/mesh: enabled",
+        );
+        let left = SHOP.replace("      weft.dev/mesh: enabled\n", "");
+        let t = translate(&objects(&[&left, &joined]), TD);
+        assert!(workload(&t, "ledger-0").expect("ledger").meshed);
+        assert!(
+            t.specs
+                .workloads
+                .iter()
+                .filter(|w| w.namespace == "shop")
+                .all(|w| !w.meshed)
+        );
+        // A namespace object that is gone altogether: not meshed either.
+        let mut o = objects(&[SHOP]);
+        o.namespaces.clear();
+        assert!(translate(&o, TD).specs.workloads.iter().all(|w| !w.meshed));
+    }
+
+    const POLICIES: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: api-from-web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: ALLOW
+  rules:
+    - principals: ["spiffe://cluster.local/ns/shop/sa/web"]
+      ports: [8080]
+    - namespaces: [shop]
+      methods: [GET]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-deletes, namespace: shop}
+spec:
+  action: DENY
+  rules: [{methods: [DELETE], namespaces: [billing]}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: broken, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules: [{principals: ["spiffe://other.domain/ns/shop/sa/web"]}]
+"#;
+
+    #[test]
+    fn policies_at_l4_and_a_broken_one_fails_closed() {
+        let t = translate(&objects(&[SHOP, POLICIES]), TD);
+        let p = |name: &str| {
+            t.specs
+                .policies
+                .iter()
+                .find(|p| p.name == name)
+                .expect(name)
+        };
+        let allow = p("api-from-web");
+        assert_eq!(allow.rules.len(), 1, "the L7 ALLOW rule cannot match at L4");
+        assert_eq!(allow.selector.get("app").map(String::as_str), Some("api"));
+        let deny = p("no-deletes");
+        assert_eq!(
+            (deny.action, deny.rules[0].namespaces.as_slice()),
+            (Action::Deny, ["billing".to_owned()].as_slice())
+        );
+        let broken = p("broken");
+        assert_eq!(
+            broken.action,
+            Action::Deny,
+            "a policy weft cannot read denies"
+        );
+        assert_eq!(t.problems.len(), 1);
+        assert!(
+            t.problems[0].object == "AuthorizationPolicy shop/broken"
+                && t.problems[0].reason.contains("trust domain"),
+            "{:?}",
+            t.problems
+        );
+
+        let model = Model::from_specs(t.specs, TD).expect("valid");
+        let web = model.workload("shop", "web-84c6b5d7f4-7kd9s").expect("web");
+        let api = model.workload("shop", "api-6d5f7c9b8-x2l4q").expect("api");
+        let from = |sa: &str| Identity::new(TD, "shop", sa).expect("id");
+        let (web_id, api_id) = (from("web"), from("api"));
+        let src = |id| weft_proto::model::Source {
+            identity: Some(id),
+            ip: "10.244.2.30".parse().expect("ip"),
+        };
+        use weft_proto::model::Decision;
+        assert_eq!(model.authorize(api, src(&web_id), 8080), Decision::Allow);
+        assert!(matches!(
+            model.authorize(api, src(&api_id), 8080),
+            Decision::Deny(_)
+        ));
+        assert!(
+            matches!(model.authorize(web, src(&api_id), 80), Decision::Deny(r) if r.contains("broken"))
+        );
+    }
+
+    #[test]
+    fn waypoints_bind_by_service_or_namespace_label() {
+        let yaml = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: shop-waypoint
+  namespace: shop
+  labels: {weft.dev/for-service-account: api}
+spec:
+  gatewayClassName: weft-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api-split, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api}, {group: "", kind: Service, name: nope}]
+  rules:
+    - backendRefs: [{name: api, port: 80, weight: 90}]
+"#;
+        let labelled = SHOP.replace(
+            "    name: api\n    namespace: shop\n    resourceVersion: \"1081\"",
+            "    name: api\n    namespace: shop\n    labels: {weft.dev/use-waypoint: shop-waypoint}\n    resourceVersion: \"1081\"",
+        );
+        assert_ne!(labelled, SHOP);
+        let t = translate(&objects(&[&labelled, yaml]), TD);
+        assert_eq!(
+            t.waypoints,
+            [Waypoint {
+                key: "shop/shop-waypoint".into(),
+                for_service_account: Some("api".into()),
+                services: vec!["shop/api".into()],
+            }]
+        );
+        assert_eq!(t.routes[0].parents, ["shop/api", "shop/nope"]);
+        assert_eq!(t.problems.len(), 1, "{:?}", t.problems);
+        assert!(t.problems[0].reason.contains("shop/nope"));
+    }
+
+    #[test]
+    fn a_reused_ip_is_reported_not_fatal() {
+        let twin = SHOP.replace(
+            "podIP: 10.244.2.30\n    podIPs:\n    - ip: 10.244.2.30",
+            "podIP: 10.244.1.14\n    podIPs:\n    - ip: 10.244.1.14",
+        );
+        assert_ne!(twin, SHOP);
+        let t = translate(&objects(&[&twin]), TD);
+        assert_eq!(t.problems.len(), 1);
+        assert!(
+            t.problems[0].reason.contains("10.244.1.14"),
+            "{:?}",
+            t.problems
+        );
+        Model::from_specs(t.specs, TD).expect("still valid");
+    }
+
+    #[test]
+    fn documents_that_are_refused_say_why() {
+        let cases = [
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [], nodeName: a}\nlables: {a: b}",
+                "unknown field lables",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {name: p, lables: {a: b}}",
+                "unknown field metadata.lables",
+            ),
+            (
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}",
+                "not a kind weft reads",
+            ),
+            (
+                "apiVersion: v1\nkind: Pod\nmetadata: {}",
+                "metadata.name is required",
+            ),
+            ("kind: Pod", "without apiVersion and kind"),
+            (
+                "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: eighty}]}",
+                "Service \"s\"",
+            ),
+            (
+                "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {action: MAYBE}",
+                "unknown variant",
+            ),
+            ("a: [1, 2", "document 1"),
+        ];
+        for (yaml, want) in cases {
+            let err = parse_documents(yaml).expect_err(yaml);
+            assert!(err.contains(want), "{yaml}: {err}");
+        }
+        let ok = parse_documents("apiVersion: v1\nkind: Service\nmetadata: {name: s}\n---\n")
+            .expect("ok");
+        assert!(matches!(&ok[..], [Object::Service(_)]));
+        assert_eq!(
+            ok[0].key(),
+            "default/s",
+            "namespace defaults as kubectl's does"
+        );
+    }
+}

@@ -106,7 +106,7 @@ pub struct ProxyStatus {
     pub connected: bool,
     /// Config version of the last response the proxy ACKed, per type.
     pub acked: BTreeMap<String, u64>,
-    /// NACK reasons, newest last.
+    /// The last 10 NACK reasons, newest last.
     pub nacks: Vec<String>,
     /// Resources in the most recent response (a one-pod change: 1).
     pub last_push_resources: usize,
@@ -175,6 +175,7 @@ impl AggregatedDiscoveryService for XdsService {
             proxies: self.proxies.clone(),
             have: HashMap::new(),
             pending: HashMap::new(),
+            nacked: HashSet::new(),
             nonce: 0,
         };
         info!(node, "proxy connected to the config stream");
@@ -195,6 +196,8 @@ struct Session {
     have: HashMap<String, HashMap<String, String>>,
     /// Unanswered responses: nonce → (type, config version, when it was set).
     pending: HashMap<String, (String, u64, std::time::Instant)>,
+    /// Types whose latest response the proxy refused.
+    nacked: HashSet<String>,
     nonce: u64,
 }
 
@@ -266,15 +269,21 @@ impl Session {
                         reason = err.message,
                         "proxy NACKed config"
                     );
+                    self.nacked.insert(type_url.clone());
+                    // The reason is the proxy's text: bounded in length and number.
+                    let reason: String = err.message.chars().take(512).collect();
                     self.proxies.update(&self.node, |s| {
-                        s.nacks
-                            .push(format!("{type_url} v{version}: {}", err.message))
+                        if s.nacks.len() >= 10 {
+                            s.nacks.remove(0);
+                        }
+                        s.nacks.push(format!("{type_url} v{version}: {reason}"))
                     });
                 }
                 None => {
                     // Config change (or subscription) to this proxy's ACK.
                     metrics::histogram!("weft_controller_push_latency_seconds")
                         .record(created.elapsed().as_secs_f64());
+                    self.nacked.remove(&type_url);
                     self.proxies.update(&self.node, |s| {
                         s.acked.insert(type_url, version);
                     });
@@ -315,6 +324,15 @@ impl Session {
             .cloned()
             .collect();
         if changed.is_empty() && removed.is_empty() && !always {
+            // Nothing to send: a proxy in step for this type stays in step
+            // with the new version (so "ACKed version" reads as "has all of").
+            let in_flight = self.pending.values().any(|(t, _, _)| t == type_url);
+            if !in_flight && !self.nacked.contains(type_url) {
+                let version = snapshot.version;
+                self.proxies.update(&self.node, |s| {
+                    s.acked.insert(type_url.to_owned(), version);
+                });
+            }
             return Ok(());
         }
         for r in &changed {

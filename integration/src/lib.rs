@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +59,56 @@ impl Mesh {
         }
     }
 
+    /// The local source's directory of Kubernetes-shaped YAML.
+    pub fn config_dir(&self) -> PathBuf {
+        self.data_dir.join("config")
+    }
+
+    /// Stops the controller (its config streams end, its ports close); the
+    /// proxies are left to carry on alone.
+    pub async fn stop(self) -> Stopped {
+        let Mesh {
+            controller,
+            data_dir,
+            _dir,
+        } = self;
+        let addrs = (controller.grpc_addr, controller.rest_addr);
+        controller.shutdown().await;
+        Stopped {
+            addrs,
+            data_dir,
+            _dir,
+        }
+    }
+}
+
+/// A mesh whose controller is down.
+pub struct Stopped {
+    addrs: (SocketAddr, SocketAddr),
+    data_dir: PathBuf,
+    _dir: Option<TempDir>,
+}
+
+impl Stopped {
+    /// Starts the controller again on the same data directory and ports, so
+    /// proxies find it where it was.
+    pub async fn start(self) -> Mesh {
+        let controller = app::build(Config {
+            grpc_addr: self.addrs.0,
+            rest_addr: self.addrs.1,
+            ..Config::local(self.data_dir.clone())
+        })
+        .await
+        .expect("controller restarts on its old ports");
+        Mesh {
+            controller,
+            data_dir: self.data_dir,
+            _dir: self._dir,
+        }
+    }
+}
+
+impl Mesh {
     /// A ztunnel for `node` with `yaml` as its static config (written under
     /// `dir`), every port on 127.0.0.1:0. The controller is told which of
     /// the config's workloads run on `node`, as the config push will (#4).
@@ -326,4 +377,48 @@ pub fn rss_kib() -> u64 {
         })
         .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
+}
+
+/// An HTTP request with curl, the way a user would send it: (status, body).
+/// The body goes as `application/yaml`.
+pub async fn curl(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> (u16, String) {
+    let mut args = vec![
+        "-s".to_owned(),
+        "--max-time".into(),
+        "5".into(),
+        "-X".into(),
+        method.into(),
+    ];
+    if let Some(t) = token {
+        args.extend(["-H".into(), format!("Authorization: Bearer {t}")]);
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    if let Some(b) = body {
+        let f = dir.path().join("body");
+        std::fs::write(&f, b).expect("body");
+        args.extend([
+            "-H".into(),
+            "content-type: application/yaml".into(),
+            "--data-binary".into(),
+            format!("@{}", f.display()),
+        ]);
+    }
+    args.extend([
+        "-w".into(),
+        "\n%{http_code}".into(),
+        format!("http://{addr}{path}"),
+    ]);
+    let out = tokio::task::spawn_blocking(move || Command::new("curl").args(&args).output())
+        .await
+        .expect("curl thread")
+        .expect("curl (install curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
 }

@@ -1,10 +1,8 @@
 //! The controller's REST API, exercised with curl.
 
-use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
-use weft_integration::Mesh;
+use weft_integration::{Mesh, curl};
 use weft_proto::xds::{self, XdsConfig};
 
 const ENDPOINTS: [&str; 12] = [
@@ -21,49 +19,6 @@ const ENDPOINTS: [&str; 12] = [
     "/api/v1/openapi.json",
     "/api/v1/objects/Pod/default/web",
 ];
-
-/// (status, body)
-async fn curl(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Vec<u8>>,
-) -> (u16, String) {
-    let mut args = vec![
-        "-s".to_owned(),
-        "--max-time".into(),
-        "5".into(),
-        "-X".into(),
-        method.into(),
-    ];
-    if let Some(t) = token {
-        args.extend(["-H".into(), format!("Authorization: Bearer {t}")]);
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    if let Some(b) = body {
-        let f = dir.path().join("body");
-        std::fs::write(&f, b).expect("body");
-        args.extend([
-            "-H".into(),
-            "content-type: application/yaml".into(),
-            "--data-binary".into(),
-            format!("@{}", f.display()),
-        ]);
-    }
-    args.extend([
-        "-w".into(),
-        "\n%{http_code}".into(),
-        format!("http://{addr}{path}"),
-    ]);
-    let out = tokio::task::spawn_blocking(move || Command::new("curl").args(&args).output())
-        .await
-        .expect("curl thread")
-        .expect("curl (install curl)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
-}
 
 const POD: &str = "/api/v1/objects/Pod/default/web";
 const GOOD: &str = "apiVersion: v1

@@ -510,8 +510,52 @@ async fn hostile_input_on_pod_ports() {
     .await;
 }
 
+/// A pod as the controller's local directory holds it: the Kubernetes shape.
+fn pod_yaml(pod: &PodNs, node: &str, sa: &str, app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: default, labels: {{app: {app}}}}}\n\
+         spec: {{nodeName: {node}, serviceAccountName: {sa}, containers: [{{name: app, image: app}}]}}\n\
+         status: {{phase: Running, podIP: {}}}\n---\n",
+        pod.name, pod.ip
+    )
+}
+
+const NAMESPACE_AND_SERVICE: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {weft.dev/mesh: enabled}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: default}
+spec: {clusterIP: 10.96.0.10, selector: {app: api}, ports: [{port: 80, targetPort: 8080}]}
+";
+
+const DENY_CLIENT: &str = "apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-client, namespace: default}
+spec:
+  selector: {matchLabels: {app: api}}
+  action: DENY
+  rules: [{principals: [\"spiffe://cluster.local/ns/default/sa/client\"]}]
+";
+
+/// Waits until every proxy has ACKed the config version that first
+/// satisfies `what`.
+async fn converged(mesh: &Mesh, what: &str, done: impl Fn(&Model) -> bool) {
+    weft_integration::eventually(what, || done(&mesh.controller.config.current().model)).await;
+    let version = mesh.controller.config.current().version;
+    weft_integration::eventually("both ztunnels ACK it", || {
+        ["a", "b"].iter().all(|n| {
+            mesh.controller.proxies.get(n).is_some_and(|s| {
+                s.connected && s.acked.get(weft_proto::resources::AUTHORIZATION) >= Some(&version)
+            })
+        })
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn config_pushed_by_the_controller_reaches_live_traffic() {
+async fn config_from_the_directory_and_rest_reaches_live_traffic_and_survives_the_controller() {
     require_root!();
     let mut topo = Topology::new();
     let mesh = Mesh::start().await;
@@ -519,24 +563,27 @@ async fn config_pushed_by_the_controller_reaches_live_traffic() {
     let b = topo.node("b", "10.244.2.0/24").expect("topology");
     topo.link(&a, &b).expect("topology");
     let client = topo.pod(&a, "client").expect("topology");
+    let newcomer = topo.pod(&a, "newcomer").expect("topology");
     let server = topo.pod(&b, "server-b").expect("topology");
     let late = topo.pod(&b, "late").expect("topology");
-    let first = model_yaml(
-        &[
-            (&client, "a", "client", false),
-            (&server, "b", "server", true),
-        ],
-        "",
+    let dir = mesh.config_dir();
+    std::fs::create_dir_all(&dir).expect("config dir");
+    let first = format!(
+        "{NAMESPACE_AND_SERVICE}---\n{}{}",
+        pod_yaml(&client, "a", "client", "client"),
+        pod_yaml(&server, "b", "server", "api")
     );
-    mesh.controller
-        .config
-        .set(Model::from_yaml(&first, "cluster.local").expect("model"));
-    let dir = topo.dir.path();
+    std::fs::write(dir.join("shop.yaml"), first).expect("write config");
+    weft_integration::eventually("the directory is served", || {
+        mesh.controller.config.current().model.workloads.len() == 2
+    })
+    .await;
+    let zt_dir = topo.dir.path();
     let zt_a = mesh
-        .ztunnel_pushed("a", &dir.join("zt-a"), ZtunnelOptions::default())
+        .ztunnel_pushed("a", &zt_dir.join("zt-a"), ZtunnelOptions::default())
         .await;
     let zt_b = mesh
-        .ztunnel_pushed("b", &dir.join("zt-b"), ZtunnelOptions::default())
+        .ztunnel_pushed("b", &zt_dir.join("zt-b"), ZtunnelOptions::default())
         .await;
     for zt in [&zt_a, &zt_b] {
         weft_integration::eventually("ztunnel has the pushed config", || {
@@ -546,8 +593,9 @@ async fn config_pushed_by_the_controller_reaches_live_traffic() {
     }
     enroll(&zt_a, &client).await;
     enroll(&zt_b, &server).await;
-    app(&server).await;
-    app(&late).await;
+    for pod in [&server, &late, &newcomer] {
+        app(pod).await;
+    }
     let vip: SocketAddr = format!("{VIP}:80").parse().expect("vip");
     exchange(&client, vip)
         .await
@@ -563,26 +611,12 @@ async fn config_pushed_by_the_controller_reaches_live_traffic() {
         .await
         .expect("reply");
     assert!(!refused.ok);
-    // …until the controller's config includes it: no restart anywhere.
-    let second = model_yaml(
-        &[
-            (&client, "a", "client", false),
-            (&server, "b", "server", true),
-            (&late, "b", "late", false),
-        ],
-        "",
-    );
-    let version = mesh
-        .controller
-        .config
-        .set(Model::from_yaml(&second, "cluster.local").expect("model"));
-    weft_integration::eventually("both ztunnels ACK the new config", || {
-        ["a", "b"].iter().all(|n| {
-            mesh.controller
-                .proxies
-                .get(n)
-                .is_some_and(|s| s.acked.get(weft_proto::resources::WORKLOAD) == Some(&version))
-        })
+    // …until a file in the directory adds it: no restart anywhere. The
+    // newcomer (one more replica of client) is added now, enrolled later.
+    let more = pod_yaml(&late, "b", "late", "late") + &pod_yaml(&newcomer, "a", "client", "client");
+    std::fs::write(dir.join("late.yaml"), more).expect("write config");
+    converged(&mesh, "the new pods are served", |m| {
+        m.workload("default", "late").is_some()
     })
     .await;
     assert_eq!(
@@ -591,8 +625,8 @@ async fn config_pushed_by_the_controller_reaches_live_traffic() {
             .get("a")
             .expect("a")
             .last_push_resources,
-        1,
-        "one new pod, one resource"
+        2,
+        "two new pods, two resources"
     );
     enroll(&zt_b, &late).await;
     let before = zt_b.node.stats.inbound_hbone.load(Ordering::Relaxed);
@@ -606,30 +640,74 @@ async fn config_pushed_by_the_controller_reaches_live_traffic() {
         "over HBONE"
     );
 
-    // A DENY pushed by the controller ends a live connection within a second.
+    // A DENY written through the REST API ends a live connection within a second.
     let mut live = client.connect(vip).await.expect("connect");
     let mut greeting = [0u8; 5];
     live.read_exact(&mut greeting).await.expect("answered");
-    let deny = "policies: [{name: no-client, action: DENY, selector: {app: server-b}, rules: [{principals: [\"spiffe://cluster.local/ns/default/sa/client\"]}]}]\n";
-    let third = model_yaml(
-        &[
-            (&client, "a", "client", false),
-            (&server, "b", "server", true),
-            (&late, "b", "late", false),
-        ],
-        deny,
-    );
-    mesh.controller
-        .config
-        .set(Model::from_yaml(&third, "cluster.local").expect("model"));
+    let (api, token) = (mesh.controller.rest_addr, mesh.controller.api_token.clone());
+    let policy = "/api/v1/objects/AuthorizationPolicy/default/no-client";
+    let (status, body) =
+        weft_integration::curl(api, "PUT", policy, Some(&token), Some(DENY_CLIENT.into())).await;
+    assert_eq!(status, 200, "{body}");
     let mut rest = Vec::new();
     let ended = tokio::time::timeout(Duration::from_secs(1), live.read_to_end(&mut rest)).await;
     assert!(
         ended.is_ok(),
-        "live connection still open a second after the DENY was pushed"
+        "live connection still open a second after the DENY was written"
     );
     assert!(
         exchange(&client, vip).await.is_err(),
         "new connections are refused too"
     );
+    converged(&mesh, "the policy is served", |m| !m.policies.is_empty()).await;
+    let (_, proxies) =
+        weft_integration::curl(api, "GET", "/api/v1/proxies", Some(&token), None).await;
+    let proxies: serde_json::Value = serde_json::from_str(&proxies).expect("JSON");
+    let version = mesh.controller.config.current().version;
+    for p in proxies["items"].as_array().expect("items") {
+        assert_eq!(
+            p["ackedVersions"][weft_proto::resources::AUTHORIZATION],
+            version,
+            "{p}"
+        );
+    }
+
+    // The controller goes away: traffic keeps flowing on the last config,
+    // for pods already there and for a pod that starts meanwhile.
+    let stopped = mesh.stop().await;
+    enroll(&zt_a, &newcomer).await;
+    let (hello, _) = exchange(&newcomer, SocketAddr::new(late.ip, 8080))
+        .await
+        .expect("a pod enrolled while the controller is down reaches a peer");
+    assert_eq!(hello, "hello from late");
+    exchange(&client, SocketAddr::new(late.ip, 8080))
+        .await
+        .expect("existing pods keep talking");
+    assert!(
+        exchange(&client, vip).await.is_err(),
+        "and the DENY still holds"
+    );
+
+    // Back: the proxies reconnect and converge; what the REST API accepted
+    // before the outage is still there, and new changes apply.
+    let mesh = stopped.start().await;
+    converged(
+        &mesh,
+        "the policy written before the outage is served",
+        |m| m.policies.len() == 1 && m.workloads.len() == 4,
+    )
+    .await;
+    let (status, _) = weft_integration::curl(
+        mesh.controller.rest_addr,
+        "DELETE",
+        policy,
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    converged(&mesh, "the policy is gone", |m| m.policies.is_empty()).await;
+    exchange(&client, vip)
+        .await
+        .expect("the VIP answers again once the DENY is deleted");
 }

@@ -268,7 +268,7 @@ pub enum Decision {
 pub struct Model {
     pub workloads: Vec<Arc<Workload>>,
     pub services: Vec<Arc<Service>>,
-    pub policies: Vec<Policy>,
+    pub policies: Vec<Arc<Policy>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     by_vip: HashMap<IpAddr, Arc<Service>>,
     // "<namespace>/<name>" → object: the per-connection lookups are O(1)
@@ -315,6 +315,7 @@ impl Model {
         let applicable: Vec<&Policy> = self
             .policies
             .iter()
+            .map(|p| &**p)
             .filter(|p| {
                 p.namespace == dst.namespace
                     && p.selector.iter().all(|(k, v)| dst.labels.get(k) == Some(v))
@@ -351,132 +352,197 @@ fn rule_matches(rule: &Rule, src: Source<'_>, port: u16) -> bool {
     principal && namespace && ip && port_ok
 }
 
+/// A validated service before its endpoints are attached.
+#[derive(Debug, Clone)]
+pub struct ServiceDef {
+    /// `<namespace>/<name>`.
+    pub key: String,
+    pub addresses: Vec<IpAddr>,
+    /// (service port, target port)
+    pub ports: Vec<(u16, u16)>,
+}
+
+/// Validates one workload on its own (`object` names it in errors).
+pub fn workload(w: WorkloadSpec, trust_domain: &str, object: &str) -> Result<Workload, ModelError> {
+    let identity = Identity::new(trust_domain, &w.namespace, &w.service_account)
+        .map_err(|e| invalid(object, "serviceAccount", e))?;
+    if w.addresses.is_empty() {
+        return Err(invalid(object, "addresses", "at least one IP is required"));
+    }
+    Ok(Workload {
+        key: format!("{}/{}", w.namespace, w.name),
+        name: w.name,
+        namespace: w.namespace,
+        identity,
+        node: w.node,
+        addresses: w.addresses,
+        meshed: w.meshed,
+        services: w.services,
+        labels: w.labels,
+    })
+}
+
+/// Validates one service on its own.
+pub fn service(s: ServiceSpec, object: &str) -> Result<ServiceDef, ModelError> {
+    if s.ports.is_empty() {
+        return Err(invalid(object, "ports", "at least one port is required"));
+    }
+    Ok(ServiceDef {
+        key: format!("{}/{}", s.namespace, s.name),
+        addresses: s.addresses,
+        ports: s
+            .ports
+            .iter()
+            .map(|p| (p.port, p.target_port.unwrap_or(p.port)))
+            .collect(),
+    })
+}
+
+/// Validates one policy on its own.
+pub fn policy(p: PolicySpec, object: &str) -> Result<Policy, ModelError> {
+    let mut rules = Vec::with_capacity(p.rules.len());
+    for r in p.rules {
+        let principals = r
+            .principals
+            .iter()
+            .map(|s| s.parse::<Identity>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| invalid(object, "rules.principals", e))?;
+        let ip_blocks = r
+            .ip_blocks
+            .iter()
+            .map(|s| Cidr::parse(s))
+            .collect::<Result<_, _>>()
+            .map_err(|e| invalid(object, "rules.ipBlocks", e))?;
+        rules.push(Rule {
+            principals,
+            namespaces: r.namespaces,
+            ip_blocks,
+            ports: r.ports,
+        });
+    }
+    Ok(Policy {
+        key: format!("{}/{}", p.namespace, p.name),
+        namespace: p.namespace,
+        action: p.action,
+        selector: p.selector,
+        rules,
+    })
+}
+
 fn build(doc: Specs, trust_domain: &str) -> Result<Model, ModelError> {
-    let mut model = Model::default();
-    for (i, w) in doc.workloads.into_iter().enumerate() {
-        let key = format!("{}/{}", w.namespace, w.name);
-        let object = format!("workloads[{i}] ({key})");
-        let identity = Identity::new(trust_domain, &w.namespace, &w.service_account)
-            .map_err(|e| invalid(&object, "serviceAccount", e))?;
-        if w.addresses.is_empty() {
-            return Err(invalid(&object, "addresses", "at least one IP is required"));
-        }
-        let workload = Arc::new(Workload {
-            key,
-            name: w.name,
-            namespace: w.namespace,
-            identity,
-            node: w.node,
-            addresses: w.addresses,
-            meshed: w.meshed,
-            services: w.services,
-            labels: w.labels,
-        });
-        for ip in &workload.addresses {
-            if let Some(other) = model.by_ip.insert(*ip, workload.clone()) {
-                return Err(invalid(
-                    &object,
-                    "addresses",
-                    format!("{ip} is already used by {}", other.key),
-                ));
-            }
-        }
-        if let Some(other) = model
-            .workloads_by_key
-            .insert(workload.key.clone(), workload.clone())
-        {
-            return Err(invalid(
-                &object,
-                "name",
-                format!("{} is defined twice", other.key),
-            ));
-        }
-        model.workloads.push(workload);
-    }
-    // Endpoints by service, in one pass over the workloads.
-    let mut by_service: HashMap<&str, Vec<Arc<Workload>>> = HashMap::new();
-    for w in &model.workloads {
-        for svc in &w.services {
-            by_service.entry(svc.as_str()).or_default().push(w.clone());
-        }
-    }
-    let mut by_service: HashMap<String, Vec<Arc<Workload>>> = by_service
+    let name = |kind: &str, i: usize, ns: &str, n: &str| format!("{kind}[{i}] ({ns}/{n})");
+    let workloads = doc
+        .workloads
         .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-    for (i, s) in doc.services.into_iter().enumerate() {
-        let key = format!("{}/{}", s.namespace, s.name);
-        let object = format!("services[{i}] ({key})");
-        if s.ports.is_empty() {
-            return Err(invalid(&object, "ports", "at least one port is required"));
-        }
-        let endpoints = by_service.remove(&key).unwrap_or_default();
-        let service = Arc::new(Service {
-            ports: s
-                .ports
-                .iter()
-                .map(|p| (p.port, p.target_port.unwrap_or(p.port)))
-                .collect(),
-            addresses: s.addresses,
-            key,
-            endpoints,
-            next: AtomicUsize::new(0),
-        });
-        for ip in &service.addresses {
-            if model.by_ip.contains_key(ip) || model.by_vip.insert(*ip, service.clone()).is_some() {
+        .enumerate()
+        .map(|(i, w)| {
+            let object = name("workloads", i, &w.namespace, &w.name);
+            workload(w, trust_domain, &object).map(Arc::new)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let services = doc
+        .services
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let object = name("services", i, &s.namespace, &s.name);
+            service(s, &object)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let policies = doc
+        .policies
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let object = name("policies", i, &p.namespace, &p.name);
+            policy(p, &object).map(Arc::new)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Model::assemble(workloads, services.iter(), policies)
+}
+
+impl Model {
+    /// Indexes objects validated one by one, checking what only the whole
+    /// can tell: an IP or a name used twice. Unchanged objects are shared,
+    /// not copied, so a proxy applying a one-pod change re-indexes but
+    /// decodes and validates only that pod.
+    pub fn assemble<'a>(
+        workloads: Vec<Arc<Workload>>,
+        services: impl Iterator<Item = &'a ServiceDef>,
+        policies: Vec<Arc<Policy>>,
+    ) -> Result<Model, ModelError> {
+        let mut model = Model {
+            by_ip: HashMap::with_capacity(workloads.len()),
+            workloads_by_key: HashMap::with_capacity(workloads.len()),
+            ..Model::default()
+        };
+        for (i, workload) in workloads.iter().enumerate() {
+            let object = || format!("workloads[{i}] ({})", workload.key);
+            for ip in &workload.addresses {
+                if let Some(other) = model.by_ip.insert(*ip, workload.clone()) {
+                    return Err(invalid(
+                        &object(),
+                        "addresses",
+                        format!("{ip} is already used by {}", other.key),
+                    ));
+                }
+            }
+            if let Some(other) = model
+                .workloads_by_key
+                .insert(workload.key.clone(), workload.clone())
+            {
                 return Err(invalid(
-                    &object,
-                    "addresses",
-                    format!("{ip} is already in use"),
+                    &object(),
+                    "name",
+                    format!("{} is defined twice", other.key),
                 ));
             }
         }
-        if model
-            .services_by_key
-            .insert(service.key.clone(), service.clone())
-            .is_some()
-        {
-            return Err(invalid(
-                &object,
-                "name",
-                format!("{} is defined twice", service.key),
-            ));
+        // Endpoints by service, in one pass over the workloads.
+        let mut by_service: HashMap<&str, Vec<Arc<Workload>>> = HashMap::new();
+        for w in &workloads {
+            for svc in &w.services {
+                by_service.entry(svc.as_str()).or_default().push(w.clone());
+            }
         }
-        model.services.push(service);
-    }
-    for (i, p) in doc.policies.into_iter().enumerate() {
-        let key = format!("{}/{}", p.namespace, p.name);
-        let object = format!("policies[{i}] ({key})");
-        let mut rules = Vec::with_capacity(p.rules.len());
-        for r in p.rules {
-            let principals = r
-                .principals
-                .iter()
-                .map(|s| s.parse::<Identity>())
-                .collect::<Result<_, _>>()
-                .map_err(|e| invalid(&object, "rules.principals", e))?;
-            let ip_blocks = r
-                .ip_blocks
-                .iter()
-                .map(|s| Cidr::parse(s))
-                .collect::<Result<_, _>>()
-                .map_err(|e| invalid(&object, "rules.ipBlocks", e))?;
-            rules.push(Rule {
-                principals,
-                namespaces: r.namespaces,
-                ip_blocks,
-                ports: r.ports,
+        for (i, def) in services.enumerate() {
+            let object = || format!("services[{i}] ({})", def.key);
+            let service = Arc::new(Service {
+                key: def.key.clone(),
+                addresses: def.addresses.clone(),
+                ports: def.ports.clone(),
+                endpoints: by_service.remove(def.key.as_str()).unwrap_or_default(),
+                next: AtomicUsize::new(0),
             });
+            for ip in &service.addresses {
+                if model.by_ip.contains_key(ip)
+                    || model.by_vip.insert(*ip, service.clone()).is_some()
+                {
+                    return Err(invalid(
+                        &object(),
+                        "addresses",
+                        format!("{ip} is already in use"),
+                    ));
+                }
+            }
+            if model
+                .services_by_key
+                .insert(service.key.clone(), service.clone())
+                .is_some()
+            {
+                return Err(invalid(
+                    &object(),
+                    "name",
+                    format!("{} is defined twice", service.key),
+                ));
+            }
+            model.services.push(service);
         }
-        model.policies.push(Policy {
-            key,
-            namespace: p.namespace,
-            action: p.action,
-            selector: p.selector,
-            rules,
-        });
+        model.workloads = workloads;
+        model.policies = policies;
+        Ok(model)
     }
-    Ok(model)
 }
 
 #[cfg(test)]

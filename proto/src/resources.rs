@@ -8,8 +8,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use prost::Message;
 
+use std::sync::Arc;
+
 use crate::model::{
-    Action, Model, ModelError, PolicySpec, PortSpec, RuleSpec, ServiceSpec, Specs, WorkloadSpec,
+    self, Action, Model, ModelError, Policy, PolicySpec, PortSpec, RuleSpec, ServiceDef,
+    ServiceSpec, Workload, WorkloadSpec,
 };
 use crate::pb::weft::v1 as pb;
 
@@ -151,122 +154,168 @@ pub fn encode(model: &Model) -> BTreeMap<&'static str, BTreeMap<String, Resource
     out
 }
 
-/// Builds a model from received resources (all types, by name). Anything
-/// malformed or unsupported is an error naming the resource, so the caller
-/// can NACK it and keep its last good model.
+fn bad(name: &str, reason: String) -> ModelError {
+    ModelError::Invalid {
+        object: name.to_owned(),
+        field: "resource",
+        reason,
+    }
+}
+
+fn ips(name: &str, addrs: &[Vec<u8>]) -> Result<Vec<IpAddr>, ModelError> {
+    addrs
+        .iter()
+        .map(|a| ip_from(a).ok_or_else(|| bad(name, "address is not 4 or 16 bytes".into())))
+        .collect()
+}
+
+fn port(name: &str, p: u32) -> Result<u16, ModelError> {
+    u16::try_from(p).map_err(|_| bad(name, format!("port {p} out of range")))
+}
+
+/// One received resource, decoded and validated on its own: what a proxy
+/// keeps per name, so a change costs one decode, not the mesh's.
+#[derive(Debug, Clone)]
+pub enum Decoded {
+    Workload(Arc<Workload>),
+    Service(Arc<ServiceDef>),
+    Policy(Arc<Policy>),
+}
+
+/// Decodes one resource of `type_url`; errors name the resource, so the
+/// caller can NACK it and keep its last good model.
+pub fn decode_one(
+    type_url: &str,
+    name: &str,
+    any: &prost_types::Any,
+    trust_domain: &str,
+) -> Result<Decoded, ModelError> {
+    if any.type_url != type_url {
+        return Err(bad(
+            name,
+            format!("is a {}, not a {type_url}", any.type_url),
+        ));
+    }
+    let value = any.value.as_slice();
+    match type_url {
+        WORKLOAD => {
+            let w = pb::Workload::decode(value).map_err(|e| bad(name, e.to_string()))?;
+            if !w.trust_domain.is_empty() && w.trust_domain != trust_domain {
+                return Err(bad(
+                    name,
+                    format!(
+                        "trust domain {} is not ours ({trust_domain})",
+                        w.trust_domain
+                    ),
+                ));
+            }
+            let spec = WorkloadSpec {
+                addresses: ips(name, &w.addresses)?,
+                name: w.name,
+                namespace: w.namespace,
+                service_account: w.service_account,
+                node: w.node,
+                meshed: w.meshed,
+                services: w.services,
+                labels: w.labels.into_iter().collect(),
+            };
+            Ok(Decoded::Workload(Arc::new(model::workload(
+                spec,
+                trust_domain,
+                name,
+            )?)))
+        }
+        SERVICE => {
+            let s = pb::Service::decode(value).map_err(|e| bad(name, e.to_string()))?;
+            let ports = s
+                .ports
+                .iter()
+                .map(|p| {
+                    Ok(PortSpec {
+                        port: port(name, p.port)?,
+                        target_port: Some(port(name, p.target_port)?),
+                    })
+                })
+                .collect::<Result<_, ModelError>>()?;
+            let spec = ServiceSpec {
+                addresses: ips(name, &s.addresses)?,
+                name: s.name,
+                namespace: s.namespace,
+                ports,
+            };
+            Ok(Decoded::Service(Arc::new(model::service(spec, name)?)))
+        }
+        AUTHORIZATION => Ok(Decoded::Policy(Arc::new(decode_policy(name, value)?))),
+        other => Err(bad(name, format!("{other} is not a type weft serves"))),
+    }
+}
+
+fn decode_policy(name: &str, value: &[u8]) -> Result<Policy, ModelError> {
+    let a = pb::Authorization::decode(value).map_err(|e| bad(name, e.to_string()))?;
+    let mut rules = Vec::new();
+    for m in a.rules.iter().flat_map(|r| r.matches.iter()) {
+        if !(m.not_principals.is_empty()
+            && m.not_namespaces.is_empty()
+            && m.not_source_ips.is_empty()
+            && m.not_destination_ports.is_empty())
+        {
+            return Err(bad(
+                name,
+                "not* matchers are not supported yet; refusing rather than guessing".into(),
+            ));
+        }
+        let ip_blocks = m
+            .source_ips
+            .iter()
+            .map(|c| {
+                ip_from(&c.address)
+                    .map(|ip| format!("{ip}/{}", c.prefix_len))
+                    .ok_or_else(|| bad(name, "CIDR address is not 4 or 16 bytes".into()))
+            })
+            .collect::<Result<_, _>>()?;
+        let ports = m
+            .destination_ports
+            .iter()
+            .map(|p| port(name, *p))
+            .collect::<Result<_, _>>()?;
+        rules.push(RuleSpec {
+            principals: m.principals.clone(),
+            namespaces: m.namespaces.clone(),
+            ip_blocks,
+            ports,
+        });
+    }
+    let action = match pb::Action::try_from(a.action) {
+        Ok(pb::Action::Allow) => Action::Allow,
+        Ok(pb::Action::Deny) => Action::Deny,
+        Err(_) => return Err(bad(name, format!("unknown action {}", a.action))),
+    };
+    let spec = PolicySpec {
+        name: a.name,
+        namespace: a.namespace,
+        action,
+        selector: a.selector.into_iter().collect(),
+        rules,
+    };
+    model::policy(spec, name)
+}
+
+/// Builds a model from received resources (all types, by name).
 pub fn decode(
     resources: &BTreeMap<String, BTreeMap<String, prost_types::Any>>,
     trust_domain: &str,
 ) -> Result<Model, ModelError> {
-    let bad = |name: &str, reason: String| ModelError::Invalid {
-        object: name.to_owned(),
-        field: "resource",
-        reason,
-    };
-    let empty = BTreeMap::new();
-    let of = |t: &str| resources.get(t).unwrap_or(&empty);
-    let ips = |name: &str, addrs: &[Vec<u8>]| -> Result<Vec<IpAddr>, ModelError> {
-        addrs
-            .iter()
-            .map(|a| ip_from(a).ok_or_else(|| bad(name, "address is not 4 or 16 bytes".into())))
-            .collect()
-    };
-    let port = |name: &str, p: u32| {
-        u16::try_from(p).map_err(|_| bad(name, format!("port {p} out of range")))
-    };
-    let mut specs = Specs::default();
-    for (name, any) in of(WORKLOAD) {
-        let w = pb::Workload::decode(any.value.as_slice()).map_err(|e| bad(name, e.to_string()))?;
-        if !w.trust_domain.is_empty() && w.trust_domain != trust_domain {
-            return Err(bad(
-                name,
-                format!(
-                    "trust domain {} is not ours ({trust_domain})",
-                    w.trust_domain
-                ),
-            ));
-        }
-        specs.workloads.push(WorkloadSpec {
-            addresses: ips(name, &w.addresses)?,
-            name: w.name,
-            namespace: w.namespace,
-            service_account: w.service_account,
-            node: w.node,
-            meshed: w.meshed,
-            services: w.services,
-            labels: w.labels.into_iter().collect(),
-        });
-    }
-    for (name, any) in of(SERVICE) {
-        let s = pb::Service::decode(any.value.as_slice()).map_err(|e| bad(name, e.to_string()))?;
-        let ports = s
-            .ports
-            .iter()
-            .map(|p| {
-                Ok(PortSpec {
-                    port: port(name, p.port)?,
-                    target_port: Some(port(name, p.target_port)?),
-                })
-            })
-            .collect::<Result<_, ModelError>>()?;
-        specs.services.push(ServiceSpec {
-            addresses: ips(name, &s.addresses)?,
-            name: s.name,
-            namespace: s.namespace,
-            ports,
-        });
-    }
-    for (name, any) in of(AUTHORIZATION) {
-        let a = pb::Authorization::decode(any.value.as_slice())
-            .map_err(|e| bad(name, e.to_string()))?;
-        let mut rules = Vec::new();
-        for m in a.rules.iter().flat_map(|r| r.matches.iter()) {
-            if !(m.not_principals.is_empty()
-                && m.not_namespaces.is_empty()
-                && m.not_source_ips.is_empty()
-                && m.not_destination_ports.is_empty())
-            {
-                return Err(bad(
-                    name,
-                    "not* matchers are not supported yet; refusing rather than guessing".into(),
-                ));
+    let (mut workloads, mut services, mut policies) = (Vec::new(), Vec::new(), Vec::new());
+    for (type_url, named) in resources {
+        for (name, any) in named {
+            match decode_one(type_url, name, any, trust_domain)? {
+                Decoded::Workload(w) => workloads.push(w),
+                Decoded::Service(s) => services.push(s),
+                Decoded::Policy(p) => policies.push(p),
             }
-            let ip_blocks = m
-                .source_ips
-                .iter()
-                .map(|c| {
-                    ip_from(&c.address)
-                        .map(|ip| format!("{ip}/{}", c.prefix_len))
-                        .ok_or_else(|| bad(name, "CIDR address is not 4 or 16 bytes".into()))
-                })
-                .collect::<Result<_, _>>()?;
-            let ports = m
-                .destination_ports
-                .iter()
-                .map(|p| port(name, *p))
-                .collect::<Result<_, _>>()?;
-            rules.push(RuleSpec {
-                principals: m.principals.clone(),
-                namespaces: m.namespaces.clone(),
-                ip_blocks,
-                ports,
-            });
         }
-        let action = match pb::Action::try_from(a.action) {
-            Ok(pb::Action::Allow) => Action::Allow,
-            Ok(pb::Action::Deny) => Action::Deny,
-            Err(_) => return Err(bad(name, format!("unknown action {}", a.action))),
-        };
-        specs.policies.push(PolicySpec {
-            name: a.name,
-            namespace: a.namespace,
-            action,
-            selector: a.selector.into_iter().collect(),
-            rules,
-        });
     }
-    // One validation path for files and pushed config alike.
-    Model::from_specs(specs, trust_domain)
+    Model::assemble(workloads, services.iter().map(|s| &**s), policies)
 }
 
 #[cfg(test)]

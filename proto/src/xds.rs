@@ -26,7 +26,7 @@ use crate::model::Model;
 use crate::pb::google::rpc::Status as RpcStatus;
 use crate::pb::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::pb::xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node};
-use crate::resources::{self, ZTUNNEL_TYPES};
+use crate::resources::{self, Decoded, ZTUNNEL_TYPES};
 use crate::tls::{self, TrustBundle};
 
 #[derive(Debug, Clone)]
@@ -47,12 +47,33 @@ pub struct XdsStats {
     pub nacks: AtomicU64,
 }
 
-/// What the proxy holds: bodies by type and name (what decoding reads), and
-/// versions alongside (what a reconnect reports).
+/// What the proxy holds: per type and name, the version and the decoded,
+/// validated object. A response decodes only what it carries; the model is
+/// re-indexed from shared objects.
 #[derive(Default)]
 struct Cache {
-    bodies: BTreeMap<String, BTreeMap<String, prost_types::Any>>,
-    versions: BTreeMap<String, BTreeMap<String, String>>,
+    types: BTreeMap<String, BTreeMap<String, (String, Decoded)>>,
+}
+
+impl Cache {
+    fn versions(&self, type_url: &str) -> std::collections::HashMap<String, String> {
+        self.types
+            .get(type_url)
+            .map(|m| m.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    fn model(&self) -> Result<Model, crate::model::ModelError> {
+        let (mut workloads, mut services, mut policies) = (Vec::new(), Vec::new(), Vec::new());
+        for (_, decoded) in self.types.values().flat_map(|m| m.values()) {
+            match decoded {
+                Decoded::Workload(w) => workloads.push(w.clone()),
+                Decoded::Service(s) => services.push(s.clone()),
+                Decoded::Policy(p) => policies.push(p.clone()),
+            }
+        }
+        Model::assemble(workloads, services.iter().map(|s| &**s), policies)
+    }
 }
 
 /// Starts the client; the watch holds `None` until the first complete config.
@@ -101,13 +122,7 @@ async fn session(
 ) -> Result<(), tonic::Status> {
     let (req_tx, req_rx) = mpsc::channel(16);
     for type_url in ZTUNNEL_TYPES {
-        let have = cache
-            .versions
-            .get(type_url)
-            .cloned()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
+        let have = cache.versions(type_url);
         let subscribe = DeltaDiscoveryRequest {
             node: Some(Node {
                 id: config.node.clone(),
@@ -176,46 +191,43 @@ async fn session(
 }
 
 /// Applies one response and validates the whole config; if it is invalid
-/// the cache is left as it was. Only the changed type's map is copied.
+/// the cache is left as it was. Only the resources in the response are
+/// decoded.
 fn apply(
     cache: &mut Cache,
     resp: DeltaDiscoveryResponse,
     trust_domain: &str,
 ) -> Result<Model, String> {
     let type_url = resp.type_url;
-    let mut bodies = cache.bodies.get(&type_url).cloned().unwrap_or_default();
-    let mut versions = cache.versions.get(&type_url).cloned().unwrap_or_default();
-    for name in &resp.removed_resources {
-        bodies.remove(name);
-        versions.remove(name);
-    }
+    let mut decoded = Vec::with_capacity(resp.resources.len());
     for r in resp.resources {
         let body = r
             .resource
             .ok_or_else(|| format!("resource {} has no body", r.name))?;
-        if body.type_url != type_url {
-            return Err(format!(
-                "resource {} is a {}, not a {type_url}",
-                r.name, body.type_url
-            ));
-        }
-        versions.insert(r.name.clone(), r.version);
-        bodies.insert(r.name, body);
+        let d = resources::decode_one(&type_url, &r.name, &body, trust_domain)
+            .map_err(|e| e.to_string())?;
+        decoded.push((r.name, r.version, d));
     }
-    let previous = cache.bodies.insert(type_url.clone(), bodies);
-    match resources::decode(&cache.bodies, trust_domain) {
-        Ok(model) => {
-            cache.versions.insert(type_url, versions);
-            Ok(model)
-        }
-        Err(e) => {
+    let map = cache.types.entry(type_url.clone()).or_default();
+    let mut undo = Vec::with_capacity(decoded.len() + resp.removed_resources.len());
+    for name in resp.removed_resources {
+        let previous = map.remove(&name);
+        undo.push((name, previous));
+    }
+    for (name, version, d) in decoded {
+        let previous = map.insert(name.clone(), (version, d));
+        undo.push((name, previous));
+    }
+    cache.model().map_err(|e| {
+        let map = cache.types.entry(type_url).or_default();
+        for (name, previous) in undo.into_iter().rev() {
             match previous {
-                Some(p) => cache.bodies.insert(type_url, p),
-                None => cache.bodies.remove(&type_url),
+                Some(p) => map.insert(name, p),
+                None => map.remove(&name),
             };
-            Err(e.to_string())
         }
-    }
+        e.to_string()
+    })
 }
 
 #[cfg(test)]
@@ -278,7 +290,7 @@ mod tests {
         .expect_err("clash");
         assert!(err.contains("already used"), "{err}");
         assert_eq!(
-            cache.bodies[resources::WORKLOAD].len(),
+            cache.types[resources::WORKLOAD].len(),
             1,
             "refused response left the cache as it was"
         );

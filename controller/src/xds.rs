@@ -7,9 +7,9 @@
 //! ACKs and NACKs are recorded per proxy; a NACKed version is not resent
 //! until the config changes again.
 //!
-//! Today every ztunnel receives every workload, service and policy (it needs
-//! any destination); per-node filtering of policies comes with the
-//! Kubernetes source.
+//! A ztunnel receives every workload and service (it may dial any
+//! destination) but only the policies that select a workload on its node
+//! (it enforces inbound only).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -36,6 +36,64 @@ pub struct Snapshot {
     created: std::time::Instant,
     pub model: Arc<Model>,
     resources: BTreeMap<&'static str, BTreeMap<String, Resource>>,
+    /// What changed since the previous version, computed once for all
+    /// proxies: a proxy in step with that version is sent it without a
+    /// diff over the whole mesh.
+    delta: Option<Delta>,
+    /// Node → the policies that select a workload on it: a ztunnel enforces
+    /// inbound only, so it is sent only those (SPEC §6).
+    policies_by_node: HashMap<String, HashSet<String>>,
+}
+
+struct Delta {
+    from: u64,
+    /// Type → (changed or added names, removed names).
+    types: HashMap<&'static str, (Vec<String>, Vec<String>)>,
+}
+
+fn delta(from: &Snapshot, to: &BTreeMap<&'static str, BTreeMap<String, Resource>>) -> Delta {
+    let empty = BTreeMap::new();
+    let mut types = HashMap::new();
+    for t in ZTUNNEL_TYPES {
+        let (old, new) = (
+            from.resources.get(t).unwrap_or(&empty),
+            to.get(t).unwrap_or(&empty),
+        );
+        let changed = new
+            .values()
+            .filter(|r| old.get(&r.name).map(|o| &o.version) != Some(&r.version))
+            .map(|r| r.name.clone())
+            .collect();
+        let removed = old
+            .keys()
+            .filter(|n| !new.contains_key(*n))
+            .cloned()
+            .collect();
+        types.insert(t, (changed, removed));
+    }
+    Delta {
+        from: from.version,
+        types,
+    }
+}
+
+fn policies_by_node(model: &Model) -> HashMap<String, HashSet<String>> {
+    let mut by_namespace: HashMap<&str, Vec<&weft_proto::model::Workload>> = HashMap::new();
+    for w in &model.workloads {
+        by_namespace
+            .entry(w.namespace.as_str())
+            .or_default()
+            .push(w);
+    }
+    let mut out: HashMap<String, HashSet<String>> = HashMap::new();
+    for p in &model.policies {
+        for w in by_namespace.get(p.namespace.as_str()).into_iter().flatten() {
+            if p.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
+                out.entry(w.node.clone()).or_default().insert(p.key.clone());
+            }
+        }
+    }
+    out
 }
 
 /// What the controller serves. Setting a new model pushes the difference to
@@ -53,6 +111,8 @@ impl ConfigStore {
             created: std::time::Instant::now(),
             model: Arc::new(Model::default()),
             resources: BTreeMap::new(),
+            delta: None,
+            policies_by_node: HashMap::new(),
         };
         ConfigStore {
             tx: Arc::new(watch::channel(Arc::new(empty)).0),
@@ -65,12 +125,11 @@ impl ConfigStore {
     /// status churning in Kubernetes must not wake every proxy).
     pub fn set(&self, model: Model) -> u64 {
         let resources = resources::encode(&model);
-        {
-            let current = self.tx.borrow();
-            if current.version > 0 && current.resources == resources {
-                return current.version;
-            }
+        let current = self.current();
+        if current.version > 0 && current.resources == resources {
+            return current.version;
         }
+        let delta = delta(&current, &resources);
         let mut placements: HashMap<String, HashSet<_>> = HashMap::new();
         for w in model.workloads.iter().filter(|w| w.meshed) {
             placements
@@ -79,12 +138,14 @@ impl ConfigStore {
                 .insert(w.identity.clone());
         }
         self.nodes.set_config_placements(placements);
-        let version = self.tx.borrow().version + 1;
+        let version = current.version + 1;
         self.tx.send_replace(Arc::new(Snapshot {
             version,
             created: std::time::Instant::now(),
+            policies_by_node: policies_by_node(&model),
             model: Arc::new(model),
             resources,
+            delta: Some(delta),
         }));
         metrics::gauge!("weft_controller_config_version").set(version as f64);
         info!(version, "config updated");
@@ -176,6 +237,7 @@ impl AggregatedDiscoveryService for XdsService {
             have: HashMap::new(),
             pending: HashMap::new(),
             nacked: HashSet::new(),
+            synced: HashMap::new(),
             nonce: 0,
         };
         info!(node, "proxy connected to the config stream");
@@ -198,6 +260,8 @@ struct Session {
     pending: HashMap<String, (String, u64, std::time::Instant)>,
     /// Types whose latest response the proxy refused.
     nacked: HashSet<String>,
+    /// Type → the config version the proxy's `have` matches (for deltas).
+    synced: HashMap<String, u64>,
     nonce: u64,
 }
 
@@ -270,6 +334,7 @@ impl Session {
                         "proxy NACKed config"
                     );
                     self.nacked.insert(type_url.clone());
+                    self.synced.remove(&type_url);
                     // The reason is the proxy's text: bounded in length and number.
                     let reason: String = err.message.chars().take(512).collect();
                     self.proxies.update(&self.node, |s| {
@@ -300,6 +365,7 @@ impl Session {
             return Ok(());
         }
         // A (re)subscription: start from what the proxy says it has.
+        self.synced.remove(&req.type_url);
         self.have.insert(
             req.type_url.clone(),
             req.initial_resource_versions.into_iter().collect(),
@@ -313,16 +379,44 @@ impl Session {
     async fn push(&mut self, type_url: &str, snapshot: &Snapshot, always: bool) -> Result<(), ()> {
         let empty = BTreeMap::new();
         let current = snapshot.resources.get(type_url).unwrap_or(&empty);
+        let in_step = self.synced.insert(type_url.to_owned(), snapshot.version);
         let have = self.have.entry(type_url.to_owned()).or_default();
-        let changed: Vec<&Resource> = current
-            .values()
-            .filter(|r| have.get(&r.name) != Some(&r.version))
-            .collect();
-        let removed: Vec<String> = have
-            .keys()
-            .filter(|n| !current.contains_key(*n))
-            .cloned()
-            .collect();
+        let delta = snapshot
+            .delta
+            .as_ref()
+            .filter(|d| in_step == Some(d.from) && type_url != resources::AUTHORIZATION)
+            .and_then(|d| d.types.get(type_url));
+        let (changed, removed): (Vec<&Resource>, Vec<String>) = match delta {
+            Some((changed, removed)) => (
+                changed.iter().filter_map(|n| current.get(n)).collect(),
+                removed
+                    .iter()
+                    .filter(|n| have.contains_key(*n))
+                    .cloned()
+                    .collect(),
+            ),
+            None => {
+                let no_policies = HashSet::new();
+                let wanted = |name: &String| {
+                    type_url != resources::AUTHORIZATION
+                        || snapshot
+                            .policies_by_node
+                            .get(&self.node)
+                            .unwrap_or(&no_policies)
+                            .contains(name)
+                };
+                let changed = current
+                    .values()
+                    .filter(|r| wanted(&r.name) && have.get(&r.name) != Some(&r.version))
+                    .collect();
+                let removed = have
+                    .keys()
+                    .filter(|n| !current.contains_key(*n) || !wanted(n))
+                    .cloned()
+                    .collect();
+                (changed, removed)
+            }
+        };
         if changed.is_empty() && removed.is_empty() && !always {
             // Nothing to send: a proxy in step for this type stays in step
             // with the new version (so "ACKed version" reads as "has all of").

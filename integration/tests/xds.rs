@@ -166,3 +166,41 @@ async fn pushes_changes_and_survives_a_controller_restart() {
     assert!(stats.connects.load(Ordering::Relaxed) >= 2);
     controller.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ztunnel_receives_only_the_policies_of_its_workloads() {
+    let mesh = Mesh::start().await;
+    let y = "workloads:
+  - {name: web, serviceAccount: web, node: a, addresses: [10.0.1.2], labels: {app: web}}
+  - {name: api, serviceAccount: api, node: b, addresses: [10.0.2.2], labels: {app: api}}
+policies:
+  - {name: api-only-web, action: ALLOW, selector: {app: api}, rules: [{principals: [\"spiffe://cluster.local/ns/default/sa/web\"]}]}
+  - {name: everyone, action: DENY, rules: [{ipBlocks: [192.0.2.0/24]}]}
+";
+    mesh.controller.config.set(model(y));
+    let (mut a, _) = client(&mesh, "a", &mesh.node("a").token);
+    let (mut b, _) = client(&mesh, "b", &mesh.node("b").token);
+    let keys = |m: &Model| -> Vec<String> { m.policies.iter().map(|p| p.key.clone()).collect() };
+    let ma = until(&mut a, "a's config", |m| m.workloads.len() == 2).await;
+    let mb = until(&mut b, "b's config", |m| m.workloads.len() == 2).await;
+    assert_eq!(
+        keys(&ma),
+        ["default/everyone"],
+        "a runs no app=api workload"
+    );
+    assert_eq!(keys(&mb), ["default/api-only-web", "default/everyone"]);
+
+    // api moves to node a: the policy follows it.
+    mesh.controller.config.set(model(&y.replace(
+        "node: b, addresses: [10.0.2.2]",
+        "node: a, addresses: [10.0.2.2]",
+    )));
+    until(&mut a, "the policy arriving on a", |m| {
+        m.policies.len() == 2
+    })
+    .await;
+    until(&mut b, "both leaving b, which runs nothing now", |m| {
+        m.policies.is_empty()
+    })
+    .await;
+}

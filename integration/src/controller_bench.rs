@@ -111,17 +111,29 @@ pub async fn run(workloads: usize, services: usize, proxies: usize) -> anyhow::R
         .values()
         .map(|s| s.resources_sent)
         .sum();
+    // Each proxy is timed on its own task, so one slow proxy does not hide
+    // how fast the others were.
     let t1 = Instant::now();
+    let waiters: Vec<_> = clients
+        .iter()
+        .map(|rx| {
+            let mut rx = rx.clone();
+            tokio::spawn(async move {
+                let _ = rx
+                    .wait_for(|m| {
+                        m.as_ref()
+                            .is_some_and(|m| m.workload_by_ip(new_ip).is_some())
+                    })
+                    .await;
+                t1.elapsed()
+            })
+        })
+        .collect();
     let v2 = mesh.controller.config.set(next);
     let set_ms = t1.elapsed().as_secs_f64() * 1e3;
     let mut seen = Vec::new();
-    for rx in &mut clients {
-        rx.wait_for(|m| {
-            m.as_ref()
-                .is_some_and(|m| m.workload_by_ip(new_ip).is_some())
-        })
-        .await?;
-        seen.push(t1.elapsed());
+    for w in waiters {
+        seen.push(w.await?);
     }
     // …and every proxy's ACK, as the controller records it.
     let acked = loop {

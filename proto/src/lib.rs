@@ -8,6 +8,7 @@ pub mod identity;
 pub mod model;
 pub mod process;
 pub mod resources;
+pub mod shards;
 pub mod tls;
 pub mod xds;
 

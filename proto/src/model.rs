@@ -16,7 +16,7 @@
 //!      rules: [{principals: ["spiffe://cluster.local/ns/default/sa/web"]}]}
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde::Deserialize;
 
 use crate::identity::Identity;
+use crate::shards::Shards;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -264,17 +265,17 @@ pub enum Decision {
     Deny(String),
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Model {
     pub workloads: Vec<Arc<Workload>>,
     pub services: Vec<Arc<Service>>,
     pub policies: Vec<Arc<Policy>>,
-    by_ip: HashMap<IpAddr, Arc<Workload>>,
-    by_vip: HashMap<IpAddr, Arc<Service>>,
+    by_ip: Shards<IpAddr, Arc<Workload>>,
+    by_vip: Shards<IpAddr, Arc<Service>>,
     // "<namespace>/<name>" → object: the per-connection lookups are O(1)
     // whatever the size of the mesh.
-    workloads_by_key: HashMap<String, Arc<Workload>>,
-    services_by_key: HashMap<String, Arc<Service>>,
+    workloads_by_key: Shards<String, Arc<Workload>>,
+    services_by_key: Shards<String, Arc<Service>>,
 }
 
 impl Model {
@@ -297,7 +298,8 @@ impl Model {
     }
 
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
-        self.workloads_by_key.get(&format!("{namespace}/{name}"))
+        self.workloads_by_key
+            .get(format!("{namespace}/{name}").as_str())
     }
 
     /// A service by `<namespace>/<name>`.
@@ -472,11 +474,7 @@ impl Model {
         services: impl Iterator<Item = &'a ServiceDef>,
         policies: Vec<Arc<Policy>>,
     ) -> Result<Model, ModelError> {
-        let mut model = Model {
-            by_ip: HashMap::with_capacity(workloads.len()),
-            workloads_by_key: HashMap::with_capacity(workloads.len()),
-            ..Model::default()
-        };
+        let mut model = Model::default();
         for (i, workload) in workloads.iter().enumerate() {
             let object = || format!("workloads[{i}] ({})", workload.key);
             for ip in &workload.addresses {
@@ -542,6 +540,159 @@ impl Model {
         model.workloads = workloads;
         model.policies = policies;
         Ok(model)
+    }
+}
+
+/// A change to a model, by key (`<namespace>/<name>`): objects added or
+/// replaced (`Some`) or removed (`None`).
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub workloads: Vec<(String, Option<Arc<Workload>>)>,
+    pub services: Vec<(String, Option<Arc<ServiceDef>>)>,
+    pub policies: Vec<(String, Option<Arc<Policy>>)>,
+}
+
+/// Keys as a set when there are many, a list when there are few (the
+/// common one-pod change should not hash every workload's key).
+fn key_set(keys: Vec<&str>) -> impl Fn(&str) -> bool + '_ {
+    let set: Option<HashSet<&str>> = (keys.len() > 16).then(|| keys.iter().copied().collect());
+    move |k| match &set {
+        Some(set) => set.contains(k),
+        None => keys.contains(&k),
+    }
+}
+
+impl Model {
+    /// This model with `changes` applied, checked as [`Model::assemble`]
+    /// checks a whole one; `self` is untouched. Costs grow with the change
+    /// and the services it touches, not with the mesh: indices are shared
+    /// shard by shard.
+    pub fn apply(&self, changes: Changes) -> Result<Model, ModelError> {
+        let mut m = self.clone();
+        let mut affected: HashSet<String> = HashSet::new();
+        let changed_workloads: Vec<&str> =
+            changes.workloads.iter().map(|(k, _)| k.as_str()).collect();
+        let changed_services: Vec<&str> =
+            changes.services.iter().map(|(k, _)| k.as_str()).collect();
+        // Removals first, so two objects may trade an address in one change.
+        for key in &changed_workloads {
+            if let Some(old) = m.workloads_by_key.remove(*key) {
+                for ip in &old.addresses {
+                    if m.by_ip.get(ip).is_some_and(|w| Arc::ptr_eq(w, &old)) {
+                        m.by_ip.remove(ip);
+                    }
+                }
+                affected.extend(old.services.iter().cloned());
+            }
+        }
+        let is_changed_workload = key_set(changed_workloads.clone());
+        m.workloads.retain(|w| !is_changed_workload(&w.key));
+        for key in &changed_services {
+            if let Some(old) = m.services_by_key.remove(*key) {
+                for ip in &old.addresses {
+                    if m.by_vip.get(ip).is_some_and(|s| Arc::ptr_eq(s, &old)) {
+                        m.by_vip.remove(ip);
+                    }
+                }
+            }
+        }
+        let mut added: HashMap<String, Vec<Arc<Workload>>> = HashMap::new();
+        for (key, w) in &changes.workloads {
+            let Some(w) = w else { continue };
+            if w.key != *key {
+                return Err(invalid(key, "name", format!("holds workload {}", w.key)));
+            }
+            for ip in &w.addresses {
+                if let Some(other) = m.by_ip.get(ip) {
+                    return Err(invalid(
+                        key,
+                        "addresses",
+                        format!("{ip} is already used by {}", other.key),
+                    ));
+                }
+                if m.by_vip.contains_key(ip) {
+                    return Err(invalid(key, "addresses", format!("{ip} is already in use")));
+                }
+                m.by_ip.insert(*ip, w.clone());
+            }
+            m.workloads_by_key.insert(key.clone(), w.clone());
+            for svc in &w.services {
+                affected.insert(svc.clone());
+                added.entry(svc.clone()).or_default().push(w.clone());
+            }
+            m.workloads.push(w.clone());
+        }
+        // Services: new or changed ones get their endpoints from scratch,
+        // those whose endpoints changed are patched.
+        let mut fresh: Vec<Arc<Service>> = Vec::new();
+        for (key, def) in &changes.services {
+            let Some(def) = def else { continue };
+            if def.key != *key {
+                return Err(invalid(key, "name", format!("holds service {}", def.key)));
+            }
+            let service = Arc::new(Service {
+                key: def.key.clone(),
+                addresses: def.addresses.clone(),
+                ports: def.ports.clone(),
+                endpoints: m
+                    .workloads
+                    .iter()
+                    .filter(|w| w.services.contains(key))
+                    .cloned()
+                    .collect(),
+                next: AtomicUsize::new(0),
+            });
+            for ip in &service.addresses {
+                if m.by_ip.contains_key(ip) || m.by_vip.insert(*ip, service.clone()).is_some() {
+                    return Err(invalid(key, "addresses", format!("{ip} is already in use")));
+                }
+            }
+            m.services_by_key.insert(key.clone(), service.clone());
+            affected.remove(key);
+            fresh.push(service);
+        }
+        for key in &affected {
+            let Some(old) = m.services_by_key.get(key.as_str()).cloned() else {
+                continue; // a workload may name a service that does not exist (yet)
+            };
+            let mut endpoints: Vec<Arc<Workload>> = old
+                .endpoints
+                .iter()
+                .filter(|w| !is_changed_workload(&w.key))
+                .cloned()
+                .collect();
+            endpoints.extend(added.remove(key).unwrap_or_default());
+            let service = Arc::new(Service {
+                key: old.key.clone(),
+                addresses: old.addresses.clone(),
+                ports: old.ports.clone(),
+                endpoints,
+                next: AtomicUsize::new(0),
+            });
+            for ip in &service.addresses {
+                m.by_vip.insert(*ip, service.clone());
+            }
+            m.services_by_key.insert(key.clone(), service.clone());
+            fresh.push(service);
+        }
+        let replaced: Vec<&str> = changed_services
+            .iter()
+            .copied()
+            .chain(affected.iter().map(String::as_str))
+            .collect();
+        let is_replaced = key_set(replaced);
+        m.services.retain(|s| !is_replaced(&s.key));
+        m.services.extend(fresh);
+        for (key, p) in changes.policies {
+            m.policies.retain(|old| old.key != key);
+            if let Some(p) = p {
+                if p.key != key {
+                    return Err(invalid(&key, "name", format!("holds policy {}", p.key)));
+                }
+                m.policies.push(p);
+            }
+        }
+        Ok(m)
     }
 }
 
@@ -675,5 +826,123 @@ policies:
                 .contains("fd12::1".parse().expect("ip"))
         );
         assert!(Cidr::parse("nope").is_err());
+    }
+
+    /// What a proxy can observe of a model, in a comparable form.
+    fn view(m: &Model) -> Vec<String> {
+        let mut out: Vec<String> = m
+            .workloads
+            .iter()
+            .flat_map(|w| {
+                w.addresses.iter().map(move |ip| {
+                    let found = m.workload_by_ip(*ip).map(|x| x.key.clone());
+                    format!("ip {ip} -> {found:?}")
+                })
+            })
+            .collect();
+        for s in &m.services {
+            let mut eps: Vec<&str> = s.endpoints().iter().map(|w| w.name.as_str()).collect();
+            eps.sort();
+            let vip = s
+                .addresses
+                .first()
+                .and_then(|ip| m.service_by_vip(*ip))
+                .map(|x| x.key.clone());
+            out.push(format!("svc {} {:?} {eps:?} vip->{vip:?}", s.key, s.ports));
+            assert!(m.service(&s.key).is_some());
+        }
+        for w in &m.workloads {
+            assert!(m.workload(&w.namespace, &w.name).is_some());
+        }
+        out.extend(m.policies.iter().map(|p| format!("policy {}", p.key)));
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn applying_changes_equals_building_from_scratch() {
+        let base = Model::from_yaml(YAML, "cluster.local").expect("valid");
+        let target_yaml = r#"
+workloads:
+  - {name: web, serviceAccount: web, node: a, addresses: [10.0.2.3]}
+  - {name: api-1, serviceAccount: api, node: b, addresses: [10.0.1.2], services: [default/api]}
+  - {name: api-3, serviceAccount: api, node: b, addresses: [10.0.2.4], services: [default/api, default/admin]}
+services:
+  - {name: api, addresses: [10.96.0.10], ports: [{port: 80, targetPort: 9090}]}
+  - {name: admin, addresses: [10.96.0.11], ports: [{port: 81}]}
+"#;
+        let target = Model::from_yaml(target_yaml, "cluster.local").expect("valid");
+        let pick = |key: &str| target.workloads.iter().find(|w| w.key == key).cloned();
+        let def = |key: &str| {
+            let s = target.service(key).expect("svc");
+            Arc::new(ServiceDef {
+                key: s.key.clone(),
+                addresses: s.addresses.clone(),
+                ports: s.ports.clone(),
+            })
+        };
+        // web and api-1 trade addresses in one change; api-2 goes; api-3
+        // and a service arrive; a service changes; the policy goes.
+        let changes = Changes {
+            workloads: vec![
+                ("default/web".into(), pick("default/web")),
+                ("default/api-1".into(), pick("default/api-1")),
+                ("default/api-2".into(), None),
+                ("default/api-3".into(), pick("default/api-3")),
+            ],
+            services: vec![
+                ("default/api".into(), Some(def("default/api"))),
+                ("default/admin".into(), Some(def("default/admin"))),
+            ],
+            policies: vec![("default/deny-db".into(), None)],
+        };
+        let applied = base.apply(changes).expect("valid change");
+        assert_eq!(view(&applied), view(&target));
+        assert_eq!(
+            view(&base),
+            view(&Model::from_yaml(YAML, "cluster.local").expect("valid")),
+            "the original is untouched"
+        );
+
+        // Refusals name the object; the model they were applied to is unchanged.
+        let clash = Arc::new(
+            workload(
+                WorkloadSpec {
+                    name: "x".into(),
+                    namespace: "default".into(),
+                    service_account: "x".into(),
+                    node: "a".into(),
+                    addresses: vec!["10.0.2.3".parse().expect("ip")],
+                    meshed: true,
+                    services: vec![],
+                    labels: BTreeMap::new(),
+                },
+                "cluster.local",
+                "x",
+            )
+            .expect("valid alone"),
+        );
+        let err = applied
+            .apply(Changes {
+                workloads: vec![("default/x".into(), Some(clash.clone()))],
+                ..Changes::default()
+            })
+            .expect_err("address clash");
+        assert!(
+            err.to_string()
+                .contains("10.0.2.3 is already used by default/web"),
+            "{err}"
+        );
+        let err = applied
+            .apply(Changes {
+                workloads: vec![("default/y".into(), Some(clash))],
+                ..Changes::default()
+            })
+            .expect_err("name mismatch");
+        assert!(
+            err.to_string().contains("holds workload default/x"),
+            "{err}"
+        );
+        assert_eq!(view(&applied), view(&target));
     }
 }

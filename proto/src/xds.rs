@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::identity::Identity;
-use crate::model::Model;
+use crate::model::{Changes, Model};
 use crate::pb::google::rpc::Status as RpcStatus;
 use crate::pb::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::pb::xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node};
@@ -47,32 +47,21 @@ pub struct XdsStats {
     pub nacks: AtomicU64,
 }
 
-/// What the proxy holds: per type and name, the version and the decoded,
-/// validated object. A response decodes only what it carries; the model is
-/// re-indexed from shared objects.
+/// What the proxy holds: the versions it has, per type and name (what a
+/// reconnect reports), and the model they make. A response decodes only
+/// what it carries and is applied to the model incrementally.
 #[derive(Default)]
 struct Cache {
-    types: BTreeMap<String, BTreeMap<String, (String, Decoded)>>,
+    versions: BTreeMap<String, BTreeMap<String, String>>,
+    model: Arc<Model>,
 }
 
 impl Cache {
     fn versions(&self, type_url: &str) -> std::collections::HashMap<String, String> {
-        self.types
+        self.versions
             .get(type_url)
-            .map(|m| m.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect())
+            .map(|m| m.iter().map(|(n, v)| (n.clone(), v.clone())).collect())
             .unwrap_or_default()
-    }
-
-    fn model(&self) -> Result<Model, crate::model::ModelError> {
-        let (mut workloads, mut services, mut policies) = (Vec::new(), Vec::new(), Vec::new());
-        for (_, decoded) in self.types.values().flat_map(|m| m.values()) {
-            match decoded {
-                Decoded::Workload(w) => workloads.push(w.clone()),
-                Decoded::Service(s) => services.push(s.clone()),
-                Decoded::Policy(p) => policies.push(p.clone()),
-            }
-        }
-        Model::assemble(workloads, services.iter().map(|s| &**s), policies)
     }
 }
 
@@ -160,7 +149,7 @@ async fn session(
                 if ZTUNNEL_TYPES.iter().all(|t| seen.iter().any(|s| s == t))
                     || tx.borrow().is_some()
                 {
-                    tx.send_replace(Some(Arc::new(model)));
+                    tx.send_replace(Some(model));
                 }
                 None
             }
@@ -190,44 +179,45 @@ async fn session(
     Ok(())
 }
 
-/// Applies one response and validates the whole config; if it is invalid
-/// the cache is left as it was. Only the resources in the response are
-/// decoded.
+/// Applies one response; if the result is invalid the cache is left as it
+/// was. Only the resources in the response are decoded, and the model is
+/// patched, not rebuilt.
 fn apply(
     cache: &mut Cache,
     resp: DeltaDiscoveryResponse,
     trust_domain: &str,
-) -> Result<Model, String> {
+) -> Result<Arc<Model>, String> {
     let type_url = resp.type_url;
-    let mut decoded = Vec::with_capacity(resp.resources.len());
+    let mut changes = Changes::default();
+    let mut versions = Vec::with_capacity(resp.resources.len());
+    for name in &resp.removed_resources {
+        match type_url.as_str() {
+            resources::WORKLOAD => changes.workloads.push((name.clone(), None)),
+            resources::SERVICE => changes.services.push((name.clone(), None)),
+            _ => changes.policies.push((name.clone(), None)),
+        }
+    }
     for r in resp.resources {
         let body = r
             .resource
             .ok_or_else(|| format!("resource {} has no body", r.name))?;
-        let d = resources::decode_one(&type_url, &r.name, &body, trust_domain)
-            .map_err(|e| e.to_string())?;
-        decoded.push((r.name, r.version, d));
-    }
-    let map = cache.types.entry(type_url.clone()).or_default();
-    let mut undo = Vec::with_capacity(decoded.len() + resp.removed_resources.len());
-    for name in resp.removed_resources {
-        let previous = map.remove(&name);
-        undo.push((name, previous));
-    }
-    for (name, version, d) in decoded {
-        let previous = map.insert(name.clone(), (version, d));
-        undo.push((name, previous));
-    }
-    cache.model().map_err(|e| {
-        let map = cache.types.entry(type_url).or_default();
-        for (name, previous) in undo.into_iter().rev() {
-            match previous {
-                Some(p) => map.insert(name, p),
-                None => map.remove(&name),
-            };
+        match resources::decode_one(&type_url, &r.name, &body, trust_domain)
+            .map_err(|e| e.to_string())?
+        {
+            Decoded::Workload(w) => changes.workloads.push((r.name.clone(), Some(w))),
+            Decoded::Service(s) => changes.services.push((r.name.clone(), Some(s))),
+            Decoded::Policy(p) => changes.policies.push((r.name.clone(), Some(p))),
         }
-        e.to_string()
-    })
+        versions.push((r.name, r.version));
+    }
+    let model = Arc::new(cache.model.apply(changes).map_err(|e| e.to_string())?);
+    let have = cache.versions.entry(type_url).or_default();
+    for name in &resp.removed_resources {
+        have.remove(name);
+    }
+    have.extend(versions);
+    cache.model = model.clone();
+    Ok(model)
 }
 
 #[cfg(test)]
@@ -290,8 +280,11 @@ mod tests {
         .expect_err("clash");
         assert!(err.contains("already used"), "{err}");
         assert_eq!(
-            cache.types[resources::WORKLOAD].len(),
-            1,
+            (
+                cache.versions[resources::WORKLOAD].len(),
+                cache.model.workloads.len()
+            ),
+            (1, 1),
             "refused response left the cache as it was"
         );
         // Removal applies.

@@ -625,6 +625,29 @@ impl Model {
         // Services: new or changed ones get their endpoints from scratch,
         // those whose endpoints changed are patched.
         let mut fresh: Vec<Arc<Service>> = Vec::new();
+        // Endpoints of new services: one pass over the workloads for many
+        // services (a full sync), a scan per service for a few.
+        let grouped: Option<HashMap<&str, Vec<Arc<Workload>>>> =
+            (changed_services.len() > 8).then(|| {
+                let mut g: HashMap<&str, Vec<Arc<Workload>>> = HashMap::new();
+                for w in &m.workloads {
+                    for svc in &w.services {
+                        g.entry(svc.as_str()).or_default().push(w.clone());
+                    }
+                }
+                g
+            });
+        let endpoints_of = |key: &str| -> Vec<Arc<Workload>> {
+            match &grouped {
+                Some(g) => g.get(key).cloned().unwrap_or_default(),
+                None => m
+                    .workloads
+                    .iter()
+                    .filter(|w| w.services.iter().any(|s| s == key))
+                    .cloned()
+                    .collect(),
+            }
+        };
         for (key, def) in &changes.services {
             let Some(def) = def else { continue };
             if def.key != *key {
@@ -634,12 +657,7 @@ impl Model {
                 key: def.key.clone(),
                 addresses: def.addresses.clone(),
                 ports: def.ports.clone(),
-                endpoints: m
-                    .workloads
-                    .iter()
-                    .filter(|w| w.services.contains(key))
-                    .cloned()
-                    .collect(),
+                endpoints: endpoints_of(key),
                 next: AtomicUsize::new(0),
             });
             for ip in &service.addresses {

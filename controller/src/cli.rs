@@ -139,8 +139,15 @@ fn s(v: &Value) -> String {
     }
 }
 
-pub async fn workloads(target: &Target, output: Output) -> Result<String, CliError> {
-    let v = get(target, "/api/v1/workloads").await?;
+/// A list endpoint as a table (one row per item) or as its JSON.
+async fn listing(
+    target: &Target,
+    path: &str,
+    output: Output,
+    headers: &[&str],
+    fields: &[&str],
+) -> Result<String, CliError> {
+    let v = get(target, path).await?;
     if output == Output::Json {
         return Ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n");
     }
@@ -148,18 +155,16 @@ pub async fn workloads(target: &Target, output: Output) -> Result<String, CliErr
         .as_array()
         .into_iter()
         .flatten()
-        .map(|w| {
-            vec![
-                s(&w["namespace"]),
-                s(&w["name"]),
-                s(&w["node"]),
-                s(&w["addresses"]),
-                s(&w["meshed"]),
-                s(&w["identity"]),
-            ]
-        })
+        .map(|item| fields.iter().map(|f| s(&item[*f])).collect())
         .collect();
-    Ok(table(
+    Ok(table(headers, rows))
+}
+
+pub async fn workloads(target: &Target, output: Output) -> Result<String, CliError> {
+    listing(
+        target,
+        "/api/v1/workloads",
+        output,
         &[
             "NAMESPACE",
             "NAME",
@@ -168,8 +173,28 @@ pub async fn workloads(target: &Target, output: Output) -> Result<String, CliErr
             "MESHED",
             "IDENTITY",
         ],
-        rows,
-    ))
+        &[
+            "namespace",
+            "name",
+            "node",
+            "addresses",
+            "meshed",
+            "identity",
+        ],
+    )
+    .await
+}
+
+/// Certificates the CA issued (the latest per identity, since it started).
+pub async fn certs(target: &Target, output: Output) -> Result<String, CliError> {
+    listing(
+        target,
+        "/api/v1/certificates",
+        output,
+        &["IDENTITY", "SERIAL", "NOT AFTER"],
+        &["identity", "serial", "notAfter"],
+    )
+    .await
 }
 
 /// Proxies and whether each has ACKed the config being served.
@@ -236,4 +261,62 @@ pub async fn status(target: &Target) -> Result<String, CliError> {
         "controller  {}\nconfig      version {current}, {n} workloads\nproxies     {connected} connected, {synced} on the current config\n",
         target.controller
     ))
+}
+
+/// The Kubernetes manifests (`kubectl weft install | kubectl apply -f -`):
+/// the weft.dev CRDs, generated from their Rust types, then the controller,
+/// its RBAC, and the ztunnel DaemonSet.
+pub fn install() -> String {
+    format!(
+        "{}---\n{}",
+        crate::source::crds::crd_yaml(),
+        include_str!("../../manifests/weft.yaml")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[test]
+    fn install_covers_every_kind_the_controller_watches() {
+        let text = install();
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde_yaml::Value::deserialize(d).expect("every document is YAML"))
+            .collect();
+        let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+        assert_eq!(
+            kinds
+                .iter()
+                .filter(|k| **k == "CustomResourceDefinition")
+                .count(),
+            3
+        );
+        let role = docs
+            .iter()
+            .find(|d| d["kind"] == "ClusterRole")
+            .expect("a ClusterRole");
+        let granted = |group: &str, plural: &str, verb: &str| {
+            role["rules"].as_sequence().into_iter().flatten().any(|r| {
+                let has = |field: &str, want: &str| {
+                    r[field]
+                        .as_sequence()
+                        .into_iter()
+                        .flatten()
+                        .any(|v| v == want)
+                };
+                has("apiGroups", group) && has("resources", plural) && has("verbs", verb)
+            })
+        };
+        for (group, plural) in crate::source::kubernetes::watched() {
+            for verb in ["list", "watch"] {
+                assert!(
+                    granted(&group, &plural, verb),
+                    "RBAC lacks {verb} on {group}/{plural}"
+                );
+            }
+        }
+        assert!(granted("authentication.k8s.io", "tokenreviews", "create"));
+    }
 }

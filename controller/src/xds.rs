@@ -124,8 +124,8 @@ impl ConfigStore {
     /// what is served keeps the current version and pushes nothing (a pod's
     /// status churning in Kubernetes must not wake every proxy).
     pub fn set(&self, model: Model) -> u64 {
-        let resources = resources::encode(&model);
         let current = self.current();
+        let resources = resources::encode_reusing(&model, &current.model, &current.resources);
         if current.version > 0 && current.resources == resources {
             return current.version;
         }

@@ -226,6 +226,14 @@ async fn authenticated_reads_validated_writes_and_persistence() {
         summary.contains("1 connected, 1 on the current config"),
         "{summary}"
     );
+    let certs = weft_controller::cli::certs(&target, weft_controller::cli::Output::Table)
+        .await
+        .expect("certs");
+    assert!(
+        certs.starts_with("IDENTITY")
+            && certs.contains("spiffe://cluster.local/ns/weft-system/sa/"),
+        "{certs}"
+    );
     let wrong_file = dir.path().join("wrong-token");
     std::fs::write(&wrong_file, "0123456789abcdef").expect("write");
     let wrong = weft_controller::cli::Target {

@@ -135,7 +135,7 @@ pub enum Action {
     Deny,
 }
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Workload {
     /// `<namespace>/<name>`.
     pub key: String,
@@ -300,6 +300,11 @@ impl Model {
     pub fn workload(&self, namespace: &str, name: &str) -> Option<&Arc<Workload>> {
         self.workloads_by_key
             .get(format!("{namespace}/{name}").as_str())
+    }
+
+    /// A workload by `<namespace>/<name>`.
+    pub fn workload_by_key(&self, key: &str) -> Option<&Arc<Workload>> {
+        self.workloads_by_key.get(key)
     }
 
     /// A service by `<namespace>/<name>`.

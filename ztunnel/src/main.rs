@@ -20,7 +20,7 @@ struct Args {
     trust_domain: String,
     /// Controller gRPC address (CA).
     #[arg(long, default_value = "127.0.0.1:15012")]
-    controller: SocketAddr,
+    controller: String,
     /// The mesh root certificate (controller data dir: ca/root-cert.pem).
     #[arg(long)]
     ca_root: PathBuf,
@@ -62,11 +62,23 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     weft_proto::process::init_logging(a.log_format);
+    // HOST:PORT, a name in a cluster (weft-controller.weft-system.svc:15012);
+    // resolved once at start, as the Service's address is stable.
+    let controller = tokio::net::lookup_host(&a.controller)
+        .await
+        .with_context(|| {
+            format!(
+                "--controller {}: expected a resolvable HOST:PORT",
+                a.controller
+            )
+        })?
+        .next()
+        .with_context(|| format!("--controller {}: the name has no address", a.controller))?;
     let bound = app::build(Config {
         node: a.node,
         trust_domain: a.trust_domain,
         model_file: a.config,
-        ca_addr: a.controller,
+        ca_addr: controller,
         ca_root: a.ca_root,
         token_file: a.token_file,
         enroll_socket: a.enroll_socket,

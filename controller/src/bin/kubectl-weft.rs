@@ -100,6 +100,8 @@ fn main() -> ExitCode {
         Command::Workloads => print(runtime().block_on(cli::workloads(&target, output))),
         Command::ProxyStatus => print(runtime().block_on(cli::proxy_status(&target, output))),
         Command::Status => print(runtime().block_on(cli::status(&target))),
+        Command::Certs => print(runtime().block_on(cli::certs(&target, output))),
+        Command::Install => print(Ok(cli::install())),
         Command::Demo { keep } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -115,7 +117,7 @@ fn main() -> ExitCode {
         }
         other => {
             eprintln!(
-                "`{}` is not built yet; `demo`, `status`, `proxy-status` and `workloads` work today.",
+                "`{}` is not built yet; `demo`, `install`, `status`, `proxy-status`, `workloads` and `certs` work today.",
                 format!("{other:?}")
                     .split([' ', '{'])
                     .next()

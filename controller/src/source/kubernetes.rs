@@ -223,6 +223,27 @@ impl Watch<'_> {
     }
 }
 
+/// (API group, plural) of every kind watched: what the RBAC in
+/// `manifests/weft.yaml` must grant.
+pub fn watched() -> Vec<(String, String)> {
+    fn r<K: Resource<DynamicType = ()>>() -> (String, String) {
+        (K::group(&()).into_owned(), K::plural(&()).into_owned())
+    }
+    vec![
+        r::<Namespace>(),
+        r::<Pod>(),
+        r::<Service>(),
+        r::<EndpointSlice>(),
+        r::<ServiceAccount>(),
+        r::<Node>(),
+        r::<Gateway>(),
+        r::<HttpRoute>(),
+        r::<AuthorizationPolicy>(),
+        r::<BackendPolicy>(),
+        r::<FaultInjection>(),
+    ]
+}
+
 /// Whether a bearer token is a valid Kubernetes token (TokenReview).
 pub async fn token_review(client: &Client, token: &str) -> bool {
     let review = TokenReview {

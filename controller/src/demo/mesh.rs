@@ -115,25 +115,36 @@ async fn demo(keep: bool, verdict: Verdict) -> anyhow::Result<()> {
             service,
         });
     }
-    let yaml = config_yaml(&pods);
-    for p in pods.iter().filter(|p| p.meshed) {
-        ctl.nodes
-            .place(p.node, weft_proto::Identity::new(TD, "default", p.sa)?);
-    }
-    let config_file = data.path().join("mesh.yaml");
-    std::fs::write(&config_file, &yaml)?;
+    // The config, as Kubernetes objects in the controller's watched directory.
+    let config_dir = data.path().join("controller/config");
+    std::fs::write(config_dir.join("shop.yaml"), mesh_yaml(&pods))?;
+    let served = async {
+        let mut rx = ctl.sources.clone();
+        while ctl.config.current().model.workloads.len() < pods.len() {
+            rx.changed().await?;
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .context("the controller did not serve the config directory within 10 s")??;
+    println!(
+        "config       {} (Namespace, Pods, Service, AuthorizationPolicy), watched",
+        config_dir.join("shop.yaml").display()
+    );
     let mut ztunnels = BTreeMap::new();
     for node in ["node-a", "node-b"] {
-        let zt = start_ztunnel(
-            &ctl,
-            node,
-            Some(&config_file),
-            data.path(),
-            ZtunnelOptions::default(),
-        )
-        .await?;
+        let zt = start_ztunnel(&ctl, node, None, data.path(), ZtunnelOptions::default()).await?;
+        let ready = async {
+            while !zt.config_ready.load(std::sync::atomic::Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .with_context(|| format!("{node}'s ztunnel got no config from the controller"))?;
         println!(
-            "{node}       ztunnel up; metrics http://{}/metrics",
+            "{node}       ztunnel up, config pushed over Delta xDS; metrics http://{}/metrics",
             zt.metrics_addr
         );
         ztunnels.insert(node, zt);
@@ -270,6 +281,24 @@ async fn demo(keep: bool, verdict: Verdict) -> anyhow::Result<()> {
             .inbound_denied
             .load(std::sync::atomic::Ordering::Relaxed)
     );
+    let version = ctl.config.current().version;
+    let proxies = ctl.proxies.all();
+    println!("\nconfig stream (controller at version {version})");
+    for (node, p) in &proxies {
+        println!(
+            "             {node}  connected: {}  ACKed: {:?}  NACKs: {}",
+            p.connected,
+            p.acked.values().collect::<std::collections::BTreeSet<_>>(),
+            p.nacks.len()
+        );
+    }
+    checks.push(check(
+        proxies.len() == 2
+            && proxies.values().all(|p| {
+                p.connected && p.nacks.is_empty() && p.acked.values().all(|v| *v == version)
+            }),
+        "both ztunnels ACKed the controller's current config",
+    ));
     println!("\ncertificates (keys made on the nodes, never sent)");
     for (node, zt) in &ztunnels {
         for (id, state) in zt.node.certs.snapshot() {
@@ -313,6 +342,15 @@ async fn demo(keep: bool, verdict: Verdict) -> anyhow::Result<()> {
             "  curl -s http://{}/config_dump",
             ztunnels["node-b"].admin_addr
         );
+        println!(
+            "  edit {} — the mesh follows (a broken file keeps its last good version)",
+            config_dir.join("shop.yaml").display()
+        );
+        println!(
+            "  curl -s -H \"Authorization: Bearer $(cat {})\" http://{}/api/v1/proxies",
+            data.path().join("controller/api-token").display(),
+            ctl.rest_addr
+        );
         std::future::pending::<()>().await;
     }
     for (_, zt) in ztunnels {
@@ -333,28 +371,35 @@ fn outcome(r: &Result<String, String>, refused: &str) -> String {
     }
 }
 
-fn config_yaml(pods: &[Pod]) -> String {
-    let mut y = String::from("workloads:\n");
+/// The demo's mesh as Kubernetes objects, the shapes `kubectl get -o yaml`
+/// prints: pods carry the IPs the CNI plugins gave them.
+fn mesh_yaml(pods: &[Pod]) -> String {
+    let mut y = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {weft.dev/mesh: enabled}}\n",
+    );
     for p in pods {
+        let mut labels = format!(
+            "app: {}",
+            if p.service { "api" } else { p.ns.name.as_str() }
+        );
+        if !p.meshed {
+            labels += ", weft.dev/mesh: disabled";
+        }
         y += &format!(
-            "  - {{name: {}, serviceAccount: {}, node: {}, addresses: [{}], meshed: {}{}}}\n",
-            p.ns.name,
-            p.sa,
-            p.node,
-            p.ns.ip,
-            p.meshed,
-            if p.service {
-                ", services: [default/api], labels: {app: api}"
-            } else {
-                ""
-            }
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: default, labels: {{{labels}}}}}\n\
+             spec: {{nodeName: {}, serviceAccountName: {}, containers: [{{name: app, image: demo, ports: [{{name: http, containerPort: 8080}}]}}]}}\n\
+             status: {{phase: Running, podIP: {}}}\n",
+            p.ns.name, p.node, p.sa, p.ns.ip
         );
     }
     y += &format!(
-        "services:\n  - {{name: api, addresses: [{VIP}], ports: [{{port: 80, targetPort: 8080}}]}}\n"
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: default}}\n\
+         spec: {{clusterIP: {VIP}, selector: {{app: api}}, ports: [{{port: 80, targetPort: http}}]}}\n"
     );
-    y += "policies:\n  - name: deny-batch\n    action: DENY\n    selector: {app: api}\n";
-    y += &format!("    rules: [{{principals: [\"spiffe://{TD}/ns/default/sa/batch\"]}}]\n");
+    y += &format!(
+        "---\napiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-batch, namespace: default}}\n\
+         spec: {{selector: {{matchLabels: {{app: api}}}}, action: DENY, rules: [{{principals: [\"spiffe://{TD}/ns/default/sa/batch\"]}}]}}\n"
+    );
     y
 }
 

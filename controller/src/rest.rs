@@ -307,6 +307,9 @@ async fn apply_object(
         Ok(l) => l,
         Err(r) => return *r,
     };
+    if let Err(e) = crate::source::check_nesting(body) {
+        return error(StatusCode::BAD_REQUEST, &e);
+    }
     let value: serde_yaml::Value = match serde_yaml::from_str(body) {
         Ok(v) => v,
         Err(e) => {

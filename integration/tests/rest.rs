@@ -116,6 +116,24 @@ async fn authenticated_reads_validated_writes_and_persistence() {
     )
     .await;
     assert_eq!(status, 413);
+    // Hostile YAML: an alias bomb and brackets nested 400,000 deep (which
+    // the YAML parser alone would chew on for minutes) are refused at once.
+    let mut bomb = GOOD.to_owned() + "x0: &x0 [a, a, a, a, a, a, a, a, a]\n";
+    for i in 1..9 {
+        let p = i - 1;
+        bomb += &format!(
+            "x{i}: &x{i} [*x{p}, *x{p}, *x{p}, *x{p}, *x{p}, *x{p}, *x{p}, *x{p}, *x{p}]\n"
+        );
+    }
+    let deep = format!("{GOOD}x: {}{}\n", "[".repeat(400_000), "]".repeat(400_000));
+    for (what, body, want) in [
+        ("alias bomb", bomb, "repetition limit"),
+        ("deep nesting", deep, "nested deeper than 64"),
+    ] {
+        let (status, body) = curl(api, "PUT", POD, Some(&token), Some(body.into())).await;
+        assert_eq!(status, 400, "{what}: {body}");
+        assert!(body.contains(want), "{what}: {body}");
+    }
     assert!(
         !dir.path().join("config/pod.default.web2.yaml").exists(),
         "a refused write leaves no file"

@@ -212,10 +212,37 @@ fn is_empty(v: &Value) -> bool {
     }
 }
 
+/// Deepest `[`/`{` nesting accepted. The YAML parser takes time quadratic
+/// in flow nesting before its own recursion limit trips (a 200 kB body of
+/// brackets kept it busy for minutes), so nesting is counted first, in one
+/// pass. Brackets inside strings count too: no Kubernetes object comes near.
+const MAX_NESTING: usize = 64;
+
+pub fn check_nesting(text: &str) -> Result<(), String> {
+    let mut depth = 0usize;
+    for (line, l) in text.lines().enumerate() {
+        for b in l.bytes() {
+            match b {
+                b'[' | b'{' => depth += 1,
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => continue,
+            }
+            if depth > MAX_NESTING {
+                return Err(format!(
+                    "line {}: nested deeper than {MAX_NESTING} levels of [ and {{",
+                    line + 1
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Every document of a YAML stream, parsed; the first bad one fails the
 /// whole stream (a file is applied whole or not at all).
 pub fn parse_documents(yaml: &str) -> Result<Vec<Object>, String> {
     use serde::Deserialize;
+    check_nesting(yaml)?;
     let mut out = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
         let value = Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;

@@ -7,38 +7,55 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use weft_proto::model::Model;
 use weft_proto::xds::{self, XdsConfig};
 
 use crate::{Mesh, rss_kib};
 
-fn config(workloads: usize, services: usize, nodes: usize, moved: Option<usize>) -> String {
-    let mut y = String::with_capacity(workloads * 120);
-    y += "workloads:\n";
-    for i in 0..workloads {
-        // .1-.250 are taken within each block; a moved pod gets .252.
-        let last = if Some(i) == moved { 252 } else { i % 250 + 1 };
+/// The mesh as the controller's local directory holds it: Kubernetes
+/// objects, one file for the pods but the one that will move.
+fn write_config(
+    dir: &std::path::Path,
+    workloads: usize,
+    services: usize,
+    nodes: usize,
+    moved: usize,
+    moved_ip: u8,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut y = String::with_capacity(workloads * 300);
+    for n in 0..50 {
         y += &format!(
-            "  - {{name: w{i}, namespace: ns{}, serviceAccount: sa{}, node: node-{}, addresses: [10.{}.{}.{last}], services: [ns{}/svc{}]}}\n",
-            i % 50,
-            i % 200,
-            i % nodes,
-            (i / 250) / 256,
-            (i / 250) % 256,
-            (i % services) % 50,
-            i % services,
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns{n}, labels: {{weft.dev/mesh: enabled}}}}\n---\n"
         );
     }
-    y += "services:\n";
     for s in 0..services {
         y += &format!(
-            "  - {{name: svc{s}, namespace: ns{}, addresses: [10.96.{}.{}], ports: [{{port: 80, targetPort: 8080}}]}}\n",
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc{s}, namespace: ns{}}}\nspec: {{clusterIP: 10.96.{}.{}, selector: {{app: svc{s}}}, ports: [{{port: 80, targetPort: 8080}}]}}\n---\n",
             s % 50,
             s / 256,
             s % 256
         );
     }
-    y
+    std::fs::write(dir.join("base.yaml"), &y)?;
+    let pod = |i: usize, last: u8| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: w{i}, namespace: ns{}, labels: {{app: svc{}}}}}\nspec: {{nodeName: node-{}, serviceAccountName: sa{}, containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, podIP: 10.{}.{}.{last}}}\n---\n",
+            i % 50,
+            i % services,
+            i % nodes,
+            i % 200,
+            (i / 250) / 256,
+            (i / 250) % 256
+        )
+    };
+    let mut pods = String::with_capacity(workloads * 250);
+    for i in (0..workloads).filter(|i| *i != moved) {
+        // .1-.250 are taken within each block; a moved pod gets .252.
+        pods += &pod(i, (i % 250 + 1) as u8);
+    }
+    std::fs::write(dir.join("pods.yaml"), pods)?;
+    std::fs::write(dir.join("moved.yaml"), pod(moved, moved_ip))?;
+    Ok(())
 }
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
@@ -49,15 +66,34 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 pub async fn run(workloads: usize, services: usize, proxies: usize) -> anyhow::Result<()> {
     let nodes = proxies;
     let mesh = Mesh::start().await;
+    let local = mesh
+        .controller
+        .local
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("the bench needs the local source"))?;
     let before = rss_kib();
+    let moved = workloads / 2;
     let started = Instant::now();
-    let model = Model::from_yaml(&config(workloads, services, nodes, None), "cluster.local")?;
-    let version = mesh.controller.config.set(model);
+    write_config(
+        &mesh.config_dir(),
+        workloads,
+        services,
+        nodes,
+        moved,
+        (moved % 250 + 1) as u8,
+    )?;
+    local.rescan();
+    let version = mesh.controller.config.current().version;
+    anyhow::ensure!(
+        mesh.controller.config.current().model.workloads.len() == workloads,
+        "the directory was not served: {:?}",
+        local.status().borrow().files
+    );
     println!(
         "controller bench: {workloads} workloads on {nodes} nodes, {services} services, {proxies} proxies\n"
     );
     println!(
-        "config built and encoded in {:.0} ms (version {version})",
+        "config read from the directory (Kubernetes YAML), translated and encoded in {:.0} ms (version {version})",
         started.elapsed().as_secs_f64() * 1e3
     );
     let controller_kib = rss_kib().saturating_sub(before);
@@ -91,19 +127,9 @@ pub async fn run(workloads: usize, services: usize, proxies: usize) -> anyhow::R
         pct(&mut sync, 0.99).as_secs_f64() * 1e3
     );
 
-    // One pod changes its address.
-    let moved = workloads / 2;
-    let new_ip: std::net::IpAddr = config(workloads, services, nodes, Some(moved))
-        .lines()
-        .nth(1 + moved)
-        .and_then(|l| l.split("addresses: [").nth(1))
-        .and_then(|r| r.split(']').next())
-        .and_then(|ip| ip.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("moved pod's address"))?;
-    let next = Model::from_yaml(
-        &config(workloads, services, nodes, Some(moved)),
-        "cluster.local",
-    )?;
+    // One pod changes its address: its file is rewritten.
+    let new_ip: std::net::IpAddr =
+        format!("10.{}.{}.252", (moved / 250) / 256, (moved / 250) % 256).parse()?;
     let sent_before: u64 = mesh
         .controller
         .proxies
@@ -129,7 +155,11 @@ pub async fn run(workloads: usize, services: usize, proxies: usize) -> anyhow::R
             })
         })
         .collect();
-    let v2 = mesh.controller.config.set(next);
+    let pod = format!("ns{}/w{moved}", moved % 50);
+    write_config_moved(&mesh.config_dir(), &pod, new_ip)?;
+    let v2 = local
+        .rescan()
+        .ok_or_else(|| anyhow::anyhow!("the move was not applied"))?;
     let set_ms = t1.elapsed().as_secs_f64() * 1e3;
     let mut seen = Vec::new();
     for w in waiters {
@@ -157,12 +187,9 @@ pub async fn run(workloads: usize, services: usize, proxies: usize) -> anyhow::R
         .sum();
     let per_proxy = (sent_after - sent_before) as f64 / proxies as f64;
     let one = weft_proto::resources::encode(&mesh.controller.config.current().model);
-    let bytes = one[weft_proto::resources::WORKLOAD][&format!("ns{}/w{moved}", moved % 50)]
-        .body
-        .value
-        .len();
+    let bytes = one[weft_proto::resources::WORKLOAD][&pod].body.value.len();
     println!(
-        "one-pod change: config rebuilt in {set_ms:.0} ms; applied by proxies p50 {:.1} ms, p99 {:.1} ms; all {proxies} ACKed after {:.1} ms",
+        "one-pod change (file rewritten; the 250 ms poll not counted): read, translated, encoded in {set_ms:.0} ms; applied by proxies p50 {:.1} ms, p99 {:.1} ms; all {proxies} ACKed after {:.1} ms",
         pct(&mut seen, 0.5).as_secs_f64() * 1e3,
         pct(&mut seen, 0.99).as_secs_f64() * 1e3,
         acked.as_secs_f64() * 1e3
@@ -177,5 +204,26 @@ pub async fn run(workloads: usize, services: usize, proxies: usize) -> anyhow::R
     );
     drop(clients);
     let _ = Arc::strong_count(&mesh.controller.config.current());
+    Ok(())
+}
+
+/// Rewrites the moved pod's file with its new address.
+fn write_config_moved(
+    dir: &std::path::Path,
+    pod: &str,
+    ip: std::net::IpAddr,
+) -> anyhow::Result<()> {
+    let path = dir.join("moved.yaml");
+    let text = std::fs::read_to_string(&path)?;
+    let old = text
+        .split("podIP: ")
+        .nth(1)
+        .and_then(|r| r.split('}').next())
+        .ok_or_else(|| anyhow::anyhow!("{pod}: no podIP in moved.yaml"))?
+        .to_owned();
+    std::fs::write(
+        &path,
+        text.replace(&format!("podIP: {old}"), &format!("podIP: {ip}")),
+    )?;
     Ok(())
 }

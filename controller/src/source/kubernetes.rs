@@ -63,6 +63,16 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<Kubernetes, kube::Error> {
     let client = Client::try_default().await?;
+    Ok(start_with(client, store, trust_domain, shutdown))
+}
+
+/// Starts watching through `client`.
+pub fn start_with(
+    client: Client,
+    store: ConfigStore,
+    trust_domain: &str,
+    shutdown: CancellationToken,
+) -> Kubernetes {
     let changed = Arc::new(Notify::new());
     let w = Watch {
         client: &client,
@@ -137,12 +147,12 @@ pub async fn start(
             tokio::time::sleep(DEBOUNCE).await;
         }
     });
-    Ok(Kubernetes { client, status })
+    Kubernetes { client, status }
 }
 
 impl Stores {
     fn collect(&self) -> Objects {
-        fn map<K: Resource + Clone>(store: &Store<K>) -> std::collections::BTreeMap<String, K>
+        fn map<K: Resource + Clone>(store: &Store<K>) -> std::collections::BTreeMap<String, Arc<K>>
         where
             K::DynamicType: Default + Eq + std::hash::Hash + Clone,
         {
@@ -154,7 +164,7 @@ impl Stores {
                         Some(ns) => format!("{ns}/{}", o.name_any()),
                         None => o.name_any(),
                     };
-                    (key, (*o).clone())
+                    (key, o)
                 })
                 .collect()
         }

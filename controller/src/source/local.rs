@@ -57,7 +57,7 @@ struct FileState {
     stamp: Stamp,
     /// Objects of the last accepted content.
     objects: Vec<Object>,
-    accepted: Option<String>,
+    accepted: Option<Arc<str>>,
     error: Option<String>,
 }
 
@@ -156,7 +156,7 @@ impl LocalSource {
             match self.read(&name) {
                 Ok((text, objects)) => {
                     state.objects = objects;
-                    state.accepted = Some(text);
+                    state.accepted = Some(text.into());
                     state.error = None;
                     changed.push(name.clone());
                 }
@@ -297,7 +297,7 @@ impl LocalSource {
         let objects = saved.as_deref().and_then(|t| parse_documents(t).ok());
         FileState {
             stamp,
-            accepted: saved.filter(|_| objects.is_some()),
+            accepted: saved.filter(|_| objects.is_some()).map(Into::into),
             objects: objects.unwrap_or_default(),
             error: None,
         }

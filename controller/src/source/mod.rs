@@ -9,6 +9,7 @@ pub mod local;
 pub mod translate;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use gateway_api::gateways::Gateway;
 use gateway_api::httproutes::HttpRoute;
@@ -18,20 +19,21 @@ use serde_yaml::Value;
 
 use crds::{AuthorizationPolicy, BackendPolicy, FaultInjection};
 
-/// One Kubernetes object weft reads.
+/// One Kubernetes object weft reads, shared: sources, snapshots and the
+/// translation pass it around without copying it.
 #[derive(Debug, Clone)]
 pub enum Object {
-    Namespace(Namespace),
-    Pod(Box<Pod>),
-    Service(Box<Service>),
-    EndpointSlice(EndpointSlice),
-    ServiceAccount(ServiceAccount),
-    Node(Box<Node>),
-    Gateway(Box<Gateway>),
-    HttpRoute(Box<HttpRoute>),
-    AuthorizationPolicy(AuthorizationPolicy),
-    BackendPolicy(BackendPolicy),
-    FaultInjection(FaultInjection),
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    ServiceAccount(Arc<ServiceAccount>),
+    Node(Arc<Node>),
+    Gateway(Arc<Gateway>),
+    HttpRoute(Arc<HttpRoute>),
+    AuthorizationPolicy(Arc<AuthorizationPolicy>),
+    BackendPolicy(Arc<BackendPolicy>),
+    FaultInjection(Arc<FaultInjection>),
 }
 
 /// (apiVersion, kind) of every kind weft reads.
@@ -132,8 +134,10 @@ impl Object {
             meta.insert("namespace".into(), "default".into());
         }
         let original = doc.clone();
-        fn typed<T: serde::de::DeserializeOwned>(doc: Value, what: &str) -> Result<T, String> {
-            serde_yaml::from_value(doc).map_err(|e| format!("{what}: {e}"))
+        fn typed<T: serde::de::DeserializeOwned>(doc: Value, what: &str) -> Result<Arc<T>, String> {
+            serde_yaml::from_value(doc)
+                .map(Arc::new)
+                .map_err(|e| format!("{what}: {e}"))
         }
         let object = match kind.as_str() {
             "Namespace" => Object::Namespace(typed(doc, &what)?),
@@ -158,17 +162,17 @@ impl Object {
     /// The object as a YAML value, with apiVersion and kind.
     pub fn to_value(&self) -> Value {
         let v = match self {
-            Object::Namespace(o) => serde_yaml::to_value(o),
-            Object::Pod(o) => serde_yaml::to_value(o),
-            Object::Service(o) => serde_yaml::to_value(o),
-            Object::EndpointSlice(o) => serde_yaml::to_value(o),
-            Object::ServiceAccount(o) => serde_yaml::to_value(o),
-            Object::Node(o) => serde_yaml::to_value(o),
-            Object::Gateway(o) => serde_yaml::to_value(o),
-            Object::HttpRoute(o) => serde_yaml::to_value(o),
-            Object::AuthorizationPolicy(o) => serde_yaml::to_value(o),
-            Object::BackendPolicy(o) => serde_yaml::to_value(o),
-            Object::FaultInjection(o) => serde_yaml::to_value(o),
+            Object::Namespace(o) => serde_yaml::to_value(&**o),
+            Object::Pod(o) => serde_yaml::to_value(&**o),
+            Object::Service(o) => serde_yaml::to_value(&**o),
+            Object::EndpointSlice(o) => serde_yaml::to_value(&**o),
+            Object::ServiceAccount(o) => serde_yaml::to_value(&**o),
+            Object::Node(o) => serde_yaml::to_value(&**o),
+            Object::Gateway(o) => serde_yaml::to_value(&**o),
+            Object::HttpRoute(o) => serde_yaml::to_value(&**o),
+            Object::AuthorizationPolicy(o) => serde_yaml::to_value(&**o),
+            Object::BackendPolicy(o) => serde_yaml::to_value(&**o),
+            Object::FaultInjection(o) => serde_yaml::to_value(&**o),
         };
         v.unwrap_or(Value::Null)
     }
@@ -266,17 +270,17 @@ pub fn parse_documents(yaml: &str) -> Result<Vec<Object>, String> {
 /// Everything a source currently holds, by kind and key.
 #[derive(Debug, Clone, Default)]
 pub struct Objects {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<String, Pod>,
-    pub services: BTreeMap<String, Service>,
-    pub endpoint_slices: BTreeMap<String, EndpointSlice>,
-    pub service_accounts: BTreeMap<String, ServiceAccount>,
-    pub nodes: BTreeMap<String, Node>,
-    pub gateways: BTreeMap<String, Gateway>,
-    pub http_routes: BTreeMap<String, HttpRoute>,
-    pub authorization_policies: BTreeMap<String, AuthorizationPolicy>,
-    pub backend_policies: BTreeMap<String, BackendPolicy>,
-    pub fault_injections: BTreeMap<String, FaultInjection>,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub pods: BTreeMap<String, Arc<Pod>>,
+    pub services: BTreeMap<String, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<String, Arc<EndpointSlice>>,
+    pub service_accounts: BTreeMap<String, Arc<ServiceAccount>>,
+    pub nodes: BTreeMap<String, Arc<Node>>,
+    pub gateways: BTreeMap<String, Arc<Gateway>>,
+    pub http_routes: BTreeMap<String, Arc<HttpRoute>>,
+    pub authorization_policies: BTreeMap<String, Arc<AuthorizationPolicy>>,
+    pub backend_policies: BTreeMap<String, Arc<BackendPolicy>>,
+    pub fault_injections: BTreeMap<String, Arc<FaultInjection>>,
 }
 
 impl Objects {
@@ -286,13 +290,13 @@ impl Objects {
         let key = object.key();
         match object {
             Object::Namespace(o) => self.namespaces.insert(key, o).is_some(),
-            Object::Pod(o) => self.pods.insert(key, *o).is_some(),
-            Object::Service(o) => self.services.insert(key, *o).is_some(),
+            Object::Pod(o) => self.pods.insert(key, o).is_some(),
+            Object::Service(o) => self.services.insert(key, o).is_some(),
             Object::EndpointSlice(o) => self.endpoint_slices.insert(key, o).is_some(),
             Object::ServiceAccount(o) => self.service_accounts.insert(key, o).is_some(),
-            Object::Node(o) => self.nodes.insert(key, *o).is_some(),
-            Object::Gateway(o) => self.gateways.insert(key, *o).is_some(),
-            Object::HttpRoute(o) => self.http_routes.insert(key, *o).is_some(),
+            Object::Node(o) => self.nodes.insert(key, o).is_some(),
+            Object::Gateway(o) => self.gateways.insert(key, o).is_some(),
+            Object::HttpRoute(o) => self.http_routes.insert(key, o).is_some(),
             Object::AuthorizationPolicy(o) => self.authorization_policies.insert(key, o).is_some(),
             Object::BackendPolicy(o) => self.backend_policies.insert(key, o).is_some(),
             Object::FaultInjection(o) => self.fault_injections.insert(key, o).is_some(),

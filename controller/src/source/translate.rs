@@ -105,6 +105,13 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
         .map(|(name, _)| name.as_str())
         .collect();
     let slices = SliceIndex::new(objects);
+    let mut services_by_namespace: HashMap<&str, Vec<(&String, &Service)>> = HashMap::new();
+    for (key, svc) in &objects.services {
+        services_by_namespace
+            .entry(namespace_of(key))
+            .or_default()
+            .push((key, svc));
+    }
     let mut used_ips: HashMap<IpAddr, String> = HashMap::new();
 
     for (key, pod) in &objects.pods {
@@ -137,15 +144,14 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
         let meshed = meshed_namespaces.contains(namespace)
             && labels.get(MESH_LABEL).map(String::as_str) != Some("disabled");
         let services = if pod_ready(pod) {
-            objects
-                .services
-                .iter()
+            services_by_namespace
+                .get(namespace)
+                .into_iter()
+                .flatten()
                 .filter(|(skey, svc)| {
-                    namespace_of(skey) == namespace
-                        && selects(svc, &labels)
-                        && !slices.not_ready(skey, name_of(key), &addresses)
+                    selects(svc, &labels) && !slices.not_ready(skey, name_of(key), &addresses)
                 })
-                .map(|(skey, _)| skey.clone())
+                .map(|(skey, _)| (*skey).clone())
                 .collect()
         } else {
             Vec::new()
@@ -651,7 +657,7 @@ mod tests {
         // Terminating: not an endpoint, whatever else says.
         let mut o = objects(&[&both]);
         let pod = o.pods.get_mut("shop/api-6d5f7c9b8-q8m2z").expect("pod");
-        pod.metadata.deletion_timestamp =
+        std::sync::Arc::make_mut(pod).metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
             ));

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gateway_api::gateways::Gateway;
+use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
@@ -51,6 +52,7 @@ struct Stores {
     nodes: Store<Node>,
     gateways: Store<Gateway>,
     http_routes: Store<HttpRoute>,
+    grpc_routes: Store<GrpcRoute>,
     authorization_policies: Store<AuthorizationPolicy>,
     backend_policies: Store<BackendPolicy>,
     fault_injections: Store<FaultInjection>,
@@ -88,6 +90,7 @@ pub fn start_with(
         nodes: w.watch(),
         gateways: w.watch(),
         http_routes: w.watch(),
+        grpc_routes: w.watch(),
         authorization_policies: w.watch(),
         backend_policies: w.watch(),
         fault_injections: w.watch(),
@@ -177,6 +180,7 @@ impl Stores {
             nodes: map(&self.nodes),
             gateways: map(&self.gateways),
             http_routes: map(&self.http_routes),
+            grpc_routes: map(&self.grpc_routes),
             authorization_policies: map(&self.authorization_policies),
             backend_policies: map(&self.backend_policies),
             fault_injections: map(&self.fault_injections),
@@ -248,6 +252,7 @@ pub fn watched() -> Vec<(String, String)> {
         r::<Node>(),
         r::<Gateway>(),
         r::<HttpRoute>(),
+        r::<GrpcRoute>(),
         r::<AuthorizationPolicy>(),
         r::<BackendPolicy>(),
         r::<FaultInjection>(),

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use gateway_api::gateways::Gateway;
+use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -31,13 +32,14 @@ pub enum Object {
     Node(Arc<Node>),
     Gateway(Arc<Gateway>),
     HttpRoute(Arc<HttpRoute>),
+    GrpcRoute(Arc<GrpcRoute>),
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
     BackendPolicy(Arc<BackendPolicy>),
     FaultInjection(Arc<FaultInjection>),
 }
 
 /// (apiVersion, kind) of every kind weft reads.
-pub const KINDS: [(&str, &str); 11] = [
+pub const KINDS: [(&str, &str); 12] = [
     ("v1", "Namespace"),
     ("v1", "Pod"),
     ("v1", "Service"),
@@ -46,6 +48,7 @@ pub const KINDS: [(&str, &str); 11] = [
     ("v1", "Node"),
     ("gateway.networking.k8s.io/v1", "Gateway"),
     ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ("gateway.networking.k8s.io/v1", "GRPCRoute"),
     ("weft.dev/v1alpha1", "AuthorizationPolicy"),
     ("weft.dev/v1alpha1", "BackendPolicy"),
     ("weft.dev/v1alpha1", "FaultInjection"),
@@ -62,6 +65,7 @@ impl Object {
             Object::Node(_) => "Node",
             Object::Gateway(_) => "Gateway",
             Object::HttpRoute(_) => "HTTPRoute",
+            Object::GrpcRoute(_) => "GRPCRoute",
             Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Object::BackendPolicy(_) => "BackendPolicy",
             Object::FaultInjection(_) => "FaultInjection",
@@ -78,6 +82,7 @@ impl Object {
             Object::Node(o) => &o.metadata,
             Object::Gateway(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
+            Object::GrpcRoute(o) => &o.metadata,
             Object::AuthorizationPolicy(o) => &o.metadata,
             Object::BackendPolicy(o) => &o.metadata,
             Object::FaultInjection(o) => &o.metadata,
@@ -148,6 +153,7 @@ impl Object {
             "Node" => Object::Node(typed(doc, &what)?),
             "Gateway" => Object::Gateway(typed(doc, &what)?),
             "HTTPRoute" => Object::HttpRoute(typed(doc, &what)?),
+            "GRPCRoute" => Object::GrpcRoute(typed(doc, &what)?),
             "AuthorizationPolicy" => Object::AuthorizationPolicy(typed(doc, &what)?),
             "BackendPolicy" => Object::BackendPolicy(typed(doc, &what)?),
             _ => Object::FaultInjection(typed(doc, &what)?),
@@ -170,6 +176,7 @@ impl Object {
             Object::Node(o) => serde_yaml::to_value(&**o),
             Object::Gateway(o) => serde_yaml::to_value(&**o),
             Object::HttpRoute(o) => serde_yaml::to_value(&**o),
+            Object::GrpcRoute(o) => serde_yaml::to_value(&**o),
             Object::AuthorizationPolicy(o) => serde_yaml::to_value(&**o),
             Object::BackendPolicy(o) => serde_yaml::to_value(&**o),
             Object::FaultInjection(o) => serde_yaml::to_value(&**o),
@@ -278,6 +285,7 @@ pub struct Objects {
     pub nodes: BTreeMap<String, Arc<Node>>,
     pub gateways: BTreeMap<String, Arc<Gateway>>,
     pub http_routes: BTreeMap<String, Arc<HttpRoute>>,
+    pub grpc_routes: BTreeMap<String, Arc<GrpcRoute>>,
     pub authorization_policies: BTreeMap<String, Arc<AuthorizationPolicy>>,
     pub backend_policies: BTreeMap<String, Arc<BackendPolicy>>,
     pub fault_injections: BTreeMap<String, Arc<FaultInjection>>,
@@ -297,6 +305,7 @@ impl Objects {
             Object::Node(o) => self.nodes.insert(key, o).is_some(),
             Object::Gateway(o) => self.gateways.insert(key, o).is_some(),
             Object::HttpRoute(o) => self.http_routes.insert(key, o).is_some(),
+            Object::GrpcRoute(o) => self.grpc_routes.insert(key, o).is_some(),
             Object::AuthorizationPolicy(o) => self.authorization_policies.insert(key, o).is_some(),
             Object::BackendPolicy(o) => self.backend_policies.insert(key, o).is_some(),
             Object::FaultInjection(o) => self.fault_injections.insert(key, o).is_some(),
@@ -312,6 +321,7 @@ impl Objects {
             + self.nodes.len()
             + self.gateways.len()
             + self.http_routes.len()
+            + self.grpc_routes.len()
             + self.authorization_policies.len()
             + self.backend_policies.len()
             + self.fault_injections.len()

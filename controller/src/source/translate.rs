@@ -61,7 +61,8 @@ pub struct Waypoint {
     pub services: Vec<String>,
 }
 
-/// An HTTPRoute attached to a Service (the mesh's way to attach routes).
+/// An HTTPRoute or GRPCRoute attached to a Service (the mesh's way to
+/// attach routes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub key: String,
@@ -508,35 +509,61 @@ fn waypoints_and_routes(objects: &Objects, out: &mut Translation) {
             );
         }
     }
-    for (key, route) in &objects.http_routes {
-        let parents: Vec<String> = route
+    let http = objects.http_routes.iter().map(|(key, r)| {
+        let parents = r
             .spec
             .parent_refs
             .iter()
             .flatten()
-            .filter(|p| p.kind.as_deref() == Some("Service"))
-            .map(|p| {
-                format!(
-                    "{}/{}",
-                    p.namespace.as_deref().unwrap_or(namespace_of(key)),
-                    p.name
-                )
-            })
-            .collect();
+            .map(|p| (p.kind.as_deref(), p.namespace.as_deref(), p.name.as_str()));
+        (
+            "HTTPRoute",
+            key,
+            service_parents(key, parents),
+            r.spec.rules.as_ref().map_or(0, Vec::len),
+        )
+    });
+    let grpc = objects.grpc_routes.iter().map(|(key, r)| {
+        let parents = r
+            .spec
+            .parent_refs
+            .iter()
+            .flatten()
+            .map(|p| (p.kind.as_deref(), p.namespace.as_deref(), p.name.as_str()));
+        (
+            "GRPCRoute",
+            key,
+            service_parents(key, parents),
+            r.spec.rules.as_ref().map_or(0, Vec::len),
+        )
+    });
+    let routes: Vec<_> = http.chain(grpc).collect();
+    for (kind, key, parents, rules) in routes {
         for p in &parents {
             if !objects.services.contains_key(p) {
                 out.warn(
-                    format!("HTTPRoute {key}"),
+                    format!("{kind} {key}"),
                     format!("parentRef Service {p} does not exist"),
                 );
             }
         }
         out.routes.push(Route {
-            key: key.clone(),
+            key: format!("{kind} {key}"),
             parents,
-            rules: route.spec.rules.as_ref().map_or(0, Vec::len),
+            rules,
         });
     }
+}
+
+/// The Services (`<namespace>/<name>`) among a route's parentRefs
+/// (kind, namespace, name): the mesh attaches routes to Services.
+fn service_parents<'a>(
+    route: &str,
+    refs: impl Iterator<Item = (Option<&'a str>, Option<&'a str>, &'a str)>,
+) -> Vec<String> {
+    refs.filter(|(kind, _, _)| *kind == Some("Service"))
+        .map(|(_, ns, name)| format!("{}/{name}", ns.unwrap_or(namespace_of(route))))
+        .collect()
 }
 
 fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
@@ -807,6 +834,13 @@ spec:
   parentRefs: [{group: "", kind: Service, name: api}, {group: "", kind: Service, name: nope}]
   rules:
     - backendRefs: [{name: api, port: 80, weight: 90}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: api-grpc, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 9090}]
+  rules: [{matches: [{method: {service: shop.Orders}}], backendRefs: [{name: api, port: 9090}]}]
 "#;
         let labelled = SHOP.replace(
             "    name: api\n    namespace: shop\n    resourceVersion: \"1081\"",
@@ -822,7 +856,21 @@ spec:
                 services: vec!["shop/api".into()],
             }]
         );
-        assert_eq!(t.routes[0].parents, ["shop/api", "shop/nope"]);
+        let routes: Vec<(&str, &[String])> = t
+            .routes
+            .iter()
+            .map(|r| (r.key.as_str(), r.parents.as_slice()))
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                (
+                    "HTTPRoute shop/api-split",
+                    &["shop/api".to_owned(), "shop/nope".to_owned()][..]
+                ),
+                ("GRPCRoute shop/api-grpc", &["shop/api".to_owned()][..]),
+            ]
+        );
         assert_eq!(t.problems.len(), 1, "{:?}", t.problems);
         assert!(t.problems[0].reason.contains("shop/nope"));
     }

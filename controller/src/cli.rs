@@ -20,6 +20,16 @@ pub struct Target {
 pub enum Output {
     Table,
     Json,
+    Yaml,
+}
+
+/// The API's answer as JSON or YAML; `None` for a table.
+fn structured(v: &Value, output: Output) -> Option<String> {
+    match output {
+        Output::Table => None,
+        Output::Json => Some(serde_json::to_string_pretty(v).unwrap_or_default() + "\n"),
+        Output::Yaml => Some(serde_yaml::to_string(v).unwrap_or_default()),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,8 +158,8 @@ async fn listing(
     fields: &[&str],
 ) -> Result<String, CliError> {
     let v = get(target, path).await?;
-    if output == Output::Json {
-        return Ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n");
+    if let Some(text) = structured(&v, output) {
+        return Ok(text);
     }
     let rows = v["items"]
         .as_array()
@@ -200,8 +210,8 @@ pub async fn certs(target: &Target, output: Output) -> Result<String, CliError> 
 /// Proxies and whether each has ACKed the config being served.
 pub async fn proxy_status(target: &Target, output: Output) -> Result<String, CliError> {
     let v = get(target, "/api/v1/proxies").await?;
-    if output == Output::Json {
-        return Ok(serde_json::to_string_pretty(&v).unwrap_or_default() + "\n");
+    if let Some(text) = structured(&v, output) {
+        return Ok(text);
     }
     let current = v["configVersion"].as_u64().unwrap_or(0);
     let rows = v["items"]

@@ -18,6 +18,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use weft_proto::model::{Policy, Service, Workload};
+
 use crate::ca::{CertificateAuthority, write_atomic};
 use crate::source::local::{LocalError, LocalSource};
 use crate::source::{Object, SourceStatus};
@@ -67,6 +69,7 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/policies", get(policies))
         .route("/api/v1/proxies", get(proxies))
         .route("/api/v1/trust-bundle", get(trust_bundle))
+        .route("/api/v1/{what}/{namespace}/{name}", get(get_one))
         .route("/api/v1/waypoints", get(waypoints))
         .route("/api/v1/routes", get(routes))
         .route("/api/v1/certificates", get(certificates))
@@ -74,11 +77,13 @@ pub fn router(api: Api) -> Router {
         .route("/api/v1/objects", get(list_objects))
         .route(
             "/api/v1/objects/{kind}/{name}",
-            axum::routing::put(put_cluster_object).delete(delete_cluster_object),
+            get(get_cluster_object)
+                .put(put_cluster_object)
+                .delete(delete_cluster_object),
         )
         .route(
             "/api/v1/objects/{kind}/{namespace}/{name}",
-            axum::routing::put(put_object).delete(delete_object),
+            get(get_object).put(put_object).delete(delete_object),
         )
         .route("/api/v1/openapi.json", get(openapi))
         .layer(middleware::from_fn_with_state(api.clone(), authenticate));
@@ -154,36 +159,91 @@ async fn authenticate(
     next.run(req).await
 }
 
-async fn workloads(State(api): State<Api>) -> Json<Value> {
-    let snap = api.config.current();
-    Json(
-        json!({"version": snap.version, "items": snap.model.workloads.iter().map(|w| json!({
+fn workload_json(w: &Workload) -> Value {
+    json!({
         "name": w.name, "namespace": w.namespace, "identity": w.identity.to_string(),
         "node": w.node, "addresses": w.addresses, "meshed": w.meshed, "services": w.services,
         "labels": w.labels,
-    })).collect::<Vec<_>>()}),
-    )
+    })
+}
+
+fn service_json(s: &Service) -> Value {
+    json!({
+        "service": s.key, "addresses": s.addresses,
+        "ports": s.ports.iter().map(|(p, t)| json!({"port": p, "targetPort": t})).collect::<Vec<_>>(),
+        "endpoints": s.endpoints().iter().map(|w| w.key.clone()).collect::<Vec<_>>(),
+    })
+}
+
+fn policy_json(p: &Policy) -> Value {
+    json!({
+        "policy": p.key, "action": format!("{:?}", p.action).to_uppercase(),
+        "selector": p.selector, "rules": p.rules.len(),
+    })
+}
+
+async fn workloads(State(api): State<Api>) -> Json<Value> {
+    let snap = api.config.current();
+    let items: Vec<Value> = snap
+        .model
+        .workloads
+        .iter()
+        .map(|w| workload_json(w))
+        .collect();
+    Json(json!({"version": snap.version, "items": items}))
 }
 
 async fn services(State(api): State<Api>) -> Json<Value> {
     let snap = api.config.current();
-    Json(
-        json!({"version": snap.version, "items": snap.model.services.iter().map(|s| json!({
-        "service": s.key, "addresses": s.addresses,
-        "ports": s.ports.iter().map(|(p, t)| json!({"port": p, "targetPort": t})).collect::<Vec<_>>(),
-        "endpoints": s.endpoints().iter().map(|w| w.key.clone()).collect::<Vec<_>>(),
-    })).collect::<Vec<_>>()}),
-    )
+    let items: Vec<Value> = snap
+        .model
+        .services
+        .iter()
+        .map(|s| service_json(s))
+        .collect();
+    Json(json!({"version": snap.version, "items": items}))
 }
 
 async fn policies(State(api): State<Api>) -> Json<Value> {
     let snap = api.config.current();
-    Json(
-        json!({"version": snap.version, "items": snap.model.policies.iter().map(|p| json!({
-        "policy": p.key, "action": format!("{:?}", p.action).to_uppercase(),
-        "selector": p.selector, "rules": p.rules.len(),
-    })).collect::<Vec<_>>()}),
-    )
+    let items: Vec<Value> = snap.model.policies.iter().map(|p| policy_json(p)).collect();
+    Json(json!({"version": snap.version, "items": items}))
+}
+
+/// One workload, service or policy by `<namespace>/<name>`.
+async fn get_one(
+    State(api): State<Api>,
+    AxPath((what, namespace, name)): AxPath<(String, String, String)>,
+) -> Response {
+    let snap = api.config.current();
+    let key = format!("{namespace}/{name}");
+    let found = match what.as_str() {
+        "workloads" => snap.model.workload_by_key(&key).map(|w| workload_json(w)),
+        "services" => snap.model.service(&key).map(|s| service_json(s)),
+        "policies" => snap
+            .model
+            .policies
+            .iter()
+            .find(|p| p.key == key)
+            .map(|p| policy_json(p)),
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see /api/v1/openapi.json",
+            );
+        }
+    };
+    match found {
+        Some(v) => Json(v).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "no {} {key} in config version {}",
+                what.trim_end_matches('s'),
+                snap.version
+            ),
+        ),
+    }
 }
 
 async fn proxies(State(api): State<Api>) -> Json<Value> {
@@ -275,6 +335,34 @@ async fn list_objects(State(api): State<Api>) -> Response {
         .map(|(file, o)| json!({"kind": o.kind(), "key": o.key(), "file": file}))
         .collect();
     Json(json!({"items": items})).into_response()
+}
+
+async fn get_cluster_object(
+    State(api): State<Api>,
+    AxPath((kind, name)): AxPath<(String, String)>,
+) -> Response {
+    find_object(&api, &format!("{kind} {name}"))
+}
+
+async fn get_object(
+    State(api): State<Api>,
+    AxPath((kind, namespace, name)): AxPath<(String, String, String)>,
+) -> Response {
+    find_object(&api, &format!("{kind} {namespace}/{name}"))
+}
+
+/// One config object (local mode) as it is served, in its Kubernetes shape.
+fn find_object(api: &Api, id: &str) -> Response {
+    let local = match local(api) {
+        Ok(l) => l,
+        Err(r) => return *r,
+    };
+    match local.objects().into_iter().find(|(_, o)| o.id() == id) {
+        Some((_, o)) => {
+            Json(serde_json::to_value(o.to_value()).unwrap_or_default()).into_response()
+        }
+        None => error(StatusCode::NOT_FOUND, &format!("{id} does not exist")),
+    }
 }
 
 async fn put_cluster_object(
@@ -412,6 +500,8 @@ async fn openapi() -> Json<Value> {
             "/api/v1/policies": list("authorization policies"),
             "/api/v1/proxies": list("proxies on the config stream, with ACKed versions and NACKs"),
             "/api/v1/trust-bundle": {"get": {"summary": "The mesh root (PEM)", "security": [{"bearer": []}], "responses": {"200": {"description": "PEM"}}}},
+            "/api/v1/{what}/{namespace}/{name}": {"get": {"summary": "One workload, service or policy (what: workloads, services, policies)", "security": [{"bearer": []}],
+                "responses": {"200": {"description": "the object"}, "404": {"description": "not in the config served"}}}},
             "/api/v1/waypoints": list("waypoints (Gateways of class weft-waypoint) and the services bound to them"),
             "/api/v1/routes": list("HTTPRoutes attached to Services"),
             "/api/v1/certificates": list("certificates issued since start: identity, serial, validity"),

@@ -38,6 +38,7 @@ struct Cli {
 enum Format {
     Table,
     Json,
+    Yaml,
 }
 
 #[derive(Subcommand, Debug)]
@@ -79,6 +80,7 @@ fn main() -> ExitCode {
     let output = match cli.output {
         Format::Table => Output::Table,
         Format::Json => Output::Json,
+        Format::Yaml => Output::Yaml,
     };
     let runtime = || {
         tokio::runtime::Builder::new_current_thread()

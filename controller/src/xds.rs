@@ -35,7 +35,7 @@ pub struct Snapshot {
     /// When this version was set (for push latency).
     created: std::time::Instant,
     pub model: Arc<Model>,
-    resources: BTreeMap<&'static str, BTreeMap<String, Resource>>,
+    resources: resources::Resources,
     /// What changed since the previous version, computed once for all
     /// proxies: a proxy in step with that version is sent it without a
     /// diff over the whole mesh.
@@ -51,7 +51,7 @@ struct Delta {
     types: HashMap<&'static str, (Vec<String>, Vec<String>)>,
 }
 
-fn delta(from: &Snapshot, to: &BTreeMap<&'static str, BTreeMap<String, Resource>>) -> Delta {
+fn delta(from: &Snapshot, to: &resources::Resources) -> Delta {
     let empty = BTreeMap::new();
     let mut types = HashMap::new();
     for t in ZTUNNEL_TYPES {
@@ -75,6 +75,23 @@ fn delta(from: &Snapshot, to: &BTreeMap<&'static str, BTreeMap<String, Resource>
         from: from.version,
         types,
     }
+}
+
+/// Whether a change moved a meshed identity on or off a node (what the CA's
+/// entitlements follow); an address change does not.
+fn placements_changed(old: &Model, new: &Model, delta: &Delta) -> bool {
+    let Some((changed, removed)) = delta.types.get(resources::WORKLOAD) else {
+        return false;
+    };
+    changed.iter().chain(removed).any(|name| {
+        match (old.workload_by_key(name), new.workload_by_key(name)) {
+            (Some(a), Some(b)) => {
+                (&a.node, &a.identity, a.meshed) != (&b.node, &b.identity, b.meshed)
+            }
+            (None, None) => false,
+            _ => true,
+        }
+    })
 }
 
 fn policies_by_node(model: &Model) -> HashMap<String, HashSet<String>> {
@@ -130,15 +147,18 @@ impl ConfigStore {
             return current.version;
         }
         let delta = delta(&current, &resources);
-        let mut placements: HashMap<String, HashSet<_>> = HashMap::new();
-        for w in model.workloads.iter().filter(|w| w.meshed) {
-            placements
-                .entry(w.node.clone())
-                .or_default()
-                .insert(w.identity.clone());
+        if current.version == 0 || placements_changed(&current.model, &model, &delta) {
+            let mut placements: HashMap<String, HashSet<_>> = HashMap::new();
+            for w in model.workloads.iter().filter(|w| w.meshed) {
+                placements
+                    .entry(w.node.clone())
+                    .or_default()
+                    .insert(w.identity.clone());
+            }
+            self.nodes.set_config_placements(placements);
         }
-        self.nodes.set_config_placements(placements);
         let version = current.version + 1;
+        drop(current);
         self.tx.send_replace(Arc::new(Snapshot {
             version,
             created: std::time::Instant::now(),
@@ -386,7 +406,7 @@ impl Session {
             .as_ref()
             .filter(|d| in_step == Some(d.from) && type_url != resources::AUTHORIZATION)
             .and_then(|d| d.types.get(type_url));
-        let (changed, removed): (Vec<&Resource>, Vec<String>) = match delta {
+        let (changed, removed): (Vec<&Arc<Resource>>, Vec<String>) = match delta {
             Some((changed, removed)) => (
                 changed.iter().filter_map(|n| current.get(n)).collect(),
                 removed

@@ -68,7 +68,11 @@ fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
 }
 
 /// The model as resources, by type URL, keyed by name.
-pub fn encode(model: &Model) -> BTreeMap<&'static str, BTreeMap<String, Resource>> {
+/// Resources by type URL, keyed by name; shared so that an unchanged
+/// resource is carried from one version to the next without a copy.
+pub type Resources = BTreeMap<&'static str, BTreeMap<String, Arc<Resource>>>;
+
+pub fn encode(model: &Model) -> Resources {
     encode_reusing(model, &Model::default(), &BTreeMap::new())
 }
 
@@ -78,9 +82,9 @@ pub fn encode(model: &Model) -> BTreeMap<&'static str, BTreeMap<String, Resource
 pub fn encode_reusing(
     model: &Model,
     previous: &Model,
-    previous_resources: &BTreeMap<&'static str, BTreeMap<String, Resource>>,
-) -> BTreeMap<&'static str, BTreeMap<String, Resource>> {
-    let mut out: BTreeMap<&'static str, BTreeMap<String, Resource>> = BTreeMap::new();
+    previous_resources: &Resources,
+) -> Resources {
+    let mut out = Resources::new();
     let reusable = previous_resources.get(WORKLOAD);
     for w in &model.workloads {
         let same = previous.workload_by_key(&w.key).is_some_and(|p| **p == **w);
@@ -104,9 +108,10 @@ pub fn encode_reusing(
             waypoint: String::new(),
             labels: w.labels.clone().into_iter().collect(),
         };
-        out.entry(WORKLOAD)
-            .or_default()
-            .insert(w.key.clone(), resource(WORKLOAD, w.key.clone(), &msg));
+        out.entry(WORKLOAD).or_default().insert(
+            w.key.clone(),
+            Arc::new(resource(WORKLOAD, w.key.clone(), &msg)),
+        );
     }
     for s in &model.services {
         let (namespace, name) = s.key.split_once('/').unwrap_or(("default", &s.key));
@@ -126,9 +131,10 @@ pub fn encode_reusing(
                 .collect(),
             waypoint: String::new(),
         };
-        out.entry(SERVICE)
-            .or_default()
-            .insert(s.key.clone(), resource(SERVICE, s.key.clone(), &msg));
+        out.entry(SERVICE).or_default().insert(
+            s.key.clone(),
+            Arc::new(resource(SERVICE, s.key.clone(), &msg)),
+        );
     }
     for p in &model.policies {
         let (_, name) = p.key.split_once('/').unwrap_or(("", &p.key));
@@ -166,9 +172,10 @@ pub fn encode_reusing(
                 })
                 .collect(),
         };
-        out.entry(AUTHORIZATION)
-            .or_default()
-            .insert(p.key.clone(), resource(AUTHORIZATION, p.key.clone(), &msg));
+        out.entry(AUTHORIZATION).or_default().insert(
+            p.key.clone(),
+            Arc::new(resource(AUTHORIZATION, p.key.clone(), &msg)),
+        );
     }
     out
 }
@@ -357,7 +364,7 @@ policies:
             .map(|(t, rs)| {
                 (
                     t.to_owned(),
-                    rs.into_iter().map(|(n, r)| (n, r.body)).collect(),
+                    rs.into_iter().map(|(n, r)| (n, r.body.clone())).collect(),
                 )
             })
             .collect()

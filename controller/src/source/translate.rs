@@ -113,15 +113,17 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
             .or_default()
             .push((key, svc));
     }
-    let mut used_ips: HashMap<IpAddr, String> = HashMap::new();
+    let mut used_ips: HashMap<IpAddr, &str> = HashMap::new();
+    // The pod behind each workload spec, in the same order.
+    let mut workload_pods: Vec<&Pod> = Vec::with_capacity(objects.pods.len());
 
     for (key, pod) in &objects.pods {
-        let id = format!("Pod {key}");
+        let id = || format!("Pod {key}");
         let (node, addresses) = match placement(pod) {
             Ok(Some(p)) => p,
             Ok(None) => continue,
             Err(reason) => {
-                out.refuse(id, reason);
+                out.refuse(id(), reason);
                 continue;
             }
         };
@@ -130,11 +132,14 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
             .iter()
             .find_map(|ip| used_ips.get(ip).map(|other| (ip, other)))
         {
-            out.refuse(id, format!("IP {} is also {}'s; skipped", clash.0, clash.1));
+            out.refuse(
+                id(),
+                format!("IP {} is also {}'s; skipped", clash.0, clash.1),
+            );
             continue;
         }
         for ip in &addresses {
-            used_ips.insert(*ip, key.clone());
+            used_ips.insert(*ip, key.as_str());
         }
         let labels = pod.metadata.labels.clone().unwrap_or_default();
         let spec = pod.spec.as_ref();
@@ -157,6 +162,7 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
         } else {
             Vec::new()
         };
+        workload_pods.push(&**pod);
         out.specs.workloads.push(WorkloadSpec {
             name: name_of(key).to_owned(),
             namespace: namespace.to_owned(),
@@ -171,11 +177,9 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
 
     let endpoints: HashMap<&str, Vec<&Pod>> = {
         let mut m: HashMap<&str, Vec<&Pod>> = HashMap::new();
-        for w in &out.specs.workloads {
+        for (w, pod) in out.specs.workloads.iter().zip(&workload_pods) {
             for s in &w.services {
-                if let Some(pod) = objects.pods.get(&format!("{}/{}", w.namespace, w.name)) {
-                    m.entry(s.as_str()).or_default().push(pod);
-                }
+                m.entry(s.as_str()).or_default().push(pod);
             }
         }
         m
@@ -204,7 +208,7 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
                         problems.push((id.clone(), format!("IP {ip} is also {other}'s"), true))
                     }
                     None => {
-                        used_ips.insert(ip, key.clone());
+                        used_ips.insert(ip, key.as_str());
                         addresses.push(ip);
                     }
                 },

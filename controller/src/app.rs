@@ -215,7 +215,9 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         local: local.clone(),
         sources: sources.clone(),
         auth: match kube_client {
-            Some(client) => rest::Auth::TokenReview(client),
+            Some(client) => {
+                rest::Auth::Kubernetes(Arc::new(crate::source::kubernetes::Reviewer::new(client)))
+            }
             None => rest::Auth::Token(api_token.clone().into()),
         },
     };

@@ -305,8 +305,8 @@ mod tests {
         );
         let role = docs
             .iter()
-            .find(|d| d["kind"] == "ClusterRole")
-            .expect("a ClusterRole");
+            .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "weft-controller")
+            .expect("the controller's ClusterRole");
         let granted = |group: &str, plural: &str, verb: &str| {
             role["rules"].as_sequence().into_iter().flatten().any(|r| {
                 let has = |field: &str, want: &str| {
@@ -328,5 +328,10 @@ mod tests {
             }
         }
         assert!(granted("authentication.k8s.io", "tokenreviews", "create"));
+        assert!(granted(
+            "authorization.k8s.io",
+            "subjectaccessreviews",
+            "create"
+        ));
     }
 }

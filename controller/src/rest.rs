@@ -44,8 +44,9 @@ pub struct Api {
 pub enum Auth {
     /// Local mode: the token in `<data-dir>/api-token`.
     Token(Arc<str>),
-    /// Kubernetes: a ServiceAccount token, checked by TokenReview.
-    TokenReview(kube::Client),
+    /// Kubernetes: a Kubernetes token, checked by TokenReview and
+    /// SubjectAccessReview.
+    Kubernetes(Arc<crate::source::kubernetes::Reviewer>),
 }
 
 /// The API token, made on first start.
@@ -137,24 +138,42 @@ async fn authenticate(
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
         .map(str::trim);
-    let ok = match (&api.auth, presented) {
-        (_, None) => false,
-        (Auth::Token(token), Some(t)) => {
-            t.len() == token.len()
-                && t.bytes()
+    let unauthorized = || {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "send Authorization: Bearer <token> (local mode: <data-dir>/api-token; Kubernetes: a ServiceAccount or user token)",
+        )
+    };
+    let Some(presented) = presented else {
+        return unauthorized();
+    };
+    match &api.auth {
+        Auth::Token(token) => {
+            let same = presented.len() == token.len()
+                && presented
+                    .bytes()
                     .zip(token.bytes())
                     .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0
+                    == 0;
+            if !same {
+                return unauthorized();
+            }
         }
-        (Auth::TokenReview(client), Some(t)) => {
-            crate::source::kubernetes::token_review(client, t).await
+        Auth::Kubernetes(reviewer) => {
+            use crate::source::kubernetes::Refusal;
+            let verb = match *req.method() {
+                http::Method::PUT | http::Method::POST => "update",
+                http::Method::DELETE => "delete",
+                _ => "get",
+            };
+            match reviewer.review(presented, verb).await {
+                Ok(()) => {}
+                Err(Refusal::Unauthenticated) => return unauthorized(),
+                Err(e @ Refusal::Forbidden { .. }) => {
+                    return error(StatusCode::FORBIDDEN, &e.to_string());
+                }
+            }
         }
-    };
-    if !ok {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "send Authorization: Bearer <token> (local mode: <data-dir>/api-token; Kubernetes: a ServiceAccount token)",
-        );
     }
     next.run(req).await
 }

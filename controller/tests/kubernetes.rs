@@ -31,6 +31,8 @@ struct Fake {
     /// Path → (resourceVersion, objects by name).
     lists: Mutex<HashMap<String, (u64, Vec<Value>)>>,
     watchers: Mutex<HashMap<String, Vec<Watcher>>>,
+    /// Token and access reviews asked.
+    reviews: Mutex<usize>,
 }
 
 impl Fake {
@@ -74,14 +76,33 @@ impl Fake {
 async fn api(State(fake): State<Arc<Fake>>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or_default().to_owned();
-    if path.ends_with("/tokenreviews") {
+    if path.ends_with("/tokenreviews") || path.ends_with("/subjectaccessreviews") {
+        *fake.reviews.lock().expect("poisoned") += 1;
         let body = axum::body::to_bytes(req.into_body(), 1 << 20)
             .await
             .unwrap_or_default();
         let review: Value = serde_json::from_slice(&body).unwrap_or_default();
-        let ok = review["spec"]["token"] == "good-token";
-        let answer = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-            "spec": review["spec"], "status": {"authenticated": ok}});
+        let answer = if path.ends_with("/tokenreviews") {
+            // alice and bob have valid tokens; anything else is not one.
+            let user = match review["spec"]["token"].as_str() {
+                Some("alice-token") => {
+                    json!({"username": "alice", "groups": ["system:authenticated"]})
+                }
+                Some("bob-token") => json!({"username": "bob"}),
+                _ => Value::Null,
+            };
+            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "spec": review["spec"], "status": {"authenticated": !user.is_null(), "user": user}})
+        } else {
+            // RBAC: alice may read weft.dev/api; bob may do nothing.
+            let attrs = &review["spec"]["resourceAttributes"];
+            let allowed = review["spec"]["user"] == "alice"
+                && attrs["group"] == "weft.dev"
+                && attrs["resource"] == "api"
+                && attrs["verb"] == "get";
+            json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+                "spec": review["spec"], "status": {"allowed": allowed}})
+        };
         return Response::new(Body::from(answer.to_string()));
     }
     if query
@@ -229,8 +250,24 @@ async fn reflectors_follow_lists_watches_and_relists() {
     })
     .await;
 
-    // REST callers are authenticated by TokenReview.
-    assert!(kubernetes::token_review(&client, "good-token").await);
-    assert!(!kubernetes::token_review(&client, "stolen").await);
+    // REST callers: who by TokenReview, what by SubjectAccessReview.
+    use kubernetes::Refusal;
+    let reviewer = kubernetes::Reviewer::new(client);
+    assert_eq!(reviewer.review("alice-token", "get").await, Ok(()));
+    let asked = *fake.reviews.lock().expect("poisoned");
+    assert_eq!(reviewer.review("alice-token", "get").await, Ok(()));
+    assert_eq!(*fake.reviews.lock().expect("poisoned"), asked, "cached");
+    assert!(matches!(
+        reviewer.review("alice-token", "update").await,
+        Err(Refusal::Forbidden { user, .. }) if user == "alice"
+    ));
+    assert!(matches!(
+        reviewer.review("bob-token", "get").await,
+        Err(Refusal::Forbidden { .. })
+    ));
+    assert_eq!(
+        reviewer.review("stolen", "get").await,
+        Err(Refusal::Unauthenticated)
+    );
     stop.cancel();
 }

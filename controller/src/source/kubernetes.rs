@@ -259,21 +259,109 @@ pub fn watched() -> Vec<(String, String)> {
     ]
 }
 
-/// Whether a bearer token is a valid Kubernetes token (TokenReview).
-pub async fn token_review(client: &Client, token: &str) -> bool {
-    let review = TokenReview {
-        spec: TokenReviewSpec {
-            token: token.to_owned(),
-            audiences: None,
-        },
-        ..Default::default()
-    };
-    let api: kube::Api<TokenReview> = kube::Api::all(client.clone());
-    match api.create(&kube::api::PostParams::default(), &review).await {
-        Ok(r) => r.status.and_then(|s| s.authenticated).unwrap_or(false),
-        Err(e) => {
-            warn!(error = %e, "TokenReview failed; refusing the request");
-            false
+/// Why a REST caller was refused, in Kubernetes mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("not a valid Kubernetes token (TokenReview)")]
+    Unauthenticated,
+    #[error("{user} may not {verb} weft.dev/api (bind the weft-viewer or weft-admin ClusterRole)")]
+    Forbidden { user: String, verb: String },
+}
+
+/// REST callers in Kubernetes mode: who they are by TokenReview, what they
+/// may do by SubjectAccessReview on the virtual resource `weft.dev/api`
+/// (verbs get, update, delete), so cluster RBAC decides who reads the
+/// mesh's topology. Decisions are cached for 30 s under a keyed hash of the
+/// token (the token itself is not kept), so a busy client costs the API
+/// server two calls per half minute.
+pub struct Reviewer {
+    client: Client,
+    hasher: std::collections::hash_map::RandomState,
+    cache: std::sync::Mutex<std::collections::HashMap<u64, Decision>>,
+}
+
+/// When a decision was made, and what it was.
+type Decision = (std::time::Instant, Result<(), Refusal>);
+
+const REVIEW_TTL: Duration = Duration::from_secs(30);
+const REVIEW_CACHE: usize = 4096;
+
+impl Reviewer {
+    pub fn new(client: Client) -> Self {
+        Reviewer {
+            client,
+            hasher: Default::default(),
+            cache: Default::default(),
+        }
+    }
+
+    pub async fn review(&self, token: &str, verb: &str) -> Result<(), Refusal> {
+        use std::hash::BuildHasher;
+        let key = self.hasher.hash_one((token, verb));
+        if let Some((at, decision)) = self.cache.lock().expect("poisoned").get(&key)
+            && at.elapsed() < REVIEW_TTL
+        {
+            return decision.clone();
+        }
+        let decision = self.ask(token, verb).await;
+        let mut cache = self.cache.lock().expect("poisoned");
+        if cache.len() >= REVIEW_CACHE {
+            cache.clear(); // bounded; a flood of distinct tokens only costs reviews
+        }
+        cache.insert(key, (std::time::Instant::now(), decision.clone()));
+        decision
+    }
+
+    async fn ask(&self, token: &str, verb: &str) -> Result<(), Refusal> {
+        use k8s_openapi::api::authorization::v1::{
+            ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+        };
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_owned(),
+                audiences: None,
+            },
+            ..Default::default()
+        };
+        let post = kube::api::PostParams::default();
+        let reviewed = kube::Api::<TokenReview>::all(self.client.clone())
+            .create(&post, &review)
+            .await
+            .map_err(|e| warn!(error = %e, "TokenReview failed; refusing the request"))
+            .ok()
+            .and_then(|r| r.status)
+            .filter(|s| s.authenticated == Some(true))
+            .and_then(|s| s.user)
+            .ok_or(Refusal::Unauthenticated)?;
+        let access = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: reviewed.username.clone(),
+                groups: reviewed.groups.clone(),
+                uid: reviewed.uid.clone(),
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some("weft.dev".into()),
+                    resource: Some("api".into()),
+                    verb: Some(verb.to_owned()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let allowed = kube::Api::<SubjectAccessReview>::all(self.client.clone())
+            .create(&post, &access)
+            .await
+            .map_err(|e| warn!(error = %e, "SubjectAccessReview failed; refusing the request"))
+            .ok()
+            .and_then(|r| r.status)
+            .is_some_and(|s| s.allowed);
+        if allowed {
+            Ok(())
+        } else {
+            Err(Refusal::Forbidden {
+                user: reviewed.username.unwrap_or_default(),
+                verb: verb.to_owned(),
+            })
         }
     }
 }

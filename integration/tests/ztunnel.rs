@@ -612,8 +612,10 @@ async fn config_from_the_directory_and_rest_reaches_live_traffic_and_survives_th
         .expect("reply");
     assert!(!refused.ok);
     // …until a file in the directory adds it: no restart anywhere. The
-    // newcomer (one more replica of client) is added now, enrolled later.
-    let more = pod_yaml(&late, "b", "late", "late") + &pod_yaml(&newcomer, "a", "client", "client");
+    // newcomer (a new identity) is added now and enrolled during the outage:
+    // its node fetched its certificate when the config placed it there.
+    let more =
+        pod_yaml(&late, "b", "late", "late") + &pod_yaml(&newcomer, "a", "newcomer", "newcomer");
     std::fs::write(dir.join("late.yaml"), more).expect("write config");
     converged(&mesh, "the new pods are served", |m| {
         m.workload("default", "late").is_some()

@@ -127,6 +127,27 @@ async fn follow(
     }
 }
 
+/// Requests the certificate of every meshed workload the config places on
+/// this node as soon as the config says so, not at enrollment: a pod that
+/// starts while the controller is away still gets its identity.
+async fn prefetch(node: Arc<crate::node::Node>, stop: CancellationToken) {
+    let mut model = node.model.clone();
+    loop {
+        let current = model.borrow_and_update().clone();
+        for w in current
+            .workloads
+            .iter()
+            .filter(|w| w.meshed && w.node == node.name)
+        {
+            node.certs.watch(&w.identity);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = model.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
 fn read(path: &PathBuf) -> Result<String, BuildError> {
     std::fs::read_to_string(path).map_err(|source| BuildError::Read {
         path: path.clone(),
@@ -204,6 +225,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     })?;
     let tasks = enroller.tasks.clone();
     tokio::spawn(enroll::serve(enroller, socket));
+    tasks.spawn(prefetch(node.clone(), shutdown.clone()));
     let bind = |addr| async move {
         telemetry::bind(addr)
             .await

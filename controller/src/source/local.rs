@@ -123,10 +123,6 @@ impl LocalSource {
         self.status.subscribe()
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Applies what changed on disk; returns the new config version if the
     /// served config changed.
     pub fn rescan(&self) -> Option<u64> {

@@ -311,25 +311,6 @@ impl Objects {
             Object::FaultInjection(o) => self.fault_injections.insert(key, o).is_some(),
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.namespaces.len()
-            + self.pods.len()
-            + self.services.len()
-            + self.endpoint_slices.len()
-            + self.service_accounts.len()
-            + self.nodes.len()
-            + self.gateways.len()
-            + self.http_routes.len()
-            + self.grpc_routes.len()
-            + self.authorization_policies.len()
-            + self.backend_policies.len()
-            + self.fault_injections.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// What a source holds and what it could not use, for the REST API.

@@ -6,6 +6,8 @@ use std::time::Duration;
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
+
+use crate::source::translate::MESH_LABEL;
 use tokio::net::TcpStream;
 
 /// Where the controller is and how to authenticate (local mode).
@@ -52,6 +54,16 @@ pub enum CliError {
 
 /// GET `path` from the REST API as JSON.
 pub async fn get(target: &Target, path: &str) -> Result<Value, CliError> {
+    request(target, http::Method::GET, path, String::new()).await
+}
+
+/// One request to the REST API; the answer as JSON.
+async fn request(
+    target: &Target,
+    method: http::Method,
+    path: &str,
+    body: String,
+) -> Result<Value, CliError> {
     let authority = target
         .controller
         .strip_prefix("http://")
@@ -81,10 +93,13 @@ pub async fn get(target: &Target, path: &str) -> Result<Value, CliError> {
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         tokio::spawn(conn);
-        let req = http::Request::get(path)
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
             .header(http::header::HOST, authority)
             .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-            .body(String::new())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body)
             .map_err(|e| unreachable(e.to_string()))?;
         let resp = sender
             .send_request(req)
@@ -193,6 +208,51 @@ pub async fn workloads(target: &Target, output: Output) -> Result<String, CliErr
         ],
     )
     .await
+}
+
+/// Adds a namespace to the mesh (`join`) or takes it out (`leave`) by its
+/// `weft.dev/mesh` label, through the controller's config objects (local
+/// mode). In Kubernetes, label the namespace with kubectl instead.
+pub async fn set_membership(
+    target: &Target,
+    namespace: &str,
+    join: bool,
+) -> Result<String, CliError> {
+    let path = format!("/api/v1/objects/Namespace/{namespace}");
+    let mut object = match get(target, &path).await {
+        Ok(o) => o,
+        Err(CliError::Status { status: 404, .. }) if join => {
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+        }
+        Err(CliError::Status { status: 404, .. }) => {
+            return Ok(format!(
+                "namespace {namespace} is not in the mesh (the controller does not know it)\n"
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    let labels = &mut object["metadata"]["labels"];
+    if !labels.is_object() {
+        *labels = serde_json::json!({});
+    }
+    let was = labels[MESH_LABEL] == "enabled";
+    if was == join {
+        let state = if join { "already in" } else { "not in" };
+        return Ok(format!("namespace {namespace} is {state} the mesh\n"));
+    }
+    if let Some(map) = labels.as_object_mut() {
+        if join {
+            map.insert(MESH_LABEL.into(), "enabled".into());
+        } else {
+            map.remove(MESH_LABEL);
+        }
+    }
+    let answer = request(target, http::Method::PUT, &path, object.to_string()).await?;
+    let verb = if join { "joined" } else { "left" };
+    Ok(format!(
+        "namespace {namespace} {verb} the mesh (config version {})\n",
+        answer["version"]
+    ))
 }
 
 /// Certificates the CA issued (the latest per identity, since it started).

@@ -271,6 +271,48 @@ async fn authenticated_reads_validated_writes_and_persistence() {
         summary.contains("1 connected, 1 on the current config"),
         "{summary}"
     );
+    // kubectl weft join/leave edit the Namespace's label through the API.
+    use weft_controller::cli::set_membership;
+    let pod_in_shop = GOOD
+        .replace("namespace: default", "namespace: shop")
+        .replace("10.0.1.2", "10.0.9.2");
+    let (status, body) = curl(
+        api,
+        "PUT",
+        "/api/v1/objects/Pod/shop/web",
+        Some(&token),
+        Some(pod_in_shop.into()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let meshed = |m: &weft_proto::model::Model| m.workload("shop", "web").is_some_and(|w| w.meshed);
+    assert!(!meshed(&mesh.controller.config.current().model));
+    let said = set_membership(&target, "shop", true).await.expect("join");
+    assert!(said.contains("shop joined the mesh"), "{said}");
+    assert!(
+        meshed(&mesh.controller.config.current().model),
+        "applied at once"
+    );
+    let said = set_membership(&target, "shop", true)
+        .await
+        .expect("join again");
+    assert!(said.contains("already in"), "{said}");
+    let said = set_membership(&target, "shop", false).await.expect("leave");
+    assert!(said.contains("shop left the mesh"), "{said}");
+    assert!(!meshed(&mesh.controller.config.current().model));
+    let err = set_membership(&target, "default", false)
+        .await
+        .expect_err("default is in a hand-written file");
+    assert!(err.to_string().contains("hand.yaml"), "{err}");
+    let (status, _) = curl(
+        api,
+        "DELETE",
+        "/api/v1/objects/Pod/shop/web",
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
     let yaml = weft_controller::cli::workloads(&target, weft_controller::cli::Output::Yaml)
         .await
         .expect("workloads -o yaml");

@@ -104,6 +104,12 @@ fn main() -> ExitCode {
         Command::Status => print(runtime().block_on(cli::status(&target))),
         Command::Certs => print(runtime().block_on(cli::certs(&target, output))),
         Command::Install => print(Ok(cli::install())),
+        Command::Join { namespace } => {
+            print(runtime().block_on(cli::set_membership(&target, &namespace, true)))
+        }
+        Command::Leave { namespace } => {
+            print(runtime().block_on(cli::set_membership(&target, &namespace, false)))
+        }
         Command::Demo { keep } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -119,7 +125,7 @@ fn main() -> ExitCode {
         }
         other => {
             eprintln!(
-                "`{}` is not built yet; `demo`, `install`, `status`, `proxy-status`, `workloads` and `certs` work today.",
+                "`{}` is not built yet; `demo`, `install`, `join`, `leave`, `status`, `proxy-status`, `workloads` and `certs` work today.",
                 format!("{other:?}")
                     .split([' ', '{'])
                     .next()

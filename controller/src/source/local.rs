@@ -16,18 +16,19 @@
 //!   (`<kind>.<namespace>.<name>.yaml`), atomically; objects in hand-written
 //!   files are edited by hand.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use weft_proto::model::Model;
+use weft_proto::model::{self, Changes, Model};
 
-use super::translate::translate;
+use super::translate::{PodContext, translate};
 use super::{Object, Objects, SourceStatus, parse_documents};
 use crate::ca::write_atomic;
 use crate::xds::ConfigStore;
@@ -69,6 +70,11 @@ pub struct LocalSource {
     files: Mutex<BTreeMap<String, FileState>>,
     status: watch::Sender<Arc<SourceStatus>>,
     scanned: std::sync::atomic::AtomicBool,
+    /// The objects behind the model served, once a full translation made it
+    /// (what a pods-only change is applied against).
+    served: Mutex<Option<Objects>>,
+    /// Changes applied pod by pod rather than by a full translation.
+    incremental: std::sync::atomic::AtomicU64,
 }
 
 impl LocalSource {
@@ -95,6 +101,8 @@ impl LocalSource {
             store,
             files: Mutex::new(BTreeMap::new()),
             scanned: Default::default(),
+            served: Mutex::new(None),
+            incremental: Default::default(),
             status: watch::channel(Arc::new(SourceStatus::local(dir))).0,
         });
         source.rescan();
@@ -117,6 +125,11 @@ impl LocalSource {
             }
         });
         Ok(source)
+    }
+
+    /// How many changes were applied pod by pod.
+    pub fn incremental_updates(&self) -> u64 {
+        self.incremental.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn status(&self) -> watch::Receiver<Arc<SourceStatus>> {
@@ -162,6 +175,30 @@ impl LocalSource {
             }
             next.insert(name, state);
         }
+        let others_unchanged = next
+            .iter()
+            .all(|(n, f)| changed.contains(n) || files.get(n).map(|o| &o.error) == Some(&f.error));
+        if !removed
+            && !changed.is_empty()
+            && others_unchanged
+            && let Some(version) = self.pods_only(files, &next, &changed)
+        {
+            for name in &changed {
+                if let Some(text) = &next[name].accepted {
+                    let _ = write_atomic(&self.accepted_dir.join(name), text.as_bytes(), 0o600);
+                }
+            }
+            self.status.send_modify(|status| {
+                let mut s = (**status).clone();
+                s.files = next
+                    .iter()
+                    .map(|(name, f)| (name.clone(), (f.objects.len(), f.error.clone())))
+                    .collect();
+                *status = Arc::new(s);
+            });
+            *files = next;
+            return Some(version);
+        }
         // Refuse changed files whose objects clash or cannot be used, one
         // at a time, until what is left translates cleanly.
         // Refusals already there before this scan are not this scan's doing.
@@ -173,7 +210,7 @@ impl LocalSource {
             .filter(|p| p.refused)
             .map(|p| (p.object.clone(), p.reason.clone()))
             .collect();
-        let translation = loop {
+        let (translation, assembled) = loop {
             let (objects, clashes) = assemble(&next);
             let t = translate(&objects, &self.trust_domain);
             // An object in two files: blame the one that changed (the
@@ -207,7 +244,7 @@ impl LocalSource {
                     Some((changed.last()?.clone(), format!("{object}: {reason}")))
                 });
             match culprit {
-                None => break t,
+                None => break (t, objects),
                 Some((file, reason)) => {
                     changed.retain(|f| *f != file);
                     let state = next.get_mut(&file).expect("changed file");
@@ -260,7 +297,10 @@ impl LocalSource {
         }
         let version = if apply {
             match Model::from_specs(translation.specs, &self.trust_domain) {
-                Ok(model) => Some(self.store.set(model)),
+                Ok(model) => {
+                    *self.served.lock().expect("poisoned") = Some(assembled);
+                    Some(self.store.set(model))
+                }
                 Err(e) => {
                     // The translation avoids every clash the model checks;
                     // if one slips through, keep serving what was served.
@@ -284,6 +324,82 @@ impl LocalSource {
         }));
         *files = next;
         version
+    }
+
+    /// A change that only adds, changes or removes pods, in a mesh served
+    /// cleanly, is applied to the served model pod by pod (`Model::apply`):
+    /// what a pod becomes depends only on its namespace, Services and
+    /// EndpointSlices, which did not change. Anything else (or any doubt:
+    /// a clash, a refusal, a named target port) takes the full
+    /// translation, which also explains what it refuses.
+    fn pods_only(
+        &self,
+        files: &BTreeMap<String, FileState>,
+        next: &BTreeMap<String, FileState>,
+        changed: &[String],
+    ) -> Option<u64> {
+        if !self.status.borrow().problems.is_empty() {
+            return None;
+        }
+        let mut served = self.served.lock().expect("poisoned");
+        let objects = served.as_mut()?;
+        let mut upserts: Vec<(String, Arc<Pod>)> = Vec::new();
+        let mut gone: Vec<String> = Vec::new();
+        for name in changed {
+            let old: &[Object] = files.get(name).map_or(&[], |f| &f.objects);
+            let new = &next.get(name)?.objects;
+            if !old.iter().chain(new).all(|o| matches!(o, Object::Pod(_))) {
+                return None;
+            }
+            let old_keys: HashSet<String> = old.iter().map(Object::key).collect();
+            let mut new_keys = HashSet::new();
+            for o in new {
+                let Object::Pod(pod) = o else { return None };
+                let key = o.key();
+                let served_pod = objects.pods.get(&key);
+                if !old_keys.contains(&key) && served_pod.is_some() {
+                    return None; // another file has it: the full path reports the clash
+                }
+                if !served_pod.is_some_and(|p| **p == **pod) {
+                    upserts.push((key.clone(), pod.clone()));
+                }
+                new_keys.insert(key);
+            }
+            gone.extend(old_keys.difference(&new_keys).cloned());
+        }
+        let context = PodContext::new(objects);
+        let namespaces = upserts.iter().map(|(k, _)| k).chain(&gone);
+        if namespaces
+            .map(|k| k.split_once('/').map_or("default", |(ns, _)| ns))
+            .any(|ns| context.named_ports_in(ns))
+        {
+            return None;
+        }
+        let mut changes = Changes::default();
+        for (key, pod) in &upserts {
+            let workload = match context.workload(key, pod).ok()? {
+                Some(spec) => Some(Arc::new(
+                    model::workload(spec, &self.trust_domain, key).ok()?,
+                )),
+                None => None,
+            };
+            changes.workloads.push((key.clone(), workload));
+        }
+        changes
+            .workloads
+            .extend(gone.iter().map(|k| (k.clone(), None)));
+        drop(context);
+        let model = self.store.current().model.apply(changes).ok()?;
+        for (key, pod) in upserts {
+            objects.pods.insert(key, pod);
+        }
+        for key in gone {
+            objects.pods.remove(&key);
+        }
+        self.incremental
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!("weft_controller_incremental_updates_total").increment(1);
+        Some(self.store.set(model))
     }
 
     /// The state of a file seen for the first time: its accepted copy from
@@ -465,13 +581,15 @@ mod tests {
     }
 
     fn workloads(store: &ConfigStore) -> Vec<String> {
-        store
+        let mut keys: Vec<String> = store
             .current()
             .model
             .workloads
             .iter()
             .map(|w| w.key.clone())
-            .collect()
+            .collect();
+        keys.sort();
+        keys
     }
 
     #[tokio::test]
@@ -541,5 +659,117 @@ mod tests {
         std::fs::remove_file(dir.join("c.yaml")).expect("rm");
         assert!(source.rescan().is_some());
         assert_eq!(workloads(&store), ["shop/web"]);
+    }
+
+    /// What the proxies would see of a model, comparable across builds.
+    fn view(m: &Model) -> Vec<String> {
+        let mut out: Vec<String> = m
+            .workloads
+            .iter()
+            .map(|w| {
+                format!(
+                    "{} {:?} {} {} {:?}",
+                    w.key, w.addresses, w.node, w.meshed, w.services
+                )
+            })
+            .collect();
+        for s in &m.services {
+            let mut eps: Vec<&str> = s.endpoints().iter().map(|w| w.key.as_str()).collect();
+            eps.sort();
+            out.push(format!("{} {:?} {:?} {eps:?}", s.key, s.addresses, s.ports));
+        }
+        for w in &m.workloads {
+            for ip in &w.addresses {
+                assert!(
+                    m.workload_by_ip(*ip).is_some_and(|x| x.key == w.key),
+                    "{ip} indexed"
+                );
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn pod_changes_applied_incrementally_equal_a_full_translation() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("config");
+        std::fs::create_dir_all(&dir).expect("dir");
+        let nodes = Arc::new(Nodes::load(&tmp.path().join("nodes")).expect("nodes"));
+        std::fs::write(
+            dir.join("base.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {weft.dev/mesh: enabled}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\n\
+             spec: {clusterIP: 10.96.0.1, selector: {app: api}, ports: [{port: 80, targetPort: 8080}]}\n",
+        )
+        .expect("write");
+        let pod = |name: &str, ip: &str, app: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {app}}}}}\n\
+                 spec: {{nodeName: a, containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: {ip}}}\n---\n"
+            )
+        };
+        std::fs::write(
+            dir.join("pods.yaml"),
+            pod("api-1", "10.0.0.1", "api") + &pod("api-2", "10.0.0.2", "api"),
+        )
+        .expect("write");
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let store = ConfigStore::new(nodes.clone());
+        let source = LocalSource::start(
+            &dir,
+            &tmp.path().join("data"),
+            "cluster.local",
+            store.clone(),
+            stop.clone(),
+        )
+        .expect("start");
+        let steps = [
+            // An address moves; a pod arrives; two trade addresses.
+            pod("api-1", "10.0.0.9", "api") + &pod("api-2", "10.0.0.2", "api"),
+            pod("api-1", "10.0.0.9", "api")
+                + &pod("api-2", "10.0.0.2", "api")
+                + &pod("api-3", "10.0.0.3", "api"),
+            pod("api-1", "10.0.0.2", "api")
+                + &pod("api-2", "10.0.0.9", "api")
+                + &pod("api-3", "10.0.0.3", "api"),
+            // One stops being selected; one goes away.
+            pod("api-1", "10.0.0.2", "web") + &pod("api-2", "10.0.0.9", "api"),
+        ];
+        for (i, yaml) in steps.iter().enumerate() {
+            std::fs::write(dir.join("pods.yaml"), yaml).expect("write");
+            assert!(source.rescan().is_some(), "step {i} applied");
+            let fresh_store = ConfigStore::new(nodes.clone());
+            let data = tempfile::tempdir().expect("tempdir");
+            LocalSource::start(
+                &dir,
+                data.path(),
+                "cluster.local",
+                fresh_store.clone(),
+                stop.clone(),
+            )
+            .expect("full translation");
+            assert_eq!(
+                view(&store.current().model),
+                view(&fresh_store.current().model),
+                "step {i}"
+            );
+        }
+        assert_eq!(
+            source.incremental_updates(),
+            steps.len() as u64,
+            "every step took the pod-by-pod path"
+        );
+        // A clash is left to the full translation, which refuses the file.
+        std::fs::write(dir.join("more.yaml"), pod("api-9", "10.0.0.9", "api")).expect("write");
+        source.rescan();
+        assert_eq!(source.incremental_updates(), steps.len() as u64);
+        assert!(
+            source.status().borrow().files["more.yaml"]
+                .1
+                .as_deref()
+                .is_some_and(|e| e.contains("10.0.0.9"))
+        );
     }
 }

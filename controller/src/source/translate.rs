@@ -97,38 +97,109 @@ impl Translation {
     }
 }
 
+/// What a pod's translation depends on besides the pod: which namespaces
+/// are meshed, the Services of each namespace, and the EndpointSlices.
+pub struct PodContext<'a> {
+    meshed_namespaces: HashSet<&'a str>,
+    services_by_namespace: HashMap<&'a str, Vec<(&'a String, &'a Service)>>,
+    slices: SliceIndex,
+}
+
+impl<'a> PodContext<'a> {
+    pub fn new(objects: &'a Objects) -> Self {
+        let mut services_by_namespace: HashMap<&str, Vec<(&String, &Service)>> = HashMap::new();
+        for (key, svc) in &objects.services {
+            services_by_namespace
+                .entry(namespace_of(key))
+                .or_default()
+                .push((key, svc));
+        }
+        PodContext {
+            meshed_namespaces: objects
+                .namespaces
+                .iter()
+                .filter(|(_, ns)| label(&ns.metadata.labels, MESH_LABEL) == Some("enabled"))
+                .map(|(name, _)| name.as_str())
+                .collect(),
+            services_by_namespace,
+            slices: SliceIndex::new(objects),
+        }
+    }
+
+    /// Whether a Service of `namespace` names its target port: then which
+    /// port a Service means depends on its pods, and a pod change is not
+    /// the pod's alone.
+    pub fn named_ports_in(&self, namespace: &str) -> bool {
+        self.services_by_namespace
+            .get(namespace)
+            .into_iter()
+            .flatten()
+            .flat_map(|(_, svc)| svc.spec.iter().flat_map(|s| s.ports.iter().flatten()))
+            .any(|p| matches!(p.target_port, Some(IntOrString::String(_))))
+    }
+
+    /// The workload a pod is now: `None` while it is not one (pending,
+    /// finished, host network), an error if it cannot be used.
+    pub fn workload(&self, key: &str, pod: &Pod) -> Result<Option<WorkloadSpec>, String> {
+        let Some((node, addresses)) = placement(pod)? else {
+            return Ok(None);
+        };
+        let namespace = namespace_of(key);
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        let service_account = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into());
+        let meshed = self.meshed_namespaces.contains(namespace)
+            && labels.get(MESH_LABEL).map(String::as_str) != Some("disabled");
+        let services = if pod_ready(pod) {
+            self.services_by_namespace
+                .get(namespace)
+                .into_iter()
+                .flatten()
+                .filter(|(skey, svc)| {
+                    selects(svc, &labels) && !self.slices.not_ready(skey, name_of(key), &addresses)
+                })
+                .map(|(skey, _)| (*skey).clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Some(WorkloadSpec {
+            name: name_of(key).to_owned(),
+            namespace: namespace.to_owned(),
+            service_account,
+            node,
+            addresses,
+            meshed,
+            services,
+            labels,
+        }))
+    }
+}
+
 pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
     let mut out = Translation::default();
-    let meshed_namespaces: HashSet<&str> = objects
-        .namespaces
-        .iter()
-        .filter(|(_, ns)| label(&ns.metadata.labels, MESH_LABEL) == Some("enabled"))
-        .map(|(name, _)| name.as_str())
-        .collect();
-    let slices = SliceIndex::new(objects);
-    let mut services_by_namespace: HashMap<&str, Vec<(&String, &Service)>> = HashMap::new();
-    for (key, svc) in &objects.services {
-        services_by_namespace
-            .entry(namespace_of(key))
-            .or_default()
-            .push((key, svc));
-    }
+    let context = PodContext::new(objects);
+    let slices = &context.slices;
     let mut used_ips: HashMap<IpAddr, &str> = HashMap::new();
     // The pod behind each workload spec, in the same order.
     let mut workload_pods: Vec<&Pod> = Vec::with_capacity(objects.pods.len());
 
     for (key, pod) in &objects.pods {
         let id = || format!("Pod {key}");
-        let (node, addresses) = match placement(pod) {
-            Ok(Some(p)) => p,
+        let workload = match context.workload(key, pod) {
+            Ok(Some(w)) => w,
             Ok(None) => continue,
             Err(reason) => {
                 out.refuse(id(), reason);
                 continue;
             }
         };
-        let namespace = namespace_of(key);
-        if let Some(clash) = addresses
+        if let Some(clash) = workload
+            .addresses
             .iter()
             .find_map(|ip| used_ips.get(ip).map(|other| (ip, other)))
         {
@@ -138,41 +209,11 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
             );
             continue;
         }
-        for ip in &addresses {
+        for ip in &workload.addresses {
             used_ips.insert(*ip, key.as_str());
         }
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
-        let spec = pod.spec.as_ref();
-        let service_account = spec
-            .and_then(|s| s.service_account_name.clone())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".into());
-        let meshed = meshed_namespaces.contains(namespace)
-            && labels.get(MESH_LABEL).map(String::as_str) != Some("disabled");
-        let services = if pod_ready(pod) {
-            services_by_namespace
-                .get(namespace)
-                .into_iter()
-                .flatten()
-                .filter(|(skey, svc)| {
-                    selects(svc, &labels) && !slices.not_ready(skey, name_of(key), &addresses)
-                })
-                .map(|(skey, _)| (*skey).clone())
-                .collect()
-        } else {
-            Vec::new()
-        };
         workload_pods.push(&**pod);
-        out.specs.workloads.push(WorkloadSpec {
-            name: name_of(key).to_owned(),
-            namespace: namespace.to_owned(),
-            service_account,
-            node,
-            addresses,
-            meshed,
-            services,
-            labels,
-        });
+        out.specs.workloads.push(workload);
     }
 
     let endpoints: HashMap<&str, Vec<&Pod>> = {

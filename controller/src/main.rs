@@ -17,12 +17,14 @@ use weft_proto::identity::Identity;
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// State directory: CA material in ca/, node tokens in nodes/ (made 0700).
+    /// State directory (made 0700): CA material in ca/, node tokens in
+    /// nodes/, the API token, the local config in config/ and its last
+    /// accepted copies in accepted/.
     #[arg(long, env = "WEFT_DATA_DIR", default_value = "/var/lib/weft")]
     data_dir: PathBuf,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// gRPC listen address (CA now; config push later).
+    /// gRPC listen address: the CA and the config stream, over TLS.
     #[arg(long, default_value = "0.0.0.0:15012")]
     grpc_addr: SocketAddr,
     /// Longest workload certificate lifetime, e.g. 24h, 90m, 3600s.

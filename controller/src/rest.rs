@@ -203,23 +203,18 @@ fn policy_json(p: &Policy) -> Value {
 
 async fn workloads(State(api): State<Api>) -> Json<Value> {
     let snap = api.config.current();
-    let items: Vec<Value> = snap
-        .model
-        .workloads
-        .iter()
-        .map(|w| workload_json(w))
-        .collect();
+    // Sorted: a model patched change by change keeps arrival order.
+    let mut workloads: Vec<_> = snap.model.workloads.iter().collect();
+    workloads.sort_by(|a, b| a.key.cmp(&b.key));
+    let items: Vec<Value> = workloads.into_iter().map(|w| workload_json(w)).collect();
     Json(json!({"version": snap.version, "items": items}))
 }
 
 async fn services(State(api): State<Api>) -> Json<Value> {
     let snap = api.config.current();
-    let items: Vec<Value> = snap
-        .model
-        .services
-        .iter()
-        .map(|s| service_json(s))
-        .collect();
+    let mut services: Vec<_> = snap.model.services.iter().collect();
+    services.sort_by(|a, b| a.key.cmp(&b.key));
+    let items: Vec<Value> = services.into_iter().map(|s| service_json(s)).collect();
     Json(json!({"version": snap.version, "items": items}))
 }
 

@@ -26,9 +26,9 @@ use k8s_openapi::api::core::v1::Pod;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use weft_proto::model::{self, Changes, Model};
+use weft_proto::model::Model;
 
-use super::translate::{PodContext, translate};
+use super::translate::{apply_pods, translate};
 use super::{Object, Objects, SourceStatus, parse_documents};
 use crate::ca::write_atomic;
 use crate::xds::ConfigStore;
@@ -367,35 +367,13 @@ impl LocalSource {
             }
             gone.extend(old_keys.difference(&new_keys).cloned());
         }
-        let context = PodContext::new(objects);
-        let namespaces = upserts.iter().map(|(k, _)| k).chain(&gone);
-        if namespaces
-            .map(|k| k.split_once('/').map_or("default", |(ns, _)| ns))
-            .any(|ns| context.named_ports_in(ns))
-        {
-            return None;
-        }
-        let mut changes = Changes::default();
-        for (key, pod) in &upserts {
-            let workload = match context.workload(key, pod).ok()? {
-                Some(spec) => Some(Arc::new(
-                    model::workload(spec, &self.trust_domain, key).ok()?,
-                )),
-                None => None,
-            };
-            changes.workloads.push((key.clone(), workload));
-        }
-        changes
-            .workloads
-            .extend(gone.iter().map(|k| (k.clone(), None)));
-        drop(context);
-        let model = self.store.current().model.apply(changes).ok()?;
-        for (key, pod) in upserts {
-            objects.pods.insert(key, pod);
-        }
-        for key in gone {
-            objects.pods.remove(&key);
-        }
+        let model = apply_pods(
+            objects,
+            &self.store.current().model,
+            upserts,
+            gone,
+            &self.trust_domain,
+        )?;
         self.incremental
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         metrics::counter!("weft_controller_incremental_updates_total").increment(1);

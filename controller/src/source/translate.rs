@@ -19,12 +19,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use weft_proto::identity::Identity;
 use weft_proto::model::{
-    Action, Cidr, PolicySpec, PortSpec, RuleSpec, ServiceSpec, Specs, WorkloadSpec,
+    self, Action, Changes, Cidr, Model, PolicySpec, PortSpec, RuleSpec, ServiceSpec, Specs,
+    WorkloadSpec,
 };
 
 use super::Objects;
@@ -178,6 +180,51 @@ impl<'a> PodContext<'a> {
             labels,
         }))
     }
+}
+
+/// Pods added or changed (`upserts`) and removed (`gone`), applied to the
+/// model `served` was made from `objects` by: what a pod becomes depends on
+/// its namespace, Services and EndpointSlices, which a pods-only change
+/// leaves alone. `None` when the change is not the pods' alone (a Service
+/// of theirs names its target port) or cannot be applied as is (a clash):
+/// then the caller runs the full translation, which explains refusals.
+/// On success `objects` is updated too.
+pub fn apply_pods(
+    objects: &mut Objects,
+    served: &Model,
+    upserts: Vec<(String, Arc<Pod>)>,
+    gone: Vec<String>,
+    trust_domain: &str,
+) -> Option<Model> {
+    let context = PodContext::new(objects);
+    if upserts
+        .iter()
+        .map(|(k, _)| k)
+        .chain(&gone)
+        .any(|k| context.named_ports_in(namespace_of(k)))
+    {
+        return None;
+    }
+    let mut changes = Changes::default();
+    for (key, pod) in &upserts {
+        let workload = match context.workload(key, pod).ok()? {
+            Some(spec) => Some(Arc::new(model::workload(spec, trust_domain, key).ok()?)),
+            None => None,
+        };
+        changes.workloads.push((key.clone(), workload));
+    }
+    changes
+        .workloads
+        .extend(gone.iter().map(|k| (k.clone(), None)));
+    drop(context);
+    let model = served.apply(changes).ok()?;
+    for (key, pod) in upserts {
+        objects.pods.insert(key, pod);
+    }
+    for key in gone {
+        objects.pods.remove(&key);
+    }
+    Some(model)
 }
 
 pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {

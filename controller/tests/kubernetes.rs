@@ -66,6 +66,13 @@ impl Fake {
         }
     }
 
+    fn watched_paths(&self) -> usize {
+        let w = self.watchers.lock().expect("poisoned");
+        w.values()
+            .filter(|v| v.iter().any(|s| !s.is_closed()))
+            .count()
+    }
+
     fn watching(&self, path: &str) -> usize {
         let w = self.watchers.lock().expect("poisoned");
         w.get(path)
@@ -217,6 +224,40 @@ async fn reflectors_follow_lists_watches_and_relists() {
     fake.put(PODS, pod("api-2", "10.244.1.6"));
     fake.event(PODS, "ADDED", pod("api-2", "10.244.1.6")).await;
     until(&k8s, &store, "the added pod", |m| m.workloads.len() == 2).await;
+    // Once every kind has settled, a pod's own change is applied pod by pod
+    // (the pass that takes the other kinds' initial events is a full one).
+    let incremental = || k8s.incremental.load(std::sync::atomic::Ordering::Relaxed);
+    let wait = async {
+        while fake.watched_paths() < kubernetes::watched().len() {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("every kind watched");
+    let moved = |m: &Model| {
+        m.workload_by_ip("10.244.1.9".parse().expect("ip"))
+            .is_some()
+    };
+    // Two moves, each waited for: the first pass may still carry other
+    // kinds' initial events (a full pass); the second has only the pod.
+    for ip in ["10.244.1.8", "10.244.1.9"] {
+        fake.event(PODS, "MODIFIED", pod("api-2", ip)).await;
+        let at: std::net::IpAddr = ip.parse().expect("ip");
+        until(&k8s, &store, "the moved pod", |m| {
+            m.workload_by_ip(at).is_some()
+        })
+        .await;
+    }
+    assert!(moved(&store.current().model));
+    assert!(
+        incremental() >= 1,
+        "a pod's own change is applied pod by pod"
+    );
+    fake.put(PODS, pod("api-2", "10.244.1.6"));
+    fake.event(PODS, "MODIFIED", pod("api-2", "10.244.1.6"))
+        .await;
+    until(&k8s, &store, "the pod back", |m| !moved(m)).await;
     fake.event(NAMESPACES, "MODIFIED", namespace(false)).await;
     until(
         &k8s,
@@ -239,6 +280,7 @@ async fn reflectors_follow_lists_watches_and_relists() {
         m.workloads.len() == 1
     })
     .await;
+    let before_relist = incremental();
     fake.remove(PODS, "api-2");
     fake.remove(PODS, "api-1");
     fake.put(PODS, pod("api-3", "10.244.1.7"));
@@ -249,6 +291,11 @@ async fn reflectors_follow_lists_watches_and_relists() {
         m.workloads.len() == 1 && m.workload("shop", "api-3").is_some()
     })
     .await;
+    assert_eq!(
+        incremental(),
+        before_relist,
+        "a relist is translated in full"
+    );
 
     // REST callers: who by TokenReview, what by SubjectAccessReview.
     use kubernetes::Refusal;

@@ -9,8 +9,10 @@
 //! RBAC it needs: `manifests/weft.yaml` (get/list/watch on the kinds below,
 //! create on tokenreviews).
 
+use std::collections::HashSet;
 use std::fmt::Debug;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use gateway_api::gateways::Gateway;
@@ -19,7 +21,7 @@ use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -30,7 +32,7 @@ use tracing::{info, warn};
 use weft_proto::model::Model;
 
 use super::crds::{AuthorizationPolicy, BackendPolicy, FaultInjection};
-use super::translate::translate;
+use super::translate::{apply_pods, translate};
 use super::{Objects, SourceStatus};
 use crate::xds::ConfigStore;
 
@@ -41,6 +43,8 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 pub struct Kubernetes {
     pub client: Client,
     pub status: watch::Receiver<Arc<SourceStatus>>,
+    /// Changes applied pod by pod rather than by a full translation.
+    pub incremental: Arc<AtomicU64>,
 }
 
 struct Stores {
@@ -76,14 +80,16 @@ pub fn start_with(
     shutdown: CancellationToken,
 ) -> Kubernetes {
     let changed = Arc::new(Notify::new());
+    let pending = Arc::new(std::sync::Mutex::new(Pending::default()));
     let w = Watch {
         client: &client,
         changed: &changed,
+        pending: &pending,
         shutdown: &shutdown,
     };
     let stores = Stores {
         namespaces: w.watch(),
-        pods: w.watch(),
+        pods: w.watch_pods(),
         services: w.watch(),
         endpoint_slices: w.watch(),
         service_accounts: w.watch(),
@@ -101,7 +107,10 @@ pub fn start_with(
         ..Default::default()
     }));
     let td = trust_domain.to_owned();
+    let incremental = Arc::new(AtomicU64::new(0));
+    let counter = incremental.clone();
     tokio::spawn(async move {
+        let incremental = counter;
         // Serve nothing until the kinds every config needs have listed once:
         // a half-listed cluster would look like deleted pods and policies.
         let ready = async {
@@ -115,34 +124,56 @@ pub fn start_with(
             _ = shutdown.cancelled() => return,
             _ = ready => info!("Kubernetes objects listed; serving config"),
         }
+        // The objects behind the model served (for the pod-by-pod path),
+        // and whether that translation was clean.
+        let mut served: Option<Objects> = None;
+        let mut clean = false;
         loop {
-            let objects = stores.collect();
-            let t = translate(&objects, &td);
-            for p in t.problems.iter().filter(|p| p.refused) {
-                warn!(
-                    object = p.object,
-                    reason = p.reason,
-                    "object not used as written"
-                );
-            }
-            metrics::gauge!("weft_controller_config_problems").set(t.problems.len() as f64);
-            match Model::from_specs(t.specs, &td) {
-                Ok(model) => {
-                    store.set(model);
+            let since = std::mem::take(&mut *pending.lock().expect("poisoned"));
+            if !since.other && since.pods.is_empty() && served.is_some() {
+                // A wake-up whose changes an earlier pass already took.
+            } else if !since.other
+                && clean
+                && let Some(objects) = served.as_mut()
+                && let Some(model) = pods_changed(&stores, objects, &store, &since.pods, &td)
+            {
+                incremental.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("weft_controller_incremental_updates_total").increment(1);
+                store.set(model);
+                // Nothing to report changed, but watchers learn a pass happened.
+                tx.send_modify(|_| {});
+            } else {
+                let objects = stores.collect();
+                let t = translate(&objects, &td);
+                for p in t.problems.iter().filter(|p| p.refused) {
+                    warn!(
+                        object = p.object,
+                        reason = p.reason,
+                        "object not used as written"
+                    );
                 }
-                Err(e) => {
-                    metrics::counter!("weft_controller_config_errors_total").increment(1);
-                    warn!(error = %e, "translated config does not validate; keeping the config served");
+                metrics::gauge!("weft_controller_config_problems").set(t.problems.len() as f64);
+                clean = t.problems.is_empty();
+                match Model::from_specs(t.specs, &td) {
+                    Ok(model) => {
+                        store.set(model);
+                        served = Some(objects);
+                    }
+                    Err(e) => {
+                        metrics::counter!("weft_controller_config_errors_total").increment(1);
+                        warn!(error = %e, "translated config does not validate; keeping the config served");
+                        served = None;
+                    }
                 }
+                tx.send_modify(|s| {
+                    *s = Arc::new(SourceStatus {
+                        problems: t.problems,
+                        waypoints: t.waypoints,
+                        routes: t.routes,
+                        ..(**s).clone()
+                    })
+                });
             }
-            tx.send_modify(|s| {
-                *s = Arc::new(SourceStatus {
-                    problems: t.problems,
-                    waypoints: t.waypoints,
-                    routes: t.routes,
-                    ..(**s).clone()
-                })
-            });
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = changed.notified() => {}
@@ -150,7 +181,39 @@ pub fn start_with(
             tokio::time::sleep(DEBOUNCE).await;
         }
     });
-    Kubernetes { client, status }
+    Kubernetes {
+        client,
+        status,
+        incremental,
+    }
+}
+
+/// What changed since the last translation: pods by key, or anything else.
+#[derive(Default)]
+struct Pending {
+    pods: HashSet<String>,
+    other: bool,
+}
+
+/// The pods in `keys` as the stores hold them now, applied pod by pod
+/// (`translate::apply_pods`); `None` sends the caller to the full path.
+fn pods_changed(
+    stores: &Stores,
+    objects: &mut Objects,
+    store: &ConfigStore,
+    keys: &HashSet<String>,
+    trust_domain: &str,
+) -> Option<Model> {
+    let mut upserts = Vec::new();
+    let mut gone = Vec::new();
+    for key in keys {
+        let (namespace, name) = key.split_once('/')?;
+        match stores.pods.get(&ObjectRef::new(name).within(namespace)) {
+            Some(pod) => upserts.push((key.clone(), pod)),
+            None => gone.push(key.clone()),
+        }
+    }
+    apply_pods(objects, &store.current().model, upserts, gone, trust_domain)
 }
 
 impl Stores {
@@ -191,6 +254,7 @@ impl Stores {
 struct Watch<'a> {
     client: &'a Client,
     changed: &'a Arc<Notify>,
+    pending: &'a Arc<std::sync::Mutex<Pending>>,
     shutdown: &'a CancellationToken,
 }
 
@@ -199,6 +263,18 @@ impl Watch<'_> {
     /// translator. Fields weft never reads are dropped before they are
     /// stored (managed fields, annotations), to keep memory per pod small.
     fn watch<K>(&self) -> Store<K>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        self.watch_as(false)
+    }
+
+    /// Pods: their events are recorded by key, for the pod-by-pod path.
+    fn watch_pods(&self) -> Store<Pod> {
+        self.watch_as(true)
+    }
+
+    fn watch_as<K>(&self, by_key: bool) -> Store<K>
     where
         K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     {
@@ -214,6 +290,7 @@ impl Watch<'_> {
                 }),
         );
         let changed = self.changed.clone();
+        let pending = self.pending.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
@@ -223,7 +300,19 @@ impl Watch<'_> {
                     e = stream.next() => e,
                 };
                 match event {
-                    Some(Ok(_)) => changed.notify_one(),
+                    Some(Ok(event)) => {
+                        let mut p = pending.lock().expect("poisoned");
+                        match event {
+                            watcher::Event::Apply(o) | watcher::Event::Delete(o) if by_key => {
+                                let ns = o.namespace().unwrap_or_default();
+                                p.pods.insert(format!("{ns}/{}", o.name_any()));
+                            }
+                            // A relist, or a kind every pod may depend on.
+                            _ => p.other = true,
+                        }
+                        drop(p);
+                        changed.notify_one();
+                    }
                     // The watcher retries with backoff; an absent CRD (no
                     // Gateway API installed) stays an empty store.
                     Some(Err(e)) => {

@@ -371,10 +371,8 @@ fn find_object(api: &Api, id: &str) -> Response {
         Ok(l) => l,
         Err(r) => return *r,
     };
-    match local.objects().into_iter().find(|(_, o)| o.id() == id) {
-        Some((_, o)) => {
-            Json(serde_json::to_value(o.to_value()).unwrap_or_default()).into_response()
-        }
+    match local.object(id) {
+        Some(o) => Json(serde_json::to_value(o.to_value()).unwrap_or_default()).into_response(),
         None => error(StatusCode::NOT_FOUND, &format!("{id} does not exist")),
     }
 }

@@ -130,13 +130,15 @@ pub async fn run(workloads: usize, services: usize, proxies: usize) -> anyhow::R
     // One pod changes its address: its file is rewritten.
     let new_ip: std::net::IpAddr =
         format!("10.{}.{}.252", (moved / 250) / 256, (moved / 250) % 256).parse()?;
-    let sent_before: u64 = mesh
-        .controller
-        .proxies
-        .all()
-        .values()
-        .map(|s| s.resources_sent)
-        .sum();
+    let sent = || -> u64 {
+        mesh.controller
+            .proxies
+            .all()
+            .values()
+            .map(|s| s.resources_sent)
+            .sum()
+    };
+    let sent_before = sent();
     // Each proxy is timed on its own task, so one slow proxy does not hide
     // how fast the others were.
     let t1 = Instant::now();
@@ -178,13 +180,7 @@ pub async fn run(workloads: usize, services: usize, proxies: usize) -> anyhow::R
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
-    let sent_after: u64 = mesh
-        .controller
-        .proxies
-        .all()
-        .values()
-        .map(|s| s.resources_sent)
-        .sum();
+    let sent_after = sent();
     let per_proxy = (sent_after - sent_before) as f64 / proxies as f64;
     let one = weft_proto::resources::encode(&mesh.controller.config.current().model);
     let bytes = one[weft_proto::resources::WORKLOAD][&pod].body.value.len();

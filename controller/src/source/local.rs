@@ -428,6 +428,16 @@ impl LocalSource {
         Ok((text, objects))
     }
 
+    /// One object served (`Kind namespace/name`), without copying the rest.
+    pub fn object(&self, id: &str) -> Option<Object> {
+        let files = self.files.lock().expect("poisoned");
+        files
+            .values()
+            .flat_map(|f| &f.objects)
+            .find(|o| o.id() == id)
+            .cloned()
+    }
+
     /// Every object served, with the file it comes from.
     pub fn objects(&self) -> Vec<(String, Object)> {
         let files = self.files.lock().expect("poisoned");

@@ -601,34 +601,24 @@ fn waypoints_and_routes(objects: &Objects, out: &mut Translation) {
             );
         }
     }
-    let http = objects.http_routes.iter().map(|(key, r)| {
-        let parents = r
-            .spec
-            .parent_refs
-            .iter()
-            .flatten()
-            .map(|p| (p.kind.as_deref(), p.namespace.as_deref(), p.name.as_str()));
-        (
-            "HTTPRoute",
-            key,
-            service_parents(key, parents),
-            r.spec.rules.as_ref().map_or(0, Vec::len),
-        )
-    });
-    let grpc = objects.grpc_routes.iter().map(|(key, r)| {
-        let parents = r
-            .spec
-            .parent_refs
-            .iter()
-            .flatten()
-            .map(|p| (p.kind.as_deref(), p.namespace.as_deref(), p.name.as_str()));
-        (
-            "GRPCRoute",
-            key,
-            service_parents(key, parents),
-            r.spec.rules.as_ref().map_or(0, Vec::len),
-        )
-    });
+    // HTTPRoute and GRPCRoute are distinct generated types with the same
+    // fields weft reads.
+    macro_rules! rows {
+        ($routes:expr, $kind:literal) => {
+            $routes.iter().map(|(key, r)| {
+                let parents = r
+                    .spec
+                    .parent_refs
+                    .iter()
+                    .flatten()
+                    .map(|p| (p.kind.as_deref(), p.namespace.as_deref(), p.name.as_str()));
+                let rules = r.spec.rules.as_ref().map_or(0, Vec::len);
+                ($kind, key, service_parents(key, parents), rules)
+            })
+        };
+    }
+    let http = rows!(objects.http_routes, "HTTPRoute");
+    let grpc = rows!(objects.grpc_routes, "GRPCRoute");
     let routes: Vec<_> = http.chain(grpc).collect();
     for (kind, key, parents, rules) in routes {
         for p in &parents {

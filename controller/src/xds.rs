@@ -257,7 +257,6 @@ impl AggregatedDiscoveryService for XdsService {
             have: HashMap::new(),
             pending: HashMap::new(),
             nacked: HashSet::new(),
-            synced: HashMap::new(),
             nonce: 0,
         };
         info!(node, "proxy connected to the config stream");
@@ -270,18 +269,26 @@ impl AggregatedDiscoveryService for XdsService {
     }
 }
 
+/// What a proxy has of one type.
+enum Have {
+    /// Exactly what this version held: a proxy in step costs the controller
+    /// one pointer per type, not a copy of the mesh's names.
+    Snapshot(Arc<Snapshot>),
+    /// Name → version: what the proxy said it had when it subscribed, or
+    /// what it was sent of a type filtered for its node.
+    Names(HashMap<String, String>),
+}
+
 struct Session {
     node: String,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     proxies: Proxies,
-    /// What the proxy has (or was last sent), per type: name → version.
-    have: HashMap<String, HashMap<String, String>>,
+    /// What the proxy has (or was last sent), per type.
+    have: HashMap<String, Have>,
     /// Unanswered responses: nonce → (type, config version, when it was set).
     pending: HashMap<String, (String, u64, std::time::Instant)>,
     /// Types whose latest response the proxy refused.
     nacked: HashSet<String>,
-    /// Type → the config version the proxy's `have` matches (for deltas).
-    synced: HashMap<String, u64>,
     nonce: u64,
 }
 
@@ -354,7 +361,6 @@ impl Session {
                         "proxy NACKed config"
                     );
                     self.nacked.insert(type_url.clone());
-                    self.synced.remove(&type_url);
                     // The reason is the proxy's text: bounded in length and number.
                     let reason: String = err.message.chars().take(512).collect();
                     self.proxies.update(&self.node, |s| {
@@ -385,10 +391,9 @@ impl Session {
             return Ok(());
         }
         // A (re)subscription: start from what the proxy says it has.
-        self.synced.remove(&req.type_url);
         self.have.insert(
             req.type_url.clone(),
-            req.initial_resource_versions.into_iter().collect(),
+            Have::Names(req.initial_resource_versions.into_iter().collect()),
         );
         self.push(&req.type_url, snapshot, true).await
     }
@@ -396,40 +401,59 @@ impl Session {
     /// Sends what `type_url`'s resources lack relative to `snapshot`. The
     /// first response for a type is sent even when empty, so the proxy
     /// knows its view is complete.
-    async fn push(&mut self, type_url: &str, snapshot: &Snapshot, always: bool) -> Result<(), ()> {
+    async fn push(
+        &mut self,
+        type_url: &str,
+        snapshot: &Arc<Snapshot>,
+        always: bool,
+    ) -> Result<(), ()> {
         let empty = BTreeMap::new();
         let current = snapshot.resources.get(type_url).unwrap_or(&empty);
-        let in_step = self.synced.insert(type_url.to_owned(), snapshot.version);
-        let have = self.have.entry(type_url.to_owned()).or_default();
-        let delta = snapshot
-            .delta
-            .as_ref()
-            .filter(|d| in_step == Some(d.from) && type_url != resources::AUTHORIZATION)
-            .and_then(|d| d.types.get(type_url));
-        let (changed, removed): (Vec<&Arc<Resource>>, Vec<String>) = match delta {
-            Some((changed, removed)) => (
-                changed.iter().filter_map(|n| current.get(n)).collect(),
-                removed
-                    .iter()
-                    .filter(|n| have.contains_key(*n))
-                    .cloned()
-                    .collect(),
-            ),
-            None => {
-                let no_policies = HashSet::new();
-                let wanted = |name: &String| {
-                    type_url != resources::AUTHORIZATION
-                        || snapshot
-                            .policies_by_node
-                            .get(&self.node)
-                            .unwrap_or(&no_policies)
-                            .contains(name)
-                };
+        // Policies are filtered per node; everything else is sent whole.
+        let filtered = type_url == resources::AUTHORIZATION;
+        let no_policies = HashSet::new();
+        let node_policies = snapshot
+            .policies_by_node
+            .get(&self.node)
+            .unwrap_or(&no_policies);
+        let wanted = |name: &str| !filtered || node_policies.contains(name);
+        let have = self
+            .have
+            .entry(type_url.to_owned())
+            .or_insert_with(|| Have::Names(HashMap::new()));
+        let (changed, removed): (Vec<&Arc<Resource>>, Vec<String>) = match &*have {
+            Have::Snapshot(prev) => {
+                let delta = snapshot
+                    .delta
+                    .as_ref()
+                    .filter(|d| d.from == prev.version)
+                    .and_then(|d| d.types.get(type_url));
+                match delta {
+                    Some((changed, removed)) => (
+                        changed.iter().filter_map(|n| current.get(n)).collect(),
+                        removed.clone(),
+                    ),
+                    None => {
+                        let old = prev.resources.get(type_url).unwrap_or(&empty);
+                        let changed = current
+                            .values()
+                            .filter(|r| old.get(&r.name).map(|o| &o.version) != Some(&r.version))
+                            .collect();
+                        let removed = old
+                            .keys()
+                            .filter(|n| !current.contains_key(*n))
+                            .cloned()
+                            .collect();
+                        (changed, removed)
+                    }
+                }
+            }
+            Have::Names(names) => {
                 let changed = current
                     .values()
-                    .filter(|r| wanted(&r.name) && have.get(&r.name) != Some(&r.version))
+                    .filter(|r| wanted(&r.name) && names.get(&r.name) != Some(&r.version))
                     .collect();
-                let removed = have
+                let removed = names
                     .keys()
                     .filter(|n| !current.contains_key(*n) || !wanted(n))
                     .cloned()
@@ -437,6 +461,20 @@ impl Session {
                 (changed, removed)
             }
         };
+        // What the proxy has once this is applied: for whole types, exactly
+        // this version (shared, not copied per proxy); for filtered ones,
+        // the names it was sent.
+        match have {
+            Have::Names(names) if filtered => {
+                for r in &changed {
+                    names.insert(r.name.clone(), r.version.clone());
+                }
+                for n in &removed {
+                    names.remove(n);
+                }
+            }
+            _ => *have = Have::Snapshot(snapshot.clone()),
+        }
         if changed.is_empty() && removed.is_empty() && !always {
             // Nothing to send: a proxy in step for this type stays in step
             // with the new version (so "ACKed version" reads as "has all of").
@@ -448,12 +486,6 @@ impl Session {
                 });
             }
             return Ok(());
-        }
-        for r in &changed {
-            have.insert(r.name.clone(), r.version.clone());
-        }
-        for n in &removed {
-            have.remove(n);
         }
         self.nonce += 1;
         let nonce = self.nonce.to_string();

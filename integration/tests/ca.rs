@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{CertificateParams, IsCa, Issuer, KeyPair, SanType};
 use tonic::Code;
-use weft_integration::{HboneServer, Mesh, eventually};
+use weft_integration::{HboneServer, Mesh, Pair, eventually};
 use weft_proto::certs::{IMPERSONATED_IDENTITY, make_csr};
 use weft_proto::hbone::pool::{ConnectRequest, Pool, PoolKey, PoolSettings};
 use weft_proto::pb::ca::IstioCertificateRequest;
@@ -380,13 +380,9 @@ async fn plugged_intermediate_serves_the_full_chain() {
 /// Leaves a peer must refuse even though our CA key signed them.
 #[tokio::test]
 async fn peers_refuse_expired_ca_and_ambiguous_leaves() {
-    let mesh = Mesh::start().await;
-    let node = mesh.node("node-a");
-    let (web, api) = (
-        node.workload("default", "web"),
-        node.workload("default", "api"),
-    );
-    let server = HboneServer::echo(node.cert(&api).await).await;
+    let Pair {
+        mesh, web, server, ..
+    } = Pair::start().await;
     let root_pem = mesh.controller.root_pem.clone();
     let ca_key = KeyPair::from_pem(
         &std::fs::read_to_string(mesh.data_dir.join("ca/ca-key.pem")).expect("key"),

@@ -22,7 +22,7 @@ use weft_proto::model::{Policy, Service, Workload};
 
 use crate::ca::{CertificateAuthority, write_atomic};
 use crate::source::local::{LocalError, LocalSource};
-use crate::source::{Object, SourceStatus};
+use crate::source::{BodyError, SourceStatus};
 use crate::xds::{ConfigStore, Proxies};
 
 /// Largest config document accepted.
@@ -407,21 +407,12 @@ async fn apply_object(
         Ok(l) => l,
         Err(r) => return *r,
     };
-    if let Err(e) = crate::source::check_nesting(body) {
-        return error(StatusCode::BAD_REQUEST, &e);
-    }
-    let value: serde_yaml::Value = match serde_yaml::from_str(body) {
-        Ok(v) => v,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                &format!("body is not JSON or YAML: {e}"),
-            );
-        }
-    };
-    let object = match Object::from_value(value) {
+    let object = match crate::source::parse_object(body) {
         Ok(o) => o,
-        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, &e),
+        Err(e @ BodyError::Syntax(_)) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e @ BodyError::Invalid(_)) => {
+            return error(StatusCode::UNPROCESSABLE_ENTITY, &e.to_string());
+        }
     };
     let want = match namespace {
         Some(ns) => format!("{kind} {ns}/{name}"),

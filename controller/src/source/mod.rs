@@ -229,7 +229,7 @@ fn is_empty(v: &Value) -> bool {
 /// pass. Brackets inside strings count too: no Kubernetes object comes near.
 const MAX_NESTING: usize = 64;
 
-pub fn check_nesting(text: &str) -> Result<(), String> {
+fn check_nesting(text: &str) -> Result<(), String> {
     let mut depth = 0usize;
     for (line, l) in text.lines().enumerate() {
         for b in l.bytes() {
@@ -247,6 +247,27 @@ pub fn check_nesting(text: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Why one object's text (a REST body) was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// Not YAML or JSON at all, or shaped to make the parser work too hard.
+    #[error("body is not JSON or YAML: {0}")]
+    Syntax(String),
+    /// YAML, but not one object weft reads.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Exactly one object from a REST body (JSON or YAML), through the same
+/// checks a file gets.
+pub fn parse_object(text: &str) -> Result<Object, BodyError> {
+    use serde::Deserialize;
+    check_nesting(text).map_err(BodyError::Syntax)?;
+    let value = Value::deserialize(serde_yaml::Deserializer::from_str(text))
+        .map_err(|e| BodyError::Syntax(e.to_string()))?;
+    Object::from_value(value).map_err(BodyError::Invalid)
 }
 
 /// Every document of a YAML stream, parsed; the first bad one fails the

@@ -326,27 +326,28 @@ fn decode_policy(name: &str, value: &[u8]) -> Result<Policy, ModelError> {
     model::policy(spec, name)
 }
 
-/// Builds a model from received resources (all types, by name).
-pub fn decode(
-    resources: &BTreeMap<String, BTreeMap<String, prost_types::Any>>,
-    trust_domain: &str,
-) -> Result<Model, ModelError> {
-    let (mut workloads, mut services, mut policies) = (Vec::new(), Vec::new(), Vec::new());
-    for (type_url, named) in resources {
-        for (name, any) in named {
-            match decode_one(type_url, name, any, trust_domain)? {
-                Decoded::Workload(w) => workloads.push(w),
-                Decoded::Service(s) => services.push(s),
-                Decoded::Policy(p) => policies.push(p),
-            }
-        }
-    }
-    Model::assemble(workloads, services.iter().map(|s| &**s), policies)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A whole model from resources by type, decoded one by one: the oracle
+    /// the tests compare against.
+    fn decode(
+        resources: &BTreeMap<String, BTreeMap<String, prost_types::Any>>,
+        trust_domain: &str,
+    ) -> Result<Model, ModelError> {
+        let (mut workloads, mut services, mut policies) = (Vec::new(), Vec::new(), Vec::new());
+        for (type_url, named) in resources {
+            for (name, any) in named {
+                match decode_one(type_url, name, any, trust_domain)? {
+                    Decoded::Workload(w) => workloads.push(w),
+                    Decoded::Service(s) => services.push(s),
+                    Decoded::Policy(p) => policies.push(p),
+                }
+            }
+        }
+        Model::assemble(workloads, services.iter().map(|s| &**s), policies)
+    }
 
     const YAML: &str = r#"
 workloads:

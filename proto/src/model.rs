@@ -369,6 +369,22 @@ pub struct ServiceDef {
     pub ports: Vec<(u16, u16)>,
 }
 
+/// A service from its definition and endpoints (balancing starts over).
+fn service_with(
+    key: &str,
+    addresses: &[IpAddr],
+    ports: &[(u16, u16)],
+    endpoints: Vec<Arc<Workload>>,
+) -> Arc<Service> {
+    Arc::new(Service {
+        key: key.to_owned(),
+        addresses: addresses.to_vec(),
+        ports: ports.to_vec(),
+        endpoints,
+        next: AtomicUsize::new(0),
+    })
+}
+
 /// Validates one workload on its own (`object` names it in errors).
 pub fn workload(w: WorkloadSpec, trust_domain: &str, object: &str) -> Result<Workload, ModelError> {
     let identity = Identity::new(trust_domain, &w.namespace, &w.service_account)
@@ -511,13 +527,8 @@ impl Model {
         }
         for (i, def) in services.enumerate() {
             let object = || format!("services[{i}] ({})", def.key);
-            let service = Arc::new(Service {
-                key: def.key.clone(),
-                addresses: def.addresses.clone(),
-                ports: def.ports.clone(),
-                endpoints: by_service.remove(def.key.as_str()).unwrap_or_default(),
-                next: AtomicUsize::new(0),
-            });
+            let endpoints = by_service.remove(def.key.as_str()).unwrap_or_default();
+            let service = service_with(&def.key, &def.addresses, &def.ports, endpoints);
             for ip in &service.addresses {
                 if model.by_ip.contains_key(ip)
                     || model.by_vip.insert(*ip, service.clone()).is_some()
@@ -658,13 +669,7 @@ impl Model {
             if def.key != *key {
                 return Err(invalid(key, "name", format!("holds service {}", def.key)));
             }
-            let service = Arc::new(Service {
-                key: def.key.clone(),
-                addresses: def.addresses.clone(),
-                ports: def.ports.clone(),
-                endpoints: endpoints_of(key),
-                next: AtomicUsize::new(0),
-            });
+            let service = service_with(&def.key, &def.addresses, &def.ports, endpoints_of(key));
             for ip in &service.addresses {
                 if m.by_ip.contains_key(ip) || m.by_vip.insert(*ip, service.clone()).is_some() {
                     return Err(invalid(key, "addresses", format!("{ip} is already in use")));
@@ -685,13 +690,7 @@ impl Model {
                 .cloned()
                 .collect();
             endpoints.extend(added.remove(key).unwrap_or_default());
-            let service = Arc::new(Service {
-                key: old.key.clone(),
-                addresses: old.addresses.clone(),
-                ports: old.ports.clone(),
-                endpoints,
-                next: AtomicUsize::new(0),
-            });
+            let service = service_with(&old.key, &old.addresses, &old.ports, endpoints);
             for ip in &service.addresses {
                 m.by_vip.insert(*ip, service.clone());
             }

@@ -15,7 +15,7 @@ use weft_proto::certs::{CertConfig, CertManager, wait_for_cert};
 use weft_proto::identity::Identity;
 use weft_proto::tls::{self, ClientAuth};
 
-use crate::ca::{CaError, CertificateAuthority};
+use crate::ca::{CaError, CertificateAuthority, ServingNames, ServingSigner};
 use crate::ca_server::CaService;
 use crate::nodes::{NodeError, Nodes};
 use crate::rest;
@@ -39,6 +39,10 @@ pub struct Config {
     pub rest_addr: SocketAddr,
     /// Prometheus metrics (SPEC: 15014).
     pub metrics_addr: SocketAddr,
+    /// DNS names and IPs the serving certificate carries beside the
+    /// defaults (`ServingNames::for_listener`).
+    pub server_names: Vec<String>,
+    pub server_ips: Vec<std::net::IpAddr>,
 }
 
 impl Config {
@@ -54,6 +58,8 @@ impl Config {
             source: SourceConfig::Local(None),
             rest_addr: ([127, 0, 0, 1], 0).into(),
             metrics_addr: ([127, 0, 0, 1], 0).into(),
+            server_names: Vec::new(),
+            server_ips: Vec::new(),
         }
     }
 }
@@ -63,8 +69,18 @@ pub enum SourceConfig {
     /// A directory of Kubernetes-shaped YAML files, watched (default:
     /// `<data-dir>/config`).
     Local(Option<PathBuf>),
-    /// The Kubernetes API server (in-cluster config or kubeconfig).
-    Kubernetes,
+    /// The Kubernetes API server: in-cluster config or `KUBECONFIG` by
+    /// default, else the kubeconfig file and context named.
+    Kubernetes(KubeAccess),
+}
+
+/// How to reach the Kubernetes API, as every Kubernetes tool spells it.
+#[derive(Debug, Clone, Default)]
+pub struct KubeAccess {
+    /// A kubeconfig file (`--kubeconfig`); default: in-cluster, else `KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
+    /// A context of that kubeconfig (`--context`); default: its current one.
+    pub context: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,10 +159,19 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let nodes = Arc::new(Nodes::load(&config.data_dir.join("nodes"))?);
 
     // The controller's own serving certificate, renewed like any workload's.
+    let signer = ServingSigner {
+        ca: ca.clone(),
+        names: ServingNames::for_listener(
+            config.grpc_addr,
+            &config.server_names,
+            &config.server_ips,
+        ),
+    };
     let certs = CertManager::new(
-        ca.clone(),
+        Arc::new(signer),
         CertConfig {
             ttl: config.max_cert_ttl,
+            leaf: tls::Leaf::Serving,
             ..CertConfig::default()
         },
     );
@@ -179,10 +204,16 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             let status = local.status();
             (Some(local), status, None)
         }
-        SourceConfig::Kubernetes => {
-            let k8s = kubernetes::start(store.clone(), &config.trust_domain, shutdown.clone())
+        SourceConfig::Kubernetes(access) => {
+            let client = kubernetes::client(access)
                 .await
                 .map_err(|e| BuildError::Kubernetes(e.to_string()))?;
+            let k8s = kubernetes::start(
+                client,
+                store.clone(),
+                &config.trust_domain,
+                shutdown.clone(),
+            );
             (None, k8s.status, Some(k8s.client))
         }
     };
@@ -224,7 +255,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     tokio::spawn(rest::serve(rest_listener, api, shutdown.clone()));
     let (metrics_listener, metrics_addr) = bind(config.metrics_addr).await?;
     tokio::spawn(rest::serve_metrics(metrics_listener, shutdown.clone()));
-    info!(grpc = %grpc_addr, rest = %rest_addr, identity = %identity, "controller ready");
+    info!(grpc = %grpc_addr, rest = %rest_addr, metrics = %metrics_addr, identity = %identity, "controller ready");
     Ok(Bound {
         grpc_addr,
         root_pem: ca.root_pem().to_owned(),

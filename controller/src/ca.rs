@@ -192,6 +192,37 @@ impl CertificateAuthority {
         identity: &Identity,
         ttl: Duration,
     ) -> Result<Vec<String>, CaError> {
+        self.sign(csr_pem, identity, &[], ttl)
+    }
+
+    /// A leaf for a server dialled by name or address as well as by
+    /// identity (the controller's own gRPC port: an Istio CA client checks
+    /// the host it dialled against DNS and IP SANs). Workload leaves never
+    /// carry `names`.
+    pub fn sign_serving(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        names: &ServingNames,
+        ttl: Duration,
+    ) -> Result<Vec<String>, CaError> {
+        let mut sans = Vec::with_capacity(names.dns.len() + names.ips.len());
+        for dns in &names.dns {
+            let name = rcgen::string::Ia5String::try_from(dns.as_str())
+                .map_err(|e| CaError::Sign(format!("DNS name {dns:?}: {e}")))?;
+            sans.push(SanType::DnsName(name));
+        }
+        sans.extend(names.ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        self.sign(csr_pem, identity, &sans, ttl)
+    }
+
+    fn sign(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        extra_sans: &[SanType],
+        ttl: Duration,
+    ) -> Result<Vec<String>, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::BadCsr(e.to_string()))?;
         if csr.public_key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
@@ -212,6 +243,7 @@ impl CertificateAuthority {
         let uri = rcgen::string::Ia5String::try_from(identity.to_string())
             .map_err(|e| CaError::Sign(e.to_string()))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
+        params.subject_alt_names.extend_from_slice(extra_sans);
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -247,9 +279,72 @@ impl CertificateAuthority {
     }
 }
 
+/// The one SPIFFE ID a CSR asks for in its SANs (Istio's dedicated mode
+/// sends no `ImpersonatedIdentity`). Anything but exactly one URI SAN, and
+/// SANs of other types beside it, are refused: ambiguity is never guessed.
+pub fn csr_identity(csr_pem: &str) -> Result<Identity, CaError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| CaError::BadCsr(e.to_string()))?;
+    let sans = &csr.params.subject_alt_names;
+    match sans.as_slice() {
+        [SanType::URI(uri)] => uri
+            .as_str()
+            .parse()
+            .map_err(|e| CaError::BadCsr(format!("URI SAN {:?}: {e}", uri.as_str()))),
+        [] => Err(CaError::BadCsr("the CSR has no SAN".into())),
+        _ => Err(CaError::BadCsr(format!(
+            "the CSR has {} SANs; exactly one URI SAN (a SPIFFE ID) is needed",
+            sans.len()
+        ))),
+    }
+}
+
+/// The DNS names and addresses the controller's serving certificate carries
+/// beside its SPIFFE ID.
+#[derive(Debug, Clone, Default)]
+pub struct ServingNames {
+    pub dns: Vec<String>,
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+impl ServingNames {
+    /// The Service names of the shipped manifests, `localhost`, and `extra`
+    /// (the controller's `--server-name` flags); loopback and `addr`'s IP
+    /// when it is a specific address, plus `extra_ips`.
+    pub fn for_listener(
+        addr: std::net::SocketAddr,
+        extra: &[String],
+        extra_ips: &[std::net::IpAddr],
+    ) -> Self {
+        let mut dns: Vec<String> = [
+            "weft-controller.weft-system.svc",
+            "weft-controller.weft-system.svc.cluster.local",
+            "localhost",
+        ]
+        .map(String::from)
+        .into();
+        dns.extend(extra.iter().cloned());
+        dns.dedup();
+        let mut ips: Vec<std::net::IpAddr> =
+            vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()];
+        if !addr.ip().is_unspecified() {
+            ips.push(addr.ip());
+        }
+        ips.extend_from_slice(extra_ips);
+        ips.sort();
+        ips.dedup();
+        ServingNames { dns, ips }
+    }
+}
+
 /// The controller's own certificate (for its gRPC port) comes from the same
 /// manager proxies use, signing in-process instead of over the network.
-impl CaClient for CertificateAuthority {
+pub struct ServingSigner {
+    pub ca: std::sync::Arc<CertificateAuthority>,
+    pub names: ServingNames,
+}
+
+impl CaClient for ServingSigner {
     fn sign<'a>(
         &'a self,
         csr_pem: String,
@@ -257,7 +352,8 @@ impl CaClient for CertificateAuthority {
         ttl: Duration,
     ) -> Pin<Box<dyn Future<Output = Result<Vec<String>, CertError>> + Send + 'a>> {
         Box::pin(async move {
-            self.sign_csr(&csr_pem, identity, ttl)
+            self.ca
+                .sign_serving(&csr_pem, identity, &self.names, ttl)
                 .map_err(|e| CertError::Refused(e.to_string()))
         })
     }

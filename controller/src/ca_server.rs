@@ -13,7 +13,7 @@ use weft_proto::pb::ca::istio_certificate_service_server::{
 };
 use weft_proto::pb::ca::{IstioCertificateRequest, IstioCertificateResponse};
 
-use crate::ca::CertificateAuthority;
+use crate::ca::{CertificateAuthority, csr_identity};
 use crate::nodes::Nodes;
 
 /// A CSR is well under a kilobyte; anything near this is hostile.
@@ -40,20 +40,30 @@ impl CaService {
     }
 }
 
+/// The identity asked for: `ImpersonatedIdentity` when present (weft's and
+/// Istio's node proxies send it), else the CSR's one URI SAN (Istio's
+/// dedicated mode, where a proxy asks for its own identity). Either way the
+/// caller must be entitled to it; the leaf carries only that identity.
 fn requested_identity(req: &IstioCertificateRequest) -> Result<Identity, Status> {
-    let value = req
+    let field = req
         .metadata
         .as_ref()
-        .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY))
-        .and_then(|v| match &v.kind {
-            Some(prost_types::value::Kind::StringValue(s)) => Some(s.as_str()),
-            _ => None,
-        })
-        .ok_or_else(|| {
+        .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY));
+    let Some(field) = field else {
+        return csr_identity(&req.csr).map_err(|e| {
             Status::invalid_argument(format!(
-                "metadata {IMPERSONATED_IDENTITY} (string SPIFFE ID) is required"
+                "no {IMPERSONATED_IDENTITY} in the request metadata, and the CSR names no identity: {e}"
             ))
-        })?;
+        });
+    };
+    let value = match &field.kind {
+        Some(prost_types::value::Kind::StringValue(s)) => s.as_str(),
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "metadata {IMPERSONATED_IDENTITY} must be a string SPIFFE ID"
+            )));
+        }
+    };
     value
         .parse()
         .map_err(|e| Status::invalid_argument(format!("{IMPERSONATED_IDENTITY} {value:?}: {e}")))
@@ -65,13 +75,20 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
+        // Issued certificates are counted where they are signed (the CA),
+        // which also covers the controller's own; refusals here, each with
+        // a log line naming its reason.
+        let remote = request.remote_addr();
         let result = self.issue(request);
-        let name = if result.is_ok() {
-            "weft_controller_certificates_issued_total"
-        } else {
-            "weft_controller_certificate_refusals_total"
-        };
-        metrics::counter!(name).increment(1);
+        if let Err(status) = &result {
+            metrics::counter!("weft_controller_certificate_refusals_total", "code" => format!("{:?}", status.code())).increment(1);
+            warn!(
+                src.addr = ?remote,
+                code = ?status.code(),
+                reason = status.message(),
+                "certificate request refused"
+            );
+        }
         result
     }
 }
@@ -85,23 +102,21 @@ impl CaService {
         let req = request.into_inner();
         let identity = requested_identity(&req)?;
         if identity.trust_domain() != self.trust_domain {
-            warn!(node, identity = %identity, "CSR refused: foreign trust domain");
             return Err(Status::permission_denied(format!(
-                "{identity} is outside trust domain {}",
+                "node {node}: {identity} is outside trust domain {}",
                 self.trust_domain
             )));
         }
         if !self.nodes.entitled(&node, &identity) {
-            warn!(node, identity = %identity, "CSR refused: no workload with that identity on the node");
             return Err(Status::permission_denied(format!(
                 "node {node} hosts no workload running as {identity}"
             )));
         }
         let ttl = Duration::from_secs(req.validity_duration.max(0) as u64);
-        let chain = self.ca.sign_csr(&req.csr, &identity, ttl).map_err(|e| {
-            warn!(node, identity = %identity, error = %e, "CSR refused");
-            Status::invalid_argument(e.to_string())
-        })?;
+        let chain = self
+            .ca
+            .sign_csr(&req.csr, &identity, ttl)
+            .map_err(|e| Status::invalid_argument(format!("node {node}, {identity}: {e}")))?;
         info!(node, identity = %identity, "certificate issued");
         Ok(Response::new(IstioCertificateResponse {
             cert_chain: chain,

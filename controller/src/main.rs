@@ -47,12 +47,34 @@ struct Args {
     /// instead of a directory; the REST API then checks tokens by TokenReview.
     #[arg(long)]
     kubernetes: bool,
+    /// With --kubernetes: the kubeconfig file to use (default: in-cluster,
+    /// else $KUBECONFIG, else ~/.kube/config).
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// With --kubernetes: the kubeconfig context to use (default: its
+    /// current context).
+    #[arg(long, requires = "kubernetes")]
+    context: Option<String>,
     /// REST API listen address.
     #[arg(long, default_value = "0.0.0.0:8080")]
     rest_addr: SocketAddr,
     /// Prometheus metrics listen address.
     #[arg(long, default_value = "0.0.0.0:15014")]
     metrics_addr: SocketAddr,
+    /// A DNS name the gRPC port's certificate carries, beside
+    /// weft-controller.weft-system.svc[.cluster.local] and localhost (for
+    /// clients that check the host they dialled). Repeatable.
+    #[arg(long = "server-name", value_name = "DNS_NAME")]
+    server_names: Vec<String>,
+    /// An IP address the gRPC port's certificate carries, beside loopback and
+    /// --grpc-addr's own (the pod IP in Kubernetes). Repeatable.
+    #[arg(
+        long = "server-ip",
+        value_name = "IP",
+        env = "POD_IP",
+        value_delimiter = ','
+    )]
+    server_ips: Vec<std::net::IpAddr>,
     /// Log lines as text or json.
     #[arg(long, default_value = "text")]
     log_format: weft_proto::process::LogFormat,
@@ -91,12 +113,17 @@ async fn main() -> anyhow::Result<()> {
         grpc_addr: args.grpc_addr,
         max_cert_ttl: args.max_cert_ttl,
         source: if args.kubernetes {
-            SourceConfig::Kubernetes
+            SourceConfig::Kubernetes(app::KubeAccess {
+                kubeconfig: args.kubeconfig,
+                context: args.context,
+            })
         } else {
             SourceConfig::Local(args.config_dir)
         },
         rest_addr: args.rest_addr,
         metrics_addr: args.metrics_addr,
+        server_names: args.server_names,
+        server_ips: args.server_ips,
     })
     .await
     .context("controller failed to start")?;

@@ -138,7 +138,11 @@ async fn authenticate(
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
         .map(str::trim);
+    let path = req.uri().path().to_owned();
     let unauthorized = || {
+        metrics::counter!("weft_controller_rest_refusals_total", "reason" => "unauthenticated")
+            .increment(1);
+        tracing::warn!(reason = "unauthenticated", path, "REST request refused");
         error(
             StatusCode::UNAUTHORIZED,
             "send Authorization: Bearer <token> (local mode: <data-dir>/api-token; Kubernetes: a ServiceAccount or user token)",
@@ -166,11 +170,20 @@ async fn authenticate(
                 http::Method::DELETE => "delete",
                 _ => "get",
             };
+            let refused = |status, reason: &'static str, e: &Refusal| {
+                metrics::counter!("weft_controller_rest_refusals_total", "reason" => reason)
+                    .increment(1);
+                tracing::warn!(reason, error = %e, "REST request refused");
+                error(status, &e.to_string())
+            };
             match reviewer.review(presented, verb).await {
                 Ok(()) => {}
                 Err(Refusal::Unauthenticated) => return unauthorized(),
                 Err(e @ Refusal::Forbidden { .. }) => {
-                    return error(StatusCode::FORBIDDEN, &e.to_string());
+                    return refused(StatusCode::FORBIDDEN, "forbidden", &e);
+                }
+                Err(e @ Refusal::Unavailable(_)) => {
+                    return refused(StatusCode::SERVICE_UNAVAILABLE, "api_unreachable", &e);
                 }
             }
         }

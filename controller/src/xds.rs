@@ -314,7 +314,15 @@ impl Session {
                     }
                     Ok(None) => break,
                     Err(e) => {
+                        // A request that does not decode: say why, rather than
+                        // ending the stream as if all were well (a reset
+                        // client never reads it, which costs nothing).
                         debug!(node = self.node, error = %e, "config stream ended");
+                        let status = Status::invalid_argument(format!(
+                            "malformed DeltaDiscoveryRequest: {}",
+                            e.message()
+                        ));
+                        let _ = self.tx.send(Err(status)).await;
                         break;
                     }
                 },
@@ -383,12 +391,21 @@ impl Session {
             return Ok(());
         }
         if !ZTUNNEL_TYPES.contains(&req.type_url.as_str()) {
+            // Ignoring it would leave a foreign client waiting forever.
             warn!(
                 node = self.node,
                 type_url = req.type_url,
-                "subscription to an unknown type ignored"
+                "subscription to a type not served; ending the stream"
             );
-            return Ok(());
+            metrics::counter!("weft_controller_xds_refusals_total", "reason" => "unknown_type")
+                .increment(1);
+            let status = Status::invalid_argument(format!(
+                "type {:?} is not served here; weft serves {}",
+                req.type_url,
+                ZTUNNEL_TYPES.join(", ")
+            ));
+            let _ = self.tx.send(Err(status)).await;
+            return Err(());
         }
         // A (re)subscription: start from what the proxy says it has.
         self.have.insert(

@@ -33,6 +33,9 @@ struct Fake {
     watchers: Mutex<HashMap<String, Vec<Watcher>>>,
     /// Token and access reviews asked.
     reviews: Mutex<usize>,
+    /// Reviews answered 503, as an API server behind a failing load
+    /// balancer does.
+    reviews_down: std::sync::atomic::AtomicBool,
 }
 
 impl Fake {
@@ -85,6 +88,13 @@ async fn api(State(fake): State<Arc<Fake>>, req: Request) -> Response {
     let query = req.uri().query().unwrap_or_default().to_owned();
     if path.ends_with("/tokenreviews") || path.ends_with("/subjectaccessreviews") {
         *fake.reviews.lock().expect("poisoned") += 1;
+        if fake.reviews_down.load(std::sync::atomic::Ordering::Relaxed) {
+            let status = json!({"apiVersion": "v1", "kind": "Status", "metadata": {},
+                "status": "Failure", "message": "service unavailable", "reason": "ServiceUnavailable", "code": 503});
+            let mut r = Response::new(Body::from(status.to_string()));
+            *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            return r;
+        }
         let body = axum::body::to_bytes(req.into_body(), 1 << 20)
             .await
             .unwrap_or_default();
@@ -200,7 +210,7 @@ async fn reflectors_follow_lists_watches_and_relists() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = ConfigStore::new(Arc::new(Nodes::load(dir.path()).expect("nodes")));
     let stop = CancellationToken::new();
-    let k8s = kubernetes::start_with(client.clone(), store.clone(), "cluster.local", stop.clone());
+    let k8s = kubernetes::start(client.clone(), store.clone(), "cluster.local", stop.clone());
 
     // The initial lists are served.
     until(&k8s, &store, "the listed pod", |m| {
@@ -299,7 +309,7 @@ async fn reflectors_follow_lists_watches_and_relists() {
 
     // REST callers: who by TokenReview, what by SubjectAccessReview.
     use kubernetes::Refusal;
-    let reviewer = kubernetes::Reviewer::new(client);
+    let reviewer = kubernetes::Reviewer::new(client).with_timeout(Duration::from_millis(500));
     assert_eq!(reviewer.review("alice-token", "get").await, Ok(()));
     let asked = *fake.reviews.lock().expect("poisoned");
     assert_eq!(reviewer.review("alice-token", "get").await, Ok(()));
@@ -316,5 +326,19 @@ async fn reflectors_follow_lists_watches_and_relists() {
         reviewer.review("stolen", "get").await,
         Err(Refusal::Unauthenticated)
     );
+    // An API blip: "cannot check", not "not a token", and never cached, so
+    // a valid user is back the moment the API is.
+    fake.reviews_down
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(matches!(
+        reviewer.review("bob-token", "update").await,
+        Err(Refusal::Unavailable(_))
+    ));
+    fake.reviews_down
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    assert!(matches!(
+        reviewer.review("bob-token", "update").await,
+        Err(Refusal::Forbidden { .. })
+    ));
     stop.cancel();
 }

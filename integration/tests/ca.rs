@@ -18,10 +18,9 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 type Client = IstioCertificateServiceClient<tonic::transport::Channel>;
 
 fn client(mesh: &Mesh) -> Client {
-    let config = tls::client_config(
-        None,
+    let config = tls::controller_client_config(
         tls::Trust::Static(mesh.roots()),
-        vec![mesh.controller.identity.clone()],
+        mesh.controller.identity.clone(),
     );
     IstioCertificateServiceClient::new(weft_proto::grpc::tls_channel(
         mesh.controller.grpc_addr,
@@ -113,6 +112,113 @@ async fn csr_asking_for_more_gets_only_the_entitled_leaf() {
     );
     // The root at the end of the chain is the CA's root.
     assert_eq!(resp.cert_chain[1], mesh.controller.root_pem);
+}
+
+/// Istio's CA client (and any HTTPS client) checks the host it dialled
+/// against the server certificate's DNS and IP SANs, with plain WebPKI
+/// verification under the mesh root: the controller's own leaf names the
+/// Service and loopback, and still exactly one SPIFFE ID.
+#[tokio::test]
+async fn controller_certificate_names_the_hosts_clients_dial() {
+    let mesh = Mesh::start().await;
+    let mut roots = rustls::RootCertStore::empty();
+    for root in tls::certs_from_pem(&mesh.controller.root_pem).expect("root") {
+        roots.add(root).expect("root");
+    }
+    let config = Arc::new(
+        rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls13")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let dial = |name: &'static str| {
+        let config = config.clone();
+        let addr = mesh.controller.grpc_addr;
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let name = rustls::pki_types::ServerName::try_from(name).expect("name");
+            tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+        }
+    };
+    for name in [
+        "weft-controller.weft-system.svc",
+        "weft-controller.weft-system.svc.cluster.local",
+        "localhost",
+        "127.0.0.1",
+    ] {
+        let tls = dial(name).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        let leaf = tls.get_ref().1.peer_certificates().expect("certs")[0].clone();
+        let (_, cert) = X509Certificate::from_der(&leaf).expect("x509");
+        let san = cert.subject_alternative_name().expect("ext").expect("san");
+        let uris: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .filter(|n| matches!(n, x509_parser::extensions::GeneralName::URI(_)))
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(uris, vec![format!("URI({})", mesh.controller.identity)]);
+    }
+    let err = dial("evil.example.com")
+        .await
+        .expect_err("a name it does not carry");
+    assert!(err.to_string().contains("certificate"), "{err}");
+}
+
+/// Istio's dedicated mode sends no ImpersonatedIdentity: the CSR's one URI
+/// SAN is the identity asked for, and the node must be entitled to it.
+#[tokio::test]
+async fn csr_without_impersonation_asks_for_its_own_san() {
+    let mesh = Mesh::start().await;
+    let (a, b) = (mesh.node("node-a"), mesh.node("node-b"));
+    let web = a.workload("default", "web");
+    let bare = |csr: String, token: &str| {
+        let mut req = tonic::Request::new(IstioCertificateRequest {
+            csr,
+            validity_duration: 3600,
+            metadata: None,
+        });
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        req
+    };
+    let (csr, _) = make_csr(&web).expect("csr");
+    let resp = client(&mesh)
+        .create_certificate(bare(csr.clone(), &a.token))
+        .await
+        .expect("issued to the entitled node")
+        .into_inner();
+    let der = tls::certs_from_pem(&resp.cert_chain[0])
+        .expect("pem")
+        .remove(0);
+    assert_eq!(tls::leaf_identity(&der).expect("leaf"), web);
+    let err = client(&mesh)
+        .create_certificate(bare(csr, &b.token))
+        .await
+        .expect_err("node-b does not host web");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // A CSR naming nothing: refused, and the reason says what to send.
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let nameless = CertificateParams::default()
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem");
+    let err = client(&mesh)
+        .create_certificate(bare(nameless, &a.token))
+        .await
+        .expect_err("nothing to issue");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains(IMPERSONATED_IDENTITY),
+        "{}",
+        err.message()
+    );
 }
 
 #[tokio::test]
@@ -391,7 +497,7 @@ async fn peers_refuse_expired_ca_and_ambiguous_leaves() {
     let issuer = Issuer::from_ca_cert_pem(&root_pem, ca_key).expect("issuer");
 
     type Tweak = fn(&mut CertificateParams);
-    let cases: [(&str, Tweak); 4] = [
+    let cases: [(&str, Tweak); 7] = [
         ("expired", |p| {
             p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(2);
             p.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
@@ -408,6 +514,21 @@ async fn peers_refuse_expired_ca_and_ambiguous_leaves() {
         }),
         ("no URI SAN", |p| {
             p.subject_alt_names = vec![SanType::DnsName("web.default".try_into().expect("dns"))]
+        }),
+        ("a DNS SAN beside the SPIFFE ID", |p| {
+            p.subject_alt_names
+                .push(SanType::DnsName("web.default".try_into().expect("dns")))
+        }),
+        ("an IP SAN beside the SPIFFE ID", |p| {
+            p.subject_alt_names
+                .push(SanType::IpAddress([10, 0, 0, 1].into()))
+        }),
+        ("an otherName SAN beside the SPIFFE ID", |p| {
+            // The UPN otherName Windows logons use.
+            p.subject_alt_names.push(SanType::OtherName((
+                vec![1, 3, 6, 1, 4, 1, 311, 20, 2, 3],
+                rcgen::OtherNameValue::Utf8String("admin@example.com".into()),
+            )))
         }),
     ];
     for (i, (what, tweak)) in cases.into_iter().enumerate() {

@@ -204,3 +204,79 @@ policies:
     })
     .await;
 }
+
+/// One raw gRPC exchange on the config stream: `payload` framed as one
+/// message, then the grpc-status and grpc-message the controller answers
+/// with (from the trailers, or a trailers-only response).
+async fn raw_xds(mesh: &Mesh, token: &str, payload: &[u8]) -> (String, String) {
+    let config = weft_proto::tls::controller_client_config(
+        weft_proto::tls::Trust::Static(mesh.roots()),
+        mesh.controller.identity.clone(),
+    );
+    let tcp = tokio::net::TcpStream::connect(mesh.controller.grpc_addr)
+        .await
+        .expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(weft_proto::tls::server_name(), tcp)
+        .await
+        .expect("tls");
+    let (mut h2, conn) = h2::client::handshake(tls).await.expect("h2");
+    tokio::spawn(conn);
+    let req = http::Request::post(
+        "https://weft.mesh/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
+    )
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("authorization", format!("Bearer {token}"))
+    .body(())
+    .expect("request");
+    let (response, mut body) = h2.send_request(req, false).expect("send");
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    frame.extend_from_slice(payload);
+    body.send_data(frame.into(), false).expect("data");
+    let exchange = async {
+        let response = response.await.expect("response");
+        let header = |h: &http::HeaderMap, k: &str| {
+            h.get(k).map(|v| v.to_str().unwrap_or_default().to_owned())
+        };
+        if let Some(code) = header(response.headers(), "grpc-status") {
+            let msg = header(response.headers(), "grpc-message").unwrap_or_default();
+            return (code, msg);
+        }
+        let mut recv = response.into_body();
+        while let Some(data) = recv.data().await {
+            let _ = data.expect("data");
+        }
+        let trailers = recv
+            .trailers()
+            .await
+            .expect("trailers")
+            .expect("some trailers");
+        let code = header(&trailers, "grpc-status").unwrap_or_default();
+        let msg = header(&trailers, "grpc-message").unwrap_or_default();
+        (code, msg)
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("the controller answers, not hangs")
+}
+
+#[tokio::test]
+async fn foreign_and_malformed_requests_get_a_named_error() {
+    use prost::Message;
+    let mesh = Mesh::start().await;
+    let node = mesh.node("a");
+    // A type weft does not serve (an Envoy client asking for clusters).
+    let cds = weft_proto::pb::xds::DeltaDiscoveryRequest {
+        type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+        ..Default::default()
+    };
+    let (code, msg) = raw_xds(&mesh, &node.token, &cds.encode_to_vec()).await;
+    assert_eq!(code, "3", "INVALID_ARGUMENT: {msg}");
+    assert!(msg.contains("envoy.config.cluster.v3.Cluster"), "{msg}");
+    // Bytes that are not a DeltaDiscoveryRequest.
+    let (code, msg) = raw_xds(&mesh, &node.token, &[0xff; 8]).await;
+    assert_eq!(code, "3", "INVALID_ARGUMENT, not OK: {msg}");
+    assert!(msg.contains("malformed"), "{msg}");
+}

@@ -62,6 +62,9 @@ pub struct CertConfig {
     pub min_backoff: Duration,
     /// Retry delay ceiling (Istio's ztunnel uses about 150 s).
     pub max_backoff: Duration,
+    /// What the issued leaf may carry: a workload's one URI SAN, or the
+    /// controller's serving names too.
+    pub leaf: tls::Leaf,
 }
 
 impl Default for CertConfig {
@@ -70,6 +73,7 @@ impl Default for CertConfig {
             ttl: Duration::from_secs(24 * 3600),
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(150),
+            leaf: tls::Leaf::Workload,
         }
     }
 }
@@ -205,7 +209,7 @@ async fn worker(
 ) {
     let mut failures: u32 = 0;
     loop {
-        let delay = match fetch(ca.as_ref(), &identity, config.ttl).await {
+        let delay = match fetch(ca.as_ref(), &identity, &config).await {
             Ok(cert) => {
                 failures = 0;
                 metrics::counter!("weft_certificates_issued_total").increment(1);
@@ -262,12 +266,15 @@ fn backoff(config: &CertConfig, failures: u32) -> Duration {
 async fn fetch(
     ca: &dyn CaClient,
     identity: &Identity,
-    ttl: Duration,
+    config: &CertConfig,
 ) -> Result<Arc<WorkloadCert>, CertError> {
     let (csr, key) = make_csr(identity)?;
-    let chain = ca.sign(csr, identity, ttl).await?;
-    Ok(Arc::new(WorkloadCert::from_pem_chain(
-        identity, key, &chain,
+    let chain = ca.sign(csr, identity, config.ttl).await?;
+    Ok(Arc::new(WorkloadCert::from_pem_chain_as(
+        identity,
+        key,
+        &chain,
+        config.leaf,
     )?))
 }
 
@@ -301,7 +308,7 @@ impl GrpcCaClient {
         controller: Identity,
         token: &str,
     ) -> Self {
-        let tls = tls::client_config(None, tls::Trust::Static(roots), vec![controller]);
+        let tls = tls::controller_client_config(tls::Trust::Static(roots), controller);
         let channel = crate::grpc::tls_channel(addr, tls);
         GrpcCaClient {
             client: IstioCertificateServiceClient::new(channel),

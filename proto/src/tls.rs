@@ -69,6 +69,10 @@ pub enum PeerError {
     NoUriSan,
     #[error("certificate has {0} URI SANs; a workload certificate carries exactly one")]
     ManyUriSans(usize),
+    #[error(
+        "certificate carries a {0} SAN beside its SPIFFE ID; a workload certificate carries exactly one URI SAN and nothing else"
+    )]
+    OtherSan(&'static str),
     #[error("certificate URI SAN is not a valid SPIFFE ID: {0}")]
     BadSpiffeId(#[from] IdentityError),
     #[error("leaf certificate is a CA (basicConstraints CA:true)")]
@@ -136,6 +140,16 @@ impl WorkloadCert {
         key: PrivateKeyDer<'static>,
         chain: &[String],
     ) -> Result<Self, TlsError> {
+        Self::from_pem_chain_as(identity, key, chain, Leaf::Workload)
+    }
+
+    /// As [`Self::from_pem_chain`], for a leaf of the given kind.
+    pub fn from_pem_chain_as(
+        identity: &Identity,
+        key: PrivateKeyDer<'static>,
+        chain: &[String],
+        kind: Leaf,
+    ) -> Result<Self, TlsError> {
         let mut ders = Vec::with_capacity(chain.len());
         for pem in chain {
             ders.extend(certs_from_pem(pem)?);
@@ -146,7 +160,7 @@ impl WorkloadCert {
             ders.push(root.clone());
         }
         let bundle = TrustBundle::from_der(vec![root])?;
-        let got = leaf_identity(&ders[0])?;
+        let (got, _) = leaf_identity_and_serial(&ders[0], kind)?;
         if &got != identity {
             return Err(TlsError::WrongIdentity {
                 want: Box::new(identity.clone()),
@@ -300,14 +314,33 @@ pub fn server_config(cert: CertWatch, client_auth: ClientAuth) -> Arc<ServerConf
     Arc::new(config)
 }
 
-/// Client config that presents `cert` (if any) and accepts only a server
-/// whose SPIFFE ID is one of `expected`.
+/// Client config that presents `cert` (if any) and accepts only a workload
+/// server whose SPIFFE ID is one of `expected`.
 pub fn client_config(
     cert: Option<CertWatch>,
     trust: Trust,
     expected: Vec<Identity>,
 ) -> Arc<ClientConfig> {
-    let verifier = Arc::new(ServerVerifier { trust, expected });
+    client_config_for(cert, trust, expected, Leaf::Workload)
+}
+
+/// Client config for the controller's port: its identity must be
+/// `controller`; its leaf may also carry the names it is dialled by.
+pub fn controller_client_config(trust: Trust, controller: Identity) -> Arc<ClientConfig> {
+    client_config_for(None, trust, vec![controller], Leaf::Serving)
+}
+
+fn client_config_for(
+    cert: Option<CertWatch>,
+    trust: Trust,
+    expected: Vec<Identity>,
+    leaf: Leaf,
+) -> Arc<ClientConfig> {
+    let verifier = Arc::new(ServerVerifier {
+        trust,
+        expected,
+        leaf,
+    });
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring provider supports TLS 1.3")
@@ -335,10 +368,20 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<Identity, P
     leaf_identity(leaf)
 }
 
-/// The one SPIFFE ID a leaf certificate carries; refuses CA certificates and
-/// anything with zero or several URI SANs.
+/// What a leaf may carry beside its one SPIFFE URI SAN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leaf {
+    /// A workload's certificate: nothing else, of any SAN type.
+    Workload,
+    /// The controller's serving certificate: DNS and IP SANs too, for
+    /// clients that check the host they dialled.
+    Serving,
+}
+
+/// The one SPIFFE ID a workload leaf carries; refuses CA certificates,
+/// anything with zero or several URI SANs, and any other SAN.
 pub fn leaf_identity(der: &CertificateDer<'_>) -> Result<Identity, PeerError> {
-    leaf_identity_and_serial(der).map(|(id, _)| id)
+    leaf_identity_and_serial(der, Leaf::Workload).map(|(id, _)| id)
 }
 
 /// The peer's identity and certificate serial (colon-separated hex), from
@@ -347,10 +390,13 @@ pub fn peer_identity_and_serial(
     certs: Option<&[CertificateDer<'_>]>,
 ) -> Result<(Identity, String), PeerError> {
     let leaf = certs.and_then(|c| c.first()).ok_or(PeerError::Malformed)?;
-    leaf_identity_and_serial(leaf)
+    leaf_identity_and_serial(leaf, Leaf::Workload)
 }
 
-fn leaf_identity_and_serial(der: &CertificateDer<'_>) -> Result<(Identity, String), PeerError> {
+fn leaf_identity_and_serial(
+    der: &CertificateDer<'_>,
+    kind: Leaf,
+) -> Result<(Identity, String), PeerError> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
         .map_err(|_| PeerError::Malformed)?;
     if cert.is_ca() {
@@ -360,21 +406,35 @@ fn leaf_identity_and_serial(der: &CertificateDer<'_>) -> Result<(Identity, Strin
         .subject_alternative_name()
         .map_err(|_| PeerError::Malformed)?
         .ok_or(PeerError::NoUriSan)?;
-    let uris: Vec<&str> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(u) => Some(*u),
-            _ => None,
-        })
-        .collect();
+    let mut uris: Vec<&str> = Vec::with_capacity(1);
+    for name in &san.value.general_names {
+        match (name, kind) {
+            (GeneralName::URI(u), _) => uris.push(u),
+            (GeneralName::DNSName(_) | GeneralName::IPAddress(_), Leaf::Serving) => {}
+            (other, _) => return Err(PeerError::OtherSan(san_kind(other))),
+        }
+    }
     let identity = match uris.as_slice() {
         [] => return Err(PeerError::NoUriSan),
         [uri] => uri.parse()?,
         many => return Err(PeerError::ManyUriSans(many.len())),
     };
     Ok((identity, cert.raw_serial_as_string()))
+}
+
+fn san_kind(name: &GeneralName<'_>) -> &'static str {
+    match name {
+        GeneralName::OtherName(..) => "otherName",
+        GeneralName::RFC822Name(_) => "email",
+        GeneralName::DNSName(_) => "DNS",
+        GeneralName::X400Address(_) => "X.400",
+        GeneralName::DirectoryName(_) => "directory name",
+        GeneralName::EDIPartyName(_) => "EDI party",
+        GeneralName::URI(_) => "URI",
+        GeneralName::IPAddress(_) => "IP",
+        GeneralName::RegisteredID(_) => "registered ID",
+        GeneralName::Invalid(..) => "malformed",
+    }
 }
 
 /// A handshake failure in words an operator can act on (rustls prints our
@@ -436,14 +496,16 @@ fn verify_chain(
 /// Chain to the trust bundle, then the SPIFFE identity of the leaf.
 fn verify_peer(
     trust: &Trust,
-    leaf: &CertificateDer<'_>,
+    (leaf, kind): (&CertificateDer<'_>, Leaf),
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
     usage: webpki::KeyUsage,
 ) -> Result<Identity, rustls::Error> {
     let bundle = trust.bundle().map_err(other)?;
     verify_chain(leaf, intermediates, &bundle, now, usage)?;
-    leaf_identity(leaf).map_err(other)
+    leaf_identity_and_serial(leaf, kind)
+        .map(|(id, _)| id)
+        .map_err(other)
 }
 
 fn other(e: PeerError) -> rustls::Error {
@@ -493,6 +555,7 @@ impl ResolvesClientCert for Resolver {
 struct ServerVerifier {
     trust: Trust,
     expected: Vec<Identity>,
+    leaf: Leaf,
 }
 
 impl ServerCertVerifier for ServerVerifier {
@@ -506,7 +569,7 @@ impl ServerCertVerifier for ServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let got = verify_peer(
             &self.trust,
-            end_entity,
+            (end_entity, self.leaf),
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),
@@ -582,7 +645,7 @@ impl ClientCertVerifier for ClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let got = verify_peer(
             &self.trust,
-            end_entity,
+            (end_entity, Leaf::Workload),
             intermediates,
             now,
             webpki::KeyUsage::client_auth(),

@@ -74,10 +74,9 @@ pub fn spawn(config: XdsConfig) -> (watch::Receiver<Option<Arc<Model>>>, Arc<Xds
 }
 
 async fn run(config: XdsConfig, tx: watch::Sender<Option<Arc<Model>>>, stats: Arc<XdsStats>) {
-    let tls = tls::client_config(
-        None,
+    let tls = tls::controller_client_config(
         tls::Trust::Static(config.roots.clone()),
-        vec![config.controller_identity.clone()],
+        config.controller_identity.clone(),
     );
     let channel = crate::grpc::tls_channel(config.controller, tls);
     let mut cache = Cache::default();

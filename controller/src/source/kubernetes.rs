@@ -62,18 +62,46 @@ struct Stores {
     fault_injections: Store<FaultInjection>,
 }
 
-/// Connects (in-cluster config, else kubeconfig) and starts watching.
-pub async fn start(
-    store: ConfigStore,
-    trust_domain: &str,
-    shutdown: CancellationToken,
-) -> Result<Kubernetes, kube::Error> {
-    let client = Client::try_default().await?;
-    Ok(start_with(client, store, trust_domain, shutdown))
+/// A client for the API `access` names: with neither a kubeconfig nor a
+/// context, in-cluster config else `KUBECONFIG` (kube's default).
+pub async fn client(access: &crate::app::KubeAccess) -> Result<Client, KubeAccessError> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let options = KubeConfigOptions {
+        context: access.context.clone(),
+        ..Default::default()
+    };
+    let config = match (&access.kubeconfig, &access.context) {
+        (None, None) => return Ok(Client::try_default().await?),
+        (Some(path), _) => {
+            let file = Kubeconfig::read_from(path).map_err(|e| KubeAccessError::Kubeconfig {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            kube::Config::from_custom_kubeconfig(file, &options).await
+        }
+        (None, Some(_)) => kube::Config::from_kubeconfig(&options).await,
+    }
+    .map_err(|e| KubeAccessError::Kubeconfig {
+        path: access
+            .kubeconfig
+            .as_ref()
+            .map_or("$KUBECONFIG".into(), |p| p.display().to_string()),
+        reason: e.to_string(),
+    })?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Why the Kubernetes API could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeAccessError {
+    #[error("kubeconfig {path}: {reason} (check --kubeconfig and --context)")]
+    Kubeconfig { path: String, reason: String },
+    #[error("Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
 }
 
 /// Starts watching through `client`.
-pub fn start_with(
+pub fn start(
     client: Client,
     store: ConfigStore,
     trust_domain: &str,
@@ -355,6 +383,10 @@ pub enum Refusal {
     Unauthenticated,
     #[error("{user} may not {verb} weft.dev/api (bind the weft-viewer or weft-admin ClusterRole)")]
     Forbidden { user: String, verb: String },
+    /// The API server could not answer: says nothing about the caller, so
+    /// it is never cached (a blip must not lock valid users out).
+    #[error("cannot check your token: Kubernetes API unreachable ({0}); try again")]
+    Unavailable(String),
 }
 
 /// REST callers in Kubernetes mode: who they are by TokenReview, what they
@@ -365,6 +397,9 @@ pub enum Refusal {
 /// server two calls per half minute.
 pub struct Reviewer {
     client: Client,
+    /// How long a caller waits for the API's answer (kube's client retries
+    /// 503s for minutes) before it gets a 503 of ours.
+    timeout: Duration,
     hasher: std::collections::hash_map::RandomState,
     cache: std::sync::Mutex<std::collections::HashMap<u64, Decision>>,
 }
@@ -379,9 +414,16 @@ impl Reviewer {
     pub fn new(client: Client) -> Self {
         Reviewer {
             client,
+            timeout: Duration::from_secs(5),
             hasher: Default::default(),
             cache: Default::default(),
         }
+    }
+
+    /// Bounds each review at `timeout` instead of 5 s.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     pub async fn review(&self, token: &str, verb: &str) -> Result<(), Refusal> {
@@ -392,7 +434,15 @@ impl Reviewer {
         {
             return decision.clone();
         }
-        let decision = self.ask(token, verb).await;
+        let decision = tokio::time::timeout(self.timeout, self.ask(token, verb))
+            .await
+            .unwrap_or_else(|_| {
+                warn!(timeout = ?self.timeout, "token review timed out; answering 503");
+                Err(Refusal::Unavailable("no answer in time".into()))
+            });
+        if matches!(decision, Err(Refusal::Unavailable(_))) {
+            return decision;
+        }
         let mut cache = self.cache.lock().expect("poisoned");
         if cache.len() >= REVIEW_CACHE {
             cache.clear(); // bounded; a flood of distinct tokens only costs reviews
@@ -413,12 +463,15 @@ impl Reviewer {
             ..Default::default()
         };
         let post = kube::api::PostParams::default();
+        let unavailable = |what: &str, e: kube::Error| {
+            warn!(error = %e, "{what} failed; answering 503");
+            Refusal::Unavailable(format!("{what}: {e}"))
+        };
         let reviewed = kube::Api::<TokenReview>::all(self.client.clone())
             .create(&post, &review)
             .await
-            .map_err(|e| warn!(error = %e, "TokenReview failed; refusing the request"))
-            .ok()
-            .and_then(|r| r.status)
+            .map_err(|e| unavailable("TokenReview", e))?
+            .status
             .filter(|s| s.authenticated == Some(true))
             .and_then(|s| s.user)
             .ok_or(Refusal::Unauthenticated)?;
@@ -440,9 +493,8 @@ impl Reviewer {
         let allowed = kube::Api::<SubjectAccessReview>::all(self.client.clone())
             .create(&post, &access)
             .await
-            .map_err(|e| warn!(error = %e, "SubjectAccessReview failed; refusing the request"))
-            .ok()
-            .and_then(|r| r.status)
+            .map_err(|e| unavailable("SubjectAccessReview", e))?
+            .status
             .is_some_and(|s| s.allowed);
         if allowed {
             Ok(())

@@ -9,6 +9,8 @@
 //! - A pod is an endpoint of the Services whose selector matches it unless
 //!   it is not ready: its Ready condition is False, it is terminating, or an
 //!   EndpointSlice of that Service says `ready: false`.
+//! - A Service without a selector is left alone (not a mesh Service):
+//!   connections to its VIP pass through, as they would without weft.
 //! - Named `targetPort`s resolve through the Service's EndpointSlice ports,
 //!   else the endpoint pods' container ports.
 //! - Authorization rules with L7 fields are the waypoint's to enforce; at
@@ -280,6 +282,13 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
         if spec.type_.as_deref() == Some("ExternalName") {
             continue; // a DNS alias: nothing to capture
         }
+        if spec.selector.as_ref().is_none_or(|s| s.is_empty()) {
+            // Endpoints managed elsewhere (`default/kubernetes`, databases
+            // behind hand-made EndpointSlices): left alone, so the ztunnel
+            // passes the VIP through to wherever the cluster sends it. A
+            // mesh Service with no endpoints would refuse every connection.
+            continue;
+        }
         let mut addresses = Vec::new();
         for ip in spec
             .cluster_ips
@@ -373,7 +382,7 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
                     name: name_of(key).to_owned(),
                     namespace: namespace_of(key).to_owned(),
                     action: Action::Deny,
-                    selector: selector(policy),
+                    selector: refused_selector(policy),
                     rules: vec![RuleSpec::default()],
                 }
             }
@@ -549,12 +558,39 @@ fn policy_spec(
         name: name_of(key).to_owned(),
         namespace: namespace_of(key).to_owned(),
         action,
-        selector: selector(policy),
+        selector: selector(policy)?,
         rules,
     })
 }
 
-fn selector(policy: &AuthorizationPolicy) -> BTreeMap<String, String> {
+/// The policy's selector as label equalities. `Err` when it uses an
+/// expression equalities cannot say: the caller refuses the policy rather
+/// than apply it to more workloads than it names.
+fn selector(policy: &AuthorizationPolicy) -> Result<BTreeMap<String, String>, String> {
+    let Some(sel) = policy.spec.selector.as_ref() else {
+        return Ok(BTreeMap::new());
+    };
+    let mut labels = sel.match_labels.clone();
+    for (i, e) in sel.match_expressions.iter().enumerate() {
+        match (e.operator.as_str(), e.values.as_slice()) {
+            ("In", [value]) if labels.get(&e.key).is_none_or(|v| v == value) => {
+                labels.insert(e.key.clone(), value.clone());
+            }
+            _ => {
+                return Err(format!(
+                    "selector.matchExpressions[{i}] ({} {} {:?}) is not supported (only In with one value)",
+                    e.key, e.operator, e.values
+                ));
+            }
+        }
+    }
+    Ok(labels)
+}
+
+/// The labels of a refused policy's DENY-all: those it names plainly. With
+/// an expression left out this selects more, never fewer, than written;
+/// for a refusal that errs toward denying.
+fn refused_selector(policy: &AuthorizationPolicy) -> BTreeMap<String, String> {
     policy
         .spec
         .selector
@@ -894,6 +930,122 @@ spec:
         assert!(
             matches!(model.authorize(web, src(&api_id), 80), Decision::Deny(r) if r.contains("broken"))
         );
+    }
+
+    /// `default/kubernetes` as a real API server serves it, and a database
+    /// behind a hand-made EndpointSlice: neither becomes a mesh Service, so
+    /// their VIPs pass through instead of being refused.
+    #[test]
+    fn services_without_selectors_are_left_alone() {
+        const SELECTORLESS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: default, labels: {kubernetes.io/metadata.name: default, weft.dev/mesh: enabled}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: kubernetes
+  namespace: default
+  labels: {component: apiserver, provider: kubernetes}
+spec:
+  clusterIP: 10.96.0.1
+  clusterIPs: [10.96.0.1]
+  internalTrafficPolicy: Cluster
+  ipFamilies: [IPv4]
+  ipFamilyPolicy: SingleStack
+  ports: [{name: https, port: 443, protocol: TCP, targetPort: 6443}]
+  sessionAffinity: None
+  type: ClusterIP
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kubernetes
+  namespace: default
+  labels: {kubernetes.io/service-name: kubernetes}
+addressType: IPv4
+endpoints:
+  - addresses: [172.18.0.2]
+    conditions: {ready: true}
+ports: [{name: https, port: 6443, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: orders-db, namespace: default}
+spec:
+  clusterIP: 10.96.40.7
+  selector: {}
+  ports: [{port: 5432, protocol: TCP}]
+"#;
+        let t = translate(&objects(&[SELECTORLESS]), TD);
+        assert_eq!(t.problems, vec![]);
+        assert!(t.specs.services.is_empty(), "{:?}", t.specs.services);
+        let model = Model::from_specs(t.specs, TD).expect("valid");
+        assert!(
+            model
+                .service_by_vip("10.96.0.1".parse().expect("ip"))
+                .is_none()
+        );
+    }
+
+    /// The selector shape a real API server keeps: `In` with one value is
+    /// applied; anything else refuses the policy, never widens it.
+    #[test]
+    fn selector_expressions_apply_or_refuse() {
+        const EXPRESSIONS: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: in-one, namespace: shop}
+spec:
+  selector:
+    matchExpressions: [{key: app, operator: In, values: [api]}]
+  action: DENY
+  rules: [{namespaces: [billing]}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: not-in, namespace: shop}
+spec:
+  selector:
+    matchLabels: {tier: back}
+    matchExpressions: [{key: app, operator: NotIn, values: [web]}]
+  action: ALLOW
+  rules: [{namespaces: [shop]}]
+"#;
+        let t = translate(&objects(&[SHOP, EXPRESSIONS]), TD);
+        let p = |name: &str| {
+            t.specs
+                .policies
+                .iter()
+                .find(|p| p.name == name)
+                .expect(name)
+        };
+        let in_one = p("in-one");
+        assert_eq!(in_one.action, Action::Deny);
+        assert_eq!(in_one.rules[0].namespaces, ["billing"]);
+        assert_eq!(
+            in_one.selector,
+            BTreeMap::from([("app".to_owned(), "api".to_owned())])
+        );
+        let not_in = p("not-in");
+        assert_eq!(
+            (not_in.action, not_in.rules.len()),
+            (Action::Deny, 1),
+            "refused: denies what it names"
+        );
+        assert!(
+            t.problems
+                .iter()
+                .any(|p| p.object == "AuthorizationPolicy shop/not-in"
+                    && p.refused
+                    && p.reason.contains("matchExpressions[0]")),
+            "{:?}",
+            t.problems
+        );
+        // The CRD the API server validates against keeps the field.
+        let crds = super::super::crds::crd_yaml();
+        assert!(crds.contains("matchExpressions:"), "{crds}");
     }
 
     #[test]

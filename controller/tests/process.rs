@@ -1,0 +1,170 @@
+//! The `weft-controller` binary as an operator runs it: flags, log output
+//! to a pipe, and the metrics it exposes.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft-controller");
+
+/// Kills the child on drop, so a failed assertion leaves no process behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs the controller to completion (bounded) and returns (success, stderr).
+fn run_to_end(args: &[&str]) -> (bool, String) {
+    let mut child = Running(
+        Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn weft-controller"),
+    );
+    let mut stderr = child.0.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "weft-controller {args:?} did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.success(), reader.join().expect("reader"))
+}
+
+#[test]
+fn kubeconfig_and_context_flags() {
+    let (ok, err) = run_to_end(&["--context", "prod"]);
+    assert!(!ok);
+    assert!(err.contains("--kubernetes"), "{err}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let (ok, err) = run_to_end(&[
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+        "--kubernetes",
+        "--kubeconfig",
+        "/nonexistent/weft-kubeconfig",
+        "--context",
+        "prod",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--rest-addr",
+        "127.0.0.1:0",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
+    assert!(!ok, "a kubeconfig that is not there stops the controller");
+    assert!(err.contains("/nonexistent/weft-kubeconfig"), "{err}");
+    assert!(!err.contains('\x1b'), "no colour into a pipe: {err:?}");
+}
+
+/// Logs into a pipe carry no colour codes; a certificate issued over gRPC
+/// is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_logs_and_one_count_per_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let web = "spiffe://cluster.local/ns/default/sa/web";
+    let mut child = Running(
+        Command::new(BIN)
+            .args(["--data-dir", data.to_str().expect("utf-8")])
+            .args(["--grpc-addr", "127.0.0.1:0", "--rest-addr", "127.0.0.1:0"])
+            .args(["--metrics-addr", "127.0.0.1:0", "--node", "a"])
+            .args(["--place", &format!("a={web}")])
+            .env_remove("NO_COLOR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn weft-controller"),
+    );
+    let stderr = child.0.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Nodes are registered after the controller is ready: wait for both.
+    let mut seen: Vec<String> = Vec::new();
+    while !seen.iter().any(|l| l.contains("node registered")) {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("no \"node registered\" line: {seen:#?}"));
+        assert!(
+            !line.contains('\x1b'),
+            "colour code in a piped log: {line:?}"
+        );
+        seen.push(line);
+    }
+    let ready = seen
+        .iter()
+        .find(|l| l.contains("controller ready"))
+        .expect("ready line")
+        .clone();
+    let field = |name: &str| -> std::net::SocketAddr {
+        let at = ready.find(&format!("{name}=")).expect("field") + name.len() + 1;
+        ready[at..]
+            .split_whitespace()
+            .next()
+            .expect("value")
+            .parse()
+            .expect("addr")
+    };
+    let (grpc, metrics) = (field("grpc"), field("metrics"));
+
+    let roots = std::fs::read_to_string(data.join("ca/root-cert.pem")).expect("root");
+    let roots = Arc::new(weft_proto::tls::TrustBundle::from_pem(&roots).expect("root"));
+    let token = std::fs::read_to_string(data.join("nodes/a.token")).expect("token");
+    let controller = weft_proto::identity::controller("cluster.local").expect("id");
+    let ca = weft_proto::certs::GrpcCaClient::new(grpc, roots, controller, &token);
+    let id: weft_proto::Identity = web.parse().expect("id");
+    let (csr, _) = weft_proto::certs::make_csr(&id).expect("csr");
+    use weft_proto::certs::CaClient;
+    ca.sign(csr, &id, Duration::from_secs(3600))
+        .await
+        .expect("issued");
+
+    let scrape = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(metrics).expect("metrics");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    })
+    .await
+    .expect("scrape");
+    let issued = scrape
+        .lines()
+        .find(|l| l.starts_with("weft_controller_certificates_issued_total "))
+        .unwrap_or_else(|| panic!("no issued counter in:\n{scrape}"));
+    // The controller's own serving certificate, and the one asked for.
+    assert_eq!(
+        issued, "weft_controller_certificates_issued_total 2",
+        "{scrape}"
+    );
+}

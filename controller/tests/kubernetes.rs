@@ -4,7 +4,8 @@
 //! Test double: no Kubernetes API server can be installed on these machines,
 //! so a small axum app plays the part of the API that kube-runtime uses:
 //! lists, watches with a streamed body of events (including a `410 Gone`
-//! that forces a relist), and TokenReview. The translation under it is
+//! that forces a relist), discovery of an API group and the `404` for the
+//! kinds of a group that is not installed, and TokenReview. The translation under it is
 //! tested with real `kubectl get -o yaml` objects in src/source/translate.rs.
 
 use std::collections::HashMap;
@@ -36,6 +37,11 @@ struct Fake {
     /// Reviews answered 503, as an API server behind a failing load
     /// balancer does.
     reviews_down: std::sync::atomic::AtomicBool,
+    /// API groups not installed (`/apis/<group>/...` answers 404).
+    absent: Mutex<std::collections::HashSet<String>>,
+    /// Every path listed or watched, and discovery requests made.
+    requested: Mutex<std::collections::HashSet<String>>,
+    discoveries: std::sync::atomic::AtomicUsize,
 }
 
 impl Fake {
@@ -83,17 +89,55 @@ impl Fake {
     }
 }
 
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
+
+fn status(code: u16, reason: &str, message: &str) -> Response {
+    let body = json!({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code});
+    let mut r = Response::new(Body::from(body.to_string()));
+    *r.status_mut() = http::StatusCode::from_u16(code).expect("status");
+    r
+}
+
 async fn api(State(fake): State<Arc<Fake>>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or_default().to_owned();
+    let group = path
+        .strip_prefix("/apis/")
+        .and_then(|p| p.split('/').next())
+        .unwrap_or_default();
+    let discovery = path == format!("/apis/{GATEWAY_GROUP}/v1");
+    if discovery {
+        fake.discoveries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    if fake.absent.lock().expect("poisoned").contains(group) {
+        return status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+    }
+    if discovery {
+        let resources: Vec<Value> = [
+            ("gateways", "Gateway"),
+            ("httproutes", "HTTPRoute"),
+            ("grpcroutes", "GRPCRoute"),
+        ]
+        .iter()
+        .map(|(name, kind)| {
+            json!({"name": name, "singularName": "", "namespaced": true, "kind": kind,
+                "verbs": ["get", "list", "watch"]})
+        })
+        .collect();
+        let list = json!({"kind": "APIResourceList", "apiVersion": "v1",
+            "groupVersion": format!("{GATEWAY_GROUP}/v1"), "resources": resources});
+        return Response::new(Body::from(list.to_string()));
+    }
     if path.ends_with("/tokenreviews") || path.ends_with("/subjectaccessreviews") {
         *fake.reviews.lock().expect("poisoned") += 1;
         if fake.reviews_down.load(std::sync::atomic::Ordering::Relaxed) {
-            let status = json!({"apiVersion": "v1", "kind": "Status", "metadata": {},
-                "status": "Failure", "message": "service unavailable", "reason": "ServiceUnavailable", "code": 503});
-            let mut r = Response::new(Body::from(status.to_string()));
-            *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-            return r;
+            return status(503, "ServiceUnavailable", "service unavailable");
         }
         let body = axum::body::to_bytes(req.into_body(), 1 << 20)
             .await
@@ -122,6 +166,10 @@ async fn api(State(fake): State<Arc<Fake>>, req: Request) -> Response {
         };
         return Response::new(Body::from(answer.to_string()));
     }
+    fake.requested
+        .lock()
+        .expect("poisoned")
+        .insert(path.clone());
     if query
         .split('&')
         .any(|kv| kv == "watch=true" || kv == "watch=1")
@@ -172,6 +220,30 @@ fn pod(name: &str, ip: &str) -> Value {
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}})
 }
 
+/// Serves `fake` on loopback; a client for it.
+async fn serve(fake: Arc<Fake>) -> kube::Client {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new().fallback(api).with_state(fake);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config = kube::Config::new(format!("http://{addr}").parse().expect("uri"));
+    kube::Client::try_from(config).expect("client")
+}
+
+/// Waits (bounded) until `cond` holds, polling as it yields.
+async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let wait = async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
 /// Waits (bounded) until the served model satisfies `done`, woken by each
 /// translation the source makes.
 async fn until(
@@ -198,15 +270,7 @@ async fn reflectors_follow_lists_watches_and_relists() {
     let fake = Arc::new(Fake::default());
     fake.put(NAMESPACES, namespace(true));
     fake.put(PODS, pod("api-1", "10.244.1.5"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = axum::Router::new().fallback(api).with_state(fake.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-
-    let config = kube::Config::new(format!("http://{addr}").parse().expect("uri"));
-    let client = kube::Client::try_from(config).expect("client");
+    let client = serve(fake.clone()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = ConfigStore::new(Arc::new(Nodes::load(dir.path()).expect("nodes")));
     let stop = CancellationToken::new();
@@ -239,7 +303,7 @@ async fn reflectors_follow_lists_watches_and_relists() {
     let incremental = || k8s.incremental.load(std::sync::atomic::Ordering::Relaxed);
     let wait = async {
         while fake.watched_paths() < kubernetes::watched().len() {
-            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
     tokio::time::timeout(Duration::from_secs(10), wait)
@@ -340,5 +404,136 @@ async fn reflectors_follow_lists_watches_and_relists() {
         reviewer.review("bob-token", "update").await,
         Err(Refusal::Forbidden { .. })
     ));
+    stop.cancel();
+}
+
+const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+const HTTPROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
+
+fn api_service() -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "api", "namespace": "shop", "resourceVersion": "1"},
+        "spec": {"clusterIP": "10.96.0.20", "clusterIPs": ["10.96.0.20"], "selector": {"app": "api"},
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}]}})
+}
+
+/// The slice the EndpointSlice controller keeps for `shop/api`.
+fn api_slice(ready: bool) -> Value {
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "api-x7k2p", "namespace": "shop", "resourceVersion": "1",
+                     "labels": {"kubernetes.io/service-name": "api", "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": ready, "serving": ready, "terminating": false},
+                       "nodeName": "node-a", "targetRef": {"kind": "Pod", "name": "api-1", "namespace": "shop"}}],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
+}
+
+fn route() -> Value {
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "api-split", "namespace": "shop", "resourceVersion": "1"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "api", "port": 80}],
+                 "rules": [{"backendRefs": [{"name": "api", "port": 80}]}]}})
+}
+
+/// A cluster without the Gateway API (most clusters): no watch of its kinds
+/// and no translation while idle; its kinds watched once installed, and
+/// their objects forgotten once uninstalled. Nodes and ServiceAccounts are
+/// never watched. A readiness change in an EndpointSlice (how readiness
+/// reaches weft in a real cluster) is applied pod by pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_kinds_follow_discovery_and_slices_apply_pod_by_pod() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let fake = Arc::new(Fake::default());
+    fake.absent
+        .lock()
+        .expect("poisoned")
+        .insert(GATEWAY_GROUP.into());
+    fake.put(NAMESPACES, namespace(true));
+    fake.put(PODS, pod("api-1", "10.244.1.5"));
+    fake.put(SERVICES, api_service());
+    fake.put(SLICES, api_slice(true));
+    fake.put(HTTPROUTES, route());
+    let client = serve(fake.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = ConfigStore::new(Arc::new(Nodes::load(dir.path()).expect("nodes")));
+    let stop = CancellationToken::new();
+    let k8s = kubernetes::start_with_discovery(
+        client,
+        store.clone(),
+        "cluster.local",
+        stop.clone(),
+        Duration::from_millis(20),
+    );
+    let endpoints = |m: &Model| m.service("shop/api").map_or(0, |s| s.endpoints().len());
+    until(&k8s, &store, "the ready endpoint", |m| endpoints(m) == 1).await;
+    wait_for("the required kinds watched", || {
+        [NAMESPACES, PODS, SERVICES, SLICES, POLICIES]
+            .iter()
+            .all(|p| fake.watching(p) > 0)
+    })
+    .await;
+
+    // Idle without the Gateway API: discovery keeps asking; nothing is
+    // translated again.
+    let full = k8s.full.load(Relaxed);
+    let asked = fake.discoveries.load(Relaxed);
+    wait_for("five discovery rounds", || {
+        fake.discoveries.load(Relaxed) >= asked + 5
+    })
+    .await;
+    assert_eq!(k8s.full.load(Relaxed), full, "no translation while idle");
+    assert!(k8s.status.borrow().routes.is_empty());
+    let requested = fake.requested.lock().expect("poisoned").clone();
+    assert!(
+        !requested.contains(HTTPROUTES),
+        "an absent kind is not listed: {requested:?}"
+    );
+    for unused in ["/api/v1/nodes", "/api/v1/serviceaccounts"] {
+        assert!(!requested.contains(unused), "{unused} is not read");
+    }
+
+    // Readiness through the slice: applied pod by pod.
+    let incremental = k8s.incremental.load(Relaxed);
+    fake.put(SLICES, api_slice(false));
+    fake.event(SLICES, "MODIFIED", api_slice(false)).await;
+    until(&k8s, &store, "the endpoint not ready", |m| {
+        endpoints(m) == 0
+    })
+    .await;
+    fake.put(SLICES, api_slice(true));
+    fake.event(SLICES, "MODIFIED", api_slice(true)).await;
+    until(&k8s, &store, "the endpoint ready again", |m| {
+        endpoints(m) == 1
+    })
+    .await;
+    assert_eq!(
+        k8s.incremental.load(Relaxed),
+        incremental + 2,
+        "both readiness changes pod by pod"
+    );
+    assert_eq!(k8s.full.load(Relaxed), full);
+
+    // The Gateway API installed: its kinds are watched, the route served.
+    fake.absent.lock().expect("poisoned").clear();
+    let mut status = k8s.status.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.routes.iter().any(|r| r.key == "HTTPRoute shop/api-split")),
+    )
+    .await
+    .expect("the route served once its CRD is installed")
+    .expect("source alive");
+    // And uninstalled: the route is forgotten, not served on.
+    fake.absent
+        .lock()
+        .expect("poisoned")
+        .insert(GATEWAY_GROUP.into());
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.routes.is_empty()),
+    )
+    .await
+    .expect("the route forgotten once its CRD is gone")
+    .expect("source alive");
     stop.cancel();
 }

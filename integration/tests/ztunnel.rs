@@ -434,6 +434,7 @@ async fn permissive_accepts_plaintext_from_outside_the_mesh() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_on_pod_ports() {
     require_root!();
+    let _log = access_log();
     let c = Cluster::start(Mode::Permissive).await;
     let server_a = c.server_a.ip;
     let stats = &c.zt_a.node.stats;
@@ -461,8 +462,50 @@ async fn hostile_input_on_pod_ports() {
         "forwarded to itself"
     );
 
-    // Garbage and a half-open flood on 15008, from a pod outside the mesh.
+    // A valid mesh identity aiming CONNECT at the ztunnel's own ports in
+    // the pod: 400 each, as for any address that is not an application
+    // port; the application port itself still answers 200.
     let hbone = SocketAddr::new(server_a, 15008);
+    let node = c.mesh.node("x");
+    let caller = node.workload("default", "caller");
+    let cert = node.cert(&caller).await;
+    let server_id = weft_proto::Identity::new("cluster.local", "default", "server-a").expect("id");
+    let config = weft_proto::tls::client_config(
+        Some(cert.clone()),
+        weft_proto::tls::Trust::OwnCert(cert),
+        vec![server_id],
+    );
+    let tcp = c.outsider.connect(hbone).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(weft_proto::tls::server_name(), tcp)
+        .await
+        .expect("mTLS");
+    let (mut h2, conn) = h2::client::handshake(tls).await.expect("h2");
+    let conn = tokio::spawn(conn);
+    for (port, want) in [(15001, 400), (15006, 400), (15008, 400), (8080, 200)] {
+        let req = http::Request::builder()
+            .method("CONNECT")
+            .uri(format!("{server_a}:{port}"))
+            .body(())
+            .expect("req");
+        let (resp, _) = h2.send_request(req, false).expect("send");
+        let status = tokio::time::timeout(Duration::from_secs(10), resp)
+            .await
+            .expect("answered")
+            .expect("response")
+            .status();
+        assert_eq!(status, want, "CONNECT to port {port}");
+    }
+    let log = String::from_utf8(access_log().lock().expect("log").clone()).expect("utf-8");
+    assert_eq!(
+        log.matches("CONNECT to a ztunnel port").count(),
+        3,
+        "each refusal has its access-log line"
+    );
+    drop(h2);
+    conn.abort(); // closes the connection, streams and all
+
+    // Garbage and a half-open flood on 15008, from a pod outside the mesh.
     let before = c
         .zt_a
         .hbone_stats

@@ -10,12 +10,13 @@ use std::time::Instant;
 use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
-use weft_proto::hbone::copy_bidirectional;
+use tracing::info;
 use weft_proto::hbone::server::{Handler, InboundConnect};
+use weft_proto::hbone::{HBONE_PORT, Transferred, copy_bidirectional};
 use weft_proto::identity::Identity;
 use weft_proto::model::{Decision, Source};
 
+use crate::capture::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::listen::accept_each;
 use crate::netns::original_dst;
 use crate::node::{Mode, Node};
@@ -31,10 +32,15 @@ impl Handler for Inbound {
     async fn handle(&self, c: InboundConnect) {
         let started = Instant::now();
         // Phase 1, before the 200: every refusal is an HTTP status.
-        // An HBONE listener is never a relay: only this pod's addresses.
+        // An HBONE listener is never a relay: only this pod's addresses,
+        // and only its application ports (never the ztunnel's own in it).
         if !self.pod.ips.contains(&c.authority.ip()) {
-            warn!(authority = %c.authority, "CONNECT to an address that is not this pod's");
-            return c.refuse(StatusCode::BAD_REQUEST);
+            let reason = "refused: CONNECT to an address that is not this pod's";
+            return self.refuse(c, StatusCode::BAD_REQUEST, reason, started);
+        }
+        if ZTUNNEL_PORTS.contains(&c.authority.port()) {
+            let reason = "refused: CONNECT to a ztunnel port, not an application port";
+            return self.refuse(c, StatusCode::BAD_REQUEST, reason, started);
         }
         let src = Source {
             identity: Some(&c.peer),
@@ -67,7 +73,7 @@ impl Handler for Inbound {
             identity: Some(&peer),
             ip: peer_addr.ip(),
         };
-        let result = copy_while_allowed(
+        let (bytes, reason) = copy_while_allowed(
             &self.node,
             &self.pod,
             src,
@@ -76,10 +82,6 @@ impl Handler for Inbound {
             &mut app,
         )
         .await;
-        let (bytes, reason) = match result {
-            Ok(b) => (b, "closed".to_owned()),
-            Err(reason) => ((0, 0), reason),
-        };
         labels.closed(bytes.0, bytes.1);
         access_log(
             &self.pod,
@@ -93,9 +95,16 @@ impl Handler for Inbound {
     }
 }
 
+/// The ztunnel's own listeners in each pod's namespace: never a CONNECT
+/// target, or a tunnel could be looped back into the mesh's plumbing.
+const ZTUNNEL_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT];
+
 impl Inbound {
-    /// Phase-1 refusal: logged once, answered with an HTTP status.
+    /// Phase-1 refusal: logged once, counted by status, answered with an
+    /// HTTP status.
     fn refuse(&self, c: InboundConnect, status: StatusCode, reason: &str, started: Instant) {
+        metrics::counter!("weft_hbone_refusals_total", "status" => status.as_str().to_owned())
+            .increment(1);
         access_log(
             &self.pod,
             Some(&c.peer),
@@ -170,18 +179,15 @@ async fn plaintext(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr)
         identity: None,
         ip: peer.ip(),
     };
-    let (bytes, reason) =
-        match copy_while_allowed(node, pod, src, dst.port(), &mut tcp, &mut app).await {
-            Ok(b) => (b, "closed".to_owned()),
-            Err(reason) => ((0, 0), reason),
-        };
+    let (bytes, reason) = copy_while_allowed(node, pod, src, dst.port(), &mut tcp, &mut app).await;
     labels.closed(bytes.0, bytes.1);
     access_log(pod, None, peer, dst, bytes, started, &reason);
 }
 
 /// Copies until either side closes, or until a config change means policy
 /// would no longer admit this connection: then it is closed, so a new DENY
-/// also ends the connections it covers.
+/// also ends the connections it covers. Returns the bytes copied (a→b,
+/// b→a), however it ended, and why it ended.
 async fn copy_while_allowed<A, B>(
     node: &Node,
     pod: &Pod,
@@ -189,7 +195,7 @@ async fn copy_while_allowed<A, B>(
     port: u16,
     a: &mut A,
     b: &mut B,
-) -> Result<(u64, u64), String>
+) -> ((u64, u64), String)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
@@ -206,13 +212,18 @@ where
             }
         }
     };
-    tokio::select! {
-        copied = copy_bidirectional(a, b) => copied.map_err(|e| format!("error: {e}")),
+    let moved = Transferred::default();
+    let reason = tokio::select! {
+        copied = copy_bidirectional(a, b, &moved) => match copied {
+            Ok(()) => "closed".to_owned(),
+            Err(e) => format!("error: {e}"),
+        },
         reason = revoked => {
             node.stats.inbound_revoked.fetch_add(1, Ordering::Relaxed);
-            Err(format!("closed by a policy change: {reason}"))
+            format!("closed by a policy change: {reason}")
         }
-    }
+    };
+    (moved.get(), reason)
 }
 
 /// Metrics labels for a connection this pod received.

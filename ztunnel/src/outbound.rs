@@ -17,9 +17,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use weft_proto::certs::wait_for_cert;
-use weft_proto::hbone::copy_bidirectional;
 use weft_proto::hbone::pool::{ConnectRequest, PoolKey};
 use weft_proto::hbone::{BAGGAGE, FORWARDED, HBONE_PORT};
+use weft_proto::hbone::{Transferred, copy_bidirectional};
 use weft_proto::identity::Identity;
 
 use crate::listen::accept_each;
@@ -201,20 +201,22 @@ pub async fn relay(
             if let Some(l) = &up.labels {
                 l.opened();
             }
-            let copied = copy_bidirectional(client, &mut up.stream).await;
-            let bytes = copied.as_ref().copied().unwrap_or_default();
+            // What was copied counts however the copy ended.
+            let moved = Transferred::default();
+            let copied = copy_bidirectional(client, &mut up.stream, &moved).await;
+            let bytes = moved.get();
             if let Some(l) = &up.labels {
                 l.closed(bytes.0, bytes.1);
             }
-            copied.map_err(|e| e.to_string())
+            copied.map(|()| bytes).map_err(|e| (bytes, e.to_string()))
         }
-        Err(e) => Err(e),
+        Err(e) => Err(((0, 0), e)),
     };
     let (bytes, reason) = match result {
         Ok(b) => (b, "closed".to_owned()),
-        Err(reason) => {
+        Err((b, reason)) => {
             node.stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
-            ((0, 0), reason)
+            (b, reason)
         }
     };
     info!(

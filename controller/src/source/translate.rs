@@ -24,6 +24,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use weft_proto::identity::Identity;
 use weft_proto::model::{
@@ -130,16 +131,26 @@ impl<'a> PodContext<'a> {
         }
     }
 
-    /// Whether a Service of `namespace` names its target port: then which
-    /// port a Service means depends on its pods, and a pod change is not
-    /// the pod's alone.
-    pub fn named_ports_in(&self, namespace: &str) -> bool {
+    /// Whether a Service of `namespace` names a target port its
+    /// EndpointSlices do not resolve: then which port it means depends on
+    /// its pods' container ports, and a pod change is not the pod's alone.
+    /// (In a cluster the slices resolve every name.)
+    pub fn ports_follow_pods_in(&self, namespace: &str) -> bool {
         self.services_by_namespace
             .get(namespace)
             .into_iter()
             .flatten()
-            .flat_map(|(_, svc)| svc.spec.iter().flat_map(|s| s.ports.iter().flatten()))
-            .any(|p| matches!(p.target_port, Some(IntOrString::String(_))))
+            .any(|(key, svc)| {
+                svc.spec
+                    .iter()
+                    .flat_map(|s| s.ports.iter().flatten())
+                    .any(|p| match &p.target_port {
+                        Some(IntOrString::String(name)) => {
+                            self.slices.named_port(key, name).is_none()
+                        }
+                        _ => false,
+                    })
+            })
     }
 
     /// The workload a pod is now: `None` while it is not one (pending,
@@ -203,7 +214,7 @@ pub fn apply_pods(
         .iter()
         .map(|(k, _)| k)
         .chain(&gone)
-        .any(|k| context.named_ports_in(namespace_of(k)))
+        .any(|k| context.ports_follow_pods_in(namespace_of(k)))
     {
         return None;
     }
@@ -227,6 +238,97 @@ pub fn apply_pods(
         objects.pods.remove(&key);
     }
     Some(model)
+}
+
+/// EndpointSlices added, changed (`upserts`) or removed (`gone`), applied
+/// to the model `served` was made from `objects` by. A slice tells which
+/// of its pods are ready and which number a port name means; when the
+/// port names are the same before and after, only readiness moved, and
+/// the pods the slice lists (before or after) are translated again, pod by
+/// pod. `None` sends the caller to the full translation. On success
+/// `objects` is updated too.
+pub fn apply_slices(
+    objects: &mut Objects,
+    served: &Model,
+    upserts: Vec<(String, Arc<EndpointSlice>)>,
+    gone: Vec<String>,
+    trust_domain: &str,
+) -> Option<Model> {
+    let mut pods: BTreeSet<String> = BTreeSet::new();
+    let mut by_ip: Option<HashMap<IpAddr, &String>> = None;
+    let new: HashMap<&String, &Arc<EndpointSlice>> = upserts.iter().map(|(k, v)| (k, v)).collect();
+    for key in upserts.iter().map(|(k, _)| k).chain(&gone) {
+        let old = objects.endpoint_slices.get(key);
+        let new = new.get(key).copied();
+        if old.map(|s| &s.ports) != new.map(|s| &s.ports)
+            && (old.is_some() || new.is_some_and(|s| s.ports.is_some()))
+        {
+            return None; // port names may mean other numbers now
+        }
+        for ep in old
+            .into_iter()
+            .chain(new)
+            .flat_map(|s| s.endpoints.iter().flatten())
+        {
+            match &ep.target_ref {
+                Some(r) if r.kind.as_deref() == Some("Pod") => {
+                    let ns = r.namespace.as_deref().unwrap_or(namespace_of(key));
+                    pods.insert(format!("{ns}/{}", r.name.as_deref()?));
+                }
+                // Listed by address only: find the pods that hold it.
+                _ => {
+                    let index = by_ip.get_or_insert_with(|| pods_by_ip(objects));
+                    for ip in ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+                        pods.extend(index.get(&ip).map(|k| (*k).clone()));
+                    }
+                }
+            }
+        }
+    }
+    let previous: Vec<(String, Option<Arc<EndpointSlice>>)> = upserts
+        .iter()
+        .map(|(k, _)| k)
+        .chain(&gone)
+        .map(|k| (k.clone(), objects.endpoint_slices.get(k).cloned()))
+        .collect();
+    for (key, slice) in upserts {
+        objects.endpoint_slices.insert(key, slice);
+    }
+    for key in &gone {
+        objects.endpoint_slices.remove(key);
+    }
+    let affected: Vec<(String, Arc<Pod>)> = pods
+        .into_iter()
+        .filter_map(|k| objects.pods.get(&k).map(|p| (k, p.clone())))
+        .collect();
+    let model = apply_pods(objects, served, affected, Vec::new(), trust_domain);
+    if model.is_none() {
+        for (key, slice) in previous {
+            match slice {
+                Some(s) => objects.endpoint_slices.insert(key, s),
+                None => objects.endpoint_slices.remove(&key),
+            };
+        }
+    }
+    model
+}
+
+fn pods_by_ip(objects: &Objects) -> HashMap<IpAddr, &String> {
+    let mut index = HashMap::new();
+    for (key, pod) in &objects.pods {
+        let status = pod.status.as_ref();
+        let ips = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|p| p.ip.as_str());
+        for ip in ips.chain(status.and_then(|s| s.pod_ip.as_deref())) {
+            if let Ok(ip) = ip.parse() {
+                index.insert(ip, key);
+            }
+        }
+    }
+    index
 }
 
 pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {

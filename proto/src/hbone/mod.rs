@@ -228,13 +228,154 @@ impl AsyncWrite for H2Stream {
     }
 }
 
+/// Bytes a copy has moved so far, readable while it runs and after it
+/// ends, however it ended (a reset after 17 MB still moved 17 MB).
+#[derive(Debug, Default)]
+pub struct Transferred {
+    pub a_to_b: std::sync::atomic::AtomicU64,
+    pub b_to_a: std::sync::atomic::AtomicU64,
+}
+
+impl Transferred {
+    /// (bytes a→b, bytes b→a).
+    pub fn get(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.a_to_b.load(Relaxed), self.b_to_a.load(Relaxed))
+    }
+}
+
 /// Copies both ways until both sides are done, with buffers large enough for
-/// bulk transfer; returns (bytes a→b, bytes b→a).
-pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+/// bulk transfer, counting into `moved` every byte written to either side.
+pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B, moved: &Transferred) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     const BUF: usize = 64 * 1024;
-    tokio::io::copy_bidirectional_with_sizes(a, b, BUF, BUF).await
+    let mut a = Counting {
+        inner: a,
+        written: &moved.b_to_a,
+    };
+    let mut b = Counting {
+        inner: b,
+        written: &moved.a_to_b,
+    };
+    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUF, BUF)
+        .await
+        .map(drop)
+}
+
+/// A stream that counts the bytes written to it.
+struct Counting<'a, T: ?Sized> {
+    inner: &'a mut T,
+    written: &'a std::sync::atomic::AtomicU64,
+}
+
+impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Counting<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counting<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut *self.inner).poll_write(cx, buf))?;
+        self.written
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A peer that takes `limit` bytes, then resets (as wrk does on exit),
+    /// and never sends anything.
+    struct ResetAfter {
+        taken: usize,
+        limit: usize,
+    }
+
+    impl AsyncRead for ResetAfter {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for ResetAfter {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.taken == self.limit {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            let n = buf.len().min(self.limit - self.taken);
+            self.taken += n;
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_copy_that_ends_in_an_error_still_counts_what_it_moved() {
+        let (mut client, mut a) = tokio::io::duplex(64 * 1024);
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 16 * 1024];
+            for _ in 0..64 {
+                if client.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            client
+        });
+        let mut b = ResetAfter {
+            taken: 0,
+            limit: 300_000,
+        };
+        let moved = Transferred::default();
+        let copied = tokio::time::timeout(
+            Duration::from_secs(10),
+            copy_bidirectional(&mut a, &mut b, &moved),
+        )
+        .await
+        .expect("bounded");
+        assert_eq!(
+            copied.expect_err("reset").kind(),
+            io::ErrorKind::ConnectionReset
+        );
+        assert_eq!(moved.get(), (300_000, 0));
+        drop(a);
+        let _ = writer.await;
+    }
 }

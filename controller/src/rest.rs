@@ -368,6 +368,9 @@ async fn get_cluster_object(
     State(api): State<Api>,
     AxPath((kind, name)): AxPath<(String, String)>,
 ) -> Response {
+    if let Err(r) = valid_path(None, &name) {
+        return *r;
+    }
     find_object(&api, &format!("{kind} {name}"))
 }
 
@@ -375,6 +378,9 @@ async fn get_object(
     State(api): State<Api>,
     AxPath((kind, namespace, name)): AxPath<(String, String, String)>,
 ) -> Response {
+    if let Err(r) = valid_path(Some(&namespace), &name) {
+        return *r;
+    }
     find_object(&api, &format!("{kind} {namespace}/{name}"))
 }
 
@@ -416,6 +422,9 @@ async fn apply_object(
     name: &str,
     body: &str,
 ) -> Response {
+    if let Err(r) = valid_path(namespace, name) {
+        return *r;
+    }
     let local = match local(api) {
         Ok(l) => l,
         Err(r) => return *r,
@@ -457,6 +466,9 @@ async fn delete_cluster_object(
     State(api): State<Api>,
     AxPath((kind, name)): AxPath<(String, String)>,
 ) -> Response {
+    if let Err(r) = valid_path(None, &name) {
+        return *r;
+    }
     remove_object(&api, kind, name).await
 }
 
@@ -464,6 +476,9 @@ async fn delete_object(
     State(api): State<Api>,
     AxPath((kind, namespace, name)): AxPath<(String, String, String)>,
 ) -> Response {
+    if let Err(r) = valid_path(Some(&namespace), &name) {
+        return *r;
+    }
     remove_object(&api, kind, format!("{namespace}/{name}")).await
 }
 
@@ -477,6 +492,15 @@ async fn remove_object(api: &Api, kind: String, key: String) -> Response {
         Ok(Err(e)) => local_error(e),
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "delete failed"),
     }
+}
+
+/// The namespace and name a path gives, checked as Kubernetes checks them
+/// before anything looks them up: 422 naming the fault.
+fn valid_path(namespace: Option<&str>, name: &str) -> Result<(), Box<Response>> {
+    namespace
+        .map_or(Ok(()), crate::source::validate_namespace)
+        .and_then(|()| crate::source::validate_name("name", name))
+        .map_err(|e| Box::new(error(StatusCode::UNPROCESSABLE_ENTITY, &e)))
 }
 
 fn local_error(e: LocalError) -> Response {

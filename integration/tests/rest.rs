@@ -107,6 +107,27 @@ async fn authenticated_reads_validated_writes_and_persistence() {
         assert_eq!(status, want_status, "{yaml}: {body}");
         assert!(body.contains(want), "{yaml}: {body}");
     }
+    // Names Kubernetes would refuse, refused the same way (422), never 500,
+    // whatever the method. Percent-encoded so they reach the server as is.
+    let long = "a".repeat(300);
+    for (path, want) in [
+        ("/api/v1/objects/Pod/default/%2e%2e", "name"),
+        ("/api/v1/objects/Pod/default/%2e%2e%2f%2e%2e%2fevil", "name"),
+        ("/api/v1/objects/Pod/default/a%00b", "name"),
+        (&format!("/api/v1/objects/Pod/default/{long}"), "name"),
+        ("/api/v1/objects/Pod/Default/web", "namespace"),
+        ("/api/v1/objects/Namespace/-shop", "name"),
+    ] {
+        for method in ["GET", "PUT", "DELETE"] {
+            let body = (method == "PUT").then(|| GOOD.as_bytes().to_vec());
+            let (status, body) = curl(api, method, path, Some(&token), body).await;
+            assert_eq!(status, 422, "{method} {path}: {body}");
+            assert!(
+                body.contains(&format!("not a valid Kubernetes {want}")),
+                "{method} {path}: {body}"
+            );
+        }
+    }
     let (status, _) = curl(
         api,
         "PUT",

@@ -128,11 +128,26 @@ async fn connect_by_ip_and_by_service_name_goes_over_hbone() {
     let seen = server.handler.seen.lock().expect("lock").clone();
     assert_eq!(seen.len(), 2);
     assert!(seen.iter().all(|s| s.authority == (api, 8080).into()));
-    // The CONNECT carried who is calling (SPEC §3 headers).
-    assert_eq!(seen[0].headers["forwarded"], "for=127.0.0.1");
-    assert_eq!(
-        seen[0].headers["baggage"],
-        "k8s.namespace.name=default,k8s.pod.name=host,service.account=host"
+    // The CONNECT carried who is calling and what it asked for, as Istio's
+    // ztunnel spells it (SPEC §3 headers).
+    for s in &seen {
+        let forwarded = s.headers["forwarded"].to_str().expect("ascii");
+        assert!(forwarded.starts_with("for=\"127.0.0.1:"), "{forwarded}");
+        assert_eq!(
+            s.headers["baggage"],
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.pod.name=host,service.name=host,service.version=latest"
+        );
+    }
+    let by_name = seen[1].headers["forwarded"].to_str().expect("ascii");
+    assert!(
+        by_name.ends_with("\";host=api.default.svc.cluster.local"),
+        "{by_name}"
+    );
+    assert!(
+        !seen[0].headers["forwarded"]
+            .to_str()
+            .expect("ascii")
+            .contains("host=")
     );
     assert_eq!(zt.socks5_stats.connected.load(Ordering::Relaxed), 2);
 }

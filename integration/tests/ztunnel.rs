@@ -489,12 +489,18 @@ async fn hostile_input_on_pod_ports() {
             .body(())
             .expect("req");
         let (resp, _) = h2.send_request(req, false).expect("send");
-        let status = tokio::time::timeout(Duration::from_secs(10), resp)
+        let resp = tokio::time::timeout(Duration::from_secs(10), resp)
             .await
             .expect("answered")
-            .expect("response")
-            .status();
-        assert_eq!(status, want, "CONNECT to port {port}");
+            .expect("response");
+        assert_eq!(resp.status(), want, "CONNECT to port {port}");
+        if want == 200 {
+            // The answer says who answered, as Istio's ztunnel does.
+            assert_eq!(
+                resp.headers()["baggage"],
+                "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.pod.name=server-a,service.name=server-a,service.version=latest"
+            );
+        }
     }
     let log = String::from_utf8(access_log().lock().expect("log").clone()).expect("utf-8");
     assert_eq!(

@@ -11,8 +11,9 @@ use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
+use weft_proto::hbone::metadata::PeerMetadata;
 use weft_proto::hbone::server::{Handler, InboundConnect};
-use weft_proto::hbone::{HBONE_PORT, Transferred, copy_bidirectional};
+use weft_proto::hbone::{BAGGAGE, HBONE_PORT, Transferred, copy_bidirectional};
 use weft_proto::identity::Identity;
 use weft_proto::model::{Decision, Source};
 
@@ -62,12 +63,27 @@ impl Handler for Inbound {
         };
         // Phase 2, after the 200: an error is a stream reset.
         let (peer, peer_addr, authority) = (c.peer.clone(), c.peer_addr, c.authority);
-        let Ok(mut tunnel) = c.accept() else { return };
+        // Who called, as its baggage says (a hint for telemetry only, for
+        // peers the config does not list, such as another mesh's pods).
+        let caller = c
+            .headers
+            .get(BAGGAGE)
+            .and_then(|v| v.to_str().ok())
+            .map(PeerMetadata::from_baggage);
+        let Ok(mut tunnel) = c.accept_with(self.answer_headers()) else {
+            return;
+        };
         self.node
             .stats
             .inbound_hbone
             .fetch_add(1, Ordering::Relaxed);
-        let labels = labels(&self.node, &self.pod, Some(&peer), peer_addr);
+        let labels = labels(
+            &self.node,
+            &self.pod,
+            Some(&peer),
+            peer_addr,
+            caller.as_ref(),
+        );
         labels.opened();
         let src = Source {
             identity: Some(&peer),
@@ -100,6 +116,19 @@ impl Handler for Inbound {
 const ZTUNNEL_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT];
 
 impl Inbound {
+    /// The 200's headers: who answered, in baggage.
+    fn answer_headers(&self) -> http::HeaderMap {
+        let model = self.node.model.borrow().clone();
+        let (ns, name) = (&self.pod.spec.namespace, &self.pod.spec.name);
+        let labels = model.workload(ns, name).map(|w| w.labels.clone());
+        let me = PeerMetadata::for_pod(ns, name, &labels.unwrap_or_default());
+        let mut headers = http::HeaderMap::new();
+        if let Ok(v) = me.to_baggage().parse() {
+            headers.insert(BAGGAGE, v);
+        }
+        headers
+    }
+
     /// Phase-1 refusal: logged once, counted by status, answered with an
     /// HTTP status.
     fn refuse(&self, c: InboundConnect, status: StatusCode, reason: &str, started: Instant) {
@@ -173,7 +202,7 @@ async fn plaintext(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr)
         return;
     };
     node.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
-    let labels = labels(node, pod, None, peer);
+    let labels = labels(node, pod, None, peer, None);
     labels.opened();
     let src = Source {
         identity: None,
@@ -227,11 +256,18 @@ where
 }
 
 /// Metrics labels for a connection this pod received.
-fn labels(node: &Node, pod: &Pod, peer: Option<&Identity>, peer_addr: SocketAddr) -> ConnLabels {
+fn labels(
+    node: &Node,
+    pod: &Pod,
+    peer: Option<&Identity>,
+    peer_addr: SocketAddr,
+    caller: Option<&PeerMetadata>,
+) -> ConnLabels {
     let model = node.model.borrow().clone();
     let source_workload = model
         .workload_by_ip(peer_addr.ip())
         .map(|w| w.name.clone())
+        .or_else(|| caller.and_then(|c| c.workload.clone()))
         .unwrap_or_else(|| "unknown".into());
     let destination_service = model
         .workload(&pod.spec.namespace, &pod.spec.name)

@@ -6,6 +6,7 @@
 //! [`open`] routes and connects; [`relay`] copies, counts and logs. SOCKS5
 //! answers its client between the two.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 use weft_proto::certs::wait_for_cert;
+use weft_proto::hbone::metadata::{self, PeerMetadata};
 use weft_proto::hbone::pool::{ConnectRequest, PoolKey};
 use weft_proto::hbone::{BAGGAGE, FORWARDED, HBONE_PORT};
 use weft_proto::hbone::{Transferred, copy_bidirectional};
@@ -92,10 +94,10 @@ pub async fn open(node: &Node, src: &Source<'_>, dst: SocketAddr) -> Result<Upst
             let ep = svc
                 .pick()
                 .ok_or_else(|| format!("service {} has no ready endpoint", svc.key))?;
-            (ep.clone(), port, svc.key.clone())
+            (ep.clone(), port, Some(svc.key.clone()))
         }
         None => match model.workload_by_ip(dst.ip()) {
-            Some(w) => (w.clone(), dst.port(), "unknown".to_owned()),
+            Some(w) => (w.clone(), dst.port(), None),
             None => return passthrough(node, src, dst).await,
         },
     };
@@ -107,7 +109,7 @@ pub async fn open(node: &Node, src: &Source<'_>, dst: SocketAddr) -> Result<Upst
     if !workload.meshed {
         return passthrough(node, src, endpoint).await;
     }
-    let stream = hbone(node, src, endpoint, &workload.identity).await?;
+    let stream = hbone(node, src, endpoint, &workload.identity, service.as_deref()).await?;
     Ok(Upstream {
         stream: Box::new(stream),
         labels: Some(ConnLabels {
@@ -115,7 +117,7 @@ pub async fn open(node: &Node, src: &Source<'_>, dst: SocketAddr) -> Result<Upst
             source_workload: src.workload.to_owned(),
             source_principal: src.identity.to_string(),
             destination_workload: workload.name.clone(),
-            destination_service: service,
+            destination_service: service.unwrap_or_else(|| "unknown".to_owned()),
             security: "mutual_tls",
         }),
     })
@@ -146,6 +148,7 @@ async fn hbone(
     src: &Source<'_>,
     endpoint: SocketAddr,
     dst_identity: &Identity,
+    service: Option<&str>,
 ) -> Result<weft_proto::hbone::H2Stream, String> {
     // The first certificate may still be in flight: wait, bounded.
     let cert = node.certs.watch(src.identity);
@@ -158,19 +161,18 @@ async fn hbone(
         dst_addr: SocketAddr::new(endpoint.ip(), HBONE_PORT),
         src_ip: src.netns.map(|_| src.addr.ip()),
     };
+    // Who is calling and what it asked for, as Istio's ztunnel says it, so
+    // the far side (either mesh) labels telemetry without guessing.
     let mut headers = HeaderMap::new();
-    if let Ok(v) = format!("for={}", src.addr.ip()).parse() {
+    let host = service.and_then(metadata::service_host);
+    if let Ok(v) = metadata::forwarded(src.addr, host.as_deref()).parse() {
         headers.insert(FORWARDED, v);
     }
-    // Who is calling, in W3C baggage (keys as OpenTelemetry names them), so
-    // the far side can label metrics without guessing from addresses.
-    let baggage = format!(
-        "k8s.namespace.name={},k8s.pod.name={},service.account={}",
-        src.identity.namespace(),
-        src.workload,
-        src.identity.service_account()
-    );
-    if let Ok(v) = baggage.parse() {
+    let namespace = src.identity.namespace();
+    let model = node.model.borrow().clone();
+    let labels = model.workload(namespace, src.workload).map(|w| &w.labels);
+    let me = PeerMetadata::for_pod(namespace, src.workload, labels.unwrap_or(&BTreeMap::new()));
+    if let Ok(v) = me.to_baggage().parse() {
         headers.insert(BAGGAGE, v);
     }
     let req = ConnectRequest {

@@ -124,6 +124,10 @@ impl Object {
         if name.is_empty() {
             return Err(format!("{kind}: metadata.name is required"));
         }
+        validate_name("metadata.name", &name)?;
+        if let Some(ns) = doc.get("metadata").and_then(|m| m.get("namespace")) {
+            validate_namespace(ns.as_str().unwrap_or("(not a string)"))?;
+        }
         if !KINDS.contains(&(api_version.as_str(), kind.as_str())) {
             return Err(format!(
                 "{what}: {api_version} {kind} is not a kind weft reads (it reads {})",
@@ -268,6 +272,45 @@ pub fn parse_object(text: &str) -> Result<Object, BodyError> {
     let value = Value::deserialize(serde_yaml::Deserializer::from_str(text))
         .map_err(|e| BodyError::Syntax(e.to_string()))?;
     Object::from_value(value).map_err(BodyError::Invalid)
+}
+
+/// An object name as Kubernetes accepts it: a DNS-1123 subdomain (at most
+/// 253 characters of lowercase letters, digits, `-` and `.`, starting and
+/// ending with a letter or digit). `..`, slashes, NULs and such never name
+/// an object, or a file made from one.
+pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
+    let ok =
+        !name.is_empty() && name.len() <= 253 && name.split('.').all(|part| dns_label(part, 253));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {:?} is not a valid Kubernetes name (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters)",
+            name.chars().take(64).collect::<String>()
+        ))
+    }
+}
+
+/// A namespace name: a DNS-1123 label (at most 63 characters, no dots).
+pub fn validate_namespace(namespace: &str) -> Result<(), String> {
+    if dns_label(namespace, 63) {
+        Ok(())
+    } else {
+        Err(format!(
+            "namespace {:?} is not a valid Kubernetes namespace (lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters)",
+            namespace.chars().take(64).collect::<String>()
+        ))
+    }
+}
+
+fn dns_label(s: &str, max: usize) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= max
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
 }
 
 /// Every document of a YAML stream, parsed; the first bad one fails the

@@ -8,6 +8,7 @@
 //!   stream limit.
 //! - [`H2Stream`] is the byte stream both sides get: `AsyncRead + AsyncWrite`.
 
+pub mod metadata;
 pub mod pool;
 pub mod server;
 

@@ -41,11 +41,18 @@ pub struct InboundConnect {
 
 impl InboundConnect {
     /// Answers `200` and returns the tunnelled byte stream.
-    pub fn accept(mut self) -> Result<H2Stream, HboneError> {
-        let resp = Response::builder()
+    pub fn accept(self) -> Result<H2Stream, HboneError> {
+        self.accept_with(http::HeaderMap::new())
+    }
+
+    /// Answers `200` with `headers` (who answered, in `baggage`) and
+    /// returns the tunnelled byte stream.
+    pub fn accept_with(mut self, headers: http::HeaderMap) -> Result<H2Stream, HboneError> {
+        let mut resp = Response::builder()
             .status(StatusCode::OK)
             .body(())
             .expect("static response is valid");
+        *resp.headers_mut() = headers;
         let send = self.respond.send_response(resp, false)?;
         Ok(H2Stream::new(send, self.body, Some(self.peer), None))
     }

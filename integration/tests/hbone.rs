@@ -471,3 +471,92 @@ async fn keepalive_detects_a_dead_peer() {
         .expect("bounded");
     assert!(matches!(read, Err(_) | Ok(0)), "{read:?}");
 }
+
+/// A certificate that expires while its connection is open: the server
+/// sends GOAWAY and takes no new stream (pings no longer keep it open);
+/// the pool opens no stream on a connection whose peer certificate has
+/// expired. Waits are for the certificates' own expiry, bounded.
+#[tokio::test]
+async fn expired_certificates_end_their_connections() {
+    let mesh = Mesh::start().await;
+    let short = mesh.node_with(
+        "node-a",
+        CertConfig {
+            ttl: Duration::from_secs(3),
+            ..CertConfig::default()
+        },
+    );
+    let long = mesh.node("node-b");
+    let (web, api) = (
+        short.workload("default", "web"),
+        long.workload("default", "api"),
+    );
+    // Frozen: no renewal rescues either connection.
+    let frozen = |w: weft_proto::tls::CertWatch| {
+        weft_proto::tls::fixed_cert(w.borrow().cert().expect("cert").clone())
+    };
+    let web_cert = frozen(short.cert(&web).await);
+    let web_expiry = web_cert.borrow().cert().expect("cert").not_after();
+
+    // Server side: a client whose certificate expires mid-connection.
+    let server = HboneServer::echo(long.cert(&api).await).await;
+    let config = weft_proto::tls::client_config(
+        Some(web_cert.clone()),
+        weft_proto::tls::Trust::OwnCert(web_cert.clone()),
+        vec![api.clone()],
+    );
+    let tcp = TcpStream::connect(server.addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(weft_proto::tls::server_name(), tcp)
+        .await
+        .expect("mTLS while valid");
+    let (mut h2, conn) = h2::client::handshake(tls).await.expect("h2");
+    let conn = tokio::spawn(conn);
+    let connect = http::Request::builder()
+        .method("CONNECT")
+        .uri(server.addr.to_string())
+        .body(())
+        .expect("req");
+    let (resp, mut body) = h2.send_request(connect, false).expect("send");
+    assert_eq!(resp.await.expect("response").status(), 200);
+    body.send_data(bytes::Bytes::new(), true)
+        .expect("end stream");
+    let ended = tokio::time::timeout(Duration::from_secs(15), conn)
+        .await
+        .expect("the server ends the connection once the client certificate expires");
+    assert!(ended.is_ok());
+    assert!(
+        std::time::SystemTime::now() >= web_expiry,
+        "not before expiry"
+    );
+
+    // Pool side: the server's certificate expires; the client's does not.
+    let server_cert = frozen(short.cert(&web).await);
+    let server_expiry = server_cert.borrow().cert().expect("cert").not_after();
+    let server = HboneServer::echo(server_cert).await;
+    let pool = Pool::new(PoolSettings::default());
+    let key = weft_proto::hbone::pool::PoolKey {
+        src: api.clone(),
+        dst: web.clone(),
+        dst_addr: server.addr,
+        src_ip: None,
+    };
+    let api_cert = long.cert(&api).await;
+    let mut s = pool
+        .connect(&key, &api_cert, request(server.addr))
+        .await
+        .expect("tunnel while valid");
+    read_hello(&mut s).await;
+    drop(s);
+    // The certificate's own lifetime, and the second X.509 validity counts
+    // in: a handshake within its last second still succeeds.
+    let past = server_expiry + Duration::from_millis(1100);
+    if let Ok(left) = past.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left).await;
+    }
+    let again = pool.connect(&key, &api_cert, request(server.addr)).await;
+    assert!(
+        again.is_err(),
+        "a connection whose peer certificate expired takes no new stream"
+    );
+}

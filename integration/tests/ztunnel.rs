@@ -109,6 +109,13 @@ fn model_yaml(c: &[(&PodNs, &str, &str, bool)], extra: &str) -> String {
 
 impl Cluster {
     async fn start(mode: Mode) -> Cluster {
+        Self::start_with(mode, false).await
+    }
+
+    /// With `client_serves`, the client pod (which runs no application) is
+    /// also an endpoint of the api Service: a pod gone before the config
+    /// knew it, as in every rollout.
+    async fn start_with(mode: Mode, client_serves: bool) -> Cluster {
         let mut topo = Topology::new();
         let mesh = Mesh::start().await;
         let a = topo.node("a", "10.244.1.0/24").expect("topology");
@@ -120,7 +127,7 @@ impl Cluster {
         let server_b = topo.pod(&b, "server-b").expect("topology");
         let yaml = model_yaml(
             &[
-                (&client, "a", "client", false),
+                (&client, "a", "client", client_serves),
                 (&server_a, "a", "server-a", false),
                 (&server_b, "b", "server", true),
             ],
@@ -761,4 +768,31 @@ async fn config_from_the_directory_and_rest_reaches_live_traffic_and_survives_th
     exchange(&client, vip)
         .await
         .expect("the VIP answers again once the DENY is deleted");
+}
+
+/// A Service endpoint whose ztunnel answers 503 (its application is gone)
+/// costs the client nothing: the source ztunnel tries another endpoint,
+/// counts it, and skips the refusing one until the config changes. A pod
+/// IP dialled directly is never sent elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_traffic_skips_an_endpoint_that_refuses_the_tunnel() {
+    require_root!();
+    let c = Cluster::start_with(Mode::Strict, true).await;
+    let vip: SocketAddr = format!("{VIP}:80").parse().expect("addr");
+    let stats = &c.zt_a.node.stats;
+    for i in 0..6 {
+        let (hello, echo) = exchange(&c.client, vip)
+            .await
+            .unwrap_or_else(|e| panic!("connection {i} through the VIP failed: {e}"));
+        assert_eq!(hello, "hello from server-b");
+        assert_eq!(echo, MARKER);
+    }
+    assert_eq!(
+        stats.outbound_retried.load(Ordering::Relaxed),
+        1,
+        "one refusal, then the refusing endpoint is skipped"
+    );
+    let direct = exchange(&c.client, SocketAddr::new(c.client.ip, 8080)).await;
+    assert!(direct.is_err(), "a direct pod IP is that pod or nothing");
+    assert_eq!(stats.outbound_retried.load(Ordering::Relaxed), 1);
 }

@@ -452,6 +452,15 @@ pub fn describe_handshake_error(e: &std::io::Error) -> String {
     }
 }
 
+/// When a presented chain stops being valid: the earliest `notAfter` in it.
+/// A connection checked against it must not outlive it.
+pub fn chain_not_after(certs: Option<&[CertificateDer<'_>]>) -> Option<SystemTime> {
+    certs?
+        .iter()
+        .filter_map(|der| validity(der).ok().map(|(not_after, _)| not_after))
+        .min()
+}
+
 fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, String), TlsError> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
         .map_err(|_| TlsError::Peer(PeerError::Malformed))?;

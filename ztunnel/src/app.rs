@@ -205,6 +205,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         pool: Pool::with_dialer(PoolSettings::default(), Arc::new(PodDialer(pods.clone()))),
         pods,
         stats: Stats::default(),
+        unavailable: Default::default(),
     });
     let shutdown = CancellationToken::new();
     std::fs::create_dir_all(&config.state_dir).map_err(|source| BuildError::Read {

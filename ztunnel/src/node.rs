@@ -31,6 +31,36 @@ pub struct Stats {
     pub outbound_hbone: AtomicU64,
     pub outbound_passthrough: AtomicU64,
     pub outbound_failed: AtomicU64,
+    /// Tunnels to a service endpoint that could not be opened and were
+    /// tried again on another endpoint of the same service.
+    pub outbound_retried: AtomicU64,
+}
+
+/// Endpoints that refused a tunnel, skipped by service traffic until the
+/// config changes (a new model says what is really there).
+#[derive(Default)]
+pub struct Unavailable {
+    /// The model version the refusals were seen under, and the addresses.
+    seen: std::sync::Mutex<(usize, std::collections::HashSet<std::net::IpAddr>)>,
+}
+
+impl Unavailable {
+    fn version(model: &Arc<Model>) -> usize {
+        Arc::as_ptr(model) as usize
+    }
+
+    pub fn mark(&self, model: &Arc<Model>, ip: std::net::IpAddr) {
+        let mut seen = self.seen.lock().expect("poisoned");
+        if seen.0 != Self::version(model) {
+            *seen = (Self::version(model), Default::default());
+        }
+        seen.1.insert(ip);
+    }
+
+    pub fn contains(&self, model: &Arc<Model>, ip: &std::net::IpAddr) -> bool {
+        let seen = self.seen.lock().expect("poisoned");
+        seen.0 == Self::version(model) && seen.1.contains(ip)
+    }
 }
 
 pub struct Node {
@@ -44,4 +74,5 @@ pub struct Node {
     pub pool: Pool,
     pub pods: Pods,
     pub stats: Stats,
+    pub unavailable: Unavailable,
 }

@@ -16,13 +16,14 @@ use http::HeaderMap;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 use weft_proto::certs::wait_for_cert;
 use weft_proto::hbone::metadata::{self, PeerMetadata};
 use weft_proto::hbone::pool::{ConnectRequest, PoolKey};
 use weft_proto::hbone::{BAGGAGE, FORWARDED, HBONE_PORT};
 use weft_proto::hbone::{Transferred, copy_bidirectional};
 use weft_proto::identity::Identity;
+use weft_proto::model::{Model, Service, Workload};
 
 use crate::listen::accept_each;
 use crate::netns::{Netns, original_dst};
@@ -83,28 +84,108 @@ async fn captured(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) 
     relay(node, &src, &mut tcp, dst, result, started).await;
 }
 
-/// Routes `dst` and connects to it on `src`'s behalf.
+/// Tunnels tried per connection to a service: the first endpoint and up to
+/// two others, so a rollout's departed pods cost no failed connection.
+const SERVICE_ATTEMPTS: usize = 3;
+
+/// Why one destination could not be opened.
+enum OpenError {
+    /// Nothing took the connection (gone, unreachable, 503): no byte of the
+    /// client's was sent, so another endpoint of the service may be tried.
+    Unavailable(String),
+    /// An answer (policy, no certificate, passthrough denied): final.
+    Refused(String),
+}
+
+impl OpenError {
+    fn into_reason(self) -> String {
+        match self {
+            OpenError::Unavailable(r) | OpenError::Refused(r) => r,
+        }
+    }
+}
+
+/// Routes `dst` and connects to it on `src`'s behalf. A Service VIP is
+/// balanced over its endpoints, and an endpoint that cannot take the
+/// tunnel is skipped for another (bounded, counted); a pod IP dialled
+/// directly is that pod or nothing.
 pub async fn open(node: &Node, src: &Source<'_>, dst: SocketAddr) -> Result<Upstream, String> {
     let model = node.model.borrow().clone();
-    let (workload, port, service) = match model.service_by_vip(dst.ip()) {
-        Some(svc) => {
-            let port = svc
-                .target_port(dst.port())
-                .ok_or_else(|| format!("service {} has no port {}", svc.key, dst.port()))?;
-            let ep = svc
-                .pick()
-                .ok_or_else(|| format!("service {} has no ready endpoint", svc.key))?;
-            (ep.clone(), port, Some(svc.key.clone()))
-        }
-        None => match model.workload_by_ip(dst.ip()) {
-            Some(w) => (w.clone(), dst.port(), None),
-            None => return passthrough(node, src, dst).await,
-        },
+    let Some(svc) = model.service_by_vip(dst.ip()) else {
+        return match model.workload_by_ip(dst.ip()) {
+            Some(w) => open_workload(node, src, w, dst.port(), None)
+                .await
+                .map_err(OpenError::into_reason),
+            None => passthrough(node, src, dst)
+                .await
+                .map_err(OpenError::into_reason),
+        };
     };
+    let port = svc
+        .target_port(dst.port())
+        .ok_or_else(|| format!("service {} has no port {}", svc.key, dst.port()))?;
+    let mut last = format!("service {} has no ready endpoint", svc.key);
+    for attempt in 0..SERVICE_ATTEMPTS {
+        let Some(ep) = pick_available(node, &model, svc) else {
+            break;
+        };
+        if attempt > 0 {
+            node.stats.outbound_retried.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("weft_outbound_endpoint_retries_total").increment(1);
+        }
+        match open_workload(node, src, ep, port, Some(svc.key.clone())).await {
+            Ok(up) => return Ok(up),
+            Err(OpenError::Refused(reason)) => return Err(reason),
+            Err(OpenError::Unavailable(reason)) => {
+                warn!(
+                    service = svc.key,
+                    endpoint = ep.name,
+                    reason,
+                    "endpoint unavailable; trying another"
+                );
+                if let Some(ip) = ep.addresses.first() {
+                    node.unavailable.mark(&model, *ip);
+                }
+                last = reason;
+            }
+        }
+    }
+    Err(last)
+}
+
+/// The next endpoint in rotation that has not refused a tunnel under this
+/// config; when all have, the next one regardless (the marks may be stale).
+fn pick_available<'m>(
+    node: &Node,
+    model: &Arc<Model>,
+    svc: &'m Service,
+) -> Option<&'m Arc<Workload>> {
+    let first = svc.pick()?;
+    let usable = |w: &Arc<Workload>| {
+        w.addresses
+            .first()
+            .is_some_and(|ip| !node.unavailable.contains(model, ip))
+    };
+    if usable(first) {
+        return Some(first);
+    }
+    (1..svc.endpoints().len())
+        .filter_map(|_| svc.pick())
+        .find(|w| usable(w))
+        .or(Some(first))
+}
+
+async fn open_workload(
+    node: &Node,
+    src: &Source<'_>,
+    workload: &Arc<Workload>,
+    port: u16,
+    service: Option<String>,
+) -> Result<Upstream, OpenError> {
     let ip = *workload
         .addresses
         .first()
-        .ok_or("destination workload has no address")?;
+        .ok_or_else(|| OpenError::Refused("destination workload has no address".into()))?;
     let endpoint = SocketAddr::new(ip, port);
     if !workload.meshed {
         return passthrough(node, src, endpoint).await;
@@ -123,17 +204,17 @@ pub async fn open(node: &Node, src: &Source<'_>, dst: SocketAddr) -> Result<Upst
     })
 }
 
-async fn passthrough(node: &Node, src: &Source<'_>, to: SocketAddr) -> Result<Upstream, String> {
+async fn passthrough(node: &Node, src: &Source<'_>, to: SocketAddr) -> Result<Upstream, OpenError> {
     if node.deny_passthrough {
-        return Err(format!(
+        return Err(OpenError::Refused(format!(
             "{to} is outside the mesh and passthrough is denied"
-        ));
+        )));
     }
     let connected = match src.netns {
         Some(netns) => netns.connect(to).await,
         None => TcpStream::connect(to).await,
     };
-    let stream = connected.map_err(|e| format!("connect {to}: {e}"))?;
+    let stream = connected.map_err(|e| OpenError::Unavailable(format!("connect {to}: {e}")))?;
     node.stats
         .outbound_passthrough
         .fetch_add(1, Ordering::Relaxed);
@@ -149,12 +230,12 @@ async fn hbone(
     endpoint: SocketAddr,
     dst_identity: &Identity,
     service: Option<&str>,
-) -> Result<weft_proto::hbone::H2Stream, String> {
+) -> Result<weft_proto::hbone::H2Stream, OpenError> {
     // The first certificate may still be in flight: wait, bounded.
     let cert = node.certs.watch(src.identity);
     wait_for_cert(cert.clone(), src.identity, CERT_WAIT)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| OpenError::Refused(e.to_string()))?;
     let key = PoolKey {
         src: src.identity.clone(),
         dst: dst_identity.clone(),
@@ -179,11 +260,14 @@ async fn hbone(
         authority: endpoint,
         headers,
     };
-    let stream = node
-        .pool
-        .connect(&key, &cert, req)
-        .await
-        .map_err(|e| e.to_string())?;
+    let stream =
+        node.pool
+            .connect(&key, &cert, req)
+            .await
+            .map_err(|e| match e.endpoint_unavailable() {
+                true => OpenError::Unavailable(e.to_string()),
+                false => OpenError::Refused(e.to_string()),
+            })?;
     node.stats.outbound_hbone.fetch_add(1, Ordering::Relaxed);
     Ok(stream)
 }

@@ -55,6 +55,21 @@ pub enum HboneError {
     Request(String),
 }
 
+impl HboneError {
+    /// The destination could not take the tunnel at all (nothing listening,
+    /// no route, a handshake with someone else, 503 from its ztunnel): no
+    /// byte of the client's went anywhere, so another endpoint of the same
+    /// service may be tried. A policy refusal (401/403) or a bad request is
+    /// an answer, not an absence, and is never retried elsewhere.
+    pub fn endpoint_unavailable(&self) -> bool {
+        match self {
+            HboneError::Connect { .. } | HboneError::Tls { .. } | HboneError::Timeout(_) => true,
+            HboneError::Status(s) => *s == http::StatusCode::SERVICE_UNAVAILABLE,
+            _ => false,
+        }
+    }
+}
+
 /// HTTP/2 tuning shared by both ends. Windows are sized for bulk transfer,
 /// not HTTP defaults (64 KiB would cap a stream at window/RTT).
 #[derive(Debug, Clone)]

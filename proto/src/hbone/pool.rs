@@ -7,7 +7,8 @@
 //!   the first handshake instead of each opening their own.
 //! - A connection made under a source certificate that has since been renewed
 //!   takes no new streams (its open streams carry on), so new streams always
-//!   present the current certificate.
+//!   present the current certificate; nor does one whose own or peer
+//!   certificate chain has expired since its handshake.
 //! - Idle connections are closed after `idle_timeout`; keepalive pings close
 //!   connections to dead peers.
 
@@ -119,6 +120,10 @@ struct Conn {
     serial: String,
     /// The server's verified identity.
     peer: Identity,
+    /// When either side's certificate chain expires: no new stream after.
+    /// (The trust bundle travels with our certificate, so a new bundle
+    /// comes with a new serial and a new connection.)
+    expires: std::time::SystemTime,
     last_used: Mutex<Instant>,
 }
 
@@ -266,16 +271,18 @@ impl Pool {
                 .initial_connection_window_size(settings.connection_window)
                 .max_frame_size(settings.max_frame_size)
                 .max_header_list_size(16 * 1024);
-            let peer = tls::peer_identity(tls.get_ref().1.peer_certificates()).map_err(|e| {
-                HboneError::Tls {
-                    addr,
-                    reason: e.to_string(),
-                }
+            let presented = tls.get_ref().1.peer_certificates();
+            let peer = tls::peer_identity(presented).map_err(|e| HboneError::Tls {
+                addr,
+                reason: e.to_string(),
             })?;
+            let expires = tls::chain_not_after(presented)
+                .unwrap_or(std::time::UNIX_EPOCH)
+                .min(cert.not_after());
             let (sender, connection) = builder.handshake::<_, Bytes>(tls).await?;
-            Ok::<_, HboneError>((sender, connection, peer))
+            Ok::<_, HboneError>((sender, connection, (peer, expires)))
         };
-        let (sender, mut connection, peer) =
+        let (sender, mut connection, (peer, expires)) =
             tokio::time::timeout(settings.handshake_timeout, handshake)
                 .await
                 .map_err(|_| HboneError::Timeout("HBONE connection setup"))??;
@@ -306,6 +313,7 @@ impl Pool {
             closed,
             serial: cert.serial().to_owned(),
             peer,
+            expires,
             last_used: Mutex::new(Instant::now()),
         })
     }
@@ -313,12 +321,13 @@ impl Pool {
 
 impl KeyConns {
     /// Takes a stream slot on a live connection made with the current
-    /// certificate, if one has room.
+    /// certificate, neither side's certificate expired, if one has room.
     fn reserve(&self, limit: usize, serial: &str) -> Option<Arc<Conn>> {
         let mut conns = self.conns.lock().expect("poisoned");
         conns.retain(|c| !c.closed.load(Ordering::Acquire));
+        let now = std::time::SystemTime::now();
         conns.iter().find_map(|c| {
-            if c.serial != serial {
+            if c.serial != serial || now >= c.expires {
                 return None;
             }
             c.active

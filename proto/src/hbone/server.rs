@@ -16,7 +16,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, info, info_span};
 
 use super::{H2Settings, H2Stream, HboneError, keepalive};
 use crate::identity::Identity;
@@ -174,6 +174,12 @@ async fn serve_connection<H: Handler>(
         },
         Err(e) => return handshake_failed(&stats, &e.to_string()),
     };
+    // The peer's chain was checked once, at the handshake: the connection
+    // takes no stream past its earliest expiry.
+    let expires = tls::chain_not_after(tls.get_ref().1.peer_certificates())
+        .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
+        .unwrap_or_default();
+    let expiry = tokio::time::sleep(expires);
     // Phase 2: HTTP/2 preface and settings.
     let mut builder = h2::server::Builder::new();
     builder
@@ -190,8 +196,9 @@ async fn serve_connection<H: Handler>(
     };
     debug!(src.identity = %peer.identity, "HBONE connection established");
     let ka = keepalive(conn.ping_pong(), &settings);
-    tokio::pin!(ka);
+    tokio::pin!(ka, expiry);
     let mut draining = false;
+    let mut expired = false;
     // Phase 3: streams. The connection must keep being polled for any stream
     // to make progress, so this loop runs until the last stream ends.
     loop {
@@ -211,6 +218,16 @@ async fn serve_connection<H: Handler>(
             _ = shutdown.cancelled(), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
+            }
+            // GOAWAY: no new stream, and pings no longer keep it open.
+            _ = &mut expiry, if !expired => {
+                expired = true;
+                metrics::counter!("weft_hbone_expired_peer_connections_total").increment(1);
+                info!(src.identity = %peer.identity, "peer certificate expired; GOAWAY, no new streams");
+                if !draining {
+                    draining = true;
+                    conn.graceful_shutdown();
+                }
             }
         }
     }

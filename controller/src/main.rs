@@ -78,6 +78,11 @@ struct Args {
     /// Log lines as text or json.
     #[arg(long, default_value = "text")]
     log_format: weft_proto::process::LogFormat,
+    /// Offer and accept only the post-quantum hybrid key exchange
+    /// (X25519MLKEM768) on every TLS connection; peers without it fail.
+    /// Default: X25519MLKEM768 first, X25519 as the fallback.
+    #[arg(long, env = "WEFT_PQ_ONLY")]
+    pq_only: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -107,6 +112,10 @@ fn parse_placement(s: &str) -> Result<(String, Identity), String> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     weft_proto::process::init_logging(args.log_format);
+    if args.pq_only {
+        weft_proto::tls::require_post_quantum();
+        tracing::info!("TLS key exchange: X25519MLKEM768 only");
+    }
     let bound = app::build(Config {
         data_dir: args.data_dir.clone(),
         trust_domain: args.trust_domain,

@@ -76,10 +76,10 @@ fn kubeconfig_and_context_flags() {
     assert!(!err.contains('\x1b'), "no colour into a pipe: {err:?}");
 }
 
-/// Logs into a pipe carry no colour codes; a certificate issued over gRPC
-/// is counted once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plain_logs_and_one_count_per_certificate() {
+/// A running controller on loopback, its data dir, and its "controller
+/// ready" log line (the addresses it bound), waited for (bounded); every
+/// log line is checked for colour codes on the way.
+async fn spawn_controller(extra: &[&str]) -> (Running, tempfile::TempDir, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let web = "spiffe://cluster.local/ns/default/sa/web";
@@ -89,6 +89,7 @@ async fn plain_logs_and_one_count_per_certificate() {
             .args(["--grpc-addr", "127.0.0.1:0", "--rest-addr", "127.0.0.1:0"])
             .args(["--metrics-addr", "127.0.0.1:0", "--node", "a"])
             .args(["--place", &format!("a={web}")])
+            .args(extra)
             .env_remove("NO_COLOR")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -123,23 +124,36 @@ async fn plain_logs_and_one_count_per_certificate() {
         .find(|l| l.contains("controller ready"))
         .expect("ready line")
         .clone();
-    let field = |name: &str| -> std::net::SocketAddr {
-        let at = ready.find(&format!("{name}=")).expect("field") + name.len() + 1;
-        ready[at..]
-            .split_whitespace()
-            .next()
-            .expect("value")
-            .parse()
-            .expect("addr")
-    };
-    let (grpc, metrics) = (field("grpc"), field("metrics"));
+    (child, dir, ready)
+}
+
+/// An address from the ready line, by field name.
+fn field(ready: &str, name: &str) -> std::net::SocketAddr {
+    let at = ready.find(&format!("{name}=")).expect("field") + name.len() + 1;
+    ready[at..]
+        .split_whitespace()
+        .next()
+        .expect("value")
+        .parse()
+        .expect("addr")
+}
+
+/// Logs into a pipe carry no colour codes; a certificate issued over gRPC
+/// is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_logs_and_one_count_per_certificate() {
+    let (_child, dir, ready) = spawn_controller(&[]).await;
+    let data = dir.path().join("data");
+    let (grpc, metrics) = (field(&ready, "grpc"), field(&ready, "metrics"));
 
     let roots = std::fs::read_to_string(data.join("ca/root-cert.pem")).expect("root");
     let roots = Arc::new(weft_proto::tls::TrustBundle::from_pem(&roots).expect("root"));
     let token = std::fs::read_to_string(data.join("nodes/a.token")).expect("token");
     let controller = weft_proto::identity::controller("cluster.local").expect("id");
     let ca = weft_proto::certs::GrpcCaClient::new(grpc, roots, controller, &token);
-    let id: weft_proto::Identity = web.parse().expect("id");
+    let id: weft_proto::Identity = "spiffe://cluster.local/ns/default/sa/web"
+        .parse()
+        .expect("id");
     let (csr, _) = weft_proto::certs::make_csr(&id).expect("csr");
     use weft_proto::certs::CaClient;
     ca.sign(csr, &id, Duration::from_secs(3600))
@@ -167,4 +181,44 @@ async fn plain_logs_and_one_count_per_certificate() {
         issued, "weft_controller_certificates_issued_total 2",
         "{scrape}"
     );
+}
+
+/// `--pq-only`: a peer offering only X25519 is refused; one offering the
+/// hybrid is met.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pq_only_refuses_classical_key_exchange() {
+    use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+    let (_child, dir, ready) = spawn_controller(&["--pq-only"]).await;
+    let grpc = field(&ready, "grpc");
+    let root = std::fs::read_to_string(dir.path().join("data/ca/root-cert.pem")).expect("root");
+    let mut roots = rustls::RootCertStore::empty();
+    for r in weft_proto::tls::certs_from_pem(&root).expect("root") {
+        roots.add(r).expect("root");
+    }
+    let dial = |group: &'static dyn rustls::crypto::SupportedKxGroup| {
+        let provider = rustls::crypto::CryptoProvider {
+            kx_groups: vec![group],
+            ..default_provider()
+        };
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls13")
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(grpc).await.expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .map(drop)
+        }
+    };
+    assert!(
+        dial(kx_group::X25519).await.is_err(),
+        "X25519 alone is refused"
+    );
+    dial(kx_group::X25519MLKEM768)
+        .await
+        .expect("the hybrid is met");
 }

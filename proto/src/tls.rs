@@ -33,12 +33,33 @@ use crate::identity::{Identity, IdentityError};
 /// ALPN for HBONE and gRPC alike.
 pub const ALPN_H2: &[u8] = b"h2";
 
-/// The crypto provider every weft config uses (ring: small and fast to build).
+static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+
+/// The crypto provider every weft config uses: aws-lc-rs, offering the
+/// post-quantum hybrid X25519MLKEM768 first and X25519 as the fallback
+/// (a peer that offers only the hybrid, or only X25519, is met).
 pub fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
     PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .get_or_init(|| Arc::new(build_provider(false)))
         .clone()
+}
+
+/// Offer and accept X25519MLKEM768 only (`--pq-only`): a peer without it
+/// fails the handshake. Must be called before any TLS config is made;
+/// false if one already was.
+pub fn require_post_quantum() -> bool {
+    PROVIDER.set(Arc::new(build_provider(true))).is_ok()
+}
+
+fn build_provider(pq_only: bool) -> CryptoProvider {
+    use rustls::crypto::aws_lc_rs::{self, kx_group};
+    let mut p = aws_lc_rs::default_provider();
+    p.kx_groups = if pq_only {
+        vec![kx_group::X25519MLKEM768]
+    } else {
+        vec![kx_group::X25519MLKEM768, kx_group::X25519]
+    };
+    p
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -305,7 +326,7 @@ pub fn server_config(cert: CertWatch, client_auth: ClientAuth) -> Arc<ServerConf
     });
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("ring provider supports TLS 1.3")
+        .expect("aws-lc-rs provider supports TLS 1.3")
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(Resolver(cert)));
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
@@ -343,7 +364,7 @@ fn client_config_for(
     });
     let builder = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("ring provider supports TLS 1.3")
+        .expect("aws-lc-rs provider supports TLS 1.3")
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut config = match cert {

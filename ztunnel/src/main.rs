@@ -56,12 +56,21 @@ struct Args {
     /// Log lines (including the per-connection access log) as text or json.
     #[arg(long, default_value = "text")]
     log_format: weft_proto::process::LogFormat,
+    /// Offer and accept only the post-quantum hybrid key exchange
+    /// (X25519MLKEM768) on every TLS connection; peers without it fail.
+    /// Default: X25519MLKEM768 first, X25519 as the fallback.
+    #[arg(long, env = "WEFT_PQ_ONLY")]
+    pq_only: bool,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     weft_proto::process::init_logging(a.log_format);
+    if a.pq_only {
+        weft_proto::tls::require_post_quantum();
+        tracing::info!("TLS key exchange: X25519MLKEM768 only");
+    }
     // HOST:PORT, a name in a cluster (weft-controller.weft-system.svc:15012);
     // resolved once at start, as the Service's address is stable.
     let controller = tokio::net::lookup_host(&a.controller)

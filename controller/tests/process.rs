@@ -99,12 +99,14 @@ async fn spawn_controller(extra: &[&str]) -> (Running, tempfile::TempDir, String
     );
     let stderr = child.0.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
+    // Drained to the end: a closed pipe would fail the controller's writes.
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
+            if std::env::var_os("WEFT_TEST_LOG").is_some() {
+                eprintln!("controller: {line}");
             }
+            let _ = tx.send(line);
         }
     });
     // Nodes are registered after the controller is ready: wait for both.
@@ -221,4 +223,47 @@ async fn pq_only_refuses_classical_key_exchange() {
     dial(kx_group::X25519MLKEM768)
         .await
         .expect("the hybrid is met");
+}
+
+/// A log pipe that closes (a log shipper restarting) must not take the
+/// controller down: lines are lost, requests are still served.
+#[test]
+fn a_closed_log_pipe_loses_lines_not_the_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut child = Running(
+        Command::new(BIN)
+            .args(["--data-dir", data.to_str().expect("utf-8")])
+            .args(["--grpc-addr", "127.0.0.1:0", "--rest-addr", "127.0.0.1:0"])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn weft-controller"),
+    );
+    let mut lines = BufReader::new(child.0.stderr.take().expect("stderr")).lines();
+    let ready = loop {
+        let line = lines.next().expect("a ready line").expect("utf-8");
+        if line.contains("controller ready") {
+            break line;
+        }
+    };
+    drop(lines); // the reading end closes
+    let rest = field(&ready, "rest");
+    for _ in 0..3 {
+        // Each refused request writes a log line into the closed pipe.
+        let mut s = std::net::TcpStream::connect(rest).expect("REST still listening");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s.write_all(b"GET /api/v1/workloads HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+    }
+    assert!(
+        child.0.try_wait().expect("wait").is_none(),
+        "the controller exited"
+    );
 }

@@ -141,3 +141,69 @@ async fn topology_is_removed_when_a_test_panics() {
         assert!(!left.contains(&ns), "{ns} left behind after a panic");
     }
 }
+
+/// Enrolled state follows the pods, not the ztunnel's memory: concurrent
+/// identical ADDs all succeed (ADD is idempotent), and a pod deleted while
+/// the ztunnel is down does not come back after its restart, though its
+/// network namespace still exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_adds_and_deletes_while_away() {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces and nftables (CI runs as root)");
+        return;
+    }
+    let mut topo = Topology::new();
+    let mesh = Mesh::start().await;
+    let node = topo.node("c", "10.244.8.0/24").expect("topology");
+    let web = topo.pod(&node, "web").expect("topology");
+    let api = topo.pod(&node, "api").expect("topology");
+    let yaml = format!(
+        "workloads:\n  - {{name: web, serviceAccount: web, node: c, addresses: [{}]}}\n  - {{name: api, serviceAccount: api, node: c, addresses: [{}]}}\n",
+        web.ip, api.ip
+    );
+    let dir = topo.dir.path().join("zt");
+    let zt = mesh
+        .ztunnel("c", &yaml, &dir, ZtunnelOptions::default())
+        .await;
+    let socket = zt.enroll_socket.clone();
+    // Eight runtimes' worth of the same ADD at once, each on its own thread.
+    let env = Env {
+        command: "ADD".into(),
+        container_id: "ctr-web".into(),
+        netns: web.path.display().to_string(),
+        args: "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web;K8S_POD_UID=uid-web".into(),
+    };
+    let stdin = conf(&socket, &web.cni_result);
+    let adds: Vec<_> = (0..8)
+        .map(|_| {
+            let (env, stdin) = (env.clone(), stdin.clone());
+            tokio::task::spawn_blocking(move || cni::run(&env, &stdin))
+        })
+        .collect();
+    for add in adds {
+        add.await
+            .expect("plugin thread")
+            .unwrap_or_else(|(_, e)| panic!("an identical ADD failed: {e}"));
+    }
+    weft_cni("ADD", &api, &socket).await.expect("ADD api");
+    assert!(captured(&web) && captured(&api));
+
+    // The ztunnel goes away; web is deleted meanwhile; its namespace lingers.
+    zt.shutdown().await;
+    weft_cni("DEL", &web, &socket)
+        .await
+        .expect("DEL succeeds with the ztunnel away");
+    let zt = mesh
+        .ztunnel("c", &yaml, &dir, ZtunnelOptions::default())
+        .await;
+    weft_integration::eventually("api restored", || zt.node.pods.get("uid-api").is_some()).await;
+    assert!(
+        zt.node.pods.get("uid-web").is_none(),
+        "a deleted pod came back"
+    );
+    assert!(!captured(&web), "the deleted pod's capture left behind");
+    weft_cni("CHECK", &api, &socket)
+        .await
+        .expect("api enrolled");
+    zt.shutdown().await;
+}

@@ -560,3 +560,86 @@ async fn expired_certificates_end_their_connections() {
         "a connection whose peer certificate expired takes no new stream"
     );
 }
+
+/// A handler that never answers: it either waits for the client to reset
+/// the stream (and counts it abandoned) or, with `ignore_resets`, holds the
+/// stream forever.
+#[derive(Default)]
+struct Stall {
+    ignore_resets: bool,
+    started: std::sync::atomic::AtomicUsize,
+    abandoned: std::sync::atomic::AtomicUsize,
+}
+
+impl weft_proto::hbone::server::Handler for Stall {
+    async fn handle(&self, mut c: weft_proto::hbone::server::InboundConnect) {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        if self.ignore_resets {
+            std::future::pending::<()>().await;
+        }
+        c.reset().await;
+        self.abandoned.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A paced rapid-reset client: each CONNECT is reset once the server has
+/// taken it. Reset streams are abandoned by the handler; a handler that
+/// ignores resets holds at most `max_pending_streams` of them per
+/// connection, and the rest are refused.
+#[tokio::test]
+async fn rapid_reset_streams_are_abandoned_and_bounded() {
+    let Pair { node, web, api, .. } = Pair::start().await;
+    let settings = weft_proto::hbone::H2Settings::default();
+    let bound = settings.max_pending_streams;
+    let rounds = bound + 72;
+    for ignore_resets in [false, true] {
+        let handler = Stall {
+            ignore_resets,
+            ..Stall::default()
+        };
+        let server = HboneServer::start(node.cert(&api).await, handler, settings.clone()).await;
+        let cert = node.cert(&web).await;
+        let config = weft_proto::tls::client_config(
+            Some(cert.clone()),
+            weft_proto::tls::Trust::OwnCert(cert),
+            vec![api.clone()],
+        );
+        let tcp = TcpStream::connect(server.addr).await.expect("connect");
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(weft_proto::tls::server_name(), tcp)
+            .await
+            .expect("mTLS");
+        let (mut h2, conn) = h2::client::handshake(tls).await.expect("h2");
+        tokio::spawn(conn);
+        let taken = || {
+            server.handler.started.load(Ordering::SeqCst) as u64
+                + server.stats.refused_pending.load(Ordering::Relaxed)
+        };
+        for i in 0..rounds {
+            h2 = h2.ready().await.expect("connection open");
+            let connect = http::Request::builder()
+                .method("CONNECT")
+                .uri("10.0.0.1:80")
+                .body(())
+                .expect("req");
+            let (_resp, mut send) = h2.send_request(connect, false).expect("send");
+            eventually("the server took the stream", || taken() > i as u64).await;
+            send.send_reset(h2::Reason::CANCEL);
+        }
+        let started = server.handler.started.load(Ordering::SeqCst);
+        if ignore_resets {
+            assert_eq!(started, bound, "pending streams held per connection");
+            assert_eq!(
+                server.stats.refused_pending.load(Ordering::Relaxed),
+                (rounds - bound) as u64
+            );
+        } else {
+            assert_eq!(started, rounds);
+            eventually("every reset stream abandoned", || {
+                server.handler.abandoned.load(Ordering::SeqCst) == rounds
+            })
+            .await;
+            assert_eq!(server.stats.refused_pending.load(Ordering::Relaxed), 0);
+        }
+    }
+}

@@ -219,7 +219,14 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         hbone_stats.clone(),
         shutdown.clone(),
     ));
-    enroller.restore(load_persisted(&enroller.state_file)).await;
+    let config_in = config_ready.load(std::sync::atomic::Ordering::Acquire);
+    enroller
+        .restore(
+            load_persisted(&enroller.state_file),
+            &enroll::tombstones(&config.enroll_socket),
+            config_in,
+        )
+        .await;
     let socket = enroll::listen(&config.enroll_socket).map_err(|source| BuildError::Socket {
         path: config.enroll_socket.clone(),
         reason: source,

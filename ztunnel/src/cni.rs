@@ -127,12 +127,17 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<String, (String, CniError)> {
         "DEL" => {
             // DEL must succeed when things are already gone, and must not
             // block pod deletion when the ztunnel is down.
+            // A ztunnel that cannot be told finds a tombstone when it
+            // restores, and does not bring the pod back.
             if let Ok((_, _, uid)) = pod_args(&args, env) {
-                let _ = send(
+                let told = send(
                     &socket,
                     &json!({"op": "remove", "uid": uid}).to_string(),
                     timeout,
                 );
+                if told.is_err() {
+                    leave_tombstone(&socket, &uid);
+                }
             }
             Ok(String::new())
         }
@@ -151,6 +156,17 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<String, (String, CniError)> {
             "unknown CNI_COMMAND",
             other,
         ))),
+    }
+}
+
+/// Best effort: DEL succeeds whatever happens here.
+fn leave_tombstone(socket: &std::path::Path, uid: &str) {
+    let Some(name) = crate::enroll::tombstone_name(uid) else {
+        return;
+    };
+    let dir = crate::enroll::tombstones(socket);
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let _ = std::fs::write(dir.join(name), b"");
     }
 }
 
@@ -268,5 +284,26 @@ mod tests {
             ..Env::default()
         };
         assert_eq!(run(&del, conf).expect("DEL succeeds"), "");
+    }
+
+    #[test]
+    fn del_while_the_ztunnel_is_away_leaves_a_tombstone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("ztunnel.sock");
+        let conf = json!({"cniVersion": "1.0.0", "socket": socket}).to_string();
+        let del = |uid: &str| Env {
+            command: "DEL".into(),
+            args: format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME=web;K8S_POD_UID={uid}"),
+            ..Env::default()
+        };
+        let uid = "0b7e5c1a-3f4d-4c2e-9a61-2f1d8e7c6b5a";
+        assert_eq!(run(&del(uid), conf.as_bytes()).expect("DEL succeeds"), "");
+        assert!(dir.path().join("deleted").join(uid).exists());
+        // A UID that could name another path leaves nothing.
+        assert_eq!(run(&del("../../etc"), conf.as_bytes()).expect("DEL"), "");
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("deleted"))
+            .expect("dir")
+            .collect();
+        assert_eq!(left.len(), 1);
     }
 }

@@ -75,6 +75,26 @@ pub struct Enroller {
     /// Restored pods still being retried; persisted with the enrolled ones so
     /// a second restart does not forget them.
     pending: Mutex<Vec<PodSpec>>,
+    /// One lock per pod: concurrent requests for the same pod (a runtime
+    /// retrying ADD) are taken one after the other, so ADD stays idempotent.
+    locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Where `weft-cni` records a pod deleted while the ztunnel could not be
+/// told: beside the enrollment socket, one empty file per pod UID.
+pub fn tombstones(socket: &Path) -> PathBuf {
+    socket.with_file_name("deleted")
+}
+
+/// A UID that can name a file: the UUIDs and container IDs runtimes use.
+pub fn tombstone_name(uid: &str) -> Option<&str> {
+    let ok = !uid.is_empty()
+        && uid.len() <= 128
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && uid != "-";
+    ok.then_some(uid)
 }
 
 impl Enroller {
@@ -91,11 +111,39 @@ impl Enroller {
             shutdown,
             tasks: TaskTracker::new(),
             pending: Mutex::new(Vec::new()),
+            locks: Mutex::new(Default::default()),
         }
     }
 
-    /// Captures the pod's traffic and opens its listeners. Idempotent.
+    /// The pod's lock, made on first use; dropped with the pod.
+    fn lock_for(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().expect("poisoned");
+        locks.entry(uid.to_owned()).or_default().clone()
+    }
+
+    /// Captures the pod's traffic and opens its listeners. Idempotent, also
+    /// under concurrent identical requests.
     pub async fn add(&self, spec: PodSpec) -> Result<(), EnrollError> {
+        let lock = self.lock_for(&spec.uid);
+        let _held = lock.lock().await;
+        self.add_locked(spec).await
+    }
+
+    /// Closes the pod's listeners and deletes its capture table.
+    pub async fn remove(&self, uid: &str) -> Result<(), EnrollError> {
+        let lock = self.lock_for(uid);
+        let held = lock.lock().await;
+        let result = self.remove_locked(uid).await;
+        drop(held);
+        let mut locks = self.locks.lock().expect("poisoned");
+        // Forget the lock unless another request for this pod holds or waits on it.
+        if locks.get(uid).is_some_and(|l| Arc::strong_count(l) <= 2) {
+            locks.remove(uid);
+        }
+        result
+    }
+
+    async fn add_locked(&self, spec: PodSpec) -> Result<(), EnrollError> {
         if self
             .node
             .pods
@@ -104,7 +152,7 @@ impl Enroller {
         {
             return Ok(());
         }
-        self.remove(&spec.uid).await?;
+        self.remove_locked(&spec.uid).await?;
         let key = format!("{}/{}", spec.namespace, spec.name);
         let workload = self
             .node
@@ -180,8 +228,7 @@ impl Enroller {
         Ok(())
     }
 
-    /// Closes the pod's listeners and deletes its capture table.
-    pub async fn remove(&self, uid: &str) -> Result<(), EnrollError> {
+    async fn remove_locked(&self, uid: &str) -> Result<(), EnrollError> {
         self.pending
             .lock()
             .expect("poisoned")
@@ -198,19 +245,54 @@ impl Enroller {
         Ok(result?)
     }
 
-    /// Re-enrolls what a previous run had. A pod whose namespace is gone was
-    /// deleted while we were down and is dropped; any other failure is
-    /// retried in the background, and the pod stays in the persisted set.
-    pub async fn restore(self: &Arc<Self>, specs: Vec<PodSpec>) {
+    /// Re-enrolls what a previous run had. A pod deleted while we were down
+    /// is dropped: its namespace is gone, `weft-cni` left a tombstone for it
+    /// in `tombstones`, or a config that has arrived no longer lists it. Any
+    /// other failure is retried in the background, and the pod stays in
+    /// the persisted set.
+    pub async fn restore(
+        self: &Arc<Self>,
+        specs: Vec<PodSpec>,
+        tombstones: &Path,
+        config_in: bool,
+    ) {
         for spec in specs {
-            if !spec.netns.exists() {
-                warn!(uid = spec.uid, netns = %spec.netns.display(), "pod namespace gone; dropping it");
+            let deleted = tombstone_name(&spec.uid).is_some_and(|n| tombstones.join(n).exists());
+            let unlisted = config_in
+                && self
+                    .node
+                    .model
+                    .borrow()
+                    .workload(&spec.namespace, &spec.name)
+                    .is_none();
+            let why = if !spec.netns.exists() {
+                "its namespace is gone"
+            } else if deleted {
+                "it was deleted while the ztunnel was away"
+            } else if unlisted {
+                "the config no longer lists it"
+            } else {
+                ""
+            };
+            if !why.is_empty() {
+                warn!(uid = spec.uid, netns = %spec.netns.display(), reason = why, "not restoring pod");
+                if spec.netns.exists()
+                    && let Ok(netns) = Netns::open(&spec.netns)
+                {
+                    let _ = capture::remove(&netns).await; // leave its namespace clean
+                }
                 continue;
             }
             if let Err(e) = self.add(spec.clone()).await {
                 warn!(uid = spec.uid, error = %e, "could not restore pod yet; retrying");
                 self.pending.lock().expect("poisoned").push(spec.clone());
                 tokio::spawn(self.clone().retry(spec));
+            }
+        }
+        // Every tombstone has done its work: the persisted set now knows.
+        if let Ok(dir) = std::fs::read_dir(tombstones) {
+            for entry in dir.flatten() {
+                let _ = std::fs::remove_file(entry.path());
             }
         }
         self.persist();

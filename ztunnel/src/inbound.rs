@@ -30,7 +30,7 @@ pub struct Inbound {
 }
 
 impl Handler for Inbound {
-    async fn handle(&self, c: InboundConnect) {
+    async fn handle(&self, mut c: InboundConnect) {
         let started = Instant::now();
         // Phase 1, before the 200: every refusal is an HTTP status.
         // An HBONE listener is never a relay: only this pod's addresses,
@@ -54,7 +54,18 @@ impl Handler for Inbound {
                 .fetch_add(1, Ordering::Relaxed);
             return self.refuse(c, StatusCode::FORBIDDEN, &reason, started);
         }
-        let mut app = match self.pod.netns.connect(c.authority).await {
+        // A client that resets the stream meanwhile (rapid reset) takes the
+        // connect with it: nothing is opened for a stream no one wants.
+        let connected = tokio::select! {
+            app = self.pod.netns.connect(c.authority) => app,
+            reason = c.reset() => {
+                metrics::counter!("weft_hbone_abandoned_connects_total").increment(1);
+                let reason = format!("stream reset by the client ({reason:?}) before the application answered");
+                access_log(&self.pod, Some(&c.peer), c.peer_addr, c.authority, (0, 0), started, &reason);
+                return;
+            }
+        };
+        let mut app = match connected {
             Ok(app) => app,
             Err(e) => {
                 let reason = format!("application unreachable: {e}");

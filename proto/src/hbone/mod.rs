@@ -79,6 +79,11 @@ pub struct H2Settings {
     pub max_frame_size: u32,
     /// Streams allowed per connection by the server side.
     pub max_concurrent_streams: u32,
+    /// Streams per connection not yet answered (the handler still deciding
+    /// or connecting): a client that resets streams as fast as it opens
+    /// them (rapid reset) frees HTTP/2's slots, not these. Past the bound a
+    /// new stream is refused with REFUSED_STREAM.
+    pub max_pending_streams: usize,
     /// Ping interval; a peer that does not answer within `keepalive_timeout`
     /// is declared dead and its connection closed. `None` disables pings.
     pub keepalive_interval: Option<Duration>,
@@ -94,6 +99,7 @@ impl Default for H2Settings {
             connection_window: 16 * 1024 * 1024,
             max_frame_size: 256 * 1024,
             max_concurrent_streams: 1000,
+            max_pending_streams: 128,
             keepalive_interval: Some(Duration::from_secs(10)),
             keepalive_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),

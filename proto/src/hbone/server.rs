@@ -37,6 +37,8 @@ pub struct InboundConnect {
     pub headers: HeaderMap,
     respond: SendResponse<Bytes>,
     body: h2::RecvStream,
+    /// A pending-stream slot of its connection, given back with the answer.
+    _pending: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl InboundConnect {
@@ -55,6 +57,15 @@ impl InboundConnect {
         *resp.headers_mut() = headers;
         let send = self.respond.send_response(resp, false)?;
         Ok(H2Stream::new(send, self.body, Some(self.peer), None))
+    }
+
+    /// Resolves when the client resets the stream before it was answered:
+    /// whatever the handler was preparing (an application connect) is
+    /// abandoned.
+    pub async fn reset(&mut self) -> h2::Reason {
+        std::future::poll_fn(|cx| self.respond.poll_reset(cx))
+            .await
+            .unwrap_or(h2::Reason::CANCEL)
     }
 
     /// Refuses the tunnel: `401/403` denied by policy, `400` a bad request,
@@ -85,6 +96,8 @@ pub struct ServerStats {
     pub streams: AtomicU64,
     /// Streams refused by the server itself (not CONNECT, bad authority).
     pub bad_requests: AtomicU64,
+    /// Streams refused because their connection had too many unanswered.
+    pub refused_pending: AtomicU64,
 }
 
 struct PeerCert {
@@ -196,6 +209,7 @@ async fn serve_connection<H: Handler>(
     };
     debug!(src.identity = %peer.identity, "HBONE connection established");
     let ka = keepalive(conn.ping_pong(), &settings);
+    let pending = Arc::new(tokio::sync::Semaphore::new(settings.max_pending_streams));
     tokio::pin!(ka, expiry);
     let mut draining = false;
     let mut expired = false;
@@ -204,9 +218,16 @@ async fn serve_connection<H: Handler>(
     loop {
         tokio::select! {
             req = conn.accept() => match req {
-                Some(Ok((req, respond))) => {
+                Some(Ok((req, mut respond))) => {
                     stats.streams.fetch_add(1, Ordering::Relaxed);
-                    dispatch(&handler, &stats, req, respond, &peer, peer_addr, local_addr);
+                    let Ok(slot) = pending.clone().try_acquire_owned() else {
+                        stats.refused_pending.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("weft_hbone_refused_pending_streams_total").increment(1);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    };
+                    let from = (peer_addr, local_addr);
+                    dispatch(&handler, &stats, (req, respond, slot), &peer, from);
                 }
                 Some(Err(e)) => return protocol_failed(&stats, &e.to_string()),
                 None => return,
@@ -233,14 +254,18 @@ async fn serve_connection<H: Handler>(
     }
 }
 
+type Stream = (
+    Request<h2::RecvStream>,
+    SendResponse<Bytes>,
+    tokio::sync::OwnedSemaphorePermit,
+);
+
 fn dispatch<H: Handler>(
     handler: &Arc<H>,
     stats: &ServerStats,
-    req: Request<h2::RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    (req, mut respond, slot): Stream,
     peer: &PeerCert,
-    peer_addr: SocketAddr,
-    local_addr: SocketAddr,
+    (peer_addr, local_addr): (SocketAddr, SocketAddr),
 ) {
     let authority = if req.method() != Method::CONNECT {
         Err(StatusCode::METHOD_NOT_ALLOWED)
@@ -273,6 +298,7 @@ fn dispatch<H: Handler>(
         headers: parts.headers,
         respond,
         body,
+        _pending: slot,
     };
     let handler = handler.clone();
     let span = info_span!("stream", dst.addr = %authority, src.identity = %peer.identity);

@@ -236,9 +236,16 @@ impl XdsService {
             proxies,
             shutdown,
         })
-        .max_decoding_message_size(1024 * 1024)
+        // A resubscribing proxy lists every resource it holds with its
+        // version (~40 bytes each): 50,000 workloads is ~2 MB. Bounded, and
+        // only read after the node token was checked.
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 }
+
+/// The largest config-stream request read: room for the initial versions
+/// of a 1,000,000-resource mesh.
+const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for XdsService {

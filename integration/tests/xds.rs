@@ -280,3 +280,51 @@ async fn foreign_and_malformed_requests_get_a_named_error() {
     assert_eq!(code, "3", "INVALID_ARGUMENT, not OK: {msg}");
     assert!(msg.contains("malformed"), "{msg}");
 }
+
+/// A proxy resubscribing after a reconnect lists everything it holds: at
+/// 50,000 workloads that request is ~2 MB, and must be read, not refused.
+#[tokio::test]
+async fn a_large_mesh_resubscription_is_read() {
+    use weft_proto::pb::xds::DeltaDiscoveryRequest;
+    use weft_proto::pb::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let mesh = Mesh::start().await;
+    let node = mesh.node("a");
+    let have: std::collections::HashMap<String, String> = (0..50_000)
+        .map(|i| (format!("ns{}/w{i}", i % 50), format!("{:016x}", i * 7919)))
+        .collect();
+    let subscribe = DeltaDiscoveryRequest {
+        type_url: WORKLOAD.into(),
+        initial_resource_versions: have,
+        ..Default::default()
+    };
+    let config = weft_proto::tls::controller_client_config(
+        weft_proto::tls::Trust::Static(mesh.roots()),
+        mesh.controller.identity.clone(),
+    );
+    let channel = weft_proto::grpc::tls_channel(mesh.controller.grpc_addr, config);
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(subscribe).await.expect("queued");
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", node.token.trim())
+            .parse()
+            .expect("header"),
+    );
+    let first = async {
+        let mut responses = AggregatedDiscoveryServiceClient::new(channel)
+            .delta_aggregated_resources(request)
+            .await?
+            .into_inner();
+        responses.message().await
+    };
+    let resp = tokio::time::timeout(Duration::from_secs(20), first)
+        .await
+        .expect("answered")
+        .expect("the resubscription is read, not refused")
+        .expect("a response");
+    assert_eq!(resp.type_url, WORKLOAD);
+    // What the proxy holds and the mesh does not is removed, by name.
+    assert_eq!(resp.removed_resources.len(), 50_000);
+    drop(tx);
+}

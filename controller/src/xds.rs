@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -221,7 +221,17 @@ pub struct XdsService {
     proxies: Proxies,
     /// Streams never end by themselves; shutdown ends them.
     shutdown: CancellationToken,
+    sync_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Proxies whose first sync (subscriptions read, the whole config encoded,
+/// sent and ACKed) runs at once. A first sync holds the mesh's size in
+/// flight (~20 MB at 50,000 workloads: the request's versions, the response
+/// and its encoding), so a mass reconnect of 1,000 proxies costs this many
+/// of those, not 1,000; the rest wait their turn, serving their last config.
+pub const FIRST_SYNCS_AT_ONCE: usize = 8;
+/// A slot is given back after this even if the proxy never ACKs.
+const FIRST_SYNC_HOLD: Duration = Duration::from_secs(30);
 
 impl XdsService {
     pub fn new(
@@ -235,6 +245,7 @@ impl XdsService {
             nodes,
             proxies,
             shutdown,
+            sync_slots: Arc::new(tokio::sync::Semaphore::new(FIRST_SYNCS_AT_ONCE)),
         })
         // A resubscribing proxy lists every resource it holds with its
         // version (~40 bytes each): 50,000 workloads is ~2 MB. Bounded, and
@@ -271,6 +282,7 @@ impl AggregatedDiscoveryService for XdsService {
             request.into_inner(),
             self.store.subscribe(),
             self.shutdown.clone(),
+            self.sync_slots.clone(),
         ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -305,12 +317,24 @@ impl Session {
         mut inbound: Streaming<DeltaDiscoveryRequest>,
         mut store: watch::Receiver<Arc<Snapshot>>,
         shutdown: CancellationToken,
+        sync_slots: Arc<tokio::sync::Semaphore>,
     ) {
         self.proxies.update(&self.node, |s| s.connected = true);
         metrics::gauge!("weft_controller_connected_proxies").increment(1.0);
+        // Nothing of this proxy's is read until its first sync has a slot.
+        let mut slot = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            s = sync_slots.acquire_owned() => s.ok(),
+        };
+        let hold = tokio::time::sleep(FIRST_SYNC_HOLD);
+        tokio::pin!(hold);
         loop {
+            if slot.is_some() && self.synced() {
+                slot = None;
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = &mut hold, if slot.is_some() => slot = None,
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => {
                         // Clone the snapshot out: a watch guard must not live across an await.
@@ -353,6 +377,11 @@ impl Session {
             node = self.node,
             "proxy disconnected from the config stream"
         );
+    }
+
+    /// Every type subscribed, and every response ACKed or NACKed.
+    fn synced(&self) -> bool {
+        ZTUNNEL_TYPES.iter().all(|t| self.have.contains_key(*t)) && self.pending.is_empty()
     }
 
     async fn on_request(

@@ -281,50 +281,98 @@ async fn foreign_and_malformed_requests_get_a_named_error() {
     assert!(msg.contains("malformed"), "{msg}");
 }
 
-/// A proxy resubscribing after a reconnect lists everything it holds: at
-/// 50,000 workloads that request is ~2 MB, and must be read, not refused.
-#[tokio::test]
-async fn a_large_mesh_resubscription_is_read() {
-    use weft_proto::pb::xds::DeltaDiscoveryRequest;
+type Raw = (
+    tokio::sync::mpsc::Sender<weft_proto::pb::xds::DeltaDiscoveryRequest>,
+    tonic::Streaming<weft_proto::pb::xds::DeltaDiscoveryResponse>,
+);
+
+/// A bare config stream for `node`, subscribed with `subscribe`, on its own
+/// connection.
+async fn raw_stream(
+    mesh: &Mesh,
+    node: &str,
+    subscribe: weft_proto::pb::xds::DeltaDiscoveryRequest,
+) -> Result<Raw, tonic::Status> {
     use weft_proto::pb::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-    let mesh = Mesh::start().await;
-    let node = mesh.node("a");
-    let have: std::collections::HashMap<String, String> = (0..50_000)
-        .map(|i| (format!("ns{}/w{i}", i % 50), format!("{:016x}", i * 7919)))
-        .collect();
-    let subscribe = DeltaDiscoveryRequest {
-        type_url: WORKLOAD.into(),
-        initial_resource_versions: have,
-        ..Default::default()
-    };
+    let token = mesh.node(node).token;
     let config = weft_proto::tls::controller_client_config(
         weft_proto::tls::Trust::Static(mesh.roots()),
         mesh.controller.identity.clone(),
     );
     let channel = weft_proto::grpc::tls_channel(mesh.controller.grpc_addr, config);
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(subscribe).await.expect("queued");
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     request.metadata_mut().insert(
         "authorization",
-        format!("Bearer {}", node.token.trim())
-            .parse()
-            .expect("header"),
+        format!("Bearer {}", token.trim()).parse().expect("header"),
     );
+    let responses = AggregatedDiscoveryServiceClient::new(channel)
+        .delta_aggregated_resources(request)
+        .await?
+        .into_inner();
+    Ok((tx, responses))
+}
+
+fn subscription(type_url: &str) -> weft_proto::pb::xds::DeltaDiscoveryRequest {
+    weft_proto::pb::xds::DeltaDiscoveryRequest {
+        type_url: type_url.into(),
+        ..Default::default()
+    }
+}
+
+/// A proxy resubscribing after a reconnect lists everything it holds: at
+/// 50,000 workloads that request is ~2 MB, and must be read, not refused.
+#[tokio::test]
+async fn a_large_mesh_resubscription_is_read() {
+    let mesh = Mesh::start().await;
+    let mut subscribe = subscription(WORKLOAD);
+    subscribe.initial_resource_versions = (0..50_000)
+        .map(|i| (format!("ns{}/w{i}", i % 50), format!("{:016x}", i * 7919)))
+        .collect();
     let first = async {
-        let mut responses = AggregatedDiscoveryServiceClient::new(channel)
-            .delta_aggregated_resources(request)
-            .await?
-            .into_inner();
-        responses.message().await
+        let (tx, mut responses) = raw_stream(&mesh, "a", subscribe).await?;
+        responses.message().await.map(|r| (r, tx))
     };
-    let resp = tokio::time::timeout(Duration::from_secs(20), first)
+    let (resp, _tx) = tokio::time::timeout(Duration::from_secs(20), first)
         .await
         .expect("answered")
-        .expect("the resubscription is read, not refused")
-        .expect("a response");
+        .expect("the resubscription is read, not refused");
+    let resp = resp.expect("a response");
     assert_eq!(resp.type_url, WORKLOAD);
     // What the proxy holds and the mesh does not is removed, by name.
     assert_eq!(resp.removed_resources.len(), 50_000);
-    drop(tx);
+}
+
+/// A mass reconnect costs a few first syncs in flight, not one per proxy:
+/// with every slot held by proxies that never ACK, the next proxy waits,
+/// and is served the moment one leaves.
+#[tokio::test]
+async fn first_syncs_take_turns() {
+    let mesh = Mesh::start().await;
+    mesh.controller.config.set(model(Y1));
+    let mut holders = Vec::new();
+    for i in 0..weft_controller::xds::FIRST_SYNCS_AT_ONCE {
+        let (tx, mut responses) = raw_stream(&mesh, &format!("h{i}"), subscription(WORKLOAD))
+            .await
+            .expect("stream");
+        tokio::time::timeout(Duration::from_secs(10), responses.message())
+            .await
+            .expect("a holder with a slot is served")
+            .expect("response");
+        holders.push((tx, responses));
+    }
+    let (_tx, mut late) = raw_stream(&mesh, "late", subscription(WORKLOAD))
+        .await
+        .expect("stream");
+    // Bounded wait for an absence: 300 ms is ample for a loopback answer.
+    let early = tokio::time::timeout(Duration::from_millis(300), late.message()).await;
+    assert!(early.is_err(), "answered while every slot was held");
+    drop(holders.pop()); // one holder's stream ends: its slot is free
+    let resp = tokio::time::timeout(Duration::from_secs(10), late.message())
+        .await
+        .expect("served once a slot is free")
+        .expect("response")
+        .expect("a response");
+    assert_eq!(resp.type_url, WORKLOAD);
 }

@@ -41,6 +41,12 @@ struct Args {
     /// Seconds per iperf3/wrk run in the mesh bench.
     #[arg(long, default_value_t = 5)]
     mesh_seconds: u64,
+    /// Workloads served in the reconnect bench.
+    #[arg(long, default_value_t = 50_000)]
+    reconnect_workloads: usize,
+    /// Proxies reconnecting at once in the reconnect bench.
+    #[arg(long, default_value_t = 1_000)]
+    reconnect_proxies: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -54,6 +60,9 @@ enum What {
     Mesh,
     /// The config push at scale (not part of `all`).
     Controller,
+    /// Proxies with nothing cached reconnecting at once: controller memory
+    /// (not part of `all`).
+    Reconnect,
 }
 
 /// The plain-TCP baseline's server: a sink (acknowledging with one byte at
@@ -320,6 +329,17 @@ async fn main() {
         && let Err(e) = weft_integration::controller_bench::run(10_000, 1_000, 100).await
     {
         println!("controller bench failed: {e:#}");
+        std::process::exit(1);
+    }
+    if args.what == What::Reconnect
+        && let Err(e) = weft_integration::controller_bench::reconnect(
+            args.reconnect_workloads,
+            1_000,
+            args.reconnect_proxies,
+        )
+        .await
+    {
+        println!("reconnect bench failed: {e:#}");
         std::process::exit(1);
     }
     if args.what == What::Mesh

@@ -43,6 +43,8 @@ pub struct Config {
     /// defaults (`ServingNames::for_listener`).
     pub server_names: Vec<String>,
     pub server_ips: Vec<std::net::IpAddr>,
+    /// Proxies' first syncs served at once (`xds::FIRST_SYNCS_AT_ONCE`).
+    pub first_syncs: usize,
 }
 
 impl Config {
@@ -60,6 +62,7 @@ impl Config {
             metrics_addr: ([127, 0, 0, 1], 0).into(),
             server_names: Vec::new(),
             server_ips: Vec::new(),
+            first_syncs: crate::xds::FIRST_SYNCS_AT_ONCE,
         }
     }
 }
@@ -223,6 +226,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         nodes.clone(),
         proxies.clone(),
         shutdown.clone(),
+        config.first_syncs,
     );
     let stop = shutdown.clone();
     let server = tokio::spawn(async move {

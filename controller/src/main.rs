@@ -75,6 +75,10 @@ struct Args {
         value_delimiter = ','
     )]
     server_ips: Vec<std::net::IpAddr>,
+    /// Proxies whose first sync (the whole config) is served at once; the
+    /// rest wait their turn. Bounds memory in a mass reconnect.
+    #[arg(long, default_value_t = weft_controller::xds::FIRST_SYNCS_AT_ONCE)]
+    first_syncs: usize,
     /// Log lines as text or json.
     #[arg(long, default_value = "text")]
     log_format: weft_proto::process::LogFormat,
@@ -133,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr: args.metrics_addr,
         server_names: args.server_names,
         server_ips: args.server_ips,
+        first_syncs: args.first_syncs,
     })
     .await
     .context("controller failed to start")?;

@@ -225,8 +225,8 @@ pub struct XdsService {
 }
 
 /// Proxies whose first sync (subscriptions read, the whole config encoded,
-/// sent and ACKed) runs at once. A first sync holds the mesh's size in
-/// flight (~20 MB at 50,000 workloads: the request's versions, the response
+/// sent and ACKed) runs at once, by default (`--first-syncs`). A first sync
+/// holds the mesh's size in flight (the request's versions, the response
 /// and its encoding), so a mass reconnect of 1,000 proxies costs this many
 /// of those, not 1,000; the rest wait their turn, serving their last config.
 pub const FIRST_SYNCS_AT_ONCE: usize = 8;
@@ -239,13 +239,14 @@ impl XdsService {
         nodes: Arc<Nodes>,
         proxies: Proxies,
         shutdown: CancellationToken,
+        first_syncs: usize,
     ) -> AggregatedDiscoveryServiceServer<Self> {
         AggregatedDiscoveryServiceServer::new(XdsService {
             store,
             nodes,
             proxies,
             shutdown,
-            sync_slots: Arc::new(tokio::sync::Semaphore::new(FIRST_SYNCS_AT_ONCE)),
+            sync_slots: Arc::new(tokio::sync::Semaphore::new(first_syncs.max(1))),
         })
         // A resubscribing proxy lists every resource it holds with its
         // version (~40 bytes each): 50,000 workloads is ~2 MB. Bounded, and

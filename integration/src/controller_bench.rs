@@ -48,12 +48,20 @@ fn write_config(
             (i / 250) % 256
         )
     };
-    let mut pods = String::with_capacity(workloads * 250);
-    for i in (0..workloads).filter(|i| *i != moved) {
-        // .1-.250 are taken within each block; a moved pod gets .252.
-        pods += &pod(i, (i % 250 + 1) as u8);
+    // 10,000 pods a file: a file is read whole, up to 8 MiB.
+    for (n, chunk) in (0..workloads)
+        .filter(|i| *i != moved)
+        .collect::<Vec<_>>()
+        .chunks(10_000)
+        .enumerate()
+    {
+        let mut pods = String::with_capacity(chunk.len() * 250);
+        for i in chunk {
+            // .1-.250 are taken within each block; a moved pod gets .252.
+            pods += &pod(*i, (i % 250 + 1) as u8);
+        }
+        std::fs::write(dir.join(format!("pods-{n}.yaml")), pods)?;
     }
-    std::fs::write(dir.join("pods.yaml"), pods)?;
     std::fs::write(dir.join("moved.yaml"), pod(moved, moved_ip))?;
     Ok(())
 }
@@ -231,96 +239,173 @@ fn write_config_moved(
 }
 
 /// `weft-bench reconnect`: `proxies` proxies with nothing cached connect at
-/// once to a controller serving `workloads` workloads (a node pool scaled
-/// up, or every ztunnel restarted), each a lightweight xDS client that ACKs
-/// and drops what it gets. Reports the process's resident memory above the
-/// loaded controller, sampled every 10 ms (the clients' in-flight messages
-/// included: an upper bound on the controller's), and how long until every
-/// proxy had all its types.
-pub async fn reconnect(workloads: usize, services: usize, proxies: usize) -> anyhow::Result<()> {
-    let (mesh, local) = local_mesh().await?;
-    write_config(&mesh.config_dir(), workloads, services, 100, 0, 1)?;
-    local.rescan();
-    anyhow::ensure!(
-        mesh.controller.config.current().model.workloads.len() == workloads,
-        "the directory was not served"
+/// once (a node pool scaled up, or every ztunnel restarted) to a
+/// `weft-controller` process serving `workloads` workloads, each a
+/// lightweight xDS client that ACKs what it gets. The controller runs as its
+/// own process (the binary beside this one), so its resident memory,
+/// sampled every 10 ms from /proc, is its own.
+pub async fn reconnect(workloads: usize, proxies: usize, first_syncs: usize) -> anyhow::Result<()> {
+    let services = 1_000;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    write_config(&data.join("config"), workloads, services, 100, 0, 1)?;
+    let (controller, grpc) = spawn_controller(&data, proxies, first_syncs)?;
+    let pid = controller.0.id();
+    let roots = std::fs::read_to_string(data.join("ca/root-cert.pem"))?;
+    let config = weft_proto::tls::controller_client_config(
+        weft_proto::tls::Trust::Static(Arc::new(weft_proto::tls::TrustBundle::from_pem(&roots)?)),
+        weft_proto::identity::controller("cluster.local")?,
     );
-    let mut tokens = Vec::with_capacity(proxies);
-    for n in 0..proxies {
-        let node = format!("node-{n}");
-        tokens.push((
-            std::fs::read_to_string(mesh.controller.nodes.ensure(&node)?)?,
-            node,
-        ));
+    let token = |n: usize| std::fs::read_to_string(data.join(format!("nodes/node-{n}.token")));
+    let channel = || weft_proto::grpc::tls_channel(grpc, config.clone());
+    // One proxy first: the config is loaded and served.
+    let t = Instant::now();
+    loop {
+        let (_, count) = raw_proxy(channel(), token(0)?, "node-0".into(), t).await?;
+        if count >= workloads {
+            break;
+        }
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(120), "config not served");
     }
-    let before = rss_kib();
+    let before = process_rss_kib(pid);
     let peak = Arc::new(std::sync::atomic::AtomicU64::new(before));
     let sampling = tokio::spawn({
         let peak = peak.clone();
         async move {
             loop {
-                peak.fetch_max(rss_kib(), std::sync::atomic::Ordering::Relaxed);
+                peak.fetch_max(process_rss_kib(pid), std::sync::atomic::Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
     });
     println!(
-        "reconnect bench: {workloads} workloads, {services} services, {proxies} proxies with nothing cached, all at once"
+        "reconnect bench: {workloads} workloads, {services} services; {proxies} proxies with nothing cached connect at once; --first-syncs {first_syncs}"
     );
     let t0 = Instant::now();
-    let config = weft_proto::tls::controller_client_config(
-        weft_proto::tls::Trust::Static(mesh.roots()),
-        mesh.controller.identity.clone(),
-    );
-    let handles: Vec<_> = tokens
-        .into_iter()
-        .map(|(token, node)| {
-            let channel = weft_proto::grpc::tls_channel(mesh.controller.grpc_addr, config.clone());
-            tokio::spawn(raw_proxy(channel, token, node, t0))
-        })
-        .collect();
+    let mut handles = Vec::with_capacity(proxies);
+    for n in 0..proxies {
+        handles.push(tokio::spawn(raw_proxy(
+            channel(),
+            token(n)?,
+            format!("node-{n}"),
+            t0,
+        )));
+    }
     let mut synced = Vec::with_capacity(proxies);
-    let mut streams = Vec::with_capacity(proxies);
     let mut resources = 0;
     for h in handles {
-        let (at, count, stream) = h.await??;
+        let (at, count) = h.await??;
         synced.push(at);
         resources += count;
-        streams.push(stream);
     }
     sampling.abort();
     let peak_kib = peak.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "all {proxies} synced after {:.1} s (p50 {:.1} s, p99 {:.1} s); {} resources sent",
+        "all {proxies} synced after {:.1} s (p50 {:.1} s, p99 {:.1} s); {resources} resources sent",
         t0.elapsed().as_secs_f64(),
         pct(&mut synced, 0.5).as_secs_f64(),
         pct(&mut synced, 0.99).as_secs_f64(),
-        resources
     );
     println!(
-        "memory: loaded controller {} MiB resident; peak during the reconnect +{} MiB (clients' in-flight messages included); after +{} MiB",
+        "controller memory: {} MiB resident with the config loaded; peak during the reconnect {} MiB (+{} MiB)",
         before / 1024,
-        peak_kib.saturating_sub(before) / 1024,
-        rss_kib().saturating_sub(before) / 1024
+        peak_kib / 1024,
+        peak_kib.saturating_sub(before) / 1024
     );
-    drop(streams);
+    drop(controller);
     Ok(())
 }
 
-type Held = (
-    tokio::sync::mpsc::Sender<weft_proto::pb::xds::DeltaDiscoveryRequest>,
-    tonic::Streaming<weft_proto::pb::xds::DeltaDiscoveryResponse>,
-);
+/// Kills the controller process on drop.
+struct Child(std::process::Child);
 
-/// Subscribes to every type with nothing cached, ACKs each response and
-/// drops it; returns when every type has answered, with the stream held
-/// open.
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `weft-controller` on loopback serving `<data>/config`, with `nodes`
+/// nodes registered; its gRPC address from its "controller ready" line.
+fn spawn_controller(
+    data: &std::path::Path,
+    nodes: usize,
+    first_syncs: usize,
+) -> anyhow::Result<(Child, std::net::SocketAddr)> {
+    use std::io::BufRead;
+    let bin = std::env::current_exe()?.with_file_name("weft-controller");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} missing: cargo build --release -p weft-controller",
+        bin.display()
+    );
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("--data-dir").arg(data);
+    cmd.args(["--grpc-addr", "127.0.0.1:0", "--rest-addr", "127.0.0.1:0"]);
+    cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+    cmd.args(["--first-syncs", &first_syncs.to_string()]);
+    for n in 0..nodes {
+        cmd.args(["--node", &format!("node-{n}")]);
+    }
+    cmd.env("RUST_LOG", "warn,weft_controller::app=info");
+    cmd.stderr(std::process::Stdio::piped());
+    let mut child = Child(cmd.spawn()?);
+    let stderr = child
+        .0
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let ready = loop {
+        let line = lines
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("controller exited before it was ready"))??;
+        if line.contains("controller ready") {
+            break line;
+        }
+    };
+    // Keep draining its log, so it never writes into a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    // Nodes are registered just after it is ready.
+    let last = data.join(format!("nodes/node-{}.token", nodes.saturating_sub(1)));
+    let started = Instant::now();
+    while !last.exists() {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "nodes not registered");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let at = ready
+        .find("grpc=")
+        .ok_or_else(|| anyhow::anyhow!("{ready}"))?
+        + 5;
+    let grpc = ready[at..]
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .parse()?;
+    Ok((child, grpc))
+}
+
+fn process_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Subscribes to every type with nothing cached and ACKs each response;
+/// returns when every type has answered (dropping the stream: the clients
+/// are not what is measured).
 async fn raw_proxy(
     channel: tonic::transport::Channel,
     token: String,
     node: String,
     t0: Instant,
-) -> anyhow::Result<(Duration, usize, Held)> {
+) -> anyhow::Result<(Duration, usize)> {
     use weft_proto::pb::xds::DeltaDiscoveryRequest;
     use weft_proto::pb::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
     let types = weft_proto::resources::ZTUNNEL_TYPES;
@@ -357,7 +442,7 @@ async fn raw_proxy(
         .await?;
         answered.insert(resp.type_url);
         if answered.len() == types.len() {
-            return Ok((t0.elapsed(), count, (tx, responses)));
+            return Ok((t0.elapsed(), count));
         }
     }
     anyhow::bail!("{node}: stream ended before every type answered")

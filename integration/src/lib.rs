@@ -36,22 +36,33 @@ pub struct Mesh {
 
 impl Mesh {
     pub async fn start() -> Mesh {
+        Mesh::start_tuned(|_| {}).await
+    }
+
+    /// A controller in a temporary directory, its config adjusted by `tune`.
+    pub async fn start_tuned(tune: impl FnOnce(&mut Config)) -> Mesh {
         let dir = tempfile::tempdir().expect("tempdir");
-        let data_dir = dir.path().to_owned();
-        let mut mesh = Mesh::start_in(data_dir, Duration::from_secs(24 * 3600)).await;
+        let mut mesh = Mesh::start_with(dir.path().to_owned(), |c| {
+            c.max_cert_ttl = Duration::from_secs(24 * 3600);
+            tune(c)
+        })
+        .await;
         mesh._dir = Some(dir);
         mesh
     }
 
     /// Starts (or restarts) a controller on `data_dir`, which the caller owns.
     pub async fn start_in(data_dir: PathBuf, max_cert_ttl: Duration) -> Mesh {
-        let controller = app::build(Config {
+        Mesh::start_with(data_dir, |c| c.max_cert_ttl = max_cert_ttl).await
+    }
+
+    async fn start_with(data_dir: PathBuf, tune: impl FnOnce(&mut Config)) -> Mesh {
+        let mut config = Config {
             grpc_addr: "127.0.0.1:0".parse().expect("addr"),
-            max_cert_ttl,
             ..Config::local(data_dir.clone())
-        })
-        .await
-        .expect("controller starts");
+        };
+        tune(&mut config);
+        let controller = app::build(config).await.expect("controller starts");
         Mesh {
             controller,
             data_dir,

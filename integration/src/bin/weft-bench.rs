@@ -47,6 +47,10 @@ struct Args {
     /// Proxies reconnecting at once in the reconnect bench.
     #[arg(long, default_value_t = 1_000)]
     reconnect_proxies: usize,
+    /// The controller's first syncs at once in the reconnect bench
+    /// (`weft-controller --first-syncs`).
+    #[arg(long, default_value_t = weft_controller::xds::FIRST_SYNCS_AT_ONCE)]
+    first_syncs: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -334,8 +338,8 @@ async fn main() {
     if args.what == What::Reconnect
         && let Err(e) = weft_integration::controller_bench::reconnect(
             args.reconnect_workloads,
-            1_000,
             args.reconnect_proxies,
+            args.first_syncs,
         )
         .await
     {

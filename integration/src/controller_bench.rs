@@ -371,7 +371,10 @@ fn spawn_controller(
     let last = data.join(format!("nodes/node-{}.token", nodes.saturating_sub(1)));
     let started = Instant::now();
     while !last.exists() {
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(60), "nodes not registered");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "nodes not registered"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let at = ready

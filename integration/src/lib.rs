@@ -23,7 +23,7 @@ use weft_proto::certs::{CertConfig, CertManager, GrpcCaClient, wait_for_cert};
 use weft_proto::hbone::H2Settings;
 use weft_proto::hbone::server::{self, Handler, InboundConnect, ServerStats};
 use weft_proto::identity::Identity;
-use weft_proto::tls::{self, CertWatch, ClientAuth, TrustBundle};
+use weft_proto::tls::{CertWatch, TrustBundle};
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
@@ -318,18 +318,12 @@ impl<H: Handler> HboneServer<H> {
     ) -> Self {
         let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let config = tls::server_config(
-            cert,
-            ClientAuth::Required {
-                trust_domain: TRUST_DOMAIN.into(),
-            },
-        );
         let stats = Arc::new(ServerStats::default());
         let handler = Arc::new(handler);
         let shutdown = CancellationToken::new();
         tokio::spawn(server::serve(
             listener,
-            config,
+            (cert, TRUST_DOMAIN.into()),
             handler.clone(),
             settings,
             stats.clone(),

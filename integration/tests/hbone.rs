@@ -472,6 +472,39 @@ async fn keepalive_detects_a_dead_peer() {
     assert!(matches!(read, Err(_) | Ok(0)), "{read:?}");
 }
 
+/// A raw HTTP/2 client over mTLS to `addr`, presenting `cert` and expecting
+/// `server`: the request handle and the connection's driver task (it ends
+/// when the connection does).
+async fn raw_h2(
+    addr: std::net::SocketAddr,
+    cert: weft_proto::tls::CertWatch,
+    server: &weft_proto::Identity,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let config = weft_proto::tls::client_config(
+        Some(cert.clone()),
+        weft_proto::tls::Trust::OwnCert(cert),
+        vec![server.clone()],
+    );
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(weft_proto::tls::server_name(), tcp)
+        .await
+        .expect("mTLS");
+    let (h2, conn) = h2::client::handshake(tls).await.expect("h2");
+    (h2, tokio::spawn(conn))
+}
+
+fn connect_to(authority: &str) -> http::Request<()> {
+    http::Request::builder()
+        .method("CONNECT")
+        .uri(authority)
+        .body(())
+        .expect("req")
+}
+
 /// A certificate that expires while its connection is open: the server
 /// sends GOAWAY and takes no new stream (pings no longer keep it open);
 /// the pool opens no stream on a connection whose peer certificate has
@@ -500,23 +533,8 @@ async fn expired_certificates_end_their_connections() {
 
     // Server side: a client whose certificate expires mid-connection.
     let server = HboneServer::echo(long.cert(&api).await).await;
-    let config = weft_proto::tls::client_config(
-        Some(web_cert.clone()),
-        weft_proto::tls::Trust::OwnCert(web_cert.clone()),
-        vec![api.clone()],
-    );
-    let tcp = TcpStream::connect(server.addr).await.expect("connect");
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(weft_proto::tls::server_name(), tcp)
-        .await
-        .expect("mTLS while valid");
-    let (mut h2, conn) = h2::client::handshake(tls).await.expect("h2");
-    let conn = tokio::spawn(conn);
-    let connect = http::Request::builder()
-        .method("CONNECT")
-        .uri(server.addr.to_string())
-        .body(())
-        .expect("req");
+    let (mut h2, conn) = raw_h2(server.addr, web_cert.clone(), &api).await;
+    let connect = connect_to(&server.addr.to_string());
     let (resp, mut body) = h2.send_request(connect, false).expect("send");
     assert_eq!(resp.await.expect("response").status(), 200);
     body.send_data(bytes::Bytes::new(), true)
@@ -598,31 +616,16 @@ async fn rapid_reset_streams_are_abandoned_and_bounded() {
             ..Stall::default()
         };
         let server = HboneServer::start(node.cert(&api).await, handler, settings.clone()).await;
-        let cert = node.cert(&web).await;
-        let config = weft_proto::tls::client_config(
-            Some(cert.clone()),
-            weft_proto::tls::Trust::OwnCert(cert),
-            vec![api.clone()],
-        );
-        let tcp = TcpStream::connect(server.addr).await.expect("connect");
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(weft_proto::tls::server_name(), tcp)
-            .await
-            .expect("mTLS");
-        let (mut h2, conn) = h2::client::handshake(tls).await.expect("h2");
-        tokio::spawn(conn);
+        let (mut h2, _conn) = raw_h2(server.addr, node.cert(&web).await, &api).await;
         let taken = || {
             server.handler.started.load(Ordering::SeqCst) as u64
                 + server.stats.refused_pending.load(Ordering::Relaxed)
         };
         for i in 0..rounds {
             h2 = h2.ready().await.expect("connection open");
-            let connect = http::Request::builder()
-                .method("CONNECT")
-                .uri("10.0.0.1:80")
-                .body(())
-                .expect("req");
-            let (_resp, mut send) = h2.send_request(connect, false).expect("send");
+            let (_resp, mut send) = h2
+                .send_request(connect_to("10.0.0.1:80"), false)
+                .expect("send");
             eventually("the server took the stream", || taken() > i as u64).await;
             send.send_reset(h2::Reason::CANCEL);
         }
@@ -642,4 +645,32 @@ async fn rapid_reset_streams_are_abandoned_and_bounded() {
             assert_eq!(server.stats.refused_pending.load(Ordering::Relaxed), 0);
         }
     }
+}
+
+/// Root rotation on the server side: a connection whose peer was checked
+/// against the old trust bundle is retired (GOAWAY, no new stream) once the
+/// listener's own certificate comes with another bundle.
+#[tokio::test]
+async fn a_new_trust_bundle_retires_connections_checked_against_the_old() {
+    let Pair { node, web, api, .. } = Pair::start().await;
+    let other = Mesh::start().await; // another root
+    let other_node = other.node("node-x");
+    let api_elsewhere = other_node.workload("default", "api");
+    let first = node.cert(&api).await.borrow().clone();
+    let (own, watch) = tokio::sync::watch::channel(first);
+    let server = HboneServer::echo(watch).await;
+    let (mut h2, conn) = raw_h2(server.addr, node.cert(&web).await, &api).await;
+    let (resp, mut body) = h2
+        .send_request(connect_to(&server.addr.to_string()), false)
+        .expect("send");
+    assert_eq!(resp.await.expect("response").status(), 200);
+    body.send_data(bytes::Bytes::new(), true)
+        .expect("end stream");
+    // The listener's certificate now comes from the other root.
+    let rotated = other_node.cert(&api_elsewhere).await.borrow().clone();
+    own.send(rotated).expect("server alive");
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the connection is retired once the roots change");
+    assert!(ended.is_ok());
 }

@@ -21,7 +21,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 use weft_proto::hbone::server::{self, ServerStats};
 use weft_proto::hbone::{H2Settings, HBONE_PORT};
-use weft_proto::tls::{self, ClientAuth};
 
 use crate::capture::{self, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::inbound::{self, Inbound};
@@ -204,19 +203,13 @@ impl Enroller {
             plain_l,
             stop.clone(),
         ));
-        let tls = tls::server_config(
-            cert,
-            ClientAuth::Required {
-                trust_domain: node.trust_domain.clone(),
-            },
-        );
         let handler = Arc::new(Inbound {
             node: node.clone(),
             pod: pod.clone(),
         });
         tokio::spawn(server::serve(
             hbone_l,
-            tls,
+            (cert, node.trust_domain.clone()),
             handler,
             H2Settings::default(),
             self.hbone_stats.clone(),

@@ -19,7 +19,7 @@ use weft_proto::hbone::pool::{ConnectRequest, Pool, PoolKey, PoolSettings};
 use weft_proto::hbone::server::{self, Handler, InboundConnect, ServerStats};
 use weft_proto::hbone::{H2Settings, HboneError};
 use weft_proto::identity::Identity;
-use weft_proto::tls::{self, ClientAuth, TrustBundle};
+use weft_proto::tls::{self, TrustBundle};
 
 use crate::app::{self, Config};
 
@@ -100,15 +100,9 @@ pub async fn run(keep: bool) -> anyhow::Result<()> {
     let hbone_addr = listener.local_addr()?;
     let stats = Arc::new(ServerStats::default());
     let stop = CancellationToken::new();
-    let server_tls = tls::server_config(
-        certs_b.watch(&api),
-        ClientAuth::Required {
-            trust_domain: td.into(),
-        },
-    );
     tokio::spawn(server::serve(
         listener,
-        server_tls,
+        (certs_b.watch(&api), td.into()),
         Arc::new(Api),
         H2Settings::default(),
         stats.clone(),

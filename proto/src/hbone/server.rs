@@ -114,18 +114,36 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// Serves HBONE on `listener` until `shutdown` fires, then stops accepting and
-/// lets open streams finish (HTTP/2 GOAWAY).
+/// What every connection of one listener shares.
+struct Shared<H> {
+    acceptor: TlsAcceptor,
+    handler: Arc<H>,
+    settings: H2Settings,
+    stats: Arc<ServerStats>,
+    /// The listener's own certificate: its trust bundle is what each peer
+    /// was checked against.
+    own: tls::CertWatch,
+}
+
+/// Serves HBONE as `own`'s identity on `listener`, to clients with a
+/// certificate of `trust_domain`, until `shutdown` fires; then stops
+/// accepting and lets open streams finish (HTTP/2 GOAWAY).
 pub async fn serve<H: Handler>(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    (own, trust_domain): (tls::CertWatch, String),
     handler: Arc<H>,
     settings: H2Settings,
     stats: Arc<ServerStats>,
     shutdown: CancellationToken,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
-    let settings = Arc::new(settings);
+    let config = tls::server_config(own.clone(), tls::ClientAuth::Required { trust_domain });
+    let shared = Arc::new(Shared {
+        acceptor: TlsAcceptor::from(config),
+        handler,
+        settings,
+        stats,
+        own,
+    });
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -140,22 +158,15 @@ pub async fn serve<H: Handler>(
                 continue;
             }
         };
+        let stats = &shared.stats;
         stats.connections.fetch_add(1, Ordering::Relaxed);
         stats.active_connections.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("weft_hbone_active_connections").increment(1.0);
         let guard = ActiveGuard(stats.clone());
         let span = info_span!("hbone_in", src.addr = %peer_addr);
         tokio::spawn(
-            serve_connection(
-                tcp,
-                peer_addr,
-                acceptor.clone(),
-                handler.clone(),
-                settings.clone(),
-                shutdown.clone(),
-                guard,
-            )
-            .instrument(span),
+            serve_connection(tcp, peer_addr, shared.clone(), shutdown.clone(), guard)
+                .instrument(span),
         );
     }
 }
@@ -163,36 +174,36 @@ pub async fn serve<H: Handler>(
 async fn serve_connection<H: Handler>(
     tcp: TcpStream,
     peer_addr: SocketAddr,
-    acceptor: TlsAcceptor,
-    handler: Arc<H>,
-    settings: Arc<H2Settings>,
+    shared: Arc<Shared<H>>,
     shutdown: CancellationToken,
-    guard: ActiveGuard,
+    _guard: ActiveGuard,
 ) {
-    let stats = guard.0.clone();
+    let (stats, settings) = (&shared.stats, &shared.settings);
     let _ = tcp.set_nodelay(true);
     let Ok(local_addr) = tcp.local_addr() else {
         return;
     };
+    // The roots this peer is checked against: a new bundle retires it.
+    let roots = roots_of(&shared.own);
     // Phase 1: TLS. A failure here means the client never proved an identity.
-    let tls = match tokio::time::timeout(settings.handshake_timeout, acceptor.accept(tcp)).await {
+    let handshake = shared.acceptor.accept(tcp);
+    let tls = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return handshake_failed(&stats, &tls::describe_handshake_error(&e)),
-        Err(_) => return handshake_failed(&stats, "handshake timed out"),
+        Ok(Err(e)) => return handshake_failed(stats, &tls::describe_handshake_error(&e)),
+        Err(_) => return handshake_failed(stats, "handshake timed out"),
     };
     let peer = match tls::peer_identity_and_serial(tls.get_ref().1.peer_certificates()) {
         Ok((identity, serial)) => PeerCert {
             identity,
             serial: serial.into(),
         },
-        Err(e) => return handshake_failed(&stats, &e.to_string()),
+        Err(e) => return handshake_failed(stats, &e.to_string()),
     };
     // The peer's chain was checked once, at the handshake: the connection
     // takes no stream past its earliest expiry.
     let expires = tls::chain_not_after(tls.get_ref().1.peer_certificates())
         .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
         .unwrap_or_default();
-    let expiry = tokio::time::sleep(expires);
     // Phase 2: HTTP/2 preface and settings.
     let mut builder = h2::server::Builder::new();
     builder
@@ -202,21 +213,58 @@ async fn serve_connection<H: Handler>(
         .max_concurrent_streams(settings.max_concurrent_streams)
         .max_header_list_size(16 * 1024);
     let handshake = builder.handshake::<_, Bytes>(tls);
-    let mut conn = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
+    let conn = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
         Ok(Ok(c)) => c,
-        Ok(Err(e)) => return protocol_failed(&stats, &e.to_string()),
-        Err(_) => return protocol_failed(&stats, "HTTP/2 preface timed out"),
+        Ok(Err(e)) => return protocol_failed(stats, &e.to_string()),
+        Err(_) => return protocol_failed(stats, "HTTP/2 preface timed out"),
     };
     debug!(src.identity = %peer.identity, "HBONE connection established");
-    let ka = keepalive(conn.ping_pong(), &settings);
-    let pending = Arc::new(tokio::sync::Semaphore::new(settings.max_pending_streams));
+    let trust = Trusted {
+        expires,
+        roots,
+        own: shared.own.clone(),
+    };
+    let from = (peer_addr, local_addr);
+    serve_streams(conn, &shared, &peer, from, trust, shutdown).await;
+}
+
+/// How long a connection's peer stays trusted: until its chain expires, or
+/// until the roots it was checked against are no longer ours.
+struct Trusted {
+    expires: std::time::Duration,
+    roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    own: tls::CertWatch,
+}
+
+fn roots_of(own: &tls::CertWatch) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    own.borrow()
+        .cert()
+        .map(|c| c.bundle().roots().to_vec())
+        .unwrap_or_default()
+}
+
+/// Phase 3: streams. The connection must keep being polled for any stream
+/// to make progress, so this runs until the last stream ends. Shutdown, the
+/// peer's chain expiring and a new trust bundle all end it the same way:
+/// GOAWAY, no new stream, pings no longer keeping it open.
+async fn serve_streams<H: Handler>(
+    mut conn: h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
+    shared: &Shared<H>,
+    peer: &PeerCert,
+    from: (SocketAddr, SocketAddr),
+    mut trust: Trusted,
+    shutdown: CancellationToken,
+) {
+    let stats = &shared.stats;
+    let ka = keepalive(conn.ping_pong(), &shared.settings);
+    let expiry = tokio::time::sleep(trust.expires);
+    let pending = Arc::new(tokio::sync::Semaphore::new(
+        shared.settings.max_pending_streams,
+    ));
     tokio::pin!(ka, expiry);
-    let mut draining = false;
-    let mut expired = false;
-    // Phase 3: streams. The connection must keep being polled for any stream
-    // to make progress, so this loop runs until the last stream ends.
+    let (mut draining, mut settled) = (false, false);
     loop {
-        tokio::select! {
+        let retire = tokio::select! {
             req = conn.accept() => match req {
                 Some(Ok((req, mut respond))) => {
                     stats.streams.fetch_add(1, Ordering::Relaxed);
@@ -226,30 +274,34 @@ async fn serve_connection<H: Handler>(
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
                         continue;
                     };
-                    let from = (peer_addr, local_addr);
-                    dispatch(&handler, &stats, (req, respond, slot), &peer, from);
+                    dispatch(&shared.handler, stats, (req, respond, slot), peer, from);
+                    None
                 }
-                Some(Err(e)) => return protocol_failed(&stats, &e.to_string()),
+                Some(Err(e)) => return protocol_failed(stats, &e.to_string()),
                 None => return,
             },
             e = &mut ka => {
                 debug!(error = %e, "HBONE peer dead, closing");
                 return;
             }
-            _ = shutdown.cancelled(), if !draining => {
-                draining = true;
-                conn.graceful_shutdown();
-            }
-            // GOAWAY: no new stream, and pings no longer keep it open.
-            _ = &mut expiry, if !expired => {
-                expired = true;
-                metrics::counter!("weft_hbone_expired_peer_connections_total").increment(1);
-                info!(src.identity = %peer.identity, "peer certificate expired; GOAWAY, no new streams");
-                if !draining {
-                    draining = true;
-                    conn.graceful_shutdown();
+            _ = shutdown.cancelled(), if !draining => Some("shutting down"),
+            _ = &mut expiry, if !draining => Some("peer certificate expired"),
+            changed = trust.own.changed(), if !draining && !settled => match changed {
+                Ok(()) if roots_of(&trust.own) != trust.roots => Some("trust bundle changed"),
+                Ok(()) => None,
+                // No more changes will come: the roots stay what they are.
+                Err(_) => {
+                    settled = true;
+                    None
                 }
-            }
+            },
+        };
+        if let Some(reason) = retire {
+            draining = true;
+            metrics::counter!("weft_hbone_connections_retired_total", "reason" => reason)
+                .increment(1);
+            info!(src.identity = %peer.identity, reason, "GOAWAY: no new streams on this connection");
+            conn.graceful_shutdown();
         }
     }
 }

@@ -1,11 +1,10 @@
-//! weft-controller: the certificate authority and (with later issues) the
-//! config server, Kubernetes and file sources, REST API and CLI.
+//! weft-controller: the certificate authority, the config server (Delta
+//! xDS), the Kubernetes and local-directory sources, and the REST API. The
+//! control plane: it links the shared crate, never the data plane.
 
 pub mod app;
 pub mod ca;
 pub mod ca_server;
-pub mod cli;
-pub mod demo;
 pub mod nodes;
 pub mod rest;
 pub mod source;

@@ -128,7 +128,7 @@ impl Mesh {
         node: &str,
         yaml: &str,
         dir: &std::path::Path,
-        options: weft_controller::demo::mesh::ZtunnelOptions,
+        options: weft_cli::demo::mesh::ZtunnelOptions,
     ) -> weft_ztunnel::app::Bound {
         let model = weft_proto::model::Model::from_yaml(yaml, TRUST_DOMAIN).expect("valid config");
         for w in model.workloads.iter().filter(|w| w.node == node) {
@@ -137,15 +137,9 @@ impl Mesh {
         std::fs::create_dir_all(dir).expect("dir");
         let config = dir.join(format!("{node}.yaml"));
         std::fs::write(&config, yaml).expect("config");
-        weft_controller::demo::mesh::start_ztunnel(
-            &self.controller,
-            node,
-            Some(&config),
-            dir,
-            options,
-        )
-        .await
-        .expect("ztunnel starts")
+        weft_cli::demo::mesh::start_ztunnel(&self.controller, node, Some(&config), dir, options)
+            .await
+            .expect("ztunnel starts")
     }
 
     /// A ztunnel for `node` that takes its config from this controller's push.
@@ -153,10 +147,10 @@ impl Mesh {
         &self,
         node: &str,
         dir: &std::path::Path,
-        options: weft_controller::demo::mesh::ZtunnelOptions,
+        options: weft_cli::demo::mesh::ZtunnelOptions,
     ) -> weft_ztunnel::app::Bound {
         std::fs::create_dir_all(dir).expect("dir");
-        weft_controller::demo::mesh::start_ztunnel(&self.controller, node, None, dir, options)
+        weft_cli::demo::mesh::start_ztunnel(&self.controller, node, None, dir, options)
             .await
             .expect("ztunnel starts")
     }
@@ -367,7 +361,7 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
         .unwrap_or_else(|_| panic!("timed out waiting for: {what}"));
 }
 /// Network-namespace topologies (shared with `weft demo`).
-pub use weft_controller::demo::topology as netns;
+pub use weft_cli::demo::topology as netns;
 pub mod controller_bench;
 pub mod mesh_bench;
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weft_controller::demo::topology::{PodNs, Topology, is_root, try_run};
+use weft_cli::demo::topology::{PodNs, Topology, is_root, try_run};
 
 use crate::Mesh;
 

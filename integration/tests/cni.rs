@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use serde_json::json;
-use weft_controller::demo::mesh::ZtunnelOptions;
+use weft_cli::demo::mesh::ZtunnelOptions;
 use weft_integration::Mesh;
 use weft_integration::netns::{PodNs, Topology, is_root, run};
 use weft_ztunnel::cni::{self, Env};

@@ -5,7 +5,7 @@
 async fn demo_passes_every_check() {
     tokio::time::timeout(
         std::time::Duration::from_secs(60),
-        weft_controller::demo::run(false),
+        weft_cli::demo::run(false),
     )
     .await
     .expect("demo finishes within a minute")

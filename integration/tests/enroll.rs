@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use weft_controller::demo::mesh::ZtunnelOptions;
+use weft_cli::demo::mesh::ZtunnelOptions;
 use weft_integration::{Mesh, rss_kib};
 use weft_ztunnel::enroll::{Reply, request};
 

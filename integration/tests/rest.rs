@@ -264,11 +264,11 @@ async fn authenticated_reads_validated_writes_and_persistence() {
     );
 
     // kubectl weft, reading the same API.
-    let target = weft_controller::cli::Target {
+    let target = weft_cli::commands::Target {
         controller: format!("http://{api}"),
         token_file: dir.path().join("api-token"),
     };
-    let table = weft_controller::cli::workloads(&target, weft_controller::cli::Output::Table)
+    let table = weft_cli::commands::workloads(&target, weft_cli::commands::Output::Table)
         .await
         .expect("workloads");
     assert!(table.starts_with("NAMESPACE  NAME"), "{table}");
@@ -276,7 +276,7 @@ async fn authenticated_reads_validated_writes_and_persistence() {
         table.contains("spiffe://cluster.local/ns/default/sa/web"),
         "{table}"
     );
-    let status = weft_controller::cli::proxy_status(&target, weft_controller::cli::Output::Table)
+    let status = weft_cli::commands::proxy_status(&target, weft_cli::commands::Output::Table)
         .await
         .expect("proxy-status");
     assert!(
@@ -285,13 +285,13 @@ async fn authenticated_reads_validated_writes_and_persistence() {
             .any(|l| l.starts_with('a') && l.contains("yes") && l.contains("SYNCED")),
         "{status}"
     );
-    let summary = weft_controller::cli::status(&target).await.expect("status");
+    let summary = weft_cli::commands::status(&target).await.expect("status");
     assert!(
         summary.contains("1 connected, 1 on the current config"),
         "{summary}"
     );
     // kubectl weft join/leave edit the Namespace's label through the API.
-    use weft_controller::cli::set_membership;
+    use weft_cli::commands::set_membership;
     let pod_in_shop = GOOD
         .replace("namespace: default", "namespace: shop")
         .replace("10.0.1.2", "10.0.9.2");
@@ -332,14 +332,14 @@ async fn authenticated_reads_validated_writes_and_persistence() {
     )
     .await;
     assert_eq!(status, 200);
-    let yaml = weft_controller::cli::workloads(&target, weft_controller::cli::Output::Yaml)
+    let yaml = weft_cli::commands::workloads(&target, weft_cli::commands::Output::Yaml)
         .await
         .expect("workloads -o yaml");
     assert!(
         yaml.contains("identity: spiffe://cluster.local/ns/default/sa/web"),
         "{yaml}"
     );
-    let certs = weft_controller::cli::certs(&target, weft_controller::cli::Output::Table)
+    let certs = weft_cli::commands::certs(&target, weft_cli::commands::Output::Table)
         .await
         .expect("certs");
     assert!(
@@ -349,19 +349,19 @@ async fn authenticated_reads_validated_writes_and_persistence() {
     );
     let wrong_file = dir.path().join("wrong-token");
     std::fs::write(&wrong_file, "0123456789abcdef").expect("write");
-    let wrong = weft_controller::cli::Target {
+    let wrong = weft_cli::commands::Target {
         token_file: wrong_file,
         ..target.clone()
     };
-    let err = weft_controller::cli::workloads(&wrong, weft_controller::cli::Output::Json)
+    let err = weft_cli::commands::workloads(&wrong, weft_cli::commands::Output::Json)
         .await
         .expect_err("wrong token");
     assert!(err.to_string().contains("refused the token"), "{err}");
-    let not_a_token = weft_controller::cli::Target {
+    let not_a_token = weft_cli::commands::Target {
         token_file: dir.path().join("config/pod.default.web.yaml"),
         ..target.clone()
     };
-    let err = weft_controller::cli::workloads(&not_a_token, weft_controller::cli::Output::Json)
+    let err = weft_cli::commands::workloads(&not_a_token, weft_cli::commands::Output::Json)
         .await
         .expect_err("not a token");
     assert!(err.to_string().contains("does not hold a token"), "{err}");

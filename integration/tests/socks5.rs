@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use weft_controller::demo::mesh::ZtunnelOptions;
+use weft_cli::demo::mesh::ZtunnelOptions;
 use weft_integration::{HboneServer, Mesh, read_hello};
 use weft_proto::hbone::H2Settings;
 use weft_ztunnel::app::Bound;

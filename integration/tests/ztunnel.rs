@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weft_controller::demo::mesh::ZtunnelOptions;
+use weft_cli::demo::mesh::ZtunnelOptions;
 use weft_integration::Mesh;
 use weft_integration::netns::{LinkCapture, NodeNs, PodNs, Topology, is_root, run};
 use weft_proto::model::Model;

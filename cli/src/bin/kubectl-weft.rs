@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use weft_controller::cli::{self, Output, Target};
+use weft_cli::commands::{self as cli, Output, Target};
 
 /// Operate a weft mesh. Run `kubectl weft demo` to see it work on this machine.
 #[derive(Parser, Debug)]
@@ -115,7 +115,7 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            match runtime.block_on(weft_controller::demo::run(keep)) {
+            match runtime.block_on(weft_cli::demo::run(keep)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("demo failed: {e:#}");

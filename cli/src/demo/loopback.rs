@@ -21,7 +21,7 @@ use weft_proto::hbone::{H2Settings, HboneError};
 use weft_proto::identity::Identity;
 use weft_proto::tls::{self, TrustBundle};
 
-use crate::app::{self, Config};
+use weft_controller::app::{self, Config};
 
 const PAYLOAD: usize = 1024 * 1024;
 

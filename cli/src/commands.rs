@@ -7,8 +7,8 @@ use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-use crate::source::translate::MESH_LABEL;
 use tokio::net::TcpStream;
+use weft_controller::source::translate::MESH_LABEL;
 
 /// Where the controller is and how to authenticate (local mode).
 #[derive(Debug, Clone)]
@@ -339,7 +339,7 @@ pub async fn status(target: &Target) -> Result<String, CliError> {
 pub fn install() -> String {
     format!(
         "{}---\n{}",
-        crate::source::crds::crd_yaml(),
+        weft_controller::source::crds::crd_yaml(),
         include_str!("../../manifests/weft.yaml")
     )
 }
@@ -379,7 +379,7 @@ mod tests {
                 has("apiGroups", group) && has("resources", plural) && has("verbs", verb)
             })
         };
-        for (group, plural) in crate::source::kubernetes::watched() {
+        for (group, plural) in weft_controller::source::kubernetes::watched() {
             for verb in ["list", "watch"] {
                 assert!(
                     granted(&group, &plural, verb),

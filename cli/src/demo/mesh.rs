@@ -18,7 +18,7 @@ use weft_ztunnel::cni::{self, Env};
 use weft_ztunnel::node::Mode;
 
 use super::topology::{CNI_PATH, LinkCapture, PodNs, Topology, is_root, try_run};
-use crate::app::{self as controller, Config};
+use weft_controller::app::{self as controller, Config};
 
 const VIP: &str = "10.96.0.10";
 const TD: &str = "cluster.local";

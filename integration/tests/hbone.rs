@@ -674,3 +674,63 @@ async fn a_new_trust_bundle_retires_connections_checked_against_the_old() {
         .expect("the connection is retired once the roots change");
     assert!(ended.is_ok());
 }
+
+/// Bounded work per listener: past its handshakes in flight, or its
+/// connections, a new connection is closed at once and counted; a slot
+/// given back serves the next.
+#[tokio::test]
+async fn a_listener_bounds_its_handshakes_and_connections() {
+    let Pair { node, web, api, .. } = Pair::start().await;
+    let settings = weft_proto::hbone::H2Settings {
+        max_handshakes: 2,
+        max_connections: 3,
+        ..Default::default()
+    };
+    let server = HboneServer::start(
+        node.cert(&api).await,
+        weft_integration::Echo::default(),
+        settings,
+    )
+    .await;
+    let refused = || server.stats.refused_connections.load(Ordering::Relaxed);
+    let closed_at_once = |mut s: TcpStream| async move {
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("closed at once");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    };
+    // Two silent clients hold both handshake slots.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(TcpStream::connect(server.addr).await.expect("connect"));
+    }
+    eventually("both handshakes in flight", || {
+        server.stats.active_connections.load(Ordering::Relaxed) == 2
+    })
+    .await;
+    closed_at_once(TcpStream::connect(server.addr).await.expect("connect")).await;
+    assert_eq!(refused(), 1);
+    drop(silent);
+    eventually("silent clients gone", || {
+        server.stats.active_connections.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    // Three real connections fill the listener; a fourth is refused.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(raw_h2(server.addr, node.cert(&web).await, &api).await);
+    }
+    closed_at_once(TcpStream::connect(server.addr).await.expect("connect")).await;
+    assert_eq!(refused(), 2);
+    drop(held.pop());
+    eventually("a slot given back", || {
+        server.stats.active_connections.load(Ordering::Relaxed) == 2
+    })
+    .await;
+    let (mut h2, _conn) = raw_h2(server.addr, node.cert(&web).await, &api).await;
+    let (resp, _) = h2
+        .send_request(connect_to(&server.addr.to_string()), false)
+        .expect("send");
+    assert_eq!(resp.await.expect("response").status(), 200);
+}

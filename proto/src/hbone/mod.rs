@@ -84,6 +84,11 @@ pub struct H2Settings {
     /// them (rapid reset) frees HTTP/2's slots, not these. Past the bound a
     /// new stream is refused with REFUSED_STREAM.
     pub max_pending_streams: usize,
+    /// TLS handshakes one listener runs at once, and connections it holds:
+    /// past either, a new connection is closed at once, counted and logged
+    /// (bounded work per listener).
+    pub max_handshakes: usize,
+    pub max_connections: usize,
     /// Ping interval; a peer that does not answer within `keepalive_timeout`
     /// is declared dead and its connection closed. `None` disables pings.
     pub keepalive_interval: Option<Duration>,
@@ -100,6 +105,8 @@ impl Default for H2Settings {
             max_frame_size: 256 * 1024,
             max_concurrent_streams: 1000,
             max_pending_streams: 128,
+            max_handshakes: 128,
+            max_connections: 4096,
             keepalive_interval: Some(Duration::from_secs(10)),
             keepalive_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),

@@ -16,7 +16,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{H2Settings, H2Stream, HboneError, keepalive};
 use crate::identity::Identity;
@@ -98,6 +98,9 @@ pub struct ServerStats {
     pub bad_requests: AtomicU64,
     /// Streams refused because their connection had too many unanswered.
     pub refused_pending: AtomicU64,
+    /// Connections closed at once: the listener was at its limit of
+    /// handshakes or connections.
+    pub refused_connections: AtomicU64,
 }
 
 struct PeerCert {
@@ -105,11 +108,17 @@ struct PeerCert {
     serial: Arc<str>,
 }
 
-struct ActiveGuard(Arc<ServerStats>);
+/// Counts a connection as active, and holds its slot, until it ends.
+struct ActiveGuard {
+    stats: Arc<ServerStats>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active_connections.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .active_connections
+            .fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!("weft_hbone_active_connections").decrement(1.0);
     }
 }
@@ -123,6 +132,19 @@ struct Shared<H> {
     /// The listener's own certificate: its trust bundle is what each peer
     /// was checked against.
     own: tls::CertWatch,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    connections: Arc<tokio::sync::Semaphore>,
+}
+
+impl<H> Shared<H> {
+    /// A connection closed at once: the listener is at `limit`.
+    fn refuse(&self, peer_addr: SocketAddr, limit: &'static str) {
+        self.stats
+            .refused_connections
+            .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("weft_hbone_refused_connections_total", "limit" => limit).increment(1);
+        warn!(src.addr = %peer_addr, limit, "HBONE connection refused: listener at its limit");
+    }
 }
 
 /// Serves HBONE as `own`'s identity on `listener`, to clients with a
@@ -140,6 +162,8 @@ pub async fn serve<H: Handler>(
     let shared = Arc::new(Shared {
         acceptor: TlsAcceptor::from(config),
         handler,
+        handshakes: Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes)),
+        connections: Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
         settings,
         stats,
         own,
@@ -158,11 +182,18 @@ pub async fn serve<H: Handler>(
                 continue;
             }
         };
+        let Ok(slot) = shared.connections.clone().try_acquire_owned() else {
+            shared.refuse(peer_addr, "connections");
+            continue;
+        };
         let stats = &shared.stats;
         stats.connections.fetch_add(1, Ordering::Relaxed);
         stats.active_connections.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("weft_hbone_active_connections").increment(1.0);
-        let guard = ActiveGuard(stats.clone());
+        let guard = ActiveGuard {
+            stats: stats.clone(),
+            _slot: slot,
+        };
         let span = info_span!("hbone_in", src.addr = %peer_addr);
         tokio::spawn(
             serve_connection(tcp, peer_addr, shared.clone(), shutdown.clone(), guard)
@@ -185,6 +216,9 @@ async fn serve_connection<H: Handler>(
     };
     // The roots this peer is checked against: a new bundle retires it.
     let roots = roots_of(&shared.own);
+    let Ok(handshaking) = shared.handshakes.clone().try_acquire_owned() else {
+        return shared.refuse(peer_addr, "handshakes");
+    };
     // Phase 1: TLS. A failure here means the client never proved an identity.
     let handshake = shared.acceptor.accept(tcp);
     let tls = match tokio::time::timeout(settings.handshake_timeout, handshake).await {
@@ -218,6 +252,7 @@ async fn serve_connection<H: Handler>(
         Ok(Err(e)) => return protocol_failed(stats, &e.to_string()),
         Err(_) => return protocol_failed(stats, "HTTP/2 preface timed out"),
     };
+    drop(handshaking);
     debug!(src.identity = %peer.identity, "HBONE connection established");
     let trust = Trusted {
         expires,

@@ -87,6 +87,9 @@ pub struct CertManager {
 struct Inner {
     ca: Arc<dyn CaClient>,
     config: CertConfig,
+    /// Where renewal workers run: the runtime the manager was made on (a
+    /// proxy's control runtime), wherever `watch` is called from.
+    runtime: tokio::runtime::Handle,
     entries: Mutex<HashMap<Identity, Entry>>,
     shutdown: CancellationToken,
 }
@@ -100,6 +103,7 @@ impl CertManager {
     pub fn new(ca: Arc<dyn CaClient>, config: CertConfig) -> Self {
         CertManager {
             inner: Arc::new(Inner {
+                runtime: tokio::runtime::Handle::current(),
                 ca,
                 config,
                 entries: Mutex::new(HashMap::new()),
@@ -117,7 +121,7 @@ impl CertManager {
         }
         let (tx, rx) = watch::channel(CertState::Initializing);
         let stop = self.inner.shutdown.child_token();
-        tokio::spawn(worker(
+        self.inner.runtime.spawn(worker(
             self.inner.ca.clone(),
             self.inner.config.clone(),
             identity.clone(),

@@ -50,6 +50,10 @@ pub struct Config {
     pub ready_addr: SocketAddr,
     /// SOCKS5 explicit proxy (SPEC: 15080).
     pub socks5_addr: SocketAddr,
+    /// Where control work runs (config stream, certificates, admin,
+    /// metrics, readiness): a proxy's own current-thread runtime
+    /// (`process::ControlRuntime`); `None`: the caller's runtime.
+    pub control: Option<tokio::runtime::Handle>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +159,30 @@ fn read(path: &PathBuf) -> Result<String, BuildError> {
     })
 }
 
+/// Binds `addr` and serves `handler` on the control runtime: the listener is
+/// registered with that runtime's reactor, so a saturated data plane
+/// cannot delay it.
+async fn serve_control(
+    control: &tokio::runtime::Handle,
+    addr: SocketAddr,
+    handler: telemetry::Handler,
+    stop: CancellationToken,
+) -> Result<SocketAddr, BuildError> {
+    let served = control.spawn(async move {
+        let (listener, bound) = telemetry::bind(addr)
+            .await
+            .map_err(|reason| BuildError::Bind { addr, reason })?;
+        tokio::spawn(telemetry::serve_http(listener, handler, stop));
+        Ok(bound)
+    });
+    served.await.unwrap_or_else(|e| {
+        Err(BuildError::Bind {
+            addr,
+            reason: std::io::Error::other(format!("control runtime: {e}")),
+        })
+    })
+}
+
 pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let roots = TrustBundle::from_pem(&read(&config.ca_root)?).map_err(|e| BuildError::Root {
         path: config.ca_root.clone(),
@@ -164,6 +192,10 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let token = read(&config.token_file)?;
     let controller = weft_proto::identity::controller(&config.trust_domain)?;
     let ca = GrpcCaClient::new(config.ca_addr, roots.clone(), controller.clone(), &token);
+    let control = config
+        .control
+        .clone()
+        .unwrap_or_else(tokio::runtime::Handle::current);
     let model_tx = Arc::new(watch::channel(Arc::new(Model::default())).0);
     let model_rx = model_tx.subscribe();
     let config_ready = Arc::new(AtomicBool::new(false));
@@ -179,6 +211,8 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             config_ready.store(true, Ordering::Release);
         }
         None => {
+            // On the control runtime: the stream and its connection live there.
+            let entered = control.enter();
             let (pushed, _stats) = xds::spawn(XdsConfig {
                 controller: config.ca_addr,
                 roots,
@@ -188,6 +222,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
                 trust_domain: config.trust_domain.clone(),
             });
             tokio::spawn(follow(pushed, model_tx.clone(), config_ready.clone()));
+            drop(entered);
             // Restoring pods needs to know their workloads: give the first
             // config a moment; pods that still fail are retried anyway.
             let mut first = model_rx.clone();
@@ -201,7 +236,10 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         mode: config.mode,
         deny_passthrough: config.deny_passthrough,
         model: model_rx,
-        certs: CertManager::new(Arc::new(ca), CertConfig::default()),
+        certs: {
+            let _on_control = control.enter();
+            CertManager::new(Arc::new(ca), CertConfig::default())
+        },
         pool: Pool::with_dialer(PoolSettings::default(), Arc::new(PodDialer(pods.clone()))),
         pods,
         stats: Stats::default(),
@@ -242,17 +280,11 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
                 reason: source,
             })
     };
-    let (admin, admin_addr) = bind(config.admin_addr).await?;
-    let (metrics, metrics_addr) = bind(config.metrics_addr).await?;
-    let (ready, ready_addr) = bind(config.ready_addr).await?;
     telemetry::prometheus();
     let dump = node.clone();
     let admin_handler = Arc::new(move |path: &str| admin_page(&dump, path));
-    tokio::spawn(telemetry::serve_http(
-        admin,
-        admin_handler,
-        shutdown.clone(),
-    ));
+    let serve = |addr, handler| serve_control(&control, addr, handler, shutdown.clone());
+    let admin_addr = serve(config.admin_addr, admin_handler).await?;
     let metrics_handler = Arc::new(|path: &str| match path {
         "/metrics" => (
             StatusCode::OK,
@@ -265,11 +297,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             "try /metrics\n".to_owned(),
         ),
     });
-    tokio::spawn(telemetry::serve_http(
-        metrics,
-        metrics_handler,
-        shutdown.clone(),
-    ));
+    let metrics_addr = serve(config.metrics_addr, metrics_handler).await?;
     // Ready once a complete config is in, restored pods are back and the
     // enrollment socket is open.
     let is_ready = config_ready.clone();
@@ -288,11 +316,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             "try /healthz/ready\n".to_owned(),
         ),
     });
-    tokio::spawn(telemetry::serve_http(
-        ready,
-        ready_handler,
-        shutdown.clone(),
-    ));
+    let ready_addr = serve(config.ready_addr, ready_handler).await?;
     let (socks, socks5_addr) = bind(config.socks5_addr).await?;
     let socks5_stats = Arc::new(SocksStats::default());
     tokio::spawn(socks5::serve(

@@ -61,16 +61,36 @@ struct Args {
     /// Default: X25519MLKEM768 first, X25519 as the fallback.
     #[arg(long, env = "WEFT_PQ_ONLY")]
     pq_only: bool,
+    /// Data-plane worker threads (default: one per core). Control work
+    /// (config, certificates, admin, metrics, readiness) runs on a thread
+    /// of its own, so a saturated data plane never starves it.
+    #[arg(long, env = "WEFT_WORKERS")]
+    workers: Option<usize>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     weft_proto::process::init_logging(a.log_format);
     if a.pq_only {
         weft_proto::tls::require_post_quantum();
         tracing::info!("TLS key exchange: X25519MLKEM768 only");
     }
+    let control =
+        weft_proto::process::ControlRuntime::start().context("starting the control runtime")?;
+    let mut data = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = a.workers {
+        anyhow::ensure!(n > 0, "--workers must be at least 1");
+        data.worker_threads(n);
+    }
+    let data = data
+        .enable_all()
+        .thread_name("weft-data")
+        .build()
+        .context("starting the data-plane runtime")?;
+    data.block_on(run(a, control.handle()))
+}
+
+async fn run(a: Args, control: tokio::runtime::Handle) -> anyhow::Result<()> {
     // HOST:PORT, a name in a cluster (weft-controller.weft-system.svc:15012);
     // resolved once at start, as the Service's address is stable.
     let controller = tokio::net::lookup_host(&a.controller)
@@ -102,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr: a.metrics_addr,
         ready_addr: a.ready_addr,
         socks5_addr: a.socks5_addr,
+        control: Some(control),
     })
     .await
     .context("ztunnel failed to start")?;

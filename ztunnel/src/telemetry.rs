@@ -53,7 +53,8 @@ impl ConnLabels {
     }
 }
 
-type Handler = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send + Sync>;
+/// GET path → (status, content type, body).
+pub type Handler = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send + Sync>;
 
 /// A small HTTP/1.1 server: GET path → (status, content type, body).
 pub async fn serve_http(listener: TcpListener, handler: Handler, stop: CancellationToken) {

@@ -429,6 +429,18 @@ pub async fn start_ztunnel(
     dir: &Path,
     options: ZtunnelOptions,
 ) -> anyhow::Result<Ztunnel> {
+    start_ztunnel_on(ctl, node, (config, dir), options, None).await
+}
+
+/// [`start_ztunnel`], its control work on `control` (a proxy's own
+/// control runtime), as the `weft-ztunnel` binary runs it.
+pub async fn start_ztunnel_on(
+    ctl: &controller::Bound,
+    node: &str,
+    (config, dir): (Option<&Path>, &Path),
+    options: ZtunnelOptions,
+    control: Option<tokio::runtime::Handle>,
+) -> anyhow::Result<Ztunnel> {
     let dir = dir.join(node);
     std::fs::create_dir_all(&dir)?;
     let root = dir.join("root-cert.pem");
@@ -449,6 +461,7 @@ pub async fn start_ztunnel(
         metrics_addr: any,
         ready_addr: any,
         socks5_addr: any,
+        control,
     })
     .await
     .with_context(|| format!("starting {node}'s ztunnel"))

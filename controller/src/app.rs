@@ -191,7 +191,9 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let shutdown = CancellationToken::new();
     let incoming = tls_incoming::incoming(listener, tls, shutdown.clone());
     let service = CaService::new(ca.clone(), nodes.clone(), config.trust_domain.clone());
-    let store = ConfigStore::new(nodes.clone());
+    let store = ConfigStore::new();
+    // The CA's entitlements follow the config served.
+    nodes.follow(store.subscribe());
     let (local, sources, kube_client) = match &config.source {
         SourceConfig::Local(dir) => {
             let dir = dir

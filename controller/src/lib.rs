@@ -8,5 +8,6 @@ pub mod ca_server;
 pub mod nodes;
 pub mod rest;
 pub mod source;
+pub mod state;
 pub mod tls_incoming;
 pub mod xds;

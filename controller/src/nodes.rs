@@ -7,10 +7,13 @@
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use rand::RngCore;
+use tokio::sync::watch;
 use weft_proto::identity::Identity;
+
+use crate::state::Snapshot;
 
 use crate::ca::{CaError, write_atomic};
 
@@ -28,9 +31,13 @@ pub struct Nodes {
     tokens: RwLock<HashMap<String, String>>,
     // node name → identities of workloads placed there by hand (--place)
     placements: RwLock<HashMap<String, HashSet<Identity>>>,
-    // the same, from the config the controller serves
-    from_config: RwLock<HashMap<String, HashSet<Identity>>>,
+    // the config the controller serves, and what was last derived from it:
+    // (its version, node name → meshed identities placed there)
+    config: std::sync::OnceLock<watch::Receiver<Arc<Snapshot>>>,
+    from_config: RwLock<(u64, Placements)>,
 }
+
+type Placements = HashMap<String, HashSet<Identity>>;
 
 impl Nodes {
     /// Loads every `<node>.token` in `dir` (created if missing).
@@ -62,7 +69,8 @@ impl Nodes {
             dir: dir.to_owned(),
             tokens: RwLock::new(tokens),
             placements: RwLock::new(HashMap::new()),
-            from_config: RwLock::new(HashMap::new()),
+            config: std::sync::OnceLock::new(),
+            from_config: RwLock::new((0, HashMap::new())),
         })
     }
 
@@ -122,8 +130,36 @@ impl Nodes {
     }
 
     /// Replaces the placements that come from config (hand-made ones stay).
-    pub fn set_config_placements(&self, placements: HashMap<String, HashSet<Identity>>) {
-        *self.from_config.write().expect("poisoned") = placements;
+    /// Entitlements follow `config`: a node may get certificates for the
+    /// meshed workloads the config places on it, derived here (by the CA
+    /// side) from the version served when a request asks.
+    pub fn follow(&self, config: watch::Receiver<Arc<Snapshot>>) {
+        let _ = self.config.set(config);
+    }
+
+    /// Whether the config served now places `identity` on `node`.
+    fn placed_by_config(&self, node: &str, identity: &Identity) -> bool {
+        let Some(config) = self.config.get() else {
+            return false;
+        };
+        let snapshot = config.borrow().clone();
+        let placed = |p: &Placements| p.get(node).is_some_and(|s| s.contains(identity));
+        {
+            let derived = self.from_config.read().expect("poisoned");
+            if derived.0 == snapshot.version {
+                return placed(&derived.1);
+            }
+        }
+        let mut placements: Placements = HashMap::new();
+        for w in snapshot.model.workloads.iter().filter(|w| w.meshed) {
+            placements
+                .entry(w.node.clone())
+                .or_default()
+                .insert(w.identity.clone());
+        }
+        let answer = placed(&placements);
+        *self.from_config.write().expect("poisoned") = (snapshot.version, placements);
+        answer
     }
 
     /// Records that a workload running as `identity` is scheduled on `node`.
@@ -137,12 +173,13 @@ impl Nodes {
     }
 
     pub fn entitled(&self, node: &str, identity: &Identity) -> bool {
-        [&self.placements, &self.from_config].iter().any(|map| {
-            map.read()
-                .expect("poisoned")
-                .get(node)
-                .is_some_and(|s| s.contains(identity))
-        })
+        let by_hand = self
+            .placements
+            .read()
+            .expect("poisoned")
+            .get(node)
+            .is_some_and(|s| s.contains(identity));
+        by_hand || self.placed_by_config(node, identity)
     }
 }
 
@@ -162,4 +199,38 @@ fn check_name(node: &str) -> Result<(), NodeError> {
 
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::ConfigStore;
+    use weft_proto::model::Model;
+
+    fn model(node: &str) -> Model {
+        let yaml = format!(
+            "workloads:\n  - {{name: web, serviceAccount: web, node: {node}, addresses: [10.0.1.2]}}\n  - {{name: old, serviceAccount: old, node: a, addresses: [10.0.1.3], meshed: false}}\n"
+        );
+        Model::from_yaml(&yaml, "cluster.local").expect("valid")
+    }
+
+    /// The CA reads placements from the config served, version by version:
+    /// a workload that moves takes its entitlement with it; an unmeshed one
+    /// entitles nothing.
+    #[test]
+    fn entitlements_follow_the_config_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nodes = Nodes::load(dir.path()).expect("nodes");
+        let store = ConfigStore::new();
+        nodes.follow(store.subscribe());
+        let id = |sa: &str| Identity::new("cluster.local", "default", sa).expect("id");
+        assert!(!nodes.entitled("a", &id("web")), "nothing served yet");
+        store.set(model("a"));
+        assert!(nodes.entitled("a", &id("web")));
+        assert!(!nodes.entitled("b", &id("web")));
+        assert!(!nodes.entitled("a", &id("old")), "unmeshed");
+        store.set(model("b"));
+        assert!(!nodes.entitled("a", &id("web")), "moved away");
+        assert!(nodes.entitled("b", &id("web")));
+    }
 }

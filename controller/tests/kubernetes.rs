@@ -19,7 +19,6 @@ use axum::response::Response;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use weft_controller::nodes::Nodes;
 use weft_controller::source::kubernetes;
 use weft_controller::xds::ConfigStore;
 use weft_proto::model::Model;
@@ -271,8 +270,7 @@ async fn reflectors_follow_lists_watches_and_relists() {
     fake.put(NAMESPACES, namespace(true));
     fake.put(PODS, pod("api-1", "10.244.1.5"));
     let client = serve(fake.clone()).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = ConfigStore::new(Arc::new(Nodes::load(dir.path()).expect("nodes")));
+    let store = ConfigStore::new();
     let stop = CancellationToken::new();
     let k8s = kubernetes::start(client.clone(), store.clone(), "cluster.local", stop.clone());
 
@@ -454,8 +452,7 @@ async fn optional_kinds_follow_discovery_and_slices_apply_pod_by_pod() {
     fake.put(SLICES, api_slice(true));
     fake.put(HTTPROUTES, route());
     let client = serve(fake.clone()).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = ConfigStore::new(Arc::new(Nodes::load(dir.path()).expect("nodes")));
+    let store = ConfigStore::new();
     let stop = CancellationToken::new();
     let k8s = kubernetes::start_with_discovery(
         client,

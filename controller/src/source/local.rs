@@ -559,7 +559,6 @@ fn assemble(files: &BTreeMap<String, FileState>) -> (Objects, Vec<([String; 2], 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nodes::Nodes;
 
     fn pod(name: &str, ip: &str) -> String {
         format!(
@@ -585,8 +584,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (dir, data) = (tmp.path().join("config"), tmp.path().join("data"));
         std::fs::create_dir_all(&dir).expect("dir");
-        let nodes = Arc::new(Nodes::load(&tmp.path().join("nodes")).expect("nodes"));
-        let store = ConfigStore::new(nodes.clone());
+        let store = ConfigStore::new();
         std::fs::write(dir.join("a.yaml"), pod("web", "10.0.0.1")).expect("write");
         let stop = CancellationToken::new();
         stop.cancel(); // scans are driven by hand below
@@ -638,7 +636,7 @@ mod tests {
         );
 
         // A restart while a.yaml is still broken serves its accepted copy.
-        let store = ConfigStore::new(nodes);
+        let store = ConfigStore::new();
         let source =
             LocalSource::start(&dir, &data, "cluster.local", store.clone(), stop).expect("restart");
         assert_eq!(workloads(&store), ["shop/api", "shop/web"]);
@@ -683,7 +681,6 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("config");
         std::fs::create_dir_all(&dir).expect("dir");
-        let nodes = Arc::new(Nodes::load(&tmp.path().join("nodes")).expect("nodes"));
         std::fs::write(
             dir.join("base.yaml"),
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {weft.dev/mesh: enabled}}\n---\n\
@@ -704,7 +701,7 @@ mod tests {
         .expect("write");
         let stop = CancellationToken::new();
         stop.cancel();
-        let store = ConfigStore::new(nodes.clone());
+        let store = ConfigStore::new();
         let source = LocalSource::start(
             &dir,
             &tmp.path().join("data"),
@@ -728,7 +725,7 @@ mod tests {
         for (i, yaml) in steps.iter().enumerate() {
             std::fs::write(dir.join("pods.yaml"), yaml).expect("write");
             assert!(source.rescan().is_some(), "step {i} applied");
-            let fresh_store = ConfigStore::new(nodes.clone());
+            let fresh_store = ConfigStore::new();
             let data = tempfile::tempdir().expect("tempdir");
             LocalSource::start(
                 &dir,

@@ -1,0 +1,178 @@
+//! The controller's state: the config it serves (a versioned snapshot of
+//! the model and its encoded resources, with the change from the previous
+//! version computed once for every proxy) and what each proxy on the config
+//! stream has. The config stream (`xds`) sends from it; the CA derives
+//! entitlements from it (`nodes`); the REST API reads it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+use tracing::info;
+use weft_proto::model::Model;
+use weft_proto::resources::{self, ZTUNNEL_TYPES};
+
+/// A config version and its resources, by type and name.
+pub struct Snapshot {
+    pub version: u64,
+    /// When this version was set (for push latency).
+    pub(crate) created: std::time::Instant,
+    pub model: Arc<Model>,
+    pub(crate) resources: resources::Resources,
+    /// What changed since the previous version, computed once for all
+    /// proxies: a proxy in step with that version is sent it without a
+    /// diff over the whole mesh.
+    pub(crate) delta: Option<Delta>,
+    /// Node → the policies that select a workload on it: a ztunnel enforces
+    /// inbound only, so it is sent only those (SPEC §6).
+    pub(crate) policies_by_node: HashMap<String, HashSet<String>>,
+}
+
+pub(crate) struct Delta {
+    pub(crate) from: u64,
+    /// Type → (changed or added names, removed names).
+    pub(crate) types: HashMap<&'static str, (Vec<String>, Vec<String>)>,
+}
+
+fn delta(from: &Snapshot, to: &resources::Resources) -> Delta {
+    let empty = BTreeMap::new();
+    let mut types = HashMap::new();
+    for t in ZTUNNEL_TYPES {
+        let (old, new) = (
+            from.resources.get(t).unwrap_or(&empty),
+            to.get(t).unwrap_or(&empty),
+        );
+        let changed = new
+            .values()
+            .filter(|r| old.get(&r.name).map(|o| &o.version) != Some(&r.version))
+            .map(|r| r.name.clone())
+            .collect();
+        let removed = old
+            .keys()
+            .filter(|n| !new.contains_key(*n))
+            .cloned()
+            .collect();
+        types.insert(t, (changed, removed));
+    }
+    Delta {
+        from: from.version,
+        types,
+    }
+}
+
+fn policies_by_node(model: &Model) -> HashMap<String, HashSet<String>> {
+    let mut by_namespace: HashMap<&str, Vec<&weft_proto::model::Workload>> = HashMap::new();
+    for w in &model.workloads {
+        by_namespace
+            .entry(w.namespace.as_str())
+            .or_default()
+            .push(w);
+    }
+    let mut out: HashMap<String, HashSet<String>> = HashMap::new();
+    for p in &model.policies {
+        for w in by_namespace.get(p.namespace.as_str()).into_iter().flatten() {
+            if p.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)) {
+                out.entry(w.node.clone()).or_default().insert(p.key.clone());
+            }
+        }
+    }
+    out
+}
+
+/// What the controller serves. Setting a new model pushes the difference to
+/// every connected proxy; the CA derives from it which identities each
+/// node may request (`Nodes::follow`).
+#[derive(Clone)]
+pub struct ConfigStore {
+    tx: Arc<watch::Sender<Arc<Snapshot>>>,
+}
+
+impl ConfigStore {
+    pub fn new() -> Self {
+        let empty = Snapshot {
+            version: 0,
+            created: std::time::Instant::now(),
+            model: Arc::new(Model::default()),
+            resources: BTreeMap::new(),
+            delta: None,
+            policies_by_node: HashMap::new(),
+        };
+        ConfigStore {
+            tx: Arc::new(watch::channel(Arc::new(empty)).0),
+        }
+    }
+
+    /// Serves `model`; returns its version. A model that encodes to exactly
+    /// what is served keeps the current version and pushes nothing (a pod's
+    /// status churning in Kubernetes must not wake every proxy).
+    pub fn set(&self, model: Model) -> u64 {
+        let current = self.current();
+        let resources = resources::encode_reusing(&model, &current.model, &current.resources);
+        if current.version > 0 && current.resources == resources {
+            return current.version;
+        }
+        let delta = delta(&current, &resources);
+        let version = current.version + 1;
+        drop(current);
+        self.tx.send_replace(Arc::new(Snapshot {
+            version,
+            created: std::time::Instant::now(),
+            policies_by_node: policies_by_node(&model),
+            model: Arc::new(model),
+            resources,
+            delta: Some(delta),
+        }));
+        metrics::gauge!("weft_controller_config_version").set(version as f64);
+        info!(version, "config updated");
+        version
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+}
+
+/// One proxy's view, for the REST API and tests.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyStatus {
+    pub connected: bool,
+    /// Config version of the last response the proxy ACKed, per type.
+    pub acked: BTreeMap<String, u64>,
+    /// The last 10 NACK reasons, newest last.
+    pub nacks: Vec<String>,
+    /// Resources in the most recent response (a one-pod change: 1).
+    pub last_push_resources: usize,
+    pub resources_sent: u64,
+    pub last_seen: Option<SystemTime>,
+}
+
+#[derive(Clone, Default)]
+pub struct Proxies(Arc<Mutex<BTreeMap<String, ProxyStatus>>>);
+
+impl Proxies {
+    pub fn get(&self, node: &str) -> Option<ProxyStatus> {
+        self.0.lock().expect("poisoned").get(node).cloned()
+    }
+
+    pub fn all(&self) -> BTreeMap<String, ProxyStatus> {
+        self.0.lock().expect("poisoned").clone()
+    }
+
+    pub(crate) fn update(&self, node: &str, f: impl FnOnce(&mut ProxyStatus)) {
+        let mut all = self.0.lock().expect("poisoned");
+        let status = all.entry(node.to_owned()).or_default();
+        status.last_seen = Some(SystemTime::now());
+        f(status);
+    }
+}
+
+impl Default for ConfigStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -189,11 +189,16 @@ fn apply(
     let type_url = resp.type_url;
     let mut changes = Changes::default();
     let mut versions = Vec::with_capacity(resp.resources.len());
-    for name in &resp.removed_resources {
-        match type_url.as_str() {
-            resources::WORKLOAD => changes.workloads.push((name.clone(), None)),
-            resources::SERVICE => changes.services.push((name.clone(), None)),
-            _ => changes.policies.push((name.clone(), None)),
+    // A type weft does not know is refused whole, never read as another.
+    let gone = resp.removed_resources.iter().cloned();
+    match type_url.as_str() {
+        resources::WORKLOAD => changes.workloads.extend(gone.map(|n| (n, None))),
+        resources::SERVICE => changes.services.extend(gone.map(|n| (n, None))),
+        resources::AUTHORIZATION => changes.policies.extend(gone.map(|n| (n, None))),
+        other => {
+            return Err(format!(
+                "type {other:?} is not one weft subscribes to; response refused"
+            ));
         }
     }
     for r in resp.resources {
@@ -297,5 +302,33 @@ mod tests {
         // A body of the wrong type is refused.
         let wrong = response(resources::SERVICE, vec![("x", a)], vec![]);
         assert!(apply(&mut cache, wrong, "cluster.local").is_err());
+    }
+
+    /// A response of a type weft does not know is refused loudly, never
+    /// mapped onto another kind (its removals once removed policies).
+    #[test]
+    fn an_unknown_type_is_refused_not_read_as_another() {
+        let model = Model::from_yaml(
+            "workloads: [{name: a, node: n, addresses: [10.0.0.1]}]\npolicies: [{name: p, action: DENY, rules: [{}]}]",
+            "cluster.local",
+        )
+        .expect("valid");
+        let enc = resources::encode(&model);
+        let mut cache = Cache::default();
+        for t in [resources::WORKLOAD, resources::AUTHORIZATION] {
+            let items = enc[t]
+                .values()
+                .map(|r| (r.name.as_str(), r.body.clone()))
+                .collect();
+            apply(&mut cache, response(t, items, vec![]), "cluster.local").expect("valid");
+        }
+        let foreign = response(
+            "type.googleapis.com/weft.v1.Route",
+            vec![],
+            vec!["default/p"],
+        );
+        let err = apply(&mut cache, foreign, "cluster.local").expect_err("refused");
+        assert!(err.contains("weft.v1.Route"), "{err}");
+        assert_eq!(cache.model.policies.len(), 1, "the policy is still there");
     }
 }

@@ -12,8 +12,7 @@
 
 use std::fs;
 use std::future::Future;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
@@ -430,26 +429,13 @@ fn read(path: &Path) -> Result<String, CaError> {
     })
 }
 
-/// Writes via a temporary file and rename, created with `mode` from the start
-/// so a key is never briefly world-readable.
+/// [`weft_proto::process::write_atomic`], its error naming the path.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), CaError> {
-    let tmp = path.with_extension("tmp");
-    let io = |action, source| CaError::Io {
-        action,
+    weft_proto::process::write_atomic(path, data, mode).map_err(|source| CaError::Io {
+        action: "write",
         path: path.to_owned(),
         source,
-    };
-    let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| io("create", e))?;
-    f.write_all(data).map_err(|e| io("write", e))?;
-    f.sync_all().map_err(|e| io("sync", e))?;
-    fs::rename(&tmp, path).map_err(|e| io("rename", e))?;
-    Ok(())
+    })
 }
 
 fn pem_blocks(pem: &str) -> Vec<Vec<u8>> {

@@ -127,3 +127,46 @@ impl Drop for ControlRuntime {
         }
     }
 }
+
+/// Writes `data` to `path` whole or not at all: a temporary file created
+/// with `mode` from the start (a key is never briefly readable by others),
+/// synced, renamed over `path`, and the directory synced, so what was
+/// written survives a crash or a restart. The one atomic writer of weft.
+pub fn write_atomic(path: &std::path::Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_writes_replace_whole_files_with_their_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("weft-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("key.pem");
+        write_atomic(&path, b"first", 0o600).expect("write");
+        write_atomic(&path, b"second", 0o600).expect("replace");
+        assert_eq!(std::fs::read(&path).expect("read"), b"second");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!path.with_extension("tmp").exists(), "no temporary left");
+        std::fs::remove_dir_all(&dir).expect("clean");
+    }
+}

@@ -98,9 +98,7 @@ impl Pods {
                 .collect::<Vec<_>>(),
         );
         let json = serde_json::to_vec_pretty(&specs).map_err(std::io::Error::other)?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, json)?;
-        std::fs::rename(&tmp, path)
+        weft_proto::process::write_atomic(path, &json, 0o600)
     }
 }
 

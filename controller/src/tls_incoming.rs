@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -80,45 +80,33 @@ pub fn incoming(
 ) -> ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
-    let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            let (tcp, remote) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    debug!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+    // The shared accept loop bounds the handshakes in flight (past it a
+    // connection is closed at once and counted), each in its own task.
+    let handshake = move |tcp: TcpStream, remote: SocketAddr| {
+        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+        async move {
+            let _ = tcp.set_nodelay(true);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(inner)) => {
+                    let identity = tls::peer_identity(inner.get_ref().1.peer_certificates()).ok();
+                    let conn = TlsConn {
+                        inner,
+                        info: PeerInfo { remote, identity },
+                    };
+                    let _ = tx.send(Ok(conn)).await;
                 }
-            };
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                let _ = tcp.set_nodelay(true);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(inner)) => {
-                        let identity =
-                            tls::peer_identity(inner.get_ref().1.peer_certificates()).ok();
-                        let conn = TlsConn {
-                            inner,
-                            info: PeerInfo { remote, identity },
-                        };
-                        let _ = tx.send(Ok(conn)).await;
-                    }
-                    Ok(Err(e)) => {
-                        debug!(src.addr = %remote, error = %e, "controller TLS handshake failed")
-                    }
-                    Err(_) => debug!(src.addr = %remote, "controller TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    debug!(src.addr = %remote, error = %e, "controller TLS handshake failed")
                 }
-            });
+                Err(_) => debug!(src.addr = %remote, "controller TLS handshake timed out"),
+            }
         }
-    });
+    };
+    tokio::spawn(weft_proto::listen::accept_bounded(
+        listener,
+        shutdown,
+        ("controller", MAX_HANDSHAKES),
+        handshake,
+    ));
     ReceiverStream::new(rx)
 }

@@ -5,6 +5,7 @@ pub mod certs;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;
+pub mod listen;
 pub mod model;
 pub mod process;
 pub mod resources;

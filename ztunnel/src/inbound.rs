@@ -18,11 +18,11 @@ use weft_proto::identity::Identity;
 use weft_proto::model::{Decision, Source};
 
 use crate::capture::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
-use crate::listen::accept_each;
 use crate::netns::original_dst;
 use crate::node::{Mode, Node};
 use crate::pods::Pod;
 use crate::telemetry::ConnLabels;
+use weft_proto::listen::accept_each;
 
 pub struct Inbound {
     pub node: Arc<Node>,

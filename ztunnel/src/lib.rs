@@ -7,7 +7,6 @@ pub mod capture;
 pub mod cni;
 pub mod enroll;
 pub mod inbound;
-pub mod listen;
 pub mod netns;
 pub mod node;
 pub mod outbound;

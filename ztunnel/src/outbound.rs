@@ -25,11 +25,11 @@ use weft_proto::hbone::{Transferred, copy_bidirectional};
 use weft_proto::identity::Identity;
 use weft_proto::model::{Model, Service, Workload};
 
-use crate::listen::accept_each;
 use crate::netns::{Netns, original_dst};
 use crate::node::Node;
 use crate::pods::Pod;
 use crate::telemetry::ConnLabels;
+use weft_proto::listen::accept_each;
 
 /// How long a connection may wait for its source's first certificate.
 const CERT_WAIT: Duration = Duration::from_secs(5);

@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 use weft_proto::model::Model;
 
-use crate::listen::accept_each;
 use crate::node::Node;
 use crate::outbound::{self, Source};
+use weft_proto::listen::accept_each;
 
 /// A SOCKS handshake must finish within this, or the connection is closed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::listen::accept_each;
+use weft_proto::listen::accept_each;
 
 pub use weft_proto::process::prometheus;
 

@@ -111,7 +111,6 @@ struct PeerCert {
 /// Counts a connection as active, and holds its slot, until it ends.
 struct ActiveGuard {
     stats: Arc<ServerStats>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Drop for ActiveGuard {
@@ -133,7 +132,6 @@ struct Shared<H> {
     /// was checked against.
     own: tls::CertWatch,
     handshakes: Arc<tokio::sync::Semaphore>,
-    connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl<H> Shared<H> {
@@ -163,43 +161,23 @@ pub async fn serve<H: Handler>(
         acceptor: TlsAcceptor::from(config),
         handler,
         handshakes: Arc::new(tokio::sync::Semaphore::new(settings.max_handshakes)),
-        connections: Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
         settings,
         stats,
         own,
     });
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (tcp, peer_addr) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Usually EMFILE: back off instead of spinning on the error.
-                debug!(error = %e, "HBONE accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = shared.connections.clone().try_acquire_owned() else {
-            shared.refuse(peer_addr, "connections");
-            continue;
-        };
+    let limit = ("hbone", shared.settings.max_connections);
+    let on_refused = |peer| shared.refuse(peer, "connections");
+    let serve = |tcp, peer_addr| {
         let stats = &shared.stats;
         stats.connections.fetch_add(1, Ordering::Relaxed);
         stats.active_connections.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("weft_hbone_active_connections").increment(1.0);
         let guard = ActiveGuard {
             stats: stats.clone(),
-            _slot: slot,
         };
-        let span = info_span!("hbone_in", src.addr = %peer_addr);
-        tokio::spawn(
-            serve_connection(tcp, peer_addr, shared.clone(), shutdown.clone(), guard)
-                .instrument(span),
-        );
-    }
+        serve_connection(tcp, peer_addr, shared.clone(), shutdown.clone(), guard)
+    };
+    crate::listen::accept_counted(listener, shutdown.clone(), limit, serve, on_refused).await;
 }
 
 async fn serve_connection<H: Handler>(

@@ -1,7 +1,7 @@
-//! The one accept loop every ztunnel listener uses: a task and a span per
-//! connection, at most [`MAX_CONNECTIONS`] at once (past that a connection
-//! is closed at once, counted and logged), stop on cancel, back off when
-//! accept fails.
+//! The one accept loop every weft listener uses (pod ports, HBONE, admin,
+//! SOCKS5, the controller's gRPC port): a task and a span per connection,
+//! at most a bound at once (past it a connection is closed at once, counted
+//! and logged), stop on cancel, back off when accept fails.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,6 +40,20 @@ pub async fn accept_bounded<F, Fut>(
     F: Fn(TcpStream, SocketAddr) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    accept_counted(listener, stop, (kind, limit), handle, |_| {}).await
+}
+
+/// [`accept_bounded`], telling `refused` of each connection refused.
+pub async fn accept_counted<F, Fut>(
+    listener: TcpListener,
+    stop: CancellationToken,
+    (kind, limit): (&'static str, usize),
+    handle: F,
+    refused: impl Fn(SocketAddr),
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let slots = Arc::new(Semaphore::new(limit));
     loop {
         let accepted = tokio::select! {
@@ -52,6 +66,7 @@ pub async fn accept_bounded<F, Fut>(
                     metrics::counter!("weft_listener_refusals_total", "listener" => kind)
                         .increment(1);
                     warn!(listener = kind, src.addr = %peer, limit, "connection refused: listener at its limit");
+                    refused(peer);
                     drop(tcp);
                     continue;
                 };

@@ -10,6 +10,7 @@ pub mod model;
 pub mod process;
 pub mod resources;
 pub mod shards;
+pub mod telemetry;
 pub mod tls;
 pub mod xds;
 

@@ -78,6 +78,7 @@ pub fn prometheus() -> &'static metrics_exporter_prometheus::PrometheusHandle {
         // Another recorder already installed (tests embedding several parts):
         // ours still renders whatever is recorded through it.
         let _ = metrics::set_global_recorder(recorder);
+        crate::telemetry::describe();
         handle
     })
 }

@@ -1,0 +1,78 @@
+//! Every /metrics endpoint in Prometheus' own words: the controller's and a
+//! ztunnel's scraped after real work, run through `promtool check metrics`
+//! (Debian's `prometheus` package; CI installs it), and every weft series
+//! declared with its help text.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use weft_cli::demo::mesh::{ZtunnelOptions, start_ztunnel};
+use weft_integration::Mesh;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metrics_endpoint_parses_and_says_what_it_counts() {
+    let mesh = Mesh::start().await;
+    mesh.controller.config.set(
+        weft_proto::model::Model::from_yaml(
+            "workloads:\n  - {name: web, serviceAccount: web, node: a, addresses: [10.0.1.2]}\n",
+            "cluster.local",
+        )
+        .expect("valid"),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Config pushed over the stream: the controller's push metrics and the
+    // ztunnel's certificate metrics both have series.
+    let zt = start_ztunnel(
+        &mesh.controller,
+        "a",
+        None,
+        dir.path(),
+        ZtunnelOptions::default(),
+    )
+    .await
+    .expect("ztunnel");
+    let web = weft_proto::Identity::new("cluster.local", "default", "web").expect("id");
+    weft_proto::certs::wait_for_cert(zt.node.certs.watch(&web), &web, Duration::from_secs(10))
+        .await
+        .expect("certificate");
+    for (who, addr) in [
+        ("controller", mesh.controller.metrics_addr),
+        ("ztunnel", zt.metrics_addr),
+    ] {
+        let (status, text) = weft_integration::curl(addr, "GET", "/metrics", None, None).await;
+        assert_eq!(status, 200, "{who}: {text}");
+        assert!(text.contains("weft_"), "{who}: no weft series:\n{text}");
+        for line in text.lines().filter(|l| l.starts_with("# TYPE weft_")) {
+            let name = line.split_whitespace().nth(2).expect("name");
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{who}: {name} has no help text"
+            );
+        }
+        let promtool = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let Ok(mut promtool) = promtool else {
+            eprintln!("skipped promtool: not installed (apt-get install prometheus; CI has it)");
+            continue;
+        };
+        promtool
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("feed promtool");
+        let out = promtool.wait_with_output().expect("promtool");
+        assert!(
+            out.status.success(),
+            "{who}: promtool check metrics:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    zt.shutdown().await;
+}

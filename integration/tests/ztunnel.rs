@@ -515,6 +515,12 @@ async fn hostile_input_on_pod_ports() {
         3,
         "each refusal has its access-log line"
     );
+    // The outbound refusals above are typed: a loop is "no route".
+    assert!(
+        log.lines()
+            .any(|l| l.contains("capture port itself") && l.contains(r#""response_flags":"NR""#)),
+        "no NR flag in:\n{log}"
+    );
     drop(h2);
     conn.abort(); // closes the connection, streams and all
 

@@ -6,6 +6,7 @@ pub mod app;
 pub mod capture;
 pub mod cni;
 pub mod enroll;
+pub mod error;
 pub mod inbound;
 pub mod netns;
 pub mod node;

@@ -25,6 +25,7 @@ use weft_proto::hbone::{Transferred, copy_bidirectional};
 use weft_proto::identity::Identity;
 use weft_proto::model::{Model, Service, Workload};
 
+use crate::error::ConnError;
 use crate::netns::{Netns, original_dst};
 use crate::node::Node;
 use crate::pods::Pod;
@@ -75,9 +76,7 @@ async fn captured(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) 
     // Not redirected: someone connected to 15001 itself. Forwarding would
     // connect to 15001 again, and again — refuse instead of looping.
     let result = if tcp.local_addr().ok() == Some(dst) {
-        Err(format!(
-            "{dst} is the capture port itself, not a destination"
-        ))
+        Err(ConnError::Loop(dst))
     } else {
         open(node, &src, dst).await
     };
@@ -88,43 +87,25 @@ async fn captured(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) 
 /// two others, so a rollout's departed pods cost no failed connection.
 const SERVICE_ATTEMPTS: usize = 3;
 
-/// Why one destination could not be opened.
-enum OpenError {
-    /// Nothing took the connection (gone, unreachable, 503): no byte of the
-    /// client's was sent, so another endpoint of the service may be tried.
-    Unavailable(String),
-    /// An answer (policy, no certificate, passthrough denied): final.
-    Refused(String),
-}
-
-impl OpenError {
-    fn into_reason(self) -> String {
-        match self {
-            OpenError::Unavailable(r) | OpenError::Refused(r) => r,
-        }
-    }
-}
-
 /// Routes `dst` and connects to it on `src`'s behalf. A Service VIP is
 /// balanced over its endpoints, and an endpoint that cannot take the
 /// tunnel is skipped for another (bounded, counted); a pod IP dialled
 /// directly is that pod or nothing.
-pub async fn open(node: &Node, src: &Source<'_>, dst: SocketAddr) -> Result<Upstream, String> {
+pub async fn open(node: &Node, src: &Source<'_>, dst: SocketAddr) -> Result<Upstream, ConnError> {
     let model = node.model.borrow().clone();
     let Some(svc) = model.service_by_vip(dst.ip()) else {
         return match model.workload_by_ip(dst.ip()) {
-            Some(w) => open_workload(node, src, w, dst.port(), None)
-                .await
-                .map_err(OpenError::into_reason),
-            None => passthrough(node, src, dst)
-                .await
-                .map_err(OpenError::into_reason),
+            Some(w) => open_workload(node, src, w, dst.port(), None).await,
+            None => passthrough(node, src, dst).await,
         };
     };
     let port = svc
         .target_port(dst.port())
-        .ok_or_else(|| format!("service {} has no port {}", svc.key, dst.port()))?;
-    let mut last = format!("service {} has no ready endpoint", svc.key);
+        .ok_or_else(|| ConnError::NoPort {
+            service: svc.key.clone(),
+            port: dst.port(),
+        })?;
+    let mut last = ConnError::NoHealthyUpstream(svc.key.clone());
     for attempt in 0..SERVICE_ATTEMPTS {
         let Some(ep) = pick_available(node, &model, svc) else {
             break;
@@ -135,12 +116,13 @@ pub async fn open(node: &Node, src: &Source<'_>, dst: SocketAddr) -> Result<Upst
         }
         match open_workload(node, src, ep, port, Some(svc.key.clone())).await {
             Ok(up) => return Ok(up),
-            Err(OpenError::Refused(reason)) => return Err(reason),
-            Err(OpenError::Unavailable(reason)) => {
+            Err(e) if !e.endpoint_unavailable() => return Err(e),
+            Err(reason) => {
                 warn!(
                     service = svc.key,
                     endpoint = ep.name,
-                    reason,
+                    reason = %reason,
+                    response_flags = reason.flag(),
                     "endpoint unavailable; trying another"
                 );
                 if let Some(ip) = ep.addresses.first() {
@@ -181,11 +163,11 @@ async fn open_workload(
     workload: &Arc<Workload>,
     port: u16,
     service: Option<String>,
-) -> Result<Upstream, OpenError> {
+) -> Result<Upstream, ConnError> {
     let ip = *workload
         .addresses
         .first()
-        .ok_or_else(|| OpenError::Refused("destination workload has no address".into()))?;
+        .ok_or_else(|| ConnError::NoAddress(workload.key.clone()))?;
     let endpoint = SocketAddr::new(ip, port);
     if !workload.meshed {
         return passthrough(node, src, endpoint).await;
@@ -204,17 +186,15 @@ async fn open_workload(
     })
 }
 
-async fn passthrough(node: &Node, src: &Source<'_>, to: SocketAddr) -> Result<Upstream, OpenError> {
+async fn passthrough(node: &Node, src: &Source<'_>, to: SocketAddr) -> Result<Upstream, ConnError> {
     if node.deny_passthrough {
-        return Err(OpenError::Refused(format!(
-            "{to} is outside the mesh and passthrough is denied"
-        )));
+        return Err(ConnError::PassthroughDenied(to));
     }
     let connected = match src.netns {
         Some(netns) => netns.connect(to).await,
         None => TcpStream::connect(to).await,
     };
-    let stream = connected.map_err(|e| OpenError::Unavailable(format!("connect {to}: {e}")))?;
+    let stream = connected.map_err(|source| ConnError::Connect { addr: to, source })?;
     node.stats
         .outbound_passthrough
         .fetch_add(1, Ordering::Relaxed);
@@ -230,12 +210,12 @@ async fn hbone(
     endpoint: SocketAddr,
     dst_identity: &Identity,
     service: Option<&str>,
-) -> Result<weft_proto::hbone::H2Stream, OpenError> {
+) -> Result<weft_proto::hbone::H2Stream, ConnError> {
     // The first certificate may still be in flight: wait, bounded.
     let cert = node.certs.watch(src.identity);
     wait_for_cert(cert.clone(), src.identity, CERT_WAIT)
         .await
-        .map_err(|e| OpenError::Refused(e.to_string()))?;
+        .map_err(|e| ConnError::NoCertificate(e.to_string()))?;
     let key = PoolKey {
         src: src.identity.clone(),
         dst: dst_identity.clone(),
@@ -260,14 +240,7 @@ async fn hbone(
         authority: endpoint,
         headers,
     };
-    let stream =
-        node.pool
-            .connect(&key, &cert, req)
-            .await
-            .map_err(|e| match e.endpoint_unavailable() {
-                true => OpenError::Unavailable(e.to_string()),
-                false => OpenError::Refused(e.to_string()),
-            })?;
+    let stream = node.pool.connect(&key, &cert, req).await?;
     node.stats.outbound_hbone.fetch_add(1, Ordering::Relaxed);
     Ok(stream)
 }
@@ -279,7 +252,7 @@ pub async fn relay(
     src: &Source<'_>,
     client: &mut TcpStream,
     dst: SocketAddr,
-    upstream: Result<Upstream, String>,
+    upstream: Result<Upstream, ConnError>,
     started: Instant,
 ) {
     let result = match upstream {
@@ -294,15 +267,19 @@ pub async fn relay(
             if let Some(l) = &up.labels {
                 l.closed(bytes.0, bytes.1);
             }
-            copied.map(|()| bytes).map_err(|e| (bytes, e.to_string()))
+            copied
+                .map(|()| bytes)
+                .map_err(|e| (bytes, ConnError::Copy(e)))
         }
         Err(e) => Err(((0, 0), e)),
     };
-    let (bytes, reason) = match result {
-        Ok(b) => (b, "closed".to_owned()),
-        Err((b, reason)) => {
+    let (bytes, reason, flags) = match result {
+        Ok(b) => (b, "closed".to_owned(), "-"),
+        Err((b, e)) => {
             node.stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
-            (b, reason)
+            metrics::counter!("weft_tcp_connections_failed_total", "response_flags" => e.flag())
+                .increment(1);
+            (b, e.to_string(), e.flag())
         }
     };
     info!(
@@ -314,6 +291,7 @@ pub async fn relay(
         bytes_sent = bytes.0,
         bytes_received = bytes.1,
         duration_ms = started.elapsed().as_millis() as u64,
+        response_flags = flags,
         reason,
         "connection"
     );

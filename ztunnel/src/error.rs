@@ -62,6 +62,40 @@ impl ConnError {
     }
 }
 
+/// Why the inbound side refused a CONNECT before answering it: the HTTP
+/// status the client gets and the response flag it is logged with.
+#[derive(Debug, thiserror::Error)]
+pub enum InboundRefusal {
+    #[error("refused: CONNECT to an address that is not this pod's")]
+    NotThisPod,
+    #[error("refused: CONNECT to a ztunnel port, not an application port")]
+    ZtunnelPort,
+    #[error("{0}")]
+    Denied(String),
+    #[error("application unreachable: {0}")]
+    AppUnreachable(std::io::Error),
+}
+
+impl InboundRefusal {
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            InboundRefusal::NotThisPod | InboundRefusal::ZtunnelPort => {
+                http::StatusCode::BAD_REQUEST
+            }
+            InboundRefusal::Denied(_) => http::StatusCode::FORBIDDEN,
+            InboundRefusal::AppUnreachable(_) => http::StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn flag(&self) -> &'static str {
+        match self {
+            InboundRefusal::NotThisPod | InboundRefusal::ZtunnelPort => "NR",
+            InboundRefusal::Denied(_) => "DENY",
+            InboundRefusal::AppUnreachable(_) => "UF",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -18,6 +17,7 @@ use weft_proto::identity::Identity;
 use weft_proto::model::{Decision, Source};
 
 use crate::capture::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::error::InboundRefusal;
 use crate::netns::original_dst;
 use crate::node::{Mode, Node};
 use crate::pods::Pod;
@@ -36,12 +36,10 @@ impl Handler for Inbound {
         // An HBONE listener is never a relay: only this pod's addresses,
         // and only its application ports (never the ztunnel's own in it).
         if !self.pod.ips.contains(&c.authority.ip()) {
-            let reason = "refused: CONNECT to an address that is not this pod's";
-            return self.refuse(c, StatusCode::BAD_REQUEST, reason, started);
+            return self.refuse(c, InboundRefusal::NotThisPod, started);
         }
         if ZTUNNEL_PORTS.contains(&c.authority.port()) {
-            let reason = "refused: CONNECT to a ztunnel port, not an application port";
-            return self.refuse(c, StatusCode::BAD_REQUEST, reason, started);
+            return self.refuse(c, InboundRefusal::ZtunnelPort, started);
         }
         let src = Source {
             identity: Some(&c.peer),
@@ -52,7 +50,7 @@ impl Handler for Inbound {
                 .stats
                 .inbound_denied
                 .fetch_add(1, Ordering::Relaxed);
-            return self.refuse(c, StatusCode::FORBIDDEN, &reason, started);
+            return self.refuse(c, InboundRefusal::Denied(reason), started);
         }
         // A client that resets the stream meanwhile (rapid reset) takes the
         // connect with it: nothing is opened for a stream no one wants.
@@ -67,10 +65,7 @@ impl Handler for Inbound {
         };
         let mut app = match connected {
             Ok(app) => app,
-            Err(e) => {
-                let reason = format!("application unreachable: {e}");
-                return self.refuse(c, StatusCode::SERVICE_UNAVAILABLE, &reason, started);
-            }
+            Err(e) => return self.refuse(c, InboundRefusal::AppUnreachable(e), started),
         };
         // Phase 2, after the 200: an error is a stream reset.
         let (peer, peer_addr, authority) = (c.peer.clone(), c.peer_addr, c.authority);
@@ -140,11 +135,14 @@ impl Inbound {
         headers
     }
 
-    /// Phase-1 refusal: logged once, counted by status, answered with an
-    /// HTTP status.
-    fn refuse(&self, c: InboundConnect, status: StatusCode, reason: &str, started: Instant) {
-        metrics::counter!("weft_hbone_refusals_total", "status" => status.as_str().to_owned())
-            .increment(1);
+    /// Phase-1 refusal: logged once with its response flag, counted by
+    /// status and flag, answered with its HTTP status.
+    fn refuse(&self, c: InboundConnect, why: InboundRefusal, started: Instant) {
+        let (status, flag) = (why.status(), why.flag());
+        metrics::counter!("weft_hbone_refusals_total",
+            "status" => status.as_str().to_owned(), "response_flags" => flag)
+        .increment(1);
+        let reason = format!("{why} [{flag}]");
         access_log(
             &self.pod,
             Some(&c.peer),
@@ -152,7 +150,7 @@ impl Inbound {
             c.authority,
             (0, 0),
             started,
-            reason,
+            &reason,
         );
         c.refuse(status);
     }

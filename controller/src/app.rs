@@ -21,8 +21,9 @@ use crate::nodes::{NodeError, Nodes};
 use crate::rest;
 use crate::source::local::LocalSource;
 use crate::source::{SourceStatus, kubernetes};
+use crate::state::{ConfigStore, Proxies};
 use crate::tls_incoming;
-use crate::xds::{ConfigStore, Proxies, XdsService};
+use crate::xds::XdsService;
 
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -323,6 +323,7 @@ impl ServingNames {
         .map(String::from)
         .into();
         dns.extend(extra.iter().cloned());
+        dns.sort();
         dns.dedup();
         let mut ips: Vec<std::net::IpAddr> =
             vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()];

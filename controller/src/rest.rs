@@ -23,7 +23,7 @@ use weft_proto::model::{Policy, Service, Workload};
 use crate::ca::{CertificateAuthority, write_atomic};
 use crate::source::local::{LocalError, LocalSource};
 use crate::source::{BodyError, SourceStatus};
-use crate::xds::{ConfigStore, Proxies};
+use crate::state::{ConfigStore, Proxies};
 
 /// Largest config document accepted.
 const MAX_BODY: usize = 1024 * 1024;

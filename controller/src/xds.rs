@@ -28,7 +28,7 @@ use weft_proto::resources::{self, Resource, ZTUNNEL_TYPES};
 
 use crate::nodes::Nodes;
 use crate::state::Snapshot;
-pub use crate::state::{ConfigStore, Proxies, ProxyStatus};
+use crate::state::{ConfigStore, Proxies};
 
 pub struct XdsService {
     store: ConfigStore,

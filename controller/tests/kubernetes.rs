@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use weft_controller::source::kubernetes;
-use weft_controller::xds::ConfigStore;
+use weft_controller::state::ConfigStore;
 use weft_proto::model::Model;
 
 /// The sending side of one watch's streamed body.

@@ -718,6 +718,13 @@ impl Model {
     }
 }
 
+/// A Service's cluster DNS name, from its `namespace/name` key (what the
+/// config stream's `hostname` and the `forwarded` header's `host=` carry).
+pub fn service_host(key: &str) -> String {
+    let (namespace, name) = key.split_once('/').unwrap_or(("default", key));
+    format!("{name}.{namespace}.svc.cluster.local")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -118,7 +118,7 @@ pub fn encode_reusing(
         let msg = pb::Service {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
-            hostname: format!("{name}.{namespace}.svc.cluster.local"),
+            hostname: model::service_host(&s.key),
             addresses: s.addresses.iter().map(ip_bytes).collect(),
             ports: s
                 .ports

@@ -126,8 +126,9 @@ impl Inbound {
     fn answer_headers(&self) -> http::HeaderMap {
         let model = self.node.model.borrow().clone();
         let (ns, name) = (&self.pod.spec.namespace, &self.pod.spec.name);
-        let labels = model.workload(ns, name).map(|w| w.labels.clone());
-        let me = PeerMetadata::for_pod(ns, name, &labels.unwrap_or_default());
+        let none = std::collections::BTreeMap::new();
+        let labels = model.workload(ns, name).map_or(&none, |w| &w.labels);
+        let me = PeerMetadata::for_pod(ns, name, labels);
         let mut headers = http::HeaderMap::new();
         if let Ok(v) = me.to_baggage().parse() {
             headers.insert(BAGGAGE, v);

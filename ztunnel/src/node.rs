@@ -40,26 +40,28 @@ pub struct Stats {
 /// config changes (a new model says what is really there).
 #[derive(Default)]
 pub struct Unavailable {
-    /// The model version the refusals were seen under, and the addresses.
-    seen: std::sync::Mutex<(usize, std::collections::HashSet<std::net::IpAddr>)>,
+    /// The model the refusals were seen under (weakly held, so its address
+    /// cannot be reused by a later model while compared), and the addresses.
+    seen: std::sync::Mutex<(
+        std::sync::Weak<Model>,
+        std::collections::HashSet<std::net::IpAddr>,
+    )>,
 }
 
 impl Unavailable {
-    fn version(model: &Arc<Model>) -> usize {
-        Arc::as_ptr(model) as usize
-    }
-
     pub fn mark(&self, model: &Arc<Model>, ip: std::net::IpAddr) {
         let mut seen = self.seen.lock().expect("poisoned");
-        if seen.0 != Self::version(model) {
-            *seen = (Self::version(model), Default::default());
+        if !std::ptr::eq(seen.0.as_ptr(), Arc::as_ptr(model)) {
+            *seen = (Arc::downgrade(model), Default::default());
         }
         seen.1.insert(ip);
     }
 
     pub fn contains(&self, model: &Arc<Model>, ip: &std::net::IpAddr) -> bool {
         let seen = self.seen.lock().expect("poisoned");
-        seen.0 == Self::version(model) && seen.1.contains(ip)
+        !seen.1.is_empty()
+            && std::ptr::eq(seen.0.as_ptr(), Arc::as_ptr(model))
+            && seen.1.contains(ip)
     }
 }
 

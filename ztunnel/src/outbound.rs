@@ -225,7 +225,7 @@ async fn hbone(
     // Who is calling and what it asked for, as Istio's ztunnel says it, so
     // the far side (either mesh) labels telemetry without guessing.
     let mut headers = HeaderMap::new();
-    let host = service.and_then(metadata::service_host);
+    let host = service.map(weft_proto::model::service_host);
     if let Ok(v) = metadata::forwarded(src.addr, host.as_deref()).parse() {
         headers.insert(FORWARDED, v);
     }

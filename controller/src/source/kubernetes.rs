@@ -37,7 +37,7 @@ use weft_proto::model::Model;
 use super::crds::{AuthorizationPolicy, BackendPolicy, FaultInjection};
 use super::translate::{apply_pods, apply_slices, translate};
 use super::{Objects, SourceStatus};
-use crate::xds::ConfigStore;
+use crate::state::ConfigStore;
 
 /// Changes arriving within this window are translated once.
 const DEBOUNCE: Duration = Duration::from_millis(50);
@@ -376,9 +376,9 @@ struct Pending {
 }
 
 /// Objects to upsert and keys gone, for `keys`, as `store` holds them now.
-type Keyed<K> = (Vec<(String, Arc<K>)>, Vec<String>);
+type Current<K> = (Vec<(String, Arc<K>)>, Vec<String>);
 
-fn current<K>(store: &Store<K>, keys: &HashSet<String>) -> Option<Keyed<K>>
+fn current<K>(store: &Store<K>, keys: &HashSet<String>) -> Option<Current<K>>
 where
     K: Resource<DynamicType = ()> + Clone,
 {

@@ -31,7 +31,7 @@ use weft_proto::model::Model;
 use super::translate::{apply_pods, translate};
 use super::{Object, Objects, SourceStatus, parse_documents};
 use crate::ca::write_atomic;
-use crate::xds::ConfigStore;
+use crate::state::ConfigStore;
 
 /// What tells a changed file: mtime, size and inode (an editor's atomic
 /// rename changes the inode even within one mtime tick).

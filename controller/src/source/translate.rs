@@ -260,9 +260,7 @@ pub fn apply_slices(
     for key in upserts.iter().map(|(k, _)| k).chain(&gone) {
         let old = objects.endpoint_slices.get(key);
         let new = new.get(key).copied();
-        if old.map(|s| &s.ports) != new.map(|s| &s.ports)
-            && (old.is_some() || new.is_some_and(|s| s.ports.is_some()))
-        {
+        if slice_ports(old) != slice_ports(new) {
             return None; // port names may mean other numbers now
         }
         for ep in old
@@ -313,19 +311,18 @@ pub fn apply_slices(
     model
 }
 
+fn slice_ports(
+    slice: Option<&Arc<EndpointSlice>>,
+) -> &[k8s_openapi::api::discovery::v1::EndpointPort] {
+    slice.and_then(|s| s.ports.as_deref()).unwrap_or_default()
+}
+
+/// The pod holding each IP, its addresses read as [`placement`] reads them.
 fn pods_by_ip(objects: &Objects) -> HashMap<IpAddr, &String> {
     let mut index = HashMap::new();
     for (key, pod) in &objects.pods {
-        let status = pod.status.as_ref();
-        let ips = status
-            .and_then(|s| s.pod_ips.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|p| p.ip.as_str());
-        for ip in ips.chain(status.and_then(|s| s.pod_ip.as_deref())) {
-            if let Ok(ip) = ip.parse() {
-                index.insert(ip, key);
-            }
+        if let Ok(Some((_, ips))) = placement(pod) {
+            index.extend(ips.into_iter().map(|ip| (ip, key)));
         }
     }
     index

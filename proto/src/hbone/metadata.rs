@@ -133,12 +133,6 @@ pub fn forwarded(client: SocketAddr, service_host: Option<&str>) -> String {
     }
 }
 
-/// A Service's DNS name from its `namespace/name` key.
-pub fn service_host(key: &str) -> Option<String> {
-    let (namespace, name) = key.split_once('/')?;
-    Some(format!("{name}.{namespace}.svc.cluster.local"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,7 +176,7 @@ mod tests {
     #[test]
     fn forwarded_names_the_client_and_the_service_host() {
         let client: SocketAddr = "10.244.1.5:41234".parse().expect("addr");
-        let host = service_host("shop/api").expect("key");
+        let host = crate::model::service_host("shop/api");
         assert_eq!(
             forwarded(client, Some(&host)),
             "for=\"10.244.1.5:41234\";host=api.shop.svc.cluster.local"

@@ -245,15 +245,27 @@ async fn serve_connection<H: Handler>(
 /// until the roots it was checked against are no longer ours.
 struct Trusted {
     expires: std::time::Duration,
-    roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    roots: Option<Arc<tls::TrustBundle>>,
     own: tls::CertWatch,
 }
 
-fn roots_of(own: &tls::CertWatch) -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    own.borrow()
-        .cert()
-        .map(|c| c.bundle().roots().to_vec())
-        .unwrap_or_default()
+/// The bundle the listener checks peers against now: shared, not copied,
+/// per connection.
+fn roots_of(own: &tls::CertWatch) -> Option<Arc<tls::TrustBundle>> {
+    own.borrow().cert().map(|c| c.bundle().clone())
+}
+
+/// Whether `now` trusts other roots than `then` (a renewal under the same
+/// root carries a new bundle with the same roots).
+fn roots_changed(
+    then: &Option<Arc<tls::TrustBundle>>,
+    now: &Option<Arc<tls::TrustBundle>>,
+) -> bool {
+    match (then, now) {
+        (Some(a), Some(b)) => !Arc::ptr_eq(a, b) && a.roots() != b.roots(),
+        (None, None) => false,
+        _ => true,
+    }
 }
 
 /// Phase 3: streams. The connection must keep being polled for any stream
@@ -300,7 +312,9 @@ async fn serve_streams<H: Handler>(
             _ = shutdown.cancelled(), if !draining => Some("shutting down"),
             _ = &mut expiry, if !draining => Some("peer certificate expired"),
             changed = trust.own.changed(), if !draining && !settled => match changed {
-                Ok(()) if roots_of(&trust.own) != trust.roots => Some("trust bundle changed"),
+                Ok(()) if roots_changed(&trust.roots, &roots_of(&trust.own)) => {
+                    Some("trust bundle changed")
+                }
                 Ok(()) => None,
                 // No more changes will come: the roots stay what they are.
                 Err(_) => {

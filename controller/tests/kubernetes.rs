@@ -39,7 +39,8 @@ struct Fake {
     /// API groups not installed (`/apis/<group>/...` answers 404).
     absent: Mutex<std::collections::HashSet<String>>,
     /// Every path listed or watched, and discovery requests made.
-    requested: Mutex<std::collections::HashSet<String>>,
+    /// Every path listed or watched, with how often.
+    requested: Mutex<HashMap<String, usize>>,
     discoveries: std::sync::atomic::AtomicUsize,
 }
 
@@ -165,10 +166,12 @@ async fn api(State(fake): State<Arc<Fake>>, req: Request) -> Response {
         };
         return Response::new(Body::from(answer.to_string()));
     }
-    fake.requested
+    *fake
+        .requested
         .lock()
         .expect("poisoned")
-        .insert(path.clone());
+        .entry(path.clone())
+        .or_default() += 1;
     if query
         .split('&')
         .any(|kv| kv == "watch=true" || kv == "watch=1")
@@ -406,6 +409,7 @@ async fn reflectors_follow_lists_watches_and_relists() {
 }
 
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+const BACKENDS: &str = "/apis/weft.dev/v1alpha1/backendpolicies";
 const HTTPROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
 
 fn api_service() -> Value {
@@ -482,11 +486,11 @@ async fn optional_kinds_follow_discovery_and_slices_apply_pod_by_pod() {
     assert!(k8s.status.borrow().routes.is_empty());
     let requested = fake.requested.lock().expect("poisoned").clone();
     assert!(
-        !requested.contains(HTTPROUTES),
+        !requested.contains_key(HTTPROUTES),
         "an absent kind is not listed: {requested:?}"
     );
     for unused in ["/api/v1/nodes", "/api/v1/serviceaccounts"] {
-        assert!(!requested.contains(unused), "{unused} is not read");
+        assert!(!requested.contains_key(unused), "{unused} is not read");
     }
 
     // Readiness through the slice: applied pod by pod.
@@ -509,6 +513,37 @@ async fn optional_kinds_follow_discovery_and_slices_apply_pod_by_pod() {
         "both readiness changes pod by pod"
     );
     assert_eq!(k8s.full.load(Relaxed), full);
+
+    // A relist of a kind with no objects ("410 Gone" on the empty
+    // BackendPolicy watch) changes nothing: the slice change after it is
+    // still applied pod by pod, and no full translation runs.
+    let hits = || {
+        fake.requested
+            .lock()
+            .expect("poisoned")
+            .get(BACKENDS)
+            .copied()
+    };
+    let before = hits().expect("BackendPolicies listed and watched");
+    let gone = json!({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+        "message": "too old resource version", "reason": "Expired", "code": 410});
+    fake.event(BACKENDS, "ERROR", gone).await;
+    // Listed again, then watched again: the relist's events were handled.
+    wait_for("the empty kind relisted and watched again", || {
+        hits().is_some_and(|n| n >= before + 2)
+    })
+    .await;
+    fake.put(SLICES, api_slice(false));
+    fake.event(SLICES, "MODIFIED", api_slice(false)).await;
+    until(
+        &k8s,
+        &store,
+        "the endpoint not ready after the relist",
+        |m| endpoints(m) == 0,
+    )
+    .await;
+    assert_eq!(k8s.incremental.load(Relaxed), incremental + 3);
+    assert_eq!(k8s.full.load(Relaxed), full, "an empty relist is no change");
 
     // The Gateway API installed: its kinds are watched, the route served.
     fake.absent.lock().expect("poisoned").clear();

@@ -129,6 +129,21 @@ async fn spawn_controller(extra: &[&str]) -> (Running, tempfile::TempDir, String
     (child, dir, ready)
 }
 
+/// One plain HTTP/1.1 GET, blocking and bounded; the whole response.
+fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
 /// An address from the ready line, by field name.
 fn field(ready: &str, name: &str) -> std::net::SocketAddr {
     let at = ready.find(&format!("{name}=")).expect("field") + name.len() + 1;
@@ -162,18 +177,9 @@ async fn plain_logs_and_one_count_per_certificate() {
         .await
         .expect("issued");
 
-    let scrape = tokio::task::spawn_blocking(move || {
-        let mut s = std::net::TcpStream::connect(metrics).expect("metrics");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .expect("write");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
-    })
-    .await
-    .expect("scrape");
+    let scrape = tokio::task::spawn_blocking(move || get(metrics, "/metrics"))
+        .await
+        .expect("scrape");
     let issued = scrape
         .lines()
         .find(|l| l.starts_with("weft_controller_certificates_issued_total "))
@@ -253,13 +259,7 @@ fn a_closed_log_pipe_loses_lines_not_the_process() {
     let rest = field(&ready, "rest");
     for _ in 0..3 {
         // Each refused request writes a log line into the closed pipe.
-        let mut s = std::net::TcpStream::connect(rest).expect("REST still listening");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        s.write_all(b"GET /api/v1/workloads HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .expect("write");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
+        let out = get(rest, "/api/v1/workloads");
         assert!(out.starts_with("HTTP/1.1 401"), "{out}");
     }
     assert!(

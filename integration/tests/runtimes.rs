@@ -1,7 +1,6 @@
 //! A proxy's control work runs on a runtime of its own: a data plane whose
 //! every worker is busy still answers readiness.
 
-use std::io::{Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -9,21 +8,6 @@ use std::time::{Duration, Instant};
 use weft_cli::demo::mesh::{ZtunnelOptions, start_ztunnel_on};
 use weft_integration::Mesh;
 use weft_proto::process::ControlRuntime;
-
-/// One plain HTTP/1.1 GET, blocking, bounded.
-fn get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_data_plane_does_not_starve_readiness() {
@@ -63,9 +47,11 @@ async fn a_saturated_data_plane_does_not_starve_readiness() {
         assert!(Instant::now() < deadline, "workers never got busy");
         std::thread::yield_now();
     }
-    // Asked from this (non-worker) thread while both workers are held.
-    let answer = get(zt.ready_addr, "/healthz/ready");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Asked with curl (on the blocking pool, awaited from this non-worker
+    // thread) while both workers are held.
+    let (status, body) =
+        weft_integration::curl(zt.ready_addr, "GET", "/healthz/ready", None, None).await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
     assert!(
         !done.load(Ordering::SeqCst),
         "readiness waited for the data plane"

@@ -606,10 +606,15 @@ spec:
 async fn converged(mesh: &Mesh, what: &str, done: impl Fn(&Model) -> bool) {
     weft_integration::eventually(what, || done(&mesh.controller.config.current().model)).await;
     let version = mesh.controller.config.current().version;
+    // Every type: a proxy in step for policies may still have the workload
+    // change in flight.
     weft_integration::eventually("both ztunnels ACK it", || {
         ["a", "b"].iter().all(|n| {
             mesh.controller.proxies.get(n).is_some_and(|s| {
-                s.connected && s.acked.get(weft_proto::resources::AUTHORIZATION) >= Some(&version)
+                s.connected
+                    && weft_proto::resources::ZTUNNEL_TYPES
+                        .iter()
+                        .all(|t| s.acked.get(*t) >= Some(&version))
             })
         })
     })

@@ -815,6 +815,14 @@ mod tests {
         objects
     }
 
+    fn policy<'a>(t: &'a Translation, name: &str) -> &'a PolicySpec {
+        t.specs
+            .policies
+            .iter()
+            .find(|p| p.name == name)
+            .expect(name)
+    }
+
     fn workload<'a>(t: &'a Translation, name: &str) -> Option<&'a WorkloadSpec> {
         t.specs.workloads.iter().find(|w| w.name == name)
     }
@@ -982,13 +990,7 @@ spec:
     #[test]
     fn policies_at_l4_and_a_broken_one_fails_closed() {
         let t = translate(&objects(&[SHOP, POLICIES]), TD);
-        let p = |name: &str| {
-            t.specs
-                .policies
-                .iter()
-                .find(|p| p.name == name)
-                .expect(name)
-        };
+        let p = |name: &str| policy(&t, name);
         let allow = p("api-from-web");
         assert_eq!(allow.rules.len(), 1, "the L7 ALLOW rule cannot match at L4");
         assert_eq!(allow.selector.get("app").map(String::as_str), Some("api"));
@@ -1113,13 +1115,7 @@ spec:
   rules: [{namespaces: [shop]}]
 "#;
         let t = translate(&objects(&[SHOP, EXPRESSIONS]), TD);
-        let p = |name: &str| {
-            t.specs
-                .policies
-                .iter()
-                .find(|p| p.name == name)
-                .expect(name)
-        };
+        let p = |name: &str| policy(&t, name);
         let in_one = p("in-one");
         assert_eq!(in_one.action, Action::Deny);
         assert_eq!(in_one.rules[0].namespaces, ["billing"]);

@@ -489,7 +489,12 @@ async fn hostile_input_on_pod_ports() {
         .expect("mTLS");
     let (mut h2, conn) = h2::client::handshake(tls).await.expect("h2");
     let conn = tokio::spawn(conn);
-    for (port, want) in [(15001, 400), (15006, 400), (15008, 400), (8080, 200)] {
+    let ztunnel_ports = [15001, 15006, 15008, 15000, 15020, 15021];
+    let cases = ztunnel_ports
+        .map(|p| (p, 400))
+        .into_iter()
+        .chain([(8080, 200)]);
+    for (port, want) in cases {
         let req = http::Request::builder()
             .method("CONNECT")
             .uri(format!("{server_a}:{port}"))
@@ -512,7 +517,7 @@ async fn hostile_input_on_pod_ports() {
     let log = String::from_utf8(access_log().lock().expect("log").clone()).expect("utf-8");
     assert_eq!(
         log.matches("CONNECT to a ztunnel port").count(),
-        3,
+        ztunnel_ports.len(),
         "each refusal has its access-log line"
     );
     // The outbound refusals above are typed: a loop is "no route".

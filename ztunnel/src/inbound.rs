@@ -117,9 +117,17 @@ impl Handler for Inbound {
     }
 }
 
-/// The ztunnel's own listeners in each pod's namespace: never a CONNECT
-/// target, or a tunnel could be looped back into the mesh's plumbing.
-const ZTUNNEL_PORTS: [u16; 3] = [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT];
+/// The ztunnel's own ports (SPEC §3): its listeners in each pod's
+/// namespace, and its admin, metrics and readiness ports. Never a CONNECT
+/// target, or a tunnel could be looped into the mesh's plumbing.
+const ZTUNNEL_PORTS: [u16; 6] = [
+    OUTBOUND_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    HBONE_PORT,
+    15000,
+    15020,
+    15021,
+];
 
 impl Inbound {
     /// The 200's headers: who answered, in baggage.

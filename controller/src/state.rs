@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 use tracing::info;
 use weft_proto::model::Model;
-use weft_proto::resources::{self, ZTUNNEL_TYPES};
+use weft_proto::resources::{self, Audience};
 
 /// A config version and its resources, by type and name.
 pub struct Snapshot {
@@ -24,41 +24,33 @@ pub struct Snapshot {
     /// proxies: a proxy in step with that version is sent it without a
     /// diff over the whole mesh.
     pub(crate) delta: Option<Delta>,
-    /// Node → the policies that select a workload on it: a ztunnel enforces
-    /// inbound only, so it is sent only those (SPEC §6).
-    pub(crate) policies_by_node: HashMap<String, HashSet<String>>,
+    /// For kinds sent to selected nodes only: type → node → the names that
+    /// node receives (a ztunnel enforces inbound only, so it is sent only
+    /// the policies selecting a workload on it, SPEC §6).
+    selected: HashMap<&'static str, HashMap<String, HashSet<String>>>,
+}
+
+impl Snapshot {
+    /// The names of `type_url` that `node` receives, or `None` when every
+    /// proxy receives all of them.
+    pub(crate) fn selected_for(&self, type_url: &str, node: &str) -> Option<&HashSet<String>> {
+        static NONE: std::sync::LazyLock<HashSet<String>> = std::sync::LazyLock::new(HashSet::new);
+        let kind = resources::kind(type_url)?;
+        if kind.audience == Audience::Everyone {
+            return None;
+        }
+        let by_node = self.selected.get(type_url);
+        Some(by_node.and_then(|n| n.get(node)).unwrap_or(&NONE))
+    }
+}
+
+fn selected(model: &Model) -> HashMap<&'static str, HashMap<String, HashSet<String>>> {
+    HashMap::from([(resources::AUTHORIZATION, policies_by_node(model))])
 }
 
 pub(crate) struct Delta {
     pub(crate) from: u64,
-    /// Type → (changed or added names, removed names).
-    pub(crate) types: HashMap<&'static str, (Vec<String>, Vec<String>)>,
-}
-
-fn delta(from: &Snapshot, to: &resources::Resources) -> Delta {
-    let empty = BTreeMap::new();
-    let mut types = HashMap::new();
-    for t in ZTUNNEL_TYPES {
-        let (old, new) = (
-            from.resources.get(t).unwrap_or(&empty),
-            to.get(t).unwrap_or(&empty),
-        );
-        let changed = new
-            .values()
-            .filter(|r| old.get(&r.name).map(|o| &o.version) != Some(&r.version))
-            .map(|r| r.name.clone())
-            .collect();
-        let removed = old
-            .keys()
-            .filter(|n| !new.contains_key(*n))
-            .cloned()
-            .collect();
-        types.insert(t, (changed, removed));
-    }
-    Delta {
-        from: from.version,
-        types,
-    }
+    pub(crate) types: HashMap<&'static str, resources::KindDelta>,
 }
 
 fn policies_by_node(model: &Model) -> HashMap<String, HashSet<String>> {
@@ -96,7 +88,7 @@ impl ConfigStore {
             model: Arc::new(Model::default()),
             resources: BTreeMap::new(),
             delta: None,
-            policies_by_node: HashMap::new(),
+            selected: HashMap::new(),
         };
         ConfigStore {
             tx: Arc::new(watch::channel(Arc::new(empty)).0),
@@ -112,13 +104,16 @@ impl ConfigStore {
         if current.version > 0 && current.resources == resources {
             return current.version;
         }
-        let delta = delta(&current, &resources);
+        let delta = Delta {
+            from: current.version,
+            types: resources::delta(&current.resources, &resources),
+        };
         let version = current.version + 1;
         drop(current);
         self.tx.send_replace(Arc::new(Snapshot {
             version,
             created: std::time::Instant::now(),
-            policies_by_node: policies_by_node(&model),
+            selected: selected(&model),
             model: Arc::new(model),
             resources,
             delta: Some(delta),

@@ -242,7 +242,7 @@ impl Session {
             }
             return Ok(());
         }
-        if !ZTUNNEL_TYPES.contains(&req.type_url.as_str()) {
+        if resources::kind(&req.type_url).is_none() {
             // Ignoring it would leave a foreign client waiting forever.
             warn!(
                 node = self.node,
@@ -254,7 +254,7 @@ impl Session {
             let status = Status::invalid_argument(format!(
                 "type {:?} is not served here; weft serves {}",
                 req.type_url,
-                ZTUNNEL_TYPES.join(", ")
+                resources::KINDS.each_ref().map(|k| k.type_url).join(", ")
             ));
             let _ = self.tx.send(Err(status)).await;
             return Err(());
@@ -278,44 +278,32 @@ impl Session {
     ) -> Result<(), ()> {
         let empty = BTreeMap::new();
         let current = snapshot.resources.get(type_url).unwrap_or(&empty);
-        // Policies are filtered per node; everything else is sent whole.
-        let filtered = type_url == resources::AUTHORIZATION;
-        let no_policies = HashSet::new();
-        let node_policies = snapshot
-            .policies_by_node
-            .get(&self.node)
-            .unwrap_or(&no_policies);
-        let wanted = |name: &str| !filtered || node_policies.contains(name);
+        // Kinds for selected nodes are filtered by name; the rest sent whole.
+        let selected = snapshot.selected_for(type_url, &self.node);
+        let filtered = selected.is_some();
+        let wanted = |name: &str| selected.is_none_or(|s| s.contains(name));
         let have = self
             .have
             .entry(type_url.to_owned())
             .or_insert_with(|| Have::Names(HashMap::new()));
         let (changed, removed): (Vec<&Arc<Resource>>, Vec<String>) = match &*have {
             Have::Snapshot(prev) => {
-                let delta = snapshot
+                let precomputed = snapshot
                     .delta
                     .as_ref()
                     .filter(|d| d.from == prev.version)
                     .and_then(|d| d.types.get(type_url));
-                match delta {
-                    Some((changed, removed)) => (
-                        changed.iter().filter_map(|n| current.get(n)).collect(),
-                        removed.clone(),
-                    ),
+                let computed;
+                let d = match precomputed {
+                    Some(d) => d,
                     None => {
                         let old = prev.resources.get(type_url).unwrap_or(&empty);
-                        let changed = current
-                            .values()
-                            .filter(|r| old.get(&r.name).map(|o| &o.version) != Some(&r.version))
-                            .collect();
-                        let removed = old
-                            .keys()
-                            .filter(|n| !current.contains_key(*n))
-                            .cloned()
-                            .collect();
-                        (changed, removed)
+                        computed = resources::delta_named(old, current);
+                        &computed
                     }
-                }
+                };
+                let changed = d.changed.iter().filter_map(|n| current.get(n)).collect();
+                (changed, d.removed.clone())
             }
             Have::Names(names) => {
                 let changed = current

@@ -26,7 +26,7 @@ use crate::model::{Changes, Model};
 use crate::pb::google::rpc::Status as RpcStatus;
 use crate::pb::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::pb::xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node};
-use crate::resources::{self, Decoded, ZTUNNEL_TYPES};
+use crate::resources::{self, ZTUNNEL_TYPES};
 use crate::tls::{self, TrustBundle};
 
 #[derive(Debug, Clone)]
@@ -187,31 +187,21 @@ fn apply(
     trust_domain: &str,
 ) -> Result<Arc<Model>, String> {
     let type_url = resp.type_url;
-    let mut changes = Changes::default();
-    let mut versions = Vec::with_capacity(resp.resources.len());
     // A type weft does not know is refused whole, never read as another.
-    let gone = resp.removed_resources.iter().cloned();
-    match type_url.as_str() {
-        resources::WORKLOAD => changes.workloads.extend(gone.map(|n| (n, None))),
-        resources::SERVICE => changes.services.extend(gone.map(|n| (n, None))),
-        resources::AUTHORIZATION => changes.policies.extend(gone.map(|n| (n, None))),
-        other => {
-            return Err(format!(
-                "type {other:?} is not one weft subscribes to; response refused"
-            ));
-        }
+    let kind = resources::kind(&type_url).ok_or_else(|| {
+        format!("type {type_url:?} is not one weft subscribes to; response refused")
+    })?;
+    let mut changes = Changes::default();
+    for name in &resp.removed_resources {
+        kind.remove_into(name.clone(), &mut changes);
     }
+    let mut versions = Vec::with_capacity(resp.resources.len());
     for r in resp.resources {
         let body = r
             .resource
             .ok_or_else(|| format!("resource {} has no body", r.name))?;
-        match resources::decode_one(&type_url, &r.name, &body, trust_domain)
-            .map_err(|e| e.to_string())?
-        {
-            Decoded::Workload(w) => changes.workloads.push((r.name.clone(), Some(w))),
-            Decoded::Service(s) => changes.services.push((r.name.clone(), Some(s))),
-            Decoded::Policy(p) => changes.policies.push((r.name.clone(), Some(p))),
-        }
+        kind.decode_into(&r.name, &body, trust_domain, &mut changes)
+            .map_err(|e| e.to_string())?;
         versions.push((r.name, r.version));
     }
     let model = Arc::new(cache.model.apply(changes).map_err(|e| e.to_string())?);

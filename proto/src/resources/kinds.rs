@@ -1,0 +1,288 @@
+//! The kinds weft serves today: workloads, services and L4 authorization
+//! policies, each one [`Kind`] definition.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use super::{Audience, Kind, bad};
+use crate::model::{
+    self, Action, Changes, Model, ModelError, Policy, PolicySpec, PortSpec, RuleSpec, Service,
+    ServiceDef, ServiceSpec, Workload, WorkloadSpec,
+};
+use crate::pb::weft::v1 as pb;
+
+fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?))),
+        16 => Some(IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(bytes).ok()?,
+        ))),
+        _ => None,
+    }
+}
+
+fn ips(name: &str, addrs: &[Vec<u8>]) -> Result<Vec<IpAddr>, ModelError> {
+    addrs
+        .iter()
+        .map(|a| ip_from(a).ok_or_else(|| bad(name, "address is not 4 or 16 bytes".into())))
+        .collect()
+}
+
+fn port(name: &str, p: u32) -> Result<u16, ModelError> {
+    u16::try_from(p).map_err(|_| bad(name, format!("port {p} out of range")))
+}
+
+/// `weft.v1.Workload`: a pod or VM, to every proxy.
+pub struct WorkloadKind;
+
+impl Kind for WorkloadKind {
+    const TYPE_URL: &'static str = "type.googleapis.com/weft.v1.Workload";
+    type Message = pb::Workload;
+    type Stored = Workload;
+    type Object = Workload;
+
+    fn stored(model: &Model) -> &[Arc<Workload>] {
+        &model.workloads
+    }
+
+    fn key(w: &Workload) -> &str {
+        &w.key
+    }
+
+    // Workloads are the many: a one-pod change reuses every other encoding.
+    fn unchanged(previous: &Model, w: &Workload) -> bool {
+        previous.workload_by_key(&w.key).is_some_and(|p| **p == *w)
+    }
+
+    fn encode(w: &Workload) -> pb::Workload {
+        pb::Workload {
+            uid: w.key.clone(),
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            service_account: w.identity.service_account().to_owned(),
+            trust_domain: w.identity.trust_domain().to_owned(),
+            node: w.node.clone(),
+            addresses: w.addresses.iter().map(ip_bytes).collect(),
+            meshed: w.meshed,
+            ready: true,
+            services: w.services.clone(),
+            waypoint: String::new(),
+            labels: w.labels.clone().into_iter().collect(),
+        }
+    }
+
+    fn decode(name: &str, w: pb::Workload, trust_domain: &str) -> Result<Workload, ModelError> {
+        if !w.trust_domain.is_empty() && w.trust_domain != trust_domain {
+            return Err(bad(
+                name,
+                format!(
+                    "trust domain {} is not ours ({trust_domain})",
+                    w.trust_domain
+                ),
+            ));
+        }
+        let spec = WorkloadSpec {
+            addresses: ips(name, &w.addresses)?,
+            name: w.name,
+            namespace: w.namespace,
+            service_account: w.service_account,
+            node: w.node,
+            meshed: w.meshed,
+            services: w.services,
+            labels: w.labels.into_iter().collect(),
+        };
+        model::workload(spec, trust_domain, name)
+    }
+
+    fn changes(changes: &mut Changes) -> &mut Vec<(String, Option<Arc<Workload>>)> {
+        &mut changes.workloads
+    }
+}
+
+/// `weft.v1.Service`: a Service's addresses and ports, to every proxy.
+pub struct ServiceKind;
+
+impl Kind for ServiceKind {
+    const TYPE_URL: &'static str = "type.googleapis.com/weft.v1.Service";
+    type Message = pb::Service;
+    type Stored = Service;
+    type Object = ServiceDef;
+
+    fn stored(model: &Model) -> &[Arc<Service>] {
+        &model.services
+    }
+
+    fn key(s: &Service) -> &str {
+        &s.key
+    }
+
+    fn encode(s: &Service) -> pb::Service {
+        let (namespace, name) = s.key.split_once('/').unwrap_or(("default", &s.key));
+        pb::Service {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            hostname: model::service_host(&s.key),
+            addresses: s.addresses.iter().map(ip_bytes).collect(),
+            ports: s
+                .ports
+                .iter()
+                .map(|(port, target)| pb::ServicePort {
+                    port: u32::from(*port),
+                    target_port: u32::from(*target),
+                    app_protocol: String::new(),
+                })
+                .collect(),
+            waypoint: String::new(),
+        }
+    }
+
+    fn decode(name: &str, s: pb::Service, _trust_domain: &str) -> Result<ServiceDef, ModelError> {
+        let ports = s
+            .ports
+            .iter()
+            .map(|p| {
+                Ok(PortSpec {
+                    port: port(name, p.port)?,
+                    target_port: Some(port(name, p.target_port)?),
+                })
+            })
+            .collect::<Result<_, ModelError>>()?;
+        let spec = ServiceSpec {
+            addresses: ips(name, &s.addresses)?,
+            name: s.name,
+            namespace: s.namespace,
+            ports,
+        };
+        model::service(spec, name)
+    }
+
+    fn changes(changes: &mut Changes) -> &mut Vec<(String, Option<Arc<ServiceDef>>)> {
+        &mut changes.services
+    }
+}
+
+/// `weft.v1.Authorization`: an L4 policy, only to the nodes running a
+/// workload it selects (a ztunnel enforces inbound only, SPEC §6).
+pub struct AuthorizationKind;
+
+impl Kind for AuthorizationKind {
+    const TYPE_URL: &'static str = "type.googleapis.com/weft.v1.Authorization";
+    const AUDIENCE: Audience = Audience::SelectedNodes;
+    type Message = pb::Authorization;
+    type Stored = Policy;
+    type Object = Policy;
+
+    fn stored(model: &Model) -> &[Arc<Policy>] {
+        &model.policies
+    }
+
+    fn key(p: &Policy) -> &str {
+        &p.key
+    }
+
+    fn encode(p: &Policy) -> pb::Authorization {
+        encode_policy(p)
+    }
+
+    fn decode(name: &str, a: pb::Authorization, _trust_domain: &str) -> Result<Policy, ModelError> {
+        decode_policy(name, a)
+    }
+
+    fn changes(changes: &mut Changes) -> &mut Vec<(String, Option<Arc<Policy>>)> {
+        &mut changes.policies
+    }
+}
+
+fn encode_policy(p: &Policy) -> pb::Authorization {
+    let (_, name) = p.key.split_once('/').unwrap_or(("", &p.key));
+    pb::Authorization {
+        name: name.to_owned(),
+        namespace: p.namespace.clone(),
+        scope: if p.selector.is_empty() {
+            pb::Scope::Namespace
+        } else {
+            pb::Scope::WorkloadSelector
+        } as i32,
+        action: match p.action {
+            Action::Allow => pb::Action::Allow,
+            Action::Deny => pb::Action::Deny,
+        } as i32,
+        selector: p.selector.clone().into_iter().collect(),
+        rules: p
+            .rules
+            .iter()
+            .map(|r| pb::Rule {
+                matches: vec![pb::Match {
+                    principals: r.principals.iter().map(|i| i.to_string()).collect(),
+                    namespaces: r.namespaces.clone(),
+                    source_ips: r
+                        .ip_blocks
+                        .iter()
+                        .map(|c| pb::Cidr {
+                            address: ip_bytes(&c.addr()),
+                            prefix_len: u32::from(c.prefix()),
+                        })
+                        .collect(),
+                    destination_ports: r.ports.iter().map(|p| u32::from(*p)).collect(),
+                    ..Default::default()
+                }],
+            })
+            .collect(),
+    }
+}
+
+fn decode_policy(name: &str, a: pb::Authorization) -> Result<Policy, ModelError> {
+    let mut rules = Vec::new();
+    for m in a.rules.iter().flat_map(|r| r.matches.iter()) {
+        if !(m.not_principals.is_empty()
+            && m.not_namespaces.is_empty()
+            && m.not_source_ips.is_empty()
+            && m.not_destination_ports.is_empty())
+        {
+            return Err(bad(
+                name,
+                "not* matchers are not supported yet; refusing rather than guessing".into(),
+            ));
+        }
+        let ip_blocks = m
+            .source_ips
+            .iter()
+            .map(|c| {
+                ip_from(&c.address)
+                    .map(|ip| format!("{ip}/{}", c.prefix_len))
+                    .ok_or_else(|| bad(name, "CIDR address is not 4 or 16 bytes".into()))
+            })
+            .collect::<Result<_, _>>()?;
+        let ports = m
+            .destination_ports
+            .iter()
+            .map(|p| port(name, *p))
+            .collect::<Result<_, _>>()?;
+        rules.push(RuleSpec {
+            principals: m.principals.clone(),
+            namespaces: m.namespaces.clone(),
+            ip_blocks,
+            ports,
+        });
+    }
+    let action = match pb::Action::try_from(a.action) {
+        Ok(pb::Action::Allow) => Action::Allow,
+        Ok(pb::Action::Deny) => Action::Deny,
+        Err(_) => return Err(bad(name, format!("unknown action {}", a.action))),
+    };
+    let spec = PolicySpec {
+        name: a.name,
+        namespace: a.namespace,
+        action,
+        selector: a.selector.into_iter().collect(),
+        rules,
+    };
+    model::policy(spec, name)
+}

@@ -104,7 +104,7 @@ pub fn incoming(
     };
     tokio::spawn(weft_proto::listen::accept_bounded(
         listener,
-        shutdown,
+        weft_proto::listen::Drain::stopped_by(shutdown),
         ("controller", MAX_HANDSHAKES),
         handshake,
     ));

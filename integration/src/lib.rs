@@ -321,7 +321,7 @@ impl<H: Handler> HboneServer<H> {
             handler.clone(),
             settings,
             stats.clone(),
-            shutdown.clone(),
+            weft_proto::listen::Drain::stopped_by(shutdown.clone()),
         ));
         HboneServer {
             addr,

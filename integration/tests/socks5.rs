@@ -62,6 +62,7 @@ async fn setup() -> Setup {
     let options = ZtunnelOptions {
         mode: Mode::Strict,
         deny_passthrough: true,
+        ..Default::default()
     };
     let zt = mesh
         .ztunnel("n", &config(api_addr), dir.path(), options)

@@ -18,6 +18,8 @@ use weft_ztunnel::node::Mode;
 
 const VIP: &str = "10.96.0.10";
 const MARKER: &str = "PLAINTEXT-MARKER-7f3a";
+/// The drain deadline of the tests' ztunnels.
+const DRAIN: Duration = Duration::from_secs(3);
 
 macro_rules! require_root {
     () => {
@@ -165,6 +167,7 @@ async fn ztunnel(topo: &Topology, mesh: &Mesh, node: &str, yaml: &str, mode: Mod
         ZtunnelOptions {
             mode,
             deny_passthrough: false,
+            drain_deadline: DRAIN,
         },
     )
     .await
@@ -811,4 +814,153 @@ async fn service_traffic_skips_an_endpoint_that_refuses_the_tunnel() {
     let direct = exchange(&c.client, SocketAddr::new(c.client.ip, 8080)).await;
     assert!(direct.is_err(), "a direct pod IP is that pod or nothing");
     assert_eq!(stats.outbound_retried.load(Ordering::Relaxed), 1);
+}
+
+/// A long-lived connection through the mesh: greeted, then echoing.
+async fn open_long(pod: &PodNs, dst: SocketAddr) -> tokio::net::TcpStream {
+    let mut s = pod.connect(dst).await.expect("connect");
+    let mut hello = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut hello))
+        .await
+        .expect("greeting in time")
+        .expect("greeting");
+    assert!(n > 0, "closed before the greeting");
+    s
+}
+
+/// One echo on a long-lived connection, bounded.
+async fn echo(s: &mut tokio::net::TcpStream, what: &[u8]) -> Result<(), String> {
+    let talk = async {
+        s.write_all(what).await.map_err(|e| e.to_string())?;
+        let mut back = vec![0u8; what.len()];
+        s.read_exact(&mut back).await.map_err(|e| e.to_string())?;
+        (back == what)
+            .then_some(())
+            .ok_or("echo differs".to_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(10), talk)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
+/// New connections, one after another from each of `workers` tasks per
+/// destination, until `stop`: (succeeded, failures).
+fn load(
+    pod: Arc<PodNs>,
+    dsts: &[SocketAddr],
+    stop: tokio_util::sync::CancellationToken,
+) -> (
+    Arc<std::sync::atomic::AtomicU64>,
+    Vec<tokio::task::JoinHandle<Vec<String>>>,
+) {
+    let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for &dst in dsts.iter().chain(dsts) {
+        let (pod, ok, stop) = (pod.clone(), ok.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.is_cancelled() {
+                match exchange(&pod, dst).await {
+                    Ok((_, echo)) if echo == MARKER => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => failures.push(format!("{dst}: {other:?}")),
+                }
+            }
+            failures
+        }));
+    }
+    (ok, workers)
+}
+
+/// A ztunnel restart under load loses nothing. While new connections arrive
+/// (through the restarted node's outbound and inbound paths) and a few
+/// long-lived ones stay open, a new ztunnel takes over the old one's
+/// sockets: no new connection fails, the long ones keep working on the old
+/// process after the handover, and are closed at its drain deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_under_load_loses_no_connection() {
+    require_root!();
+    let Cluster {
+        topo,
+        mesh,
+        client,
+        server_a,
+        server_b,
+        zt_a: old,
+        zt_b: _zt_b,
+        ..
+    } = Cluster::start(Mode::Strict).await;
+    // Same node (outbound, then inbound HBONE on the restarted ztunnel) and
+    // cross node (outbound on it, inbound on the other).
+    let dsts = [
+        SocketAddr::new(server_a.ip, 8080),
+        SocketAddr::new(server_b.ip, 8080),
+    ];
+    let mut long = Vec::new();
+    for dst in dsts {
+        long.push(open_long(&client, dst).await);
+    }
+    let client = Arc::new(client);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (ok, workers) = load(client.clone(), &dsts, stop.clone());
+    let served = || ok.load(Ordering::Relaxed);
+    weft_integration::eventually("load under way", || served() >= 50).await;
+
+    let yaml =
+        std::fs::read_to_string(topo.dir.path().join("zt-a").join("a.yaml")).expect("config");
+    let started = std::time::Instant::now();
+    let at_restart = served();
+    let new = ztunnel(&topo, &mesh, "a", &yaml, Mode::Strict).await;
+    tokio::time::timeout(Duration::from_secs(20), old.handed_over.cancelled())
+        .await
+        .expect("the old ztunnel handed over its sockets");
+    let draining = tokio::spawn(old.shutdown());
+    for (i, l) in long.iter_mut().enumerate() {
+        echo(l, b"after the handover")
+            .await
+            .unwrap_or_else(|e| panic!("long connection {i} cut before the deadline: {e}"));
+    }
+    let after_handover = served();
+    weft_integration::eventually("new connections served after the handover", || {
+        served() >= after_handover + 100
+    })
+    .await;
+    let cut = tokio::time::timeout(DRAIN + Duration::from_secs(10), draining)
+        .await
+        .expect("the old ztunnel stops by its deadline")
+        .expect("shutdown task");
+    assert!(
+        cut >= long.len(),
+        "the long connections were open at the deadline: cut {cut}"
+    );
+    for (i, l) in long.iter_mut().enumerate() {
+        let mut b = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), l.read(&mut b)).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "long connection {i} still open after the deadline: {read:?}"
+        );
+    }
+    stop.cancel();
+    let mut failures = Vec::new();
+    for w in workers {
+        failures.extend(w.await.expect("load worker"));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let rate = (served() - at_restart) as f64 / elapsed;
+    assert!(
+        failures.is_empty(),
+        "{} new connections failed across the restart: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        new.node.stats.outbound_hbone.load(Ordering::Relaxed) >= 100,
+        "the new ztunnel carried the load"
+    );
+    eprintln!(
+        "restart under load: {} connections after the restart began, {rate:.0}/s, 0 failed; {cut} cut at the deadline",
+        served() - at_restart
+    );
 }

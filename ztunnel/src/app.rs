@@ -9,20 +9,24 @@ use hyper::StatusCode;
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::os::fd::{AsFd, OwnedFd};
+
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 use weft_proto::certs::{CertConfig, CertManager, GrpcCaClient};
 use weft_proto::hbone::pool::{Pool, PoolSettings};
 use weft_proto::hbone::server::ServerStats;
+use weft_proto::listen::Drain;
 use weft_proto::model::{Model, ModelError};
 use weft_proto::tls::{CertState, TrustBundle};
 use weft_proto::xds::{self, XdsConfig};
 
 use crate::enroll::{self, Enroller};
+use crate::handover;
 use crate::node::{Mode, Node, Stats};
-use crate::pods::{PodDialer, Pods, load_persisted};
+use crate::pods::{PodDialer, PodSpec, Pods, load_persisted};
 use crate::socks5::{self, SocksStats};
 use crate::telemetry;
 
@@ -54,6 +58,9 @@ pub struct Config {
     /// metrics, readiness): a proxy's own current-thread runtime
     /// (`process::ControlRuntime`); `None`: the caller's runtime.
     pub control: Option<tokio::runtime::Handle>,
+    /// How long live connections may finish after shutdown or a handover
+    /// before they are closed (SPEC: the reference's 30 s grace).
+    pub drain_deadline: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,8 +100,13 @@ pub struct Bound {
     model: Arc<watch::Sender<Arc<Model>>>,
     /// A complete config has arrived (always true with a static file).
     pub config_ready: Arc<AtomicBool>,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
+    /// Fires when a new ztunnel serves this one's sockets: time to drain.
+    pub handed_over: CancellationToken,
+    /// Pods, SOCKS5, enrollment and every connection they carry.
+    drain: Drain,
+    /// Admin, metrics and readiness, on the control runtime.
+    control_drain: Drain,
+    deadline: std::time::Duration,
 }
 
 impl Bound {
@@ -103,13 +115,20 @@ impl Bound {
         self.model.send_replace(Arc::new(model));
     }
 
-    /// Stops every listener and waits until they are closed. Capture rules
-    /// stay: a pod's traffic fails closed until the ztunnel is back and
-    /// restores its listeners.
-    pub async fn shutdown(self) {
-        self.shutdown.cancel();
-        self.tasks.close();
-        self.tasks.wait().await;
+    /// Stops accepting, lets live connections finish up to the drain
+    /// deadline, closes the rest, and waits until every listener it started
+    /// is closed; returns how many connections were cut. Capture rules stay:
+    /// a pod's traffic fails closed until a ztunnel is back (or, after a
+    /// handover, is already served by the new one).
+    pub async fn shutdown(self) -> usize {
+        let cut = self.drain.drain(self.deadline).await;
+        self.control_drain.drain(std::time::Duration::ZERO).await;
+        cut
+    }
+
+    /// Connection and listener tasks still running.
+    pub fn open_tasks(&self) -> usize {
+        self.drain.open()
     }
 }
 
@@ -159,21 +178,43 @@ fn read(path: &PathBuf) -> Result<String, BuildError> {
     })
 }
 
-/// Binds `addr` and serves `handler` on the control runtime: the listener is
-/// registered with that runtime's reactor, so a saturated data plane
-/// cannot delay it.
+/// A node listener bound to `addr`; if the address is taken by the
+/// previous ztunnel (same network namespace: a host process, or a
+/// host-network pod), the one it handed over. In Kubernetes the new pod has
+/// its own namespace, so it binds its own and probes reach it. Returns it
+/// with a copy of its socket to hand over.
+async fn open_listener(
+    addr: SocketAddr,
+    handed: Option<OwnedFd>,
+) -> Result<(TcpListener, OwnedFd), BuildError> {
+    let bind_error = |reason| BuildError::Bind { addr, reason };
+    let listener = match (TcpListener::bind(addr).await, handed) {
+        (Ok(l), _) => l,
+        (Err(e), Some(fd)) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            handover::listener(fd).map_err(bind_error)?
+        }
+        (Err(e), _) => return Err(bind_error(e)),
+    };
+    let kept = listener.as_fd().try_clone_to_owned().map_err(bind_error)?;
+    Ok((listener, kept))
+}
+
+/// Opens a node listener on the control runtime and serves `handler` there:
+/// the listener is registered with that runtime's reactor, so a saturated
+/// data plane cannot delay it.
 async fn serve_control(
     control: &tokio::runtime::Handle,
-    addr: SocketAddr,
+    (addr, handed): (SocketAddr, Option<OwnedFd>),
     handler: telemetry::Handler,
-    stop: CancellationToken,
-) -> Result<SocketAddr, BuildError> {
+    drain: Drain,
+) -> Result<(SocketAddr, OwnedFd), BuildError> {
     let served = control.spawn(async move {
-        let (listener, bound) = telemetry::bind(addr)
-            .await
+        let (listener, kept) = open_listener(addr, handed).await?;
+        let bound = listener
+            .local_addr()
             .map_err(|reason| BuildError::Bind { addr, reason })?;
-        tokio::spawn(telemetry::serve_http(listener, handler, stop));
-        Ok(bound)
+        tokio::spawn(telemetry::serve_http(listener, handler, drain));
+        Ok((bound, kept))
     });
     served.await.unwrap_or_else(|e| {
         Err(BuildError::Bind {
@@ -183,59 +224,87 @@ async fn serve_control(
     })
 }
 
-pub async fn build(config: Config) -> Result<Bound, BuildError> {
-    let roots = TrustBundle::from_pem(&read(&config.ca_root)?).map_err(|e| BuildError::Root {
-        path: config.ca_root.clone(),
-        reason: e.to_string(),
-    })?;
-    let roots = Arc::new(roots);
-    let token = read(&config.token_file)?;
-    let controller = weft_proto::identity::controller(&config.trust_domain)?;
-    let ca = GrpcCaClient::new(config.ca_addr, roots.clone(), controller.clone(), &token);
+/// The model: from the static file, or followed from the controller's
+/// stream (waiting a moment for the first complete config).
+async fn start_config(
+    config: &Config,
+    control: &tokio::runtime::Handle,
+    (roots, token): (Arc<TrustBundle>, &str),
+) -> Result<(Arc<watch::Sender<Arc<Model>>>, Arc<AtomicBool>), BuildError> {
+    let model_tx = Arc::new(watch::channel(Arc::new(Model::default())).0);
+    let config_ready = Arc::new(AtomicBool::new(false));
+    if let Some(path) = &config.model_file {
+        let model = Model::from_yaml(&read(path)?, &config.trust_domain).map_err(|source| {
+            BuildError::Model {
+                path: path.clone(),
+                reason: source,
+            }
+        })?;
+        model_tx.send_replace(Arc::new(model));
+        config_ready.store(true, Ordering::Release);
+        return Ok((model_tx, config_ready));
+    }
+    let mut first = model_tx.subscribe();
+    // On the control runtime: the stream and its connection live there.
+    let entered = control.enter();
+    let (pushed, _stats) = xds::spawn(XdsConfig {
+        controller: config.ca_addr,
+        roots,
+        controller_identity: weft_proto::identity::controller(&config.trust_domain)?,
+        token: token.to_owned(),
+        node: config.node.clone(),
+        trust_domain: config.trust_domain.clone(),
+    });
+    tokio::spawn(follow(pushed, model_tx.clone(), config_ready.clone()));
+    drop(entered);
+    // Restoring pods needs to know their workloads: give the first
+    // config a moment; pods that still fail are retried anyway.
+    let _ = tokio::time::timeout(FIRST_CONFIG_WAIT, first.changed()).await;
+    Ok((model_tx, config_ready))
+}
+
+/// Asks a running ztunnel for its sockets (a restart); `None` when there
+/// is none, or it cannot hand over (then this one binds its own).
+async fn take_over(state_dir: &std::path::Path) -> Option<handover::Taken> {
+    match handover::take(&handover::socket_path(state_dir)).await {
+        Ok(taken) => taken,
+        Err(e) => {
+            warn!(error = %e, "could not take over the running ztunnel's sockets; binding new ones");
+            None
+        }
+    }
+}
+
+/// Serves the pods a previous ztunnel handed over on their own sockets,
+/// once their certificates are in (so no handshake finds none).
+async fn adopt(enroller: &Enroller, pods: Vec<(PodSpec, [OwnedFd; 3])>) {
+    let node = &enroller.node;
+    let model = node.model.borrow().clone();
+    for (spec, _) in &pods {
+        if let Some(w) = model.workload(&spec.namespace, &spec.name) {
+            let _ = node.certs.get(&w.identity, FIRST_CONFIG_WAIT).await;
+        }
+    }
+    for (spec, fds) in pods {
+        let uid = spec.uid.clone();
+        if let Err(e) = enroller.adopt(spec, fds).await {
+            warn!(uid, error = %e, "could not serve a handed-over pod; restoring it anew");
+        }
+    }
+}
+
+fn new_node(config: &Config, model: &watch::Sender<Arc<Model>>, ca: GrpcCaClient) -> Arc<Node> {
     let control = config
         .control
         .clone()
         .unwrap_or_else(tokio::runtime::Handle::current);
-    let model_tx = Arc::new(watch::channel(Arc::new(Model::default())).0);
-    let model_rx = model_tx.subscribe();
-    let config_ready = Arc::new(AtomicBool::new(false));
-    match &config.model_file {
-        Some(path) => {
-            let model = Model::from_yaml(&read(path)?, &config.trust_domain).map_err(|source| {
-                BuildError::Model {
-                    path: path.clone(),
-                    reason: source,
-                }
-            })?;
-            model_tx.send_replace(Arc::new(model));
-            config_ready.store(true, Ordering::Release);
-        }
-        None => {
-            // On the control runtime: the stream and its connection live there.
-            let entered = control.enter();
-            let (pushed, _stats) = xds::spawn(XdsConfig {
-                controller: config.ca_addr,
-                roots,
-                controller_identity: controller,
-                token: token.clone(),
-                node: config.node.clone(),
-                trust_domain: config.trust_domain.clone(),
-            });
-            tokio::spawn(follow(pushed, model_tx.clone(), config_ready.clone()));
-            drop(entered);
-            // Restoring pods needs to know their workloads: give the first
-            // config a moment; pods that still fail are retried anyway.
-            let mut first = model_rx.clone();
-            let _ = tokio::time::timeout(FIRST_CONFIG_WAIT, first.changed()).await;
-        }
-    }
     let pods = Pods::default();
-    let node = Arc::new(Node {
+    Arc::new(Node {
         name: config.node.clone(),
         trust_domain: config.trust_domain.clone(),
         mode: config.mode,
         deny_passthrough: config.deny_passthrough,
-        model: model_rx,
+        model: model.subscribe(),
         certs: {
             let _on_control = control.enter();
             CertManager::new(Arc::new(ca), CertConfig::default())
@@ -244,20 +313,18 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         pods,
         stats: Stats::default(),
         unavailable: Default::default(),
-    });
-    let shutdown = CancellationToken::new();
-    std::fs::create_dir_all(&config.state_dir).map_err(|source| BuildError::Read {
-        path: config.state_dir.clone(),
-        reason: source,
-    })?;
-    let hbone_stats = Arc::new(ServerStats::default());
-    let enroller = Arc::new(Enroller::new(
-        node.clone(),
-        config.state_dir.join("pods.json"),
-        hbone_stats.clone(),
-        shutdown.clone(),
-    ));
-    let config_in = config_ready.load(std::sync::atomic::Ordering::Acquire);
+    })
+}
+
+/// Enrollment: pods handed over by a previous ztunnel, then the persisted
+/// set, then the socket new pods come through.
+async fn start_pods(
+    config: &Config,
+    enroller: Arc<Enroller>,
+    handed: Vec<(PodSpec, [OwnedFd; 3])>,
+    config_in: bool,
+) -> Result<(), BuildError> {
+    adopt(&enroller, handed).await;
     enroller
         .restore(
             load_persisted(&enroller.state_file),
@@ -269,23 +336,115 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         path: config.enroll_socket.clone(),
         reason: source,
     })?;
-    let tasks = enroller.tasks.clone();
-    tokio::spawn(enroll::serve(enroller, socket));
-    tasks.spawn(prefetch(node.clone(), shutdown.clone()));
-    let bind = |addr| async move {
-        telemetry::bind(addr)
-            .await
-            .map_err(|source| BuildError::Bind {
-                addr,
-                reason: source,
-            })
-    };
+    let drain = enroller.drain.clone();
+    drain.spawn(prefetch(enroller.node.clone(), drain.stopping().clone()));
+    drain.spawn(enroll::serve(enroller, socket));
+    Ok(())
+}
+
+pub async fn build(config: Config) -> Result<Bound, BuildError> {
+    let roots = TrustBundle::from_pem(&read(&config.ca_root)?).map_err(|e| BuildError::Root {
+        path: config.ca_root.clone(),
+        reason: e.to_string(),
+    })?;
+    let roots = Arc::new(roots);
+    let token = read(&config.token_file)?;
+    let controller = weft_proto::identity::controller(&config.trust_domain)?;
+    let ca = GrpcCaClient::new(config.ca_addr, roots.clone(), controller, &token);
+    let control = config
+        .control
+        .clone()
+        .unwrap_or_else(tokio::runtime::Handle::current);
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| BuildError::Read {
+        path: config.state_dir.clone(),
+        reason: source,
+    })?;
+    let (model_tx, config_ready) = start_config(&config, &control, (roots, &token)).await?;
+    let node = new_node(&config, &model_tx, ca);
+    let mut taken = take_over(&config.state_dir).await;
+    let (drain, control_drain) = (Drain::new(), Drain::new());
+    let hbone_stats = Arc::new(ServerStats::default());
+    let enroller = Arc::new(Enroller::new(
+        node.clone(),
+        config.state_dir.join("pods.json"),
+        hbone_stats.clone(),
+        drain.clone(),
+    ));
+    let handed_pods = taken.as_mut().map(|t| std::mem::take(&mut t.pods));
+    let config_in = config_ready.load(Ordering::Acquire);
+    start_pods(
+        &config,
+        enroller,
+        handed_pods.unwrap_or_default(),
+        config_in,
+    )
+    .await?;
+    let mut handed = |name: &str| taken.as_mut().and_then(|t| t.node.remove(name));
     telemetry::prometheus();
     let dump = node.clone();
-    let admin_handler = Arc::new(move |path: &str| admin_page(&dump, path));
-    let serve = |addr, handler| serve_control(&control, addr, handler, shutdown.clone());
-    let admin_addr = serve(config.admin_addr, admin_handler).await?;
-    let metrics_handler = Arc::new(|path: &str| match path {
+    let admin_handler: telemetry::Handler = Arc::new(move |path: &str| admin_page(&dump, path));
+    let serve = |listen, handler| serve_control(&control, listen, handler, control_drain.clone());
+    let admin = serve((config.admin_addr, handed("admin")), admin_handler).await?;
+    let metrics = serve((config.metrics_addr, handed("metrics")), metrics_handler()).await?;
+    let ready = serve(
+        (config.ready_addr, handed("ready")),
+        ready_handler(&config_ready),
+    )
+    .await?;
+    let (socks, socks_fd) = open_listener(config.socks5_addr, handed("socks5")).await?;
+    let socks5_addr = socks.local_addr().map_err(|reason| BuildError::Bind {
+        addr: config.socks5_addr,
+        reason,
+    })?;
+    let socks5_stats = Arc::new(SocksStats::default());
+    drain.spawn(socks5::serve(
+        node.clone(),
+        socks,
+        socks5_stats.clone(),
+        drain.clone(),
+    ));
+    if let Some(t) = taken
+        && let Err(e) = t.finish().await
+    {
+        warn!(error = %e, "could not tell the previous ztunnel it was replaced");
+    }
+    let handed_over = CancellationToken::new();
+    let node_fds = vec![
+        ("admin", admin.1),
+        ("metrics", metrics.1),
+        ("ready", ready.1),
+        ("socks5", socks_fd),
+    ];
+    let path = handover::socket_path(&config.state_dir);
+    let (pods, stop) = (node.pods.clone(), drain.stopping().clone());
+    drain.spawn(handover::offer(
+        path,
+        node_fds,
+        pods,
+        handed_over.clone(),
+        stop,
+    ));
+    info!(node = %config.node, socket = %config.enroll_socket.display(), mode = ?config.mode, "ztunnel ready");
+    Ok(Bound {
+        node,
+        enroll_socket: config.enroll_socket,
+        admin_addr: admin.0,
+        metrics_addr: metrics.0,
+        ready_addr: ready.0,
+        socks5_addr,
+        socks5_stats,
+        hbone_stats,
+        model: model_tx,
+        config_ready,
+        handed_over,
+        drain,
+        control_drain,
+        deadline: config.drain_deadline,
+    })
+}
+
+fn metrics_handler() -> telemetry::Handler {
+    Arc::new(|path: &str| match path {
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -296,12 +455,14 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             "text/plain",
             "try /metrics\n".to_owned(),
         ),
-    });
-    let metrics_addr = serve(config.metrics_addr, metrics_handler).await?;
-    // Ready once a complete config is in, restored pods are back and the
-    // enrollment socket is open.
+    })
+}
+
+/// Ready once a complete config is in, restored pods are back and the
+/// enrollment socket is open.
+fn ready_handler(config_ready: &Arc<AtomicBool>) -> telemetry::Handler {
     let is_ready = config_ready.clone();
-    let ready_handler = Arc::new(move |path: &str| match path {
+    Arc::new(move |path: &str| match path {
         "/healthz/ready" if is_ready.load(Ordering::Acquire) => {
             (StatusCode::OK, "text/plain", "ready\n".to_owned())
         }
@@ -315,30 +476,6 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             "text/plain",
             "try /healthz/ready\n".to_owned(),
         ),
-    });
-    let ready_addr = serve(config.ready_addr, ready_handler).await?;
-    let (socks, socks5_addr) = bind(config.socks5_addr).await?;
-    let socks5_stats = Arc::new(SocksStats::default());
-    tokio::spawn(socks5::serve(
-        node.clone(),
-        socks,
-        socks5_stats.clone(),
-        shutdown.clone(),
-    ));
-    info!(node = %config.node, socket = %config.enroll_socket.display(), mode = ?config.mode, "ztunnel ready");
-    Ok(Bound {
-        node,
-        enroll_socket: config.enroll_socket,
-        admin_addr,
-        metrics_addr,
-        ready_addr,
-        socks5_addr,
-        socks5_stats,
-        hbone_stats,
-        model: model_tx,
-        config_ready,
-        shutdown,
-        tasks,
     })
 }
 

@@ -9,18 +9,18 @@
 //! Lines over 64 KiB, bad JSON and unknown fields get an error reply; the
 //! connection stays usable.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tracing::{debug, warn};
 use weft_proto::hbone::server::{self, ServerStats};
 use weft_proto::hbone::{H2Settings, HBONE_PORT};
+use weft_proto::listen::Drain;
 
 use crate::capture::{self, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::inbound::{self, Inbound};
@@ -68,9 +68,9 @@ pub struct Enroller {
     pub node: Arc<Node>,
     pub state_file: PathBuf,
     pub hbone_stats: Arc<ServerStats>,
-    pub shutdown: CancellationToken,
-    /// Every pod listener task, so shutdown can wait for them to close.
-    pub tasks: TaskTracker,
+    /// Pod listeners and their connections are tracked by it; each pod's
+    /// listeners stop on their own at removal.
+    pub drain: Drain,
     /// Restored pods still being retried; persisted with the enrolled ones so
     /// a second restart does not forget them.
     pending: Mutex<Vec<PodSpec>>,
@@ -101,14 +101,13 @@ impl Enroller {
         node: Arc<Node>,
         state_file: PathBuf,
         hbone_stats: Arc<ServerStats>,
-        shutdown: CancellationToken,
+        drain: Drain,
     ) -> Self {
         Enroller {
             node,
             state_file,
             hbone_stats,
-            shutdown,
-            tasks: TaskTracker::new(),
+            drain,
             pending: Mutex::new(Vec::new()),
             locks: Mutex::new(Default::default()),
         }
@@ -125,7 +124,15 @@ impl Enroller {
     pub async fn add(&self, spec: PodSpec) -> Result<(), EnrollError> {
         let lock = self.lock_for(&spec.uid);
         let _held = lock.lock().await;
-        self.add_locked(spec).await
+        self.add_locked(spec, None).await
+    }
+
+    /// Enrolls a pod a previous ztunnel served, on the listening sockets it
+    /// handed over (so nothing queued on them is lost).
+    pub async fn adopt(&self, spec: PodSpec, listeners: [OwnedFd; 3]) -> Result<(), EnrollError> {
+        let lock = self.lock_for(&spec.uid);
+        let _held = lock.lock().await;
+        self.add_locked(spec, Some(listeners)).await
     }
 
     /// Closes the pod's listeners and deletes its capture table.
@@ -142,7 +149,11 @@ impl Enroller {
         result
     }
 
-    async fn add_locked(&self, spec: PodSpec) -> Result<(), EnrollError> {
+    async fn add_locked(
+        &self,
+        spec: PodSpec,
+        handed: Option<[OwnedFd; 3]>,
+    ) -> Result<(), EnrollError> {
         if self
             .node
             .pods
@@ -179,44 +190,35 @@ impl Enroller {
             ips,
             identity: workload.identity.clone(),
         });
-        let stop = self.shutdown.child_token();
-        let listeners = async {
-            let any = |port| std::net::SocketAddr::from(([0, 0, 0, 0], port));
-            Ok::<_, std::io::Error>((
-                pod.netns.listen(any(OUTBOUND_PORT)).await?,
-                pod.netns.listen(any(INBOUND_PLAINTEXT_PORT)).await?,
-                pod.netns.listen(any(HBONE_PORT)).await?,
-            ))
-        };
-        let (out_l, plain_l, hbone_l) = listeners.await?;
+        let drain = self.drain.child();
+        let [out_l, plain_l, hbone_l] = pod_listeners(&pod.netns, handed).await?;
+        let kept = [
+            out_l.as_fd().try_clone_to_owned()?,
+            plain_l.as_fd().try_clone_to_owned()?,
+            hbone_l.as_fd().try_clone_to_owned()?,
+        ];
         capture::install(&pod.netns).await?;
         let node = &self.node;
-        tokio::spawn(outbound::serve(
-            node.clone(),
-            pod.clone(),
-            out_l,
-            stop.clone(),
-        ));
-        tokio::spawn(inbound::serve_plaintext(
-            node.clone(),
-            pod.clone(),
-            plain_l,
-            stop.clone(),
-        ));
+        let (n, p) = (node.clone(), pod.clone());
+        self.drain
+            .spawn(outbound::serve(n, p, out_l, drain.clone()));
+        let (n, p) = (node.clone(), pod.clone());
+        self.drain
+            .spawn(inbound::serve_plaintext(n, p, plain_l, drain.clone()));
         let handler = Arc::new(Inbound {
             node: node.clone(),
             pod: pod.clone(),
         });
-        tokio::spawn(server::serve(
+        self.drain.spawn(server::serve(
             hbone_l,
             (cert, node.trust_domain.clone()),
             handler,
             H2Settings::default(),
             self.hbone_stats.clone(),
-            stop.clone(),
+            drain.clone(),
         ));
         log_enrolled(&pod);
-        node.pods.insert(pod, stop);
+        node.pods.insert(pod, drain, kept);
         self.persist();
         Ok(())
     }
@@ -295,7 +297,7 @@ impl Enroller {
         let mut delay = Duration::from_millis(100);
         loop {
             tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = self.drain.stopping().cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
             let still_pending = self.pending.lock().expect("poisoned").contains(&spec);
@@ -323,6 +325,24 @@ impl Enroller {
     }
 }
 
+/// The pod's outbound, inbound-plaintext and HBONE listeners: the ones a
+/// previous ztunnel handed over, or new ones in its namespace.
+async fn pod_listeners(
+    netns: &Netns,
+    handed: Option<[OwnedFd; 3]>,
+) -> std::io::Result<[TcpListener; 3]> {
+    if let Some([a, b, c]) = handed {
+        use crate::handover::listener;
+        return Ok([listener(a)?, listener(b)?, listener(c)?]);
+    }
+    let any = |port| std::net::SocketAddr::from(([0, 0, 0, 0], port));
+    Ok([
+        netns.listen(any(OUTBOUND_PORT)).await?,
+        netns.listen(any(INBOUND_PLAINTEXT_PORT)).await?,
+        netns.listen(any(HBONE_PORT)).await?,
+    ])
+}
+
 /// Serves the enrollment socket (mode 0600) until shutdown.
 pub fn listen(path: &Path) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
@@ -338,7 +358,7 @@ pub fn listen(path: &Path) -> std::io::Result<UnixListener> {
 pub async fn serve(enroller: Arc<Enroller>, listener: UnixListener) {
     loop {
         let stream = tokio::select! {
-            _ = enroller.shutdown.cancelled() => return,
+            _ = enroller.drain.stopping().cancelled() => return,
             a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
         };
         tokio::spawn(connection(enroller.clone(), stream));

@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 use weft_proto::hbone::metadata::PeerMetadata;
 use weft_proto::hbone::server::{Handler, InboundConnect};
@@ -22,7 +21,7 @@ use crate::netns::original_dst;
 use crate::node::{Mode, Node};
 use crate::pods::Pod;
 use crate::telemetry::ConnLabels;
-use weft_proto::listen::accept_each;
+use weft_proto::listen::{Drain, accept_each};
 
 pub struct Inbound {
     pub node: Arc<Node>,
@@ -179,13 +178,8 @@ fn authorize(node: &Node, pod: &Pod, src: Source<'_>, port: u16) -> Result<(), S
 
 /// Plaintext arriving at the pod (redirected to 15006): refused in STRICT,
 /// authorized by source IP alone in PERMISSIVE.
-pub async fn serve_plaintext(
-    node: Arc<Node>,
-    pod: Arc<Pod>,
-    listener: TcpListener,
-    stop: CancellationToken,
-) {
-    accept_each(listener, stop, "inbound_plaintext", move |tcp, peer| {
+pub async fn serve_plaintext(node: Arc<Node>, pod: Arc<Pod>, listener: TcpListener, drain: Drain) {
+    accept_each(listener, drain, "inbound_plaintext", move |tcp, peer| {
         let (node, pod) = (node.clone(), pod.clone());
         async move { plaintext(&node, &pod, tcp, peer).await }
     })

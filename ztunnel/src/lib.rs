@@ -7,6 +7,7 @@ pub mod capture;
 pub mod cni;
 pub mod enroll;
 pub mod error;
+pub mod handover;
 pub mod inbound;
 pub mod netns;
 pub mod node;

@@ -66,6 +66,10 @@ struct Args {
     /// of its own, so a saturated data plane never starves it.
     #[arg(long, env = "WEFT_WORKERS")]
     workers: Option<usize>,
+    /// Seconds live connections may finish after SIGTERM, or after a new
+    /// ztunnel took over this one's sockets, before they are closed.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    drain_deadline: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -123,10 +127,16 @@ async fn run(a: Args, control: tokio::runtime::Handle) -> anyhow::Result<()> {
         ready_addr: a.ready_addr,
         socks5_addr: a.socks5_addr,
         control: Some(control),
+        drain_deadline: std::time::Duration::from_secs(a.drain_deadline),
     })
     .await
     .context("ztunnel failed to start")?;
-    weft_proto::process::shutdown_signal().await;
-    bound.shutdown().await;
+    // A restart: the new process serves our sockets; or a plain stop.
+    tokio::select! {
+        _ = weft_proto::process::shutdown_signal() => {}
+        _ = bound.handed_over.cancelled() => {}
+    }
+    let cut = bound.shutdown().await;
+    tracing::info!(cut, "ztunnel stopped");
     Ok(())
 }

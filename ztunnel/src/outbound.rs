@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use http::HeaderMap;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use weft_proto::certs::wait_for_cert;
 use weft_proto::hbone::metadata::{self, PeerMetadata};
@@ -30,7 +29,7 @@ use crate::netns::{Netns, original_dst};
 use crate::node::Node;
 use crate::pods::Pod;
 use crate::telemetry::ConnLabels;
-use weft_proto::listen::accept_each;
+use weft_proto::listen::{Drain, accept_each};
 
 /// How long a connection may wait for its source's first certificate.
 const CERT_WAIT: Duration = Duration::from_secs(5);
@@ -55,8 +54,8 @@ pub struct Upstream {
     labels: Option<ConnLabels>,
 }
 
-pub async fn serve(node: Arc<Node>, pod: Arc<Pod>, listener: TcpListener, stop: CancellationToken) {
-    accept_each(listener, stop, "outbound", move |tcp, peer| {
+pub async fn serve(node: Arc<Node>, pod: Arc<Pod>, listener: TcpListener, drain: Drain) {
+    accept_each(listener, drain, "outbound", move |tcp, peer| {
         let (node, pod) = (node.clone(), pod.clone());
         async move { captured(&node, &pod, tcp, peer).await }
     })

@@ -4,16 +4,17 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use weft_proto::hbone::pool::Dialer;
 use weft_proto::identity::Identity;
+use weft_proto::listen::Drain;
 
 use crate::netns::Netns;
 
@@ -40,7 +41,11 @@ pub struct Pod {
 
 struct Enrolled {
     pod: Arc<Pod>,
-    stop: CancellationToken,
+    /// Stops the pod's listeners.
+    drain: Drain,
+    /// The pod's listening sockets (outbound, inbound plaintext, HBONE),
+    /// kept to hand over to a successor; closed with the pod.
+    listeners: [OwnedFd; 3],
 }
 
 /// Cheap to clone.
@@ -61,15 +66,32 @@ impl Pods {
             .map(|e| e.pod.clone())
     }
 
-    pub fn insert(&self, pod: Arc<Pod>, stop: CancellationToken) {
-        self.lock()
-            .insert(pod.spec.uid.clone(), Enrolled { pod, stop });
+    pub fn insert(&self, pod: Arc<Pod>, drain: Drain, listeners: [OwnedFd; 3]) {
+        let uid = pod.spec.uid.clone();
+        let enrolled = Enrolled {
+            pod,
+            drain,
+            listeners,
+        };
+        self.lock().insert(uid, enrolled);
+    }
+
+    /// Every pod with a copy of its listening sockets, to hand over.
+    pub fn listeners(&self) -> std::io::Result<Vec<(PodSpec, [OwnedFd; 3])>> {
+        let pods = self.lock();
+        let mut out = Vec::with_capacity(pods.len());
+        for e in pods.values() {
+            let [a, b, c] = &e.listeners;
+            let fds = [a.try_clone()?, b.try_clone()?, c.try_clone()?];
+            out.push((e.pod.spec.clone(), fds));
+        }
+        Ok(out)
     }
 
     /// Removes the pod and stops its listeners.
     pub fn remove(&self, uid: &str) -> Option<Arc<Pod>> {
         let e = self.lock().remove(uid)?;
-        e.stop.cancel();
+        e.drain.stop();
         Some(e.pod)
     }
 

@@ -11,13 +11,12 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
 use weft_proto::model::Model;
 
 use crate::node::Node;
 use crate::outbound::{self, Source};
-use weft_proto::listen::accept_each;
+use weft_proto::listen::{Drain, accept_each};
 
 /// A SOCKS handshake must finish within this, or the connection is closed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,13 +44,8 @@ enum SocksError {
     Io(#[from] std::io::Error),
 }
 
-pub async fn serve(
-    node: Arc<Node>,
-    listener: TcpListener,
-    stats: Arc<SocksStats>,
-    stop: CancellationToken,
-) {
-    accept_each(listener, stop, "socks5", move |tcp, peer| {
+pub async fn serve(node: Arc<Node>, listener: TcpListener, stats: Arc<SocksStats>, drain: Drain) {
+    accept_each(listener, drain, "socks5", move |tcp, peer| {
         let (node, stats) = (node.clone(), stats.clone());
         async move { handle(&node, &stats, tcp, peer).await }
     })

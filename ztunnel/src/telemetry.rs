@@ -10,10 +10,9 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use weft_proto::listen::accept_each;
+use weft_proto::listen::{Drain, accept_each};
 
 pub use weft_proto::process::prometheus;
 
@@ -57,8 +56,8 @@ impl ConnLabels {
 pub type Handler = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send + Sync>;
 
 /// A small HTTP/1.1 server: GET path → (status, content type, body).
-pub async fn serve_http(listener: TcpListener, handler: Handler, stop: CancellationToken) {
-    accept_each(listener, stop, "http", move |tcp, _peer| {
+pub async fn serve_http(listener: TcpListener, handler: Handler, drain: Drain) {
+    accept_each(listener, drain, "http", move |tcp, _peer| {
         let handler = handler.clone();
         async move {
             let service = service_fn(move |req: Request<Incoming>| {

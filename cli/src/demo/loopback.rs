@@ -106,7 +106,7 @@ pub async fn run(keep: bool) -> anyhow::Result<()> {
         Arc::new(Api),
         H2Settings::default(),
         stats.clone(),
-        stop.clone(),
+        weft_proto::listen::Drain::stopped_by(stop.clone()),
     ));
     println!("node-b      HBONE listener {hbone_addr} for {api}\n");
 

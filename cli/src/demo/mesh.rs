@@ -408,6 +408,8 @@ fn mesh_yaml(pods: &[Pod]) -> String {
 pub struct ZtunnelOptions {
     pub mode: Mode,
     pub deny_passthrough: bool,
+    /// How long live connections may finish at shutdown or handover.
+    pub drain_deadline: std::time::Duration,
 }
 
 impl Default for ZtunnelOptions {
@@ -415,6 +417,7 @@ impl Default for ZtunnelOptions {
         ZtunnelOptions {
             mode: Mode::Strict,
             deny_passthrough: false,
+            drain_deadline: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -462,6 +465,7 @@ pub async fn start_ztunnel_on(
         ready_addr: any,
         socks5_addr: any,
         control,
+        drain_deadline: options.drain_deadline,
     })
     .await
     .with_context(|| format!("starting {node}'s ztunnel"))

@@ -195,10 +195,27 @@ impl Pool {
             .cert()
             .cloned()
             .ok_or_else(|| HboneError::NoCertificate(key.src.to_string()))?;
-        let conn = self.checkout(key, &current).await?;
+        match self.connect_once(key, &current, &req).await {
+            // The server was going away (a draining or restarted ztunnel):
+            // the stream was never processed, so it is safe to send again,
+            // on a new connection (RFC 9113 §8.7).
+            Err(HboneError::H2(e)) if unprocessed(&e) => {
+                self.connect_once(key, &current, &req).await
+            }
+            other => other,
+        }
+    }
+
+    async fn connect_once(
+        &self,
+        key: &PoolKey,
+        current: &Arc<WorkloadCert>,
+        req: &ConnectRequest,
+    ) -> Result<H2Stream, HboneError> {
+        let conn = self.checkout(key, current).await?;
         let guard = StreamGuard(conn.clone());
         let sender = conn.sender.clone();
-        let request = build_request(&req)?;
+        let request = build_request(req)?;
         let timeout = self.inner.settings.response_timeout;
         let open = async move {
             let mut sender = sender.ready().await?;
@@ -206,9 +223,17 @@ impl Pool {
             let response = response.await?;
             Ok::<_, HboneError>((response, send))
         };
-        let (response, send) = tokio::time::timeout(timeout, open)
+        let opened = tokio::time::timeout(timeout, open)
             .await
-            .map_err(|_| HboneError::Timeout("CONNECT response"))??;
+            .map_err(|_| HboneError::Timeout("CONNECT response"))?;
+        let (response, send) = match opened {
+            Err(HboneError::H2(e)) if unprocessed(&e) => {
+                // No new stream on this connection, for anyone.
+                conn.closed.store(true, Ordering::Release);
+                return Err(HboneError::H2(e));
+            }
+            other => other?,
+        };
         if response.status() != StatusCode::OK {
             return Err(HboneError::Status(response.status()));
         }
@@ -383,4 +408,11 @@ async fn sweep_idle(pool: Weak<PoolInner>) {
             debug!(evicted, "HBONE idle connections closed");
         }
     }
+}
+
+/// Whether `e` says the server never processed the stream: it was refused,
+/// or the connection was going away (GOAWAY) before it was taken.
+fn unprocessed(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::REFUSED_STREAM)
+        || (e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR))
 }

@@ -15,11 +15,11 @@ use h2::server::SendResponse;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{H2Settings, H2Stream, HboneError, keepalive};
 use crate::identity::Identity;
+use crate::listen::Drain;
 use crate::tls;
 
 /// One `CONNECT` stream awaiting the handler's decision. Dropping it without
@@ -146,15 +146,16 @@ impl<H> Shared<H> {
 }
 
 /// Serves HBONE as `own`'s identity on `listener`, to clients with a
-/// certificate of `trust_domain`, until `shutdown` fires; then stops
-/// accepting and lets open streams finish (HTTP/2 GOAWAY).
+/// certificate of `trust_domain`, until `drain` stops it; then stops
+/// accepting and lets open streams finish (HTTP/2 GOAWAY) within the
+/// drain's deadline. Every connection and stream task is the drain's.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     (own, trust_domain): (tls::CertWatch, String),
     handler: Arc<H>,
     settings: H2Settings,
     stats: Arc<ServerStats>,
-    shutdown: CancellationToken,
+    drain: Drain,
 ) {
     let config = tls::server_config(own.clone(), tls::ClientAuth::Required { trust_domain });
     let shared = Arc::new(Shared {
@@ -175,16 +176,16 @@ pub async fn serve<H: Handler>(
         let guard = ActiveGuard {
             stats: stats.clone(),
         };
-        serve_connection(tcp, peer_addr, shared.clone(), shutdown.clone(), guard)
+        serve_connection(tcp, peer_addr, shared.clone(), drain.clone(), guard)
     };
-    crate::listen::accept_counted(listener, shutdown.clone(), limit, serve, on_refused).await;
+    crate::listen::accept_counted(listener, drain.clone(), limit, serve, on_refused).await;
 }
 
 async fn serve_connection<H: Handler>(
     tcp: TcpStream,
     peer_addr: SocketAddr,
     shared: Arc<Shared<H>>,
-    shutdown: CancellationToken,
+    drain: Drain,
     _guard: ActiveGuard,
 ) {
     let (stats, settings) = (&shared.stats, &shared.settings);
@@ -238,7 +239,7 @@ async fn serve_connection<H: Handler>(
         own: shared.own.clone(),
     };
     let from = (peer_addr, local_addr);
-    serve_streams(conn, &shared, &peer, from, trust, shutdown).await;
+    serve_streams(conn, &shared, &peer, from, trust, drain).await;
 }
 
 /// How long a connection's peer stays trusted: until its chain expires, or
@@ -278,7 +279,7 @@ async fn serve_streams<H: Handler>(
     peer: &PeerCert,
     from: (SocketAddr, SocketAddr),
     mut trust: Trusted,
-    shutdown: CancellationToken,
+    drain: Drain,
 ) {
     let stats = &shared.stats;
     let ka = keepalive(conn.ping_pong(), &shared.settings);
@@ -299,7 +300,8 @@ async fn serve_streams<H: Handler>(
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
                         continue;
                     };
-                    dispatch(&shared.handler, stats, (req, respond, slot), peer, from);
+                    let stream = (req, respond, slot);
+                    dispatch(&shared.handler, &drain, stats, stream, peer, from);
                     None
                 }
                 Some(Err(e)) => return protocol_failed(stats, &e.to_string()),
@@ -309,7 +311,7 @@ async fn serve_streams<H: Handler>(
                 debug!(error = %e, "HBONE peer dead, closing");
                 return;
             }
-            _ = shutdown.cancelled(), if !draining => Some("shutting down"),
+            _ = drain.stopping().cancelled(), if !draining => Some("shutting down"),
             _ = &mut expiry, if !draining => Some("peer certificate expired"),
             changed = trust.own.changed(), if !draining && !settled => match changed {
                 Ok(()) if roots_changed(&trust.roots, &roots_of(&trust.own)) => {
@@ -341,6 +343,7 @@ type Stream = (
 
 fn dispatch<H: Handler>(
     handler: &Arc<H>,
+    drain: &Drain,
     stats: &ServerStats,
     (req, mut respond, slot): Stream,
     peer: &PeerCert,
@@ -381,7 +384,7 @@ fn dispatch<H: Handler>(
     };
     let handler = handler.clone();
     let span = info_span!("stream", dst.addr = %authority, src.identity = %peer.identity);
-    tokio::spawn(async move { handler.handle(connect).await }.instrument(span));
+    drain.spawn(async move { handler.handle(connect).await }.instrument(span));
 }
 
 fn handshake_failed(stats: &ServerStats, reason: &str) {

@@ -692,7 +692,7 @@ async fn a_listener_bounds_its_handshakes_and_connections() {
         settings,
     )
     .await;
-    let refused = || server.stats.refused_connections.load(Ordering::Relaxed);
+    let refused = || server.stats.refused.total();
     let closed_at_once = |mut s: TcpStream| async move {
         let mut buf = [0u8; 1];
         let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))

@@ -453,7 +453,7 @@ async fn hostile_input_on_pod_ports() {
 
     // Straight at the capture ports, which would otherwise loop forever.
     closed_promptly(exchange(&c.client, "127.0.0.1:15001".parse().expect("addr")).await);
-    assert_eq!(stats.outbound_failed.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.outbound_failed.total(), 1);
     assert_eq!(
         stats.outbound_passthrough.load(Ordering::Relaxed),
         0,
@@ -465,7 +465,7 @@ async fn hostile_input_on_pod_ports() {
     // pod's prerouting sends it to 15006, which forwards it (PERMISSIVE) to
     // 15001 inside the pod, where the outbound guard refuses it.
     assert_eq!(stats.plaintext_refused.load(Ordering::Relaxed), 1);
-    assert_eq!(stats.outbound_failed.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.outbound_failed.total(), 2);
     assert_eq!(
         stats.outbound_passthrough.load(Ordering::Relaxed),
         0,
@@ -881,6 +881,7 @@ fn load(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_under_load_loses_no_connection() {
     require_root!();
+    let log = access_log();
     let Cluster {
         topo,
         mesh,
@@ -941,6 +942,23 @@ async fn restart_under_load_loses_no_connection() {
             matches!(read, Ok(Ok(0) | Err(_))),
             "long connection {i} still open after the deadline: {read:?}"
         );
+        // Cut mid-stream, its task dropped: still exactly one access-log
+        // line, saying so, with what it carried.
+        let src = l.local_addr().expect("addr").to_string();
+        let text = String::from_utf8_lossy(&log.lock().expect("log")).into_owned();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["direction"] == "outbound" && v["src.addr"] == src.as_str())
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "one access-log line for long connection {i}: {lines:?}"
+        );
+        assert_eq!(lines[0]["response_flags"], "DT", "{:?}", lines[0]);
+        let sent = lines[0]["bytes_sent"].as_u64().unwrap_or(0);
+        assert!(sent >= 18, "what it carried: {:?}", lines[0]);
     }
     stop.cancel();
     let mut failures = Vec::new();

@@ -1,8 +1,58 @@
 //! Every metric weft exports, declared once with its help text and unit, so
 //! each `/metrics` endpoint says what its series mean (a test runs them
 //! through Prometheus' own `promtool check metrics`).
+//!
+//! An event is counted once. Counts a test or an admin page reads per
+//! instance (a listener's handshake failures, a node's denied connections)
+//! live in that instance's stats, and their metrics are derived from them
+//! when /metrics is scraped ([`export_counter`]); everything else is
+//! recorded straight into the registry.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+/// Sets the exported counter `name{labels}` to a per-instance count.
+pub fn export_counter(name: &'static str, labels: &[(&'static str, &'static str)], value: u64) {
+    metrics::counter!(name, labels).absolute(value);
+}
+
+/// Sets the exported gauge `name` to a per-instance value.
+pub fn export_gauge(name: &'static str, value: u64) {
+    metrics::gauge!(name).set(value as f64);
+}
+
+/// Per-instance counts by one label's value (a response flag, a limit):
+/// read by tests, exported as one metric at scrape time.
+#[derive(Debug, Default)]
+pub struct ByLabel(Mutex<BTreeMap<&'static str, u64>>);
+
+impl ByLabel {
+    pub fn add(&self, value: &'static str) {
+        *self.0.lock().expect("poisoned").entry(value).or_default() += 1;
+    }
+
+    pub fn get(&self, value: &str) -> u64 {
+        self.0
+            .lock()
+            .expect("poisoned")
+            .get(value)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.lock().expect("poisoned").values().sum()
+    }
+
+    /// Exports `name{label=value}` for every value seen.
+    pub fn export(&self, name: &'static str, label: &'static str) {
+        for (value, n) in self.0.lock().expect("poisoned").iter() {
+            export_counter(name, &[(label, value)], *n);
+        }
+    }
+}
 
 /// (name, unit, help) of every counter.
 const COUNTERS: &[(&str, Unit, &str)] = &[
@@ -94,7 +144,7 @@ const COUNTERS: &[(&str, Unit, &str)] = &[
     (
         "weft_hbone_refusals_total",
         Unit::Count,
-        "CONNECT streams refused by the ztunnel, by HTTP status.",
+        "CONNECT streams refused by the ztunnel, by response flag (NR: 400, DENY: 403, UF: 503).",
     ),
     (
         "weft_hbone_refused_connections_total",
@@ -105,6 +155,56 @@ const COUNTERS: &[(&str, Unit, &str)] = &[
         "weft_hbone_refused_pending_streams_total",
         Unit::Count,
         "HBONE streams refused: their connection had too many unanswered.",
+    ),
+    (
+        "weft_hbone_connections_accepted_total",
+        Unit::Count,
+        "HBONE connections accepted by the node's listeners (before TLS).",
+    ),
+    (
+        "weft_hbone_connections_evicted_total",
+        Unit::Count,
+        "Idle or expired HBONE client connections the pool closed.",
+    ),
+    (
+        "weft_hbone_streams_total",
+        Unit::Count,
+        "CONNECT streams received on HBONE connections.",
+    ),
+    (
+        "weft_inbound_connections_total",
+        Unit::Count,
+        "Connections delivered to a pod's application, by transport (hbone, plaintext).",
+    ),
+    (
+        "weft_inbound_denied_total",
+        Unit::Count,
+        "Inbound connections and tunnels policy denied (HBONE or plaintext).",
+    ),
+    (
+        "weft_inbound_plaintext_refused_total",
+        Unit::Count,
+        "Plaintext refused at a pod: STRICT mode, or a connection to the capture port itself.",
+    ),
+    (
+        "weft_inbound_revoked_total",
+        Unit::Count,
+        "Live connections closed because a policy change denies them.",
+    ),
+    (
+        "weft_outbound_connections_total",
+        Unit::Count,
+        "Outbound connections opened, by transport (hbone, passthrough).",
+    ),
+    (
+        "weft_socks5_connections_total",
+        Unit::Count,
+        "SOCKS5 connections, by outcome (connected, refused, malformed).",
+    ),
+    (
+        "weft_tcp_connections_failed_total",
+        Unit::Count,
+        "Outbound connections that failed, by response flag (NR, UH, UF, UT, DPE).",
     ),
     (
         "weft_listener_refusals_total",

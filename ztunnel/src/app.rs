@@ -385,7 +385,21 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let admin_handler: telemetry::Handler = Arc::new(move |path: &str| admin_page(&dump, path));
     let serve = |listen, handler| serve_control(&control, listen, handler, control_drain.clone());
     let admin = serve((config.admin_addr, handed("admin")), admin_handler).await?;
-    let metrics = serve((config.metrics_addr, handed("metrics")), metrics_handler()).await?;
+    let socks5_stats = Arc::new(SocksStats::default());
+    let export = {
+        let (node, hbone, socks) = (node.clone(), hbone_stats.clone(), socks5_stats.clone());
+        move || {
+            node.stats.export();
+            node.pool.stats().export();
+            hbone.export();
+            socks.export();
+        }
+    };
+    let metrics = serve(
+        (config.metrics_addr, handed("metrics")),
+        metrics_handler(export),
+    )
+    .await?;
     let ready = serve(
         (config.ready_addr, handed("ready")),
         ready_handler(&config_ready),
@@ -396,7 +410,6 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         addr: config.socks5_addr,
         reason,
     })?;
-    let socks5_stats = Arc::new(SocksStats::default());
     drain.spawn(socks5::serve(
         node.clone(),
         socks,
@@ -443,13 +456,15 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     })
 }
 
-fn metrics_handler() -> telemetry::Handler {
-    Arc::new(|path: &str| match path {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            telemetry::prometheus().render(),
-        ),
+/// `/metrics`: the registry, with the per-instance counts `export`
+/// derives into it first.
+fn metrics_handler(export: impl Fn() + Send + Sync + 'static) -> telemetry::Handler {
+    Arc::new(move |path: &str| match path {
+        "/metrics" => {
+            export();
+            let text = telemetry::prometheus().render();
+            (StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -5,10 +5,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::info;
 use weft_proto::hbone::metadata::PeerMetadata;
 use weft_proto::hbone::server::{Handler, InboundConnect};
 use weft_proto::hbone::{BAGGAGE, HBONE_PORT, Transferred, copy_bidirectional};
@@ -20,7 +18,7 @@ use crate::error::InboundRefusal;
 use crate::netns::original_dst;
 use crate::node::{Mode, Node};
 use crate::pods::Pod;
-use crate::telemetry::ConnLabels;
+use crate::telemetry::{ConnLabels, ConnRecord};
 use weft_proto::listen::{Drain, accept_each};
 
 pub struct Inbound {
@@ -30,26 +28,24 @@ pub struct Inbound {
 
 impl Handler for Inbound {
     async fn handle(&self, mut c: InboundConnect) {
-        let started = Instant::now();
+        let mut rec = self.record(&c);
         // Phase 1, before the 200: every refusal is an HTTP status.
         // An HBONE listener is never a relay: only this pod's addresses,
         // and only its application ports (never the ztunnel's own in it).
         if !self.pod.ips.contains(&c.authority.ip()) {
-            return self.refuse(c, InboundRefusal::NotThisPod, started);
+            return self.refuse(c, InboundRefusal::NotThisPod, &mut rec);
         }
         if ZTUNNEL_PORTS.contains(&c.authority.port()) {
-            return self.refuse(c, InboundRefusal::ZtunnelPort, started);
+            return self.refuse(c, InboundRefusal::ZtunnelPort, &mut rec);
         }
         let src = Source {
             identity: Some(&c.peer),
             ip: c.peer_addr.ip(),
         };
         if let Err(reason) = authorize(&self.node, &self.pod, src, c.authority.port()) {
-            self.node
-                .stats
-                .inbound_denied
-                .fetch_add(1, Ordering::Relaxed);
-            return self.refuse(c, InboundRefusal::Denied(reason), started);
+            let stats = &self.node.stats;
+            stats.inbound_denied.fetch_add(1, Ordering::Relaxed);
+            return self.refuse(c, InboundRefusal::Denied(reason), &mut rec);
         }
         // A client that resets the stream meanwhile (rapid reset) takes the
         // connect with it: nothing is opened for a stream no one wants.
@@ -58,13 +54,12 @@ impl Handler for Inbound {
             reason = c.reset() => {
                 metrics::counter!("weft_hbone_abandoned_connects_total").increment(1);
                 let reason = format!("stream reset by the client ({reason:?}) before the application answered");
-                access_log(&self.pod, Some(&c.peer), c.peer_addr, c.authority, (0, 0), started, &reason);
-                return;
+                return rec.finish(reason, "DC");
             }
         };
         let mut app = match connected {
             Ok(app) => app,
-            Err(e) => return self.refuse(c, InboundRefusal::AppUnreachable(e), started),
+            Err(e) => return self.refuse(c, InboundRefusal::AppUnreachable(e), &mut rec),
         };
         // Phase 2, after the 200: an error is a stream reset.
         let (peer, peer_addr, authority) = (c.peer.clone(), c.peer_addr, c.authority);
@@ -76,43 +71,26 @@ impl Handler for Inbound {
             .and_then(|v| v.to_str().ok())
             .map(PeerMetadata::from_baggage);
         let Ok(mut tunnel) = c.accept_with(self.answer_headers()) else {
-            return;
+            return rec.finish("stream reset before the 200 was sent", "DC");
         };
-        self.node
-            .stats
-            .inbound_hbone
-            .fetch_add(1, Ordering::Relaxed);
-        let labels = labels(
+        let stats = &self.node.stats;
+        stats.inbound_hbone.fetch_add(1, Ordering::Relaxed);
+        rec.opened(labels(
             &self.node,
             &self.pod,
             Some(&peer),
             peer_addr,
             caller.as_ref(),
-        );
-        labels.opened();
+        ));
         let src = Source {
             identity: Some(&peer),
             ip: peer_addr.ip(),
         };
-        let (bytes, reason) = copy_while_allowed(
-            &self.node,
-            &self.pod,
-            src,
-            authority.port(),
-            &mut tunnel,
-            &mut app,
-        )
-        .await;
-        labels.closed(bytes.0, bytes.1);
-        access_log(
-            &self.pod,
-            Some(&peer),
-            peer_addr,
-            authority,
-            bytes,
-            started,
-            &reason,
-        );
+        let port = authority.port();
+        let (node, pod) = (&self.node, &self.pod);
+        let reason = copy_while_allowed(node, pod, src, port, (&mut tunnel, &mut app), &rec.moved);
+        let (reason, flag) = reason.await;
+        rec.finish(reason, flag);
     }
 }
 
@@ -143,23 +121,23 @@ impl Inbound {
         headers
     }
 
+    /// The connection's record: who called whom, logged once at its end.
+    fn record(&self, c: &InboundConnect) -> ConnRecord {
+        let mut rec = ConnRecord::inbound(c.peer_addr, c.authority);
+        rec.src_identity = Some(c.peer.to_string());
+        rec.dst_identity = Some(self.pod.identity.to_string());
+        let (ns, name) = (&self.pod.spec.namespace, &self.pod.spec.name);
+        rec.dst_workload = Some(format!("{ns}/{name}"));
+        rec.security = "mutual_tls";
+        rec
+    }
+
     /// Phase-1 refusal: logged once with its response flag, counted by
     /// status and flag, answered with its HTTP status.
-    fn refuse(&self, c: InboundConnect, why: InboundRefusal, started: Instant) {
+    fn refuse(&self, c: InboundConnect, why: InboundRefusal, rec: &mut ConnRecord) {
         let (status, flag) = (why.status(), why.flag());
-        metrics::counter!("weft_hbone_refusals_total",
-            "status" => status.as_str().to_owned(), "response_flags" => flag)
-        .increment(1);
-        let reason = format!("{why} [{flag}]");
-        access_log(
-            &self.pod,
-            Some(&c.peer),
-            c.peer_addr,
-            c.authority,
-            (0, 0),
-            started,
-            &reason,
-        );
+        self.node.stats.hbone_refusals.add(flag);
+        rec.finish(format!("{why} [{flag}]"), flag);
         c.refuse(status);
     }
 }
@@ -187,8 +165,10 @@ pub async fn serve_plaintext(node: Arc<Node>, pod: Arc<Pod>, listener: TcpListen
 }
 
 async fn plaintext(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) {
-    let started = Instant::now();
     let Ok(dst) = original_dst(&tcp) else { return };
+    let mut rec = ConnRecord::inbound(peer, dst);
+    rec.dst_identity = Some(pod.identity.to_string());
+    rec.dst_workload = Some(format!("{}/{}", pod.spec.namespace, pod.spec.name));
     // Not redirected (a direct connection to 15006): forwarding would loop
     // back into this listener. Refused like plaintext in STRICT mode.
     if node.mode == Mode::Strict || tcp.local_addr().ok() == Some(dst) {
@@ -198,8 +178,7 @@ async fn plaintext(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr)
         } else {
             "refused: connection to the inbound port itself"
         };
-        access_log(pod, None, peer, dst, (0, 0), started, reason);
-        return;
+        return rec.finish(reason, "DENY");
     }
     let src = Source {
         identity: None,
@@ -207,36 +186,32 @@ async fn plaintext(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr)
     };
     if let Err(reason) = authorize(node, pod, src, dst.port()) {
         node.stats.inbound_denied.fetch_add(1, Ordering::Relaxed);
-        access_log(pod, None, peer, dst, (0, 0), started, &reason);
-        return;
+        return rec.finish(reason, "DENY");
     }
-    let Ok(mut app) = pod.netns.connect(dst).await else {
-        return;
+    let mut app = match pod.netns.connect(dst).await {
+        Ok(app) => app,
+        Err(e) => return rec.finish(format!("application unreachable: {e}"), "UF"),
     };
     node.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
-    let labels = labels(node, pod, None, peer, None);
-    labels.opened();
-    let src = Source {
-        identity: None,
-        ip: peer.ip(),
-    };
-    let (bytes, reason) = copy_while_allowed(node, pod, src, dst.port(), &mut tcp, &mut app).await;
-    labels.closed(bytes.0, bytes.1);
-    access_log(pod, None, peer, dst, bytes, started, &reason);
+    rec.opened(labels(node, pod, None, peer, None));
+    let port = dst.port();
+    let copied = copy_while_allowed(node, pod, src, port, (&mut tcp, &mut app), &rec.moved);
+    let (reason, flag) = copied.await;
+    rec.finish(reason, flag);
 }
 
 /// Copies until either side closes, or until a config change means policy
 /// would no longer admit this connection: then it is closed, so a new DENY
-/// also ends the connections it covers. Returns the bytes copied (a→b,
-/// b→a), however it ended, and why it ended.
+/// also ends the connections it covers. Counts into `moved` as it goes;
+/// returns why it ended and the response flag.
 async fn copy_while_allowed<A, B>(
     node: &Node,
     pod: &Pod,
     src: Source<'_>,
     port: u16,
-    a: &mut A,
-    b: &mut B,
-) -> ((u64, u64), String)
+    (a, b): (&mut A, &mut B),
+    moved: &Transferred,
+) -> (String, &'static str)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
@@ -253,18 +228,16 @@ where
             }
         }
     };
-    let moved = Transferred::default();
-    let reason = tokio::select! {
-        copied = copy_bidirectional(a, b, &moved) => match copied {
-            Ok(()) => "closed".to_owned(),
-            Err(e) => format!("error: {e}"),
+    tokio::select! {
+        copied = copy_bidirectional(a, b, moved) => match copied {
+            Ok(()) => ("closed".to_owned(), "-"),
+            Err(e) => (format!("error: {e}"), "-"),
         },
         reason = revoked => {
             node.stats.inbound_revoked.fetch_add(1, Ordering::Relaxed);
-            format!("closed by a policy change: {reason}")
+            (format!("closed by a policy change: {reason}"), "DENY")
         }
-    };
-    (moved.get(), reason)
+    }
 }
 
 /// Metrics labels for a connection this pod received.
@@ -295,31 +268,4 @@ fn labels(
         destination_service,
         security: if peer.is_some() { "mutual_tls" } else { "none" },
     }
-}
-
-/// One line per inbound connection, emitted when it ends.
-fn access_log(
-    pod: &Pod,
-    src: Option<&Identity>,
-    src_addr: SocketAddr,
-    dst_addr: SocketAddr,
-    (received, sent): (u64, u64),
-    started: Instant,
-    reason: &str,
-) {
-    info!(
-        target: "access",
-        direction = "inbound",
-        src.identity = %src.map(|i| i.to_string()).unwrap_or_else(|| "-".into()),
-        src.addr = %src_addr,
-        dst.identity = %pod.identity,
-        dst.addr = %dst_addr,
-        dst.workload = %format!("{}/{}", pod.spec.namespace, pod.spec.name),
-        bytes_received = received,
-        bytes_sent = sent,
-        duration_ms = started.elapsed().as_millis() as u64,
-        security = if src.is_some() { "mutual_tls" } else { "none" },
-        reason,
-        "connection"
-    );
 }

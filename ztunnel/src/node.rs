@@ -1,12 +1,13 @@
 //! What every connection handler on this node shares.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::watch;
 use weft_proto::certs::CertManager;
 use weft_proto::hbone::pool::Pool;
 use weft_proto::model::Model;
+use weft_proto::telemetry::{ByLabel, export_counter};
 
 use crate::pods::Pods;
 
@@ -19,21 +20,82 @@ pub enum Mode {
     Permissive,
 }
 
-/// Connection counters, read by /metrics and by tests.
+/// The node's connection counts: read by tests and the admin page; their
+/// metrics are derived from them at scrape time ([`Stats::export`]), so
+/// each event is counted once.
 #[derive(Debug, Default)]
 pub struct Stats {
     pub inbound_hbone: AtomicU64,
+    /// Connections and tunnels policy denied (HBONE or plaintext).
     pub inbound_denied: AtomicU64,
     /// Live connections closed because a policy change now denies them.
     pub inbound_revoked: AtomicU64,
     pub inbound_plaintext: AtomicU64,
     pub plaintext_refused: AtomicU64,
+    /// HBONE CONNECTs refused, by response flag.
+    pub hbone_refusals: ByLabel,
     pub outbound_hbone: AtomicU64,
     pub outbound_passthrough: AtomicU64,
-    pub outbound_failed: AtomicU64,
+    /// Outbound connections that failed, by response flag.
+    pub outbound_failed: ByLabel,
     /// Tunnels to a service endpoint that could not be opened and were
     /// tried again on another endpoint of the same service.
     pub outbound_retried: AtomicU64,
+}
+
+/// A metric, its labels, and the count it is.
+type Series<'a> = (
+    &'static str,
+    &'a [(&'static str, &'static str)],
+    &'a AtomicU64,
+);
+
+impl Stats {
+    /// The metrics these counts are.
+    pub fn export(&self) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let series: [Series<'_>; 7] = [
+            (
+                "weft_inbound_connections_total",
+                &[("transport", "hbone")],
+                &self.inbound_hbone,
+            ),
+            (
+                "weft_inbound_connections_total",
+                &[("transport", "plaintext")],
+                &self.inbound_plaintext,
+            ),
+            ("weft_inbound_denied_total", &[], &self.inbound_denied),
+            ("weft_inbound_revoked_total", &[], &self.inbound_revoked),
+            (
+                "weft_inbound_plaintext_refused_total",
+                &[],
+                &self.plaintext_refused,
+            ),
+            (
+                "weft_outbound_connections_total",
+                &[("transport", "hbone")],
+                &self.outbound_hbone,
+            ),
+            (
+                "weft_outbound_connections_total",
+                &[("transport", "passthrough")],
+                &self.outbound_passthrough,
+            ),
+        ];
+        for (name, labels, count) in series {
+            export_counter(name, labels, get(count));
+        }
+        export_counter(
+            "weft_outbound_endpoint_retries_total",
+            &[],
+            get(&self.outbound_retried),
+        );
+        self.hbone_refusals
+            .export("weft_hbone_refusals_total", "response_flags");
+        self.outbound_failed
+            .export("weft_tcp_connections_failed_total", "response_flags");
+    }
 }
 
 /// Endpoints that refused a tunnel, skipped by service traffic until the

@@ -10,17 +10,17 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::HeaderMap;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{info, warn};
+use tracing::warn;
 use weft_proto::certs::wait_for_cert;
+use weft_proto::hbone::copy_bidirectional;
 use weft_proto::hbone::metadata::{self, PeerMetadata};
 use weft_proto::hbone::pool::{ConnectRequest, PoolKey};
 use weft_proto::hbone::{BAGGAGE, FORWARDED, HBONE_PORT};
-use weft_proto::hbone::{Transferred, copy_bidirectional};
 use weft_proto::identity::Identity;
 use weft_proto::model::{Model, Service, Workload};
 
@@ -28,7 +28,7 @@ use crate::error::ConnError;
 use crate::netns::{Netns, original_dst};
 use crate::node::Node;
 use crate::pods::Pod;
-use crate::telemetry::ConnLabels;
+use crate::telemetry::{ConnLabels, ConnRecord};
 use weft_proto::listen::{Drain, accept_each};
 
 /// How long a connection may wait for its source's first certificate.
@@ -63,9 +63,10 @@ pub async fn serve(node: Arc<Node>, pod: Arc<Pod>, listener: TcpListener, drain:
 }
 
 async fn captured(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) {
-    let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     let Ok(dst) = original_dst(&tcp) else { return };
+    let mut rec = ConnRecord::outbound(peer, dst);
+    rec.src_identity = Some(pod.identity.to_string());
     let src = Source {
         identity: &pod.identity,
         workload: &pod.spec.name,
@@ -79,7 +80,7 @@ async fn captured(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr) 
     } else {
         open(node, &src, dst).await
     };
-    relay(node, &src, &mut tcp, dst, result, started).await;
+    relay(node, &mut tcp, result, &mut rec).await;
 }
 
 /// Tunnels tried per connection to a service: the first endpoint and up to
@@ -111,7 +112,6 @@ pub async fn open(node: &Node, src: &Source<'_>, dst: SocketAddr) -> Result<Upst
         };
         if attempt > 0 {
             node.stats.outbound_retried.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("weft_outbound_endpoint_retries_total").increment(1);
         }
         match open_workload(node, src, ep, port, Some(svc.key.clone())).await {
             Ok(up) => return Ok(up),
@@ -244,54 +244,28 @@ async fn hbone(
     Ok(stream)
 }
 
-/// Copies between the client and the upstream (if `open` succeeded), then
-/// records metrics and the one access-log line.
+/// Copies between the client and the upstream (if `open` succeeded); `rec`
+/// writes the metrics and the one access-log line when it is dropped.
 pub async fn relay(
     node: &Node,
-    src: &Source<'_>,
     client: &mut TcpStream,
-    dst: SocketAddr,
     upstream: Result<Upstream, ConnError>,
-    started: Instant,
+    rec: &mut ConnRecord,
 ) {
-    let result = match upstream {
-        Ok(mut up) => {
-            if let Some(l) = &up.labels {
-                l.opened();
-            }
-            // What was copied counts however the copy ended.
-            let moved = Transferred::default();
-            let copied = copy_bidirectional(client, &mut up.stream, &moved).await;
-            let bytes = moved.get();
-            if let Some(l) = &up.labels {
-                l.closed(bytes.0, bytes.1);
-            }
-            copied
-                .map(|()| bytes)
-                .map_err(|e| (bytes, ConnError::Copy(e)))
-        }
-        Err(e) => Err(((0, 0), e)),
+    let mut up = match upstream {
+        Ok(up) => up,
+        Err(e) => return failed(node, rec, e),
     };
-    let (bytes, reason, flags) = match result {
-        Ok(b) => (b, "closed".to_owned(), "-"),
-        Err((b, e)) => {
-            node.stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("weft_tcp_connections_failed_total", "response_flags" => e.flag())
-                .increment(1);
-            (b, e.to_string(), e.flag())
-        }
-    };
-    info!(
-        target: "access",
-        direction = "outbound",
-        src.identity = %src.identity,
-        src.addr = %src.addr,
-        dst.addr = %dst,
-        bytes_sent = bytes.0,
-        bytes_received = bytes.1,
-        duration_ms = started.elapsed().as_millis() as u64,
-        response_flags = flags,
-        reason,
-        "connection"
-    );
+    if let Some(labels) = up.labels.take() {
+        rec.opened(labels);
+    }
+    match copy_bidirectional(client, &mut up.stream, &rec.moved).await {
+        Ok(()) => rec.finish("closed", "-"),
+        Err(e) => failed(node, rec, ConnError::Copy(e)),
+    }
+}
+
+fn failed(node: &Node, rec: &mut ConnRecord, e: ConnError) {
+    node.stats.outbound_failed.add(e.flag());
+    rec.finish(e.to_string(), e.flag());
 }

@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -16,6 +16,7 @@ use weft_proto::model::Model;
 
 use crate::node::Node;
 use crate::outbound::{self, Source};
+use crate::telemetry::ConnRecord;
 use weft_proto::listen::{Drain, accept_each};
 
 /// A SOCKS handshake must finish within this, or the connection is closed.
@@ -36,6 +37,24 @@ pub struct SocksStats {
     pub connected: AtomicU64,
 }
 
+impl SocksStats {
+    /// The metric these counts are (derived at scrape time).
+    pub fn export(&self) {
+        for (outcome, count) in [
+            ("malformed", &self.malformed),
+            ("refused", &self.refused),
+            ("connected", &self.connected),
+        ] {
+            let n = count.load(Ordering::Relaxed);
+            weft_proto::telemetry::export_counter(
+                "weft_socks5_connections_total",
+                &[("outcome", outcome)],
+                n,
+            );
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum SocksError {
     #[error("malformed SOCKS5: {0}")]
@@ -53,7 +72,6 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, stats: Arc<SocksStats
 }
 
 async fn handle(node: &Node, stats: &SocksStats, mut tcp: TcpStream, peer: SocketAddr) {
-    let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     let model = node.model.borrow().clone();
     let dst = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut tcp, &model)).await {
@@ -85,6 +103,8 @@ async fn handle(node: &Node, stats: &SocksStats, mut tcp: TcpStream, peer: Socke
         addr: peer,
         netns: None,
     };
+    let mut rec = ConnRecord::outbound(peer, dst);
+    rec.src_identity = Some(workload.identity.to_string());
     let upstream = outbound::open(node, &src, dst).await;
     let code = if upstream.is_ok() {
         SUCCEEDED
@@ -92,12 +112,12 @@ async fn handle(node: &Node, stats: &SocksStats, mut tcp: TcpStream, peer: Socke
         HOST_UNREACHABLE
     };
     if reply(&mut tcp, code).await.is_err() {
-        return;
+        return rec.finish("SOCKS5 client left before the reply", "DC");
     }
     if upstream.is_ok() {
         stats.connected.fetch_add(1, Ordering::Relaxed);
     }
-    outbound::relay(node, &src, &mut tcp, dst, upstream, started).await;
+    outbound::relay(node, &mut tcp, upstream, &mut rec).await;
 }
 
 /// Greeting and request; the destination, or the reply code that refuses it.

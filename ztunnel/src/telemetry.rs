@@ -9,8 +9,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use std::time::Instant;
 use tokio::net::TcpListener;
-use tracing::debug;
+use tracing::{debug, info};
+use weft_proto::hbone::Transferred;
 
 use weft_proto::listen::{Drain, accept_each};
 
@@ -49,6 +51,104 @@ impl ConnLabels {
         metrics::counter!("weft_tcp_connections_closed_total", &labels).increment(1);
         metrics::counter!("weft_tcp_sent_bytes_total", &labels).increment(sent);
         metrics::counter!("weft_tcp_received_bytes_total", &labels).increment(received);
+    }
+}
+
+/// One connection's telemetry, written once. `opened` counts it when its
+/// tunnel is up; when the record is dropped — however the connection
+/// ended, a task cut at the drain deadline included — the closed counters
+/// and the one access-log line are written, with what was copied so far.
+pub struct ConnRecord {
+    direction: &'static str,
+    pub src_identity: Option<String>,
+    pub src_addr: SocketAddr,
+    pub dst_identity: Option<String>,
+    pub dst_addr: SocketAddr,
+    pub dst_workload: Option<String>,
+    /// `mutual_tls` once the peer proved an identity (or the tunnel is up).
+    pub security: &'static str,
+    started: Instant,
+    labels: Option<ConnLabels>,
+    /// What the copy moved: (initiator → target, target → initiator).
+    pub moved: Transferred,
+    outcome: Option<(String, &'static str)>,
+}
+
+/// The response flag of a connection whose task ended before it did (cut
+/// at the drain deadline): Envoy's "duration limit reached".
+pub const CUT_SHORT: &str = "DT";
+
+impl ConnRecord {
+    pub fn inbound(src_addr: SocketAddr, dst_addr: SocketAddr) -> Self {
+        Self::new("inbound", src_addr, dst_addr)
+    }
+
+    pub fn outbound(src_addr: SocketAddr, dst_addr: SocketAddr) -> Self {
+        Self::new("outbound", src_addr, dst_addr)
+    }
+
+    fn new(direction: &'static str, src_addr: SocketAddr, dst_addr: SocketAddr) -> Self {
+        ConnRecord {
+            direction,
+            src_identity: None,
+            src_addr,
+            dst_identity: None,
+            dst_addr,
+            dst_workload: None,
+            security: "none",
+            started: Instant::now(),
+            labels: None,
+            moved: Transferred::default(),
+            outcome: None,
+        }
+    }
+
+    /// The tunnel is up: counted as opened under `labels`.
+    pub fn opened(&mut self, labels: ConnLabels) {
+        labels.opened();
+        self.security = labels.security;
+        self.labels = Some(labels);
+    }
+
+    /// How the connection ended, with its response flag (`-`: fine).
+    pub fn finish(&mut self, reason: impl Into<String>, flag: &'static str) {
+        self.outcome = Some((reason.into(), flag));
+    }
+}
+
+impl Drop for ConnRecord {
+    fn drop(&mut self) {
+        let (forward, back) = self.moved.get();
+        if let Some(l) = &self.labels {
+            l.closed(forward, back);
+        }
+        let (reason, flags) = self.outcome.take().unwrap_or_else(|| {
+            let cut = "cut short: closed by the ztunnel (drain deadline or shutdown)";
+            (cut.to_owned(), CUT_SHORT)
+        });
+        // Bytes from the reporting side's view: an inbound connection
+        // received what its initiator sent.
+        let (sent, received) = match self.direction {
+            "inbound" => (back, forward),
+            _ => (forward, back),
+        };
+        let none = || "-".to_owned();
+        info!(
+            target: "access",
+            direction = self.direction,
+            src.identity = %self.src_identity.clone().unwrap_or_else(none),
+            src.addr = %self.src_addr,
+            dst.identity = %self.dst_identity.clone().unwrap_or_else(none),
+            dst.addr = %self.dst_addr,
+            dst.workload = %self.dst_workload.clone().unwrap_or_else(none),
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            security = self.security,
+            response_flags = flags,
+            reason,
+            "connection"
+        );
     }
 }
 

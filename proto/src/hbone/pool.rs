@@ -92,6 +92,17 @@ pub struct PoolStats {
     pub connections_evicted: AtomicU64,
 }
 
+impl PoolStats {
+    /// The metrics these counts are (derived at scrape time).
+    pub fn export(&self) {
+        use crate::telemetry::export_counter;
+        let opened = self.connections_opened.load(Ordering::Relaxed);
+        let evicted = self.connections_evicted.load(Ordering::Relaxed);
+        export_counter("weft_hbone_connections_opened_total", &[], opened);
+        export_counter("weft_hbone_connections_evicted_total", &[], evicted);
+    }
+}
+
 /// Cheap to clone; all clones share connections.
 #[derive(Clone)]
 pub struct Pool {
@@ -315,7 +326,6 @@ impl Pool {
             .stats
             .connections_opened
             .fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("weft_hbone_connections_opened_total").increment(1);
         let closed = Arc::new(AtomicBool::new(false));
         let driver_closed = closed.clone();
         let h2 = settings.clone();

@@ -20,6 +20,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::{H2Settings, H2Stream, HboneError, keepalive};
 use crate::identity::Identity;
 use crate::listen::Drain;
+use crate::telemetry::{ByLabel, export_counter, export_gauge};
 use crate::tls;
 
 /// One `CONNECT` stream awaiting the handler's decision. Dropping it without
@@ -98,9 +99,41 @@ pub struct ServerStats {
     pub bad_requests: AtomicU64,
     /// Streams refused because their connection had too many unanswered.
     pub refused_pending: AtomicU64,
-    /// Connections closed at once: the listener was at its limit of
-    /// handshakes or connections.
-    pub refused_connections: AtomicU64,
+    /// Connections closed at once, by the limit the listener was at
+    /// (`handshakes`, `connections`).
+    pub refused: ByLabel,
+}
+
+impl ServerStats {
+    /// The metrics these counts are (derived at scrape time).
+    pub fn export(&self) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        for (name, count) in [
+            ("weft_hbone_connections_accepted_total", &self.connections),
+            (
+                "weft_hbone_handshake_failures_total",
+                &self.handshake_failures,
+            ),
+            (
+                "weft_hbone_protocol_failures_total",
+                &self.protocol_failures,
+            ),
+            ("weft_hbone_streams_total", &self.streams),
+            ("weft_hbone_bad_requests_total", &self.bad_requests),
+            (
+                "weft_hbone_refused_pending_streams_total",
+                &self.refused_pending,
+            ),
+        ] {
+            export_counter(name, &[], get(count));
+        }
+        export_gauge(
+            "weft_hbone_active_connections",
+            get(&self.active_connections),
+        );
+        self.refused
+            .export("weft_hbone_refused_connections_total", "limit");
+    }
 }
 
 struct PeerCert {
@@ -118,7 +151,6 @@ impl Drop for ActiveGuard {
         self.stats
             .active_connections
             .fetch_sub(1, Ordering::Relaxed);
-        metrics::gauge!("weft_hbone_active_connections").decrement(1.0);
     }
 }
 
@@ -137,10 +169,7 @@ struct Shared<H> {
 impl<H> Shared<H> {
     /// A connection closed at once: the listener is at `limit`.
     fn refuse(&self, peer_addr: SocketAddr, limit: &'static str) {
-        self.stats
-            .refused_connections
-            .fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("weft_hbone_refused_connections_total", "limit" => limit).increment(1);
+        self.stats.refused.add(limit);
         warn!(src.addr = %peer_addr, limit, "HBONE connection refused: listener at its limit");
     }
 }
@@ -172,7 +201,6 @@ pub async fn serve<H: Handler>(
         let stats = &shared.stats;
         stats.connections.fetch_add(1, Ordering::Relaxed);
         stats.active_connections.fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!("weft_hbone_active_connections").increment(1.0);
         let guard = ActiveGuard {
             stats: stats.clone(),
         };
@@ -296,7 +324,6 @@ async fn serve_streams<H: Handler>(
                     stats.streams.fetch_add(1, Ordering::Relaxed);
                     let Ok(slot) = pending.clone().try_acquire_owned() else {
                         stats.refused_pending.fetch_add(1, Ordering::Relaxed);
-                        metrics::counter!("weft_hbone_refused_pending_streams_total").increment(1);
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
                         continue;
                     };
@@ -361,7 +388,6 @@ fn dispatch<H: Handler>(
         Ok(a) => a,
         Err(status) => {
             stats.bad_requests.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("weft_hbone_bad_requests_total").increment(1);
             let resp = Response::builder()
                 .status(status)
                 .body(())
@@ -389,12 +415,10 @@ fn dispatch<H: Handler>(
 
 fn handshake_failed(stats: &ServerStats, reason: &str) {
     stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("weft_hbone_handshake_failures_total").increment(1);
     debug!(reason, "HBONE TLS handshake refused");
 }
 
 fn protocol_failed(stats: &ServerStats, reason: &str) {
     stats.protocol_failures.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("weft_hbone_protocol_failures_total").increment(1);
     debug!(reason, "HBONE connection closed on protocol error");
 }

@@ -30,7 +30,7 @@ fn structured(v: &Value, output: Output) -> Option<String> {
     match output {
         Output::Table => None,
         Output::Json => Some(serde_json::to_string_pretty(v).unwrap_or_default() + "\n"),
-        Output::Yaml => Some(serde_yaml::to_string(v).unwrap_or_default()),
+        Output::Yaml => Some(serde_saphyr::to_string(v).unwrap_or_default()),
     }
 }
 
@@ -347,14 +347,12 @@ pub fn install() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde::Deserialize;
 
     #[test]
     fn install_covers_every_kind_the_controller_watches() {
         let text = install();
-        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
-            .map(|d| serde_yaml::Value::deserialize(d).expect("every document is YAML"))
-            .collect();
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(&text).expect("every document is YAML");
         let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
         assert_eq!(
             kinds
@@ -368,13 +366,9 @@ mod tests {
             .find(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "weft-controller")
             .expect("the controller's ClusterRole");
         let granted = |group: &str, plural: &str, verb: &str| {
-            role["rules"].as_sequence().into_iter().flatten().any(|r| {
+            role["rules"].as_array().into_iter().flatten().any(|r| {
                 let has = |field: &str, want: &str| {
-                    r[field]
-                        .as_sequence()
-                        .into_iter()
-                        .flatten()
-                        .any(|v| v == want)
+                    r[field].as_array().into_iter().flatten().any(|v| v == want)
                 };
                 has("apiGroups", group) && has("resources", plural) && has("verbs", verb)
             })

@@ -148,8 +148,8 @@ async fn authenticated_reads_validated_writes_and_persistence() {
     }
     let deep = format!("{GOOD}x: {}{}\n", "[".repeat(400_000), "]".repeat(400_000));
     for (what, body, want) in [
-        ("alias bomb", bomb, "repetition limit"),
-        ("deep nesting", deep, "nested deeper than 64"),
+        ("alias bomb", bomb, "budget breached"),
+        ("deep nesting", deep, "recursion limit exceeded"),
     ] {
         let (status, body) = curl(api, "PUT", POD, Some(&token), Some(body.into())).await;
         assert_eq!(status, 400, "{what}: {body}");

@@ -283,7 +283,7 @@ impl Model {
         let doc: Specs = if yaml.trim().is_empty() {
             Specs::default()
         } else {
-            serde_yaml::from_str(yaml).map_err(|e| ModelError::Yaml(e.to_string()))?
+            serde_saphyr::from_str(yaml).map_err(|e| ModelError::Yaml(e.to_string()))?
         };
         build(doc, trust_domain)
     }

@@ -195,7 +195,7 @@ pub fn crd_yaml() -> String {
         FaultInjection::crd(),
     ]
     .iter()
-    .map(|crd| serde_yaml::to_string(crd).unwrap_or_default())
+    .map(|crd| serde_saphyr::to_string(crd).unwrap_or_default())
     .collect::<Vec<_>>()
     .join("---\n")
 }

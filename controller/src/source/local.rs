@@ -457,7 +457,7 @@ impl LocalSource {
         self.check_managed(&files, &id, &name)?;
         let path = self.dir.join(&name);
         let before = std::fs::read(&path).ok();
-        let yaml = serde_yaml::to_string(&object.to_value())
+        let yaml = serde_saphyr::to_string(&object.to_value())
             .map_err(|e| LocalError::Invalid(e.to_string()))?;
         let io = |e: crate::ca::CaError| LocalError::Dir {
             path: path.clone(),

@@ -16,7 +16,7 @@ use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde_yaml::Value;
+use serde_json::Value;
 
 use crds::{AuthorizationPolicy, BackendPolicy, FaultInjection};
 
@@ -136,7 +136,7 @@ impl Object {
         }
         // Namespaced objects without a namespace go to `default`, as kubectl does.
         let cluster = kind == "Namespace" || kind == "Node";
-        if let Some(meta) = doc.get_mut("metadata").and_then(Value::as_mapping_mut)
+        if let Some(meta) = doc.get_mut("metadata").and_then(Value::as_object_mut)
             && !cluster
             && !meta.contains_key("namespace")
         {
@@ -144,7 +144,7 @@ impl Object {
         }
         let original = doc.clone();
         fn typed<T: serde::de::DeserializeOwned>(doc: Value, what: &str) -> Result<Arc<T>, String> {
-            serde_yaml::from_value(doc)
+            serde_json::from_value(doc)
                 .map(Arc::new)
                 .map_err(|e| format!("{what}: {e}"))
         }
@@ -172,18 +172,18 @@ impl Object {
     /// The object as a YAML value, with apiVersion and kind.
     pub fn to_value(&self) -> Value {
         let v = match self {
-            Object::Namespace(o) => serde_yaml::to_value(&**o),
-            Object::Pod(o) => serde_yaml::to_value(&**o),
-            Object::Service(o) => serde_yaml::to_value(&**o),
-            Object::EndpointSlice(o) => serde_yaml::to_value(&**o),
-            Object::ServiceAccount(o) => serde_yaml::to_value(&**o),
-            Object::Node(o) => serde_yaml::to_value(&**o),
-            Object::Gateway(o) => serde_yaml::to_value(&**o),
-            Object::HttpRoute(o) => serde_yaml::to_value(&**o),
-            Object::GrpcRoute(o) => serde_yaml::to_value(&**o),
-            Object::AuthorizationPolicy(o) => serde_yaml::to_value(&**o),
-            Object::BackendPolicy(o) => serde_yaml::to_value(&**o),
-            Object::FaultInjection(o) => serde_yaml::to_value(&**o),
+            Object::Namespace(o) => serde_json::to_value(&**o),
+            Object::Pod(o) => serde_json::to_value(&**o),
+            Object::Service(o) => serde_json::to_value(&**o),
+            Object::EndpointSlice(o) => serde_json::to_value(&**o),
+            Object::ServiceAccount(o) => serde_json::to_value(&**o),
+            Object::Node(o) => serde_json::to_value(&**o),
+            Object::Gateway(o) => serde_json::to_value(&**o),
+            Object::HttpRoute(o) => serde_json::to_value(&**o),
+            Object::GrpcRoute(o) => serde_json::to_value(&**o),
+            Object::AuthorizationPolicy(o) => serde_json::to_value(&**o),
+            Object::BackendPolicy(o) => serde_json::to_value(&**o),
+            Object::FaultInjection(o) => serde_json::to_value(&**o),
         };
         v.unwrap_or(Value::Null)
     }
@@ -194,20 +194,19 @@ impl Object {
 /// serializers omit them.
 fn unknown_field(input: &Value, round_trip: &Value, path: &str) -> Option<String> {
     match (input, round_trip) {
-        (Value::Mapping(a), Value::Mapping(b)) => a.iter().find_map(|(k, v)| {
-            let key = k.as_str().unwrap_or("?");
+        (Value::Object(a), Value::Object(b)) => a.iter().find_map(|(key, v)| {
             let here = if path.is_empty() {
                 key.to_owned()
             } else {
                 format!("{path}.{key}")
             };
-            match b.get(k) {
+            match b.get(key) {
                 Some(w) => unknown_field(v, w, &here),
                 None if is_empty(v) => None,
                 None => Some(here),
             }
         }),
-        (Value::Sequence(a), Value::Sequence(b)) => a
+        (Value::Array(a), Value::Array(b)) => a
             .iter()
             .zip(b)
             .enumerate()
@@ -219,38 +218,50 @@ fn unknown_field(input: &Value, round_trip: &Value, path: &str) -> Option<String
 fn is_empty(v: &Value) -> bool {
     match v {
         Value::Null => true,
-        Value::Mapping(m) => m.is_empty(),
-        Value::Sequence(s) => s.is_empty(),
+        Value::Object(m) => m.is_empty(),
+        Value::Array(s) => s.is_empty(),
         Value::String(s) => s.is_empty(),
         Value::Bool(b) => !b,
         _ => false,
     }
 }
 
-/// Deepest `[`/`{` nesting accepted. The YAML parser takes time quadratic
-/// in flow nesting before its own recursion limit trips (a 200 kB body of
-/// brackets kept it busy for minutes), so nesting is counted first, in one
-/// pass. Brackets inside strings count too: no Kubernetes object comes near.
-const MAX_NESTING: usize = 64;
-
-fn check_nesting(text: &str) -> Result<(), String> {
-    let mut depth = 0usize;
-    for (line, l) in text.lines().enumerate() {
-        for b in l.bytes() {
-            match b {
-                b'[' | b'{' => depth += 1,
-                b']' | b'}' => depth = depth.saturating_sub(1),
-                _ => continue,
-            }
-            if depth > MAX_NESTING {
-                return Err(format!(
-                    "line {}: nested deeper than {MAX_NESTING} levels of [ and {{",
-                    line + 1
-                ));
-            }
-        }
+/// How much work YAML may make the parser do, enforced while parsing
+/// (serde-saphyr's budget): nesting (64 levels; a 200 kB body of brackets
+/// once held a parser for minutes), nodes, events, scalar bytes and alias
+/// expansion (no billion laughs). `nodes` bounds the size: one object for a
+/// REST body, a whole `kubectl get -o yaml` List for a file. Errors are one
+/// line, without the input echoed back.
+fn yaml_options(nodes: usize) -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_depth: 64,
+            flow_nesting_limit: 64,
+            max_nodes: nodes,
+            max_events: 2 * nodes,
+            max_documents: nodes / 10,
+        },
+        with_snippet: false,
     }
-    Ok(())
+}
+
+/// Nodes in one REST body: a large object is a few thousand.
+const BODY_NODES: usize = 100_000;
+/// Nodes in one file: a List of ~100,000 pods.
+const FILE_NODES: usize = 10_000_000;
+
+/// Which document of `yaml` (from 1) the error is in: the `---`
+/// separators before its line.
+fn document_at(yaml: &str, e: &serde_saphyr::Error) -> usize {
+    let line = e.location().map_or(1, |l| l.line() as usize);
+    let separators = yaml
+        .lines()
+        .take(line.saturating_sub(1))
+        .filter(|l| l.starts_with("---"))
+        .count();
+    // A stream that opens with `---` has no document before it.
+    let leading = yaml.trim_start().starts_with("---") as usize;
+    1 + separators - leading.min(separators)
 }
 
 /// Why one object's text (a REST body) was not taken.
@@ -267,9 +278,7 @@ pub enum BodyError {
 /// Exactly one object from a REST body (JSON or YAML), through the same
 /// checks a file gets.
 pub fn parse_object(text: &str) -> Result<Object, BodyError> {
-    use serde::Deserialize;
-    check_nesting(text).map_err(BodyError::Syntax)?;
-    let value = Value::deserialize(serde_yaml::Deserializer::from_str(text))
+    let value: Value = serde_saphyr::from_str_with_options(text, yaml_options(BODY_NODES))
         .map_err(|e| BodyError::Syntax(e.to_string()))?;
     Object::from_value(value).map_err(BodyError::Invalid)
 }
@@ -316,18 +325,17 @@ fn dns_label(s: &str, max: usize) -> bool {
 /// Every document of a YAML stream, parsed; the first bad one fails the
 /// whole stream (a file is applied whole or not at all).
 pub fn parse_documents(yaml: &str) -> Result<Vec<Object>, String> {
-    use serde::Deserialize;
-    check_nesting(yaml)?;
+    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(yaml, yaml_options(FILE_NODES))
+        .map_err(|e| format!("document {}: {e}", document_at(yaml, &e)))?;
     let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
-        let value = Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+    for (i, value) in docs.into_iter().enumerate() {
         if value.is_null() {
             continue; // an empty document (`---` at the end)
         }
         let at = |e: String| format!("document {}: {e}", i + 1);
         // `kubectl get -o yaml` of several objects prints a v1 List.
         if value.get("kind").and_then(Value::as_str) == Some("List") {
-            let items = value.get("items").and_then(Value::as_sequence).cloned();
+            let items = value.get("items").and_then(Value::as_array).cloned();
             for (j, item) in items.unwrap_or_default().into_iter().enumerate() {
                 out.push(Object::from_value(item).map_err(|e| at(format!("items[{j}]: {e}")))?);
             }

@@ -17,6 +17,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use weft_proto::model::{Policy, Service, Workload};
 
@@ -63,33 +66,67 @@ pub fn load_or_create_token(data_dir: &Path) -> Result<String, crate::ca::CaErro
     Ok(token)
 }
 
+/// The API's description, derived from the `#[utoipa::path]` attribute of
+/// each handler by the router that serves it: a route cannot be served
+/// without being in `/api/v1/openapi.json`.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "weft controller API", version = "v1"),
+    modifiers(&BearerScheme)
+)]
+struct ApiDoc;
+
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let bearer = HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build();
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(bearer));
+    }
+}
+
+/// Every endpoint that needs the token.
+fn authed_routes() -> OpenApiRouter<Api> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(workloads))
+        .routes(routes!(services))
+        .routes(routes!(policies))
+        .routes(routes!(proxies))
+        .routes(routes!(trust_bundle))
+        .routes(routes!(get_one))
+        .routes(routes!(waypoints))
+        .routes(routes!(routes))
+        .routes(routes!(certificates))
+        .routes(routes!(sources))
+        .routes(routes!(list_objects))
+        .routes(routes!(
+            get_cluster_object,
+            put_cluster_object,
+            delete_cluster_object
+        ))
+        .routes(routes!(get_object, put_object, delete_object))
+        .routes(routes!(openapi))
+}
+
+/// The API document (the same for every controller).
+pub fn document() -> &'static utoipa::openapi::OpenApi {
+    static DOC: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        let public = OpenApiRouter::new().routes(routes!(healthz));
+        authed_routes().merge(public).into_openapi()
+    })
+}
+
 pub fn router(api: Api) -> Router {
-    let authed = Router::new()
-        .route("/api/v1/workloads", get(workloads))
-        .route("/api/v1/services", get(services))
-        .route("/api/v1/policies", get(policies))
-        .route("/api/v1/proxies", get(proxies))
-        .route("/api/v1/trust-bundle", get(trust_bundle))
-        .route("/api/v1/{what}/{namespace}/{name}", get(get_one))
-        .route("/api/v1/waypoints", get(waypoints))
-        .route("/api/v1/routes", get(routes))
-        .route("/api/v1/certificates", get(certificates))
-        .route("/api/v1/sources", get(sources))
-        .route("/api/v1/objects", get(list_objects))
-        .route(
-            "/api/v1/objects/{kind}/{name}",
-            get(get_cluster_object)
-                .put(put_cluster_object)
-                .delete(delete_cluster_object),
-        )
-        .route(
-            "/api/v1/objects/{kind}/{namespace}/{name}",
-            get(get_object).put(put_object).delete(delete_object),
-        )
-        .route("/api/v1/openapi.json", get(openapi))
-        .layer(middleware::from_fn_with_state(api.clone(), authenticate));
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+    let (authed, _) = authed_routes()
+        .layer(middleware::from_fn_with_state(api.clone(), authenticate))
+        .split_for_parts();
+    let (public, _) = OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .split_for_parts();
+    public
         .merge(authed)
         .fallback(|| async {
             error(
@@ -99,6 +136,11 @@ pub fn router(api: Api) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(api)
+}
+
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "Alive (no token needed)")))]
+async fn healthz() -> &'static str {
+    "ok\n"
 }
 
 pub async fn serve(listener: TcpListener, api: Api, stop: CancellationToken) {
@@ -214,6 +256,7 @@ fn policy_json(p: &Policy) -> Value {
     })
 }
 
+#[utoipa::path(get, path = "/api/v1/workloads", security(("bearer" = [])), responses((status = 200, description = "Workloads in the config served, with the config version"), (status = 401, description = "missing or wrong token")))]
 async fn workloads(State(api): State<Api>) -> Json<Value> {
     let snap = api.config.current();
     // Sorted: a model patched change by change keeps arrival order.
@@ -223,6 +266,7 @@ async fn workloads(State(api): State<Api>) -> Json<Value> {
     Json(json!({"version": snap.version, "items": items}))
 }
 
+#[utoipa::path(get, path = "/api/v1/services", security(("bearer" = [])), responses((status = 200, description = "Services in the config served, with the config version"), (status = 401, description = "missing or wrong token")))]
 async fn services(State(api): State<Api>) -> Json<Value> {
     let snap = api.config.current();
     let mut services: Vec<_> = snap.model.services.iter().collect();
@@ -231,6 +275,7 @@ async fn services(State(api): State<Api>) -> Json<Value> {
     Json(json!({"version": snap.version, "items": items}))
 }
 
+#[utoipa::path(get, path = "/api/v1/policies", security(("bearer" = [])), responses((status = 200, description = "Authorization policies in the config served, with the config version"), (status = 401, description = "missing or wrong token")))]
 async fn policies(State(api): State<Api>) -> Json<Value> {
     let snap = api.config.current();
     let items: Vec<Value> = snap.model.policies.iter().map(|p| policy_json(p)).collect();
@@ -238,6 +283,7 @@ async fn policies(State(api): State<Api>) -> Json<Value> {
 }
 
 /// One workload, service or policy by `<namespace>/<name>`.
+#[utoipa::path(get, path = "/api/v1/{what}/{namespace}/{name}", security(("bearer" = [])), params(("what" = String, Path, description = "workloads, services or policies"), ("namespace" = String, Path), ("name" = String, Path)), responses((status = 200, description = "The object"), (status = 404, description = "Not in the config served"), (status = 401, description = "missing or wrong token")))]
 async fn get_one(
     State(api): State<Api>,
     AxPath((what, namespace, name)): AxPath<(String, String, String)>,
@@ -273,6 +319,7 @@ async fn get_one(
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/proxies", security(("bearer" = [])), responses((status = 200, description = "Proxies on the config stream, with ACKed versions and NACKs, with the config version"), (status = 401, description = "missing or wrong token")))]
 async fn proxies(State(api): State<Api>) -> Json<Value> {
     let items: Vec<Value> = api
         .proxies
@@ -289,6 +336,7 @@ async fn proxies(State(api): State<Api>) -> Json<Value> {
     Json(json!({"configVersion": api.config.current().version, "items": items}))
 }
 
+#[utoipa::path(get, path = "/api/v1/trust-bundle", security(("bearer" = [])), responses((status = 200, description = "The mesh root (PEM)", content_type = "application/x-pem-file"), (status = 401, description = "missing or wrong token")))]
 async fn trust_bundle(State(api): State<Api>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/x-pem-file")],
@@ -297,6 +345,7 @@ async fn trust_bundle(State(api): State<Api>) -> Response {
         .into_response()
 }
 
+#[utoipa::path(get, path = "/api/v1/waypoints", security(("bearer" = [])), responses((status = 200, description = "Waypoints (Gateways of class weft-waypoint) and the services bound to them, with the config version"), (status = 401, description = "missing or wrong token")))]
 async fn waypoints(State(api): State<Api>) -> Json<Value> {
     let status = api.sources.borrow().clone();
     Json(json!({"items": status.waypoints.iter().map(|w| json!({
@@ -304,6 +353,7 @@ async fn waypoints(State(api): State<Api>) -> Json<Value> {
     })).collect::<Vec<_>>()}))
 }
 
+#[utoipa::path(get, path = "/api/v1/routes", security(("bearer" = [])), responses((status = 200, description = "HTTPRoutes and GRPCRoutes attached to Services, with the config version"), (status = 401, description = "missing or wrong token")))]
 async fn routes(State(api): State<Api>) -> Json<Value> {
     let status = api.sources.borrow().clone();
     Json(json!({"items": status.routes.iter().map(|r| json!({
@@ -311,6 +361,7 @@ async fn routes(State(api): State<Api>) -> Json<Value> {
     })).collect::<Vec<_>>()}))
 }
 
+#[utoipa::path(get, path = "/api/v1/certificates", security(("bearer" = [])), responses((status = 200, description = "Certificates issued since start: identity, serial, validity, with the config version"), (status = 401, description = "missing or wrong token")))]
 async fn certificates(State(api): State<Api>) -> Json<Value> {
     let rfc3339 = |t: std::time::SystemTime| {
         time::OffsetDateTime::from(t)
@@ -329,6 +380,7 @@ async fn certificates(State(api): State<Api>) -> Json<Value> {
     Json(json!({"items": items}))
 }
 
+#[utoipa::path(get, path = "/api/v1/sources", security(("bearer" = [])), responses((status = 200, description = "The config source: files (local mode) with their errors, and objects not used as written"), (status = 401, description = "missing or wrong token")))]
 async fn sources(State(api): State<Api>) -> Json<Value> {
     let status = api.sources.borrow().clone();
     Json(json!({
@@ -351,6 +403,7 @@ fn local(api: &Api) -> Result<Arc<LocalSource>, Box<Response>> {
     })
 }
 
+#[utoipa::path(get, path = "/api/v1/objects", security(("bearer" = [])), responses((status = 200, description = "Config objects (local mode) and the file each comes from, with the config version"), (status = 401, description = "missing or wrong token")))]
 async fn list_objects(State(api): State<Api>) -> Response {
     let local = match local(&api) {
         Ok(l) => l,
@@ -364,6 +417,7 @@ async fn list_objects(State(api): State<Api>) -> Response {
     Json(json!({"items": items})).into_response()
 }
 
+#[utoipa::path(get, path = "/api/v1/objects/{kind}/{name}", security(("bearer" = [])), params(("kind" = String, Path, description = "Namespace or Node"), ("name" = String, Path)), responses((status = 200, description = "The object (local mode)"), (status = 404, description = "No such object"), (status = 401, description = "missing or wrong token")))]
 async fn get_cluster_object(
     State(api): State<Api>,
     AxPath((kind, name)): AxPath<(String, String)>,
@@ -374,6 +428,7 @@ async fn get_cluster_object(
     find_object(&api, &format!("{kind} {name}"))
 }
 
+#[utoipa::path(get, path = "/api/v1/objects/{kind}/{namespace}/{name}", security(("bearer" = [])), params(("kind" = String, Path), ("namespace" = String, Path), ("name" = String, Path)), responses((status = 200, description = "The object (local mode)"), (status = 404, description = "No such object"), (status = 401, description = "missing or wrong token")))]
 async fn get_object(
     State(api): State<Api>,
     AxPath((kind, namespace, name)): AxPath<(String, String, String)>,
@@ -396,6 +451,7 @@ fn find_object(api: &Api, id: &str) -> Response {
     }
 }
 
+#[utoipa::path(put, path = "/api/v1/objects/{kind}/{name}", security(("bearer" = [])), params(("kind" = String, Path), ("name" = String, Path)), request_body(content = String, content_type = "application/yaml", description = "One object in its Kubernetes shape, YAML or JSON"), responses((status = 200, description = "Applied; written to <dir>/<kind>.<namespace>.<name>.yaml atomically; the config version"), (status = 400, description = "Not JSON/YAML, or the body names another object"), (status = 409, description = "Defined in a hand-written file"), (status = 413, description = "Over 1 MiB"), (status = 422, description = "Invalid; the error names the object and field; nothing applied"), (status = 401, description = "missing or wrong token")))]
 async fn put_cluster_object(
     State(api): State<Api>,
     AxPath((kind, name)): AxPath<(String, String)>,
@@ -404,6 +460,7 @@ async fn put_cluster_object(
     apply_object(&api, &kind, None, &name, &body).await
 }
 
+#[utoipa::path(put, path = "/api/v1/objects/{kind}/{namespace}/{name}", security(("bearer" = [])), params(("kind" = String, Path), ("namespace" = String, Path), ("name" = String, Path)), request_body(content = String, content_type = "application/yaml", description = "One object in its Kubernetes shape, YAML or JSON"), responses((status = 200, description = "Applied; written to <dir>/<kind>.<namespace>.<name>.yaml atomically; the config version"), (status = 400, description = "Not JSON/YAML, or the body names another object"), (status = 409, description = "Defined in a hand-written file"), (status = 413, description = "Over 1 MiB"), (status = 422, description = "Invalid; the error names the object and field; nothing applied"), (status = 401, description = "missing or wrong token")))]
 async fn put_object(
     State(api): State<Api>,
     AxPath((kind, namespace, name)): AxPath<(String, String, String)>,
@@ -462,6 +519,7 @@ async fn apply_object(
     }
 }
 
+#[utoipa::path(delete, path = "/api/v1/objects/{kind}/{name}", security(("bearer" = [])), params(("kind" = String, Path), ("name" = String, Path)), responses((status = 200, description = "Deleted and applied"), (status = 404, description = "No such object"), (status = 409, description = "Defined in a hand-written file"), (status = 401, description = "missing or wrong token")))]
 async fn delete_cluster_object(
     State(api): State<Api>,
     AxPath((kind, name)): AxPath<(String, String)>,
@@ -472,6 +530,7 @@ async fn delete_cluster_object(
     remove_object(&api, kind, name).await
 }
 
+#[utoipa::path(delete, path = "/api/v1/objects/{kind}/{namespace}/{name}", security(("bearer" = [])), params(("kind" = String, Path), ("namespace" = String, Path), ("name" = String, Path)), responses((status = 200, description = "Deleted and applied"), (status = 404, description = "No such object"), (status = 409, description = "Defined in a hand-written file"), (status = 401, description = "missing or wrong token")))]
 async fn delete_object(
     State(api): State<Api>,
     AxPath((kind, namespace, name)): AxPath<(String, String, String)>,
@@ -515,41 +574,29 @@ fn local_error(e: LocalError) -> Response {
     }
     error(status, &e.to_string())
 }
-async fn openapi() -> Json<Value> {
-    let list = |what: &str| {
-        json!({"get": {"summary": format!("List {what}"), "security": [{"bearer": []}],
-        "responses": {"200": {"description": "items and the config version"}, "401": {"description": "missing or wrong token"}}}})
-    };
-    let object_ops = json!({
-        "put": {"summary": "Create or replace one object (local mode), in its Kubernetes shape, JSON or YAML; written to <dir>/<kind>.<namespace>.<name>.yaml atomically",
-            "security": [{"bearer": []}], "requestBody": {"content": {"application/yaml": {}, "application/json": {}}},
-            "responses": {"200": {"description": "applied; the config version"}, "400": {"description": "not JSON/YAML, or the body names another object"},
-                "409": {"description": "defined in a hand-written file"}, "413": {"description": "over 1 MiB"},
-                "422": {"description": "invalid; the error names the object and field; nothing applied"}}},
-        "delete": {"summary": "Delete an object the API wrote (local mode)", "security": [{"bearer": []}],
-            "responses": {"200": {"description": "applied"}, "404": {"description": "no such object"}, "409": {"description": "defined in a hand-written file"}}},
-    });
-    Json(json!({
-        "openapi": "3.0.3",
-        "info": {"title": "weft controller API", "version": "v1"},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "paths": {
-            "/healthz": {"get": {"summary": "Liveness (no token)", "responses": {"200": {"description": "ok"}}}},
-            "/api/v1/workloads": list("workloads"),
-            "/api/v1/services": list("services"),
-            "/api/v1/policies": list("authorization policies"),
-            "/api/v1/proxies": list("proxies on the config stream, with ACKed versions and NACKs"),
-            "/api/v1/trust-bundle": {"get": {"summary": "The mesh root (PEM)", "security": [{"bearer": []}], "responses": {"200": {"description": "PEM"}}}},
-            "/api/v1/{what}/{namespace}/{name}": {"get": {"summary": "One workload, service or policy (what: workloads, services, policies)", "security": [{"bearer": []}],
-                "responses": {"200": {"description": "the object"}, "404": {"description": "not in the config served"}}}},
-            "/api/v1/waypoints": list("waypoints (Gateways of class weft-waypoint) and the services bound to them"),
-            "/api/v1/routes": list("HTTPRoutes attached to Services"),
-            "/api/v1/certificates": list("certificates issued since start: identity, serial, validity"),
-            "/api/v1/sources": {"get": {"summary": "The config source: files (local mode) with their errors, and objects not used as written", "security": [{"bearer": []}], "responses": {"200": {"description": "status"}}}},
-            "/api/v1/objects": list("config objects (local mode) and the file each comes from"),
-            "/api/v1/objects/{kind}/{namespace}/{name}": object_ops,
-            "/api/v1/objects/{kind}/{name}": object_ops,
-            "/api/v1/openapi.json": {"get": {"summary": "This document", "security": [{"bearer": []}], "responses": {"200": {"description": "OpenAPI 3"}}}},
+#[utoipa::path(get, path = "/api/v1/openapi.json", security(("bearer" = [])), responses((status = 200, description = "This document (OpenAPI 3.1)"), (status = 401, description = "missing or wrong token")))]
+async fn openapi() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(document())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every endpoint but /healthz says it needs the bearer token, and the
+    /// scheme it names is defined.
+    #[test]
+    fn the_document_says_which_endpoints_need_the_token() {
+        let doc = serde_json::to_value(super::document()).expect("serialises");
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+        let paths = doc["paths"].as_object().expect("paths");
+        assert!(paths.len() >= 15, "{:?}", paths.keys());
+        for (path, methods) in paths {
+            for (method, op) in methods.as_object().expect("methods") {
+                let secured = op["security"][0].get("bearer").is_some();
+                assert_eq!(secured, path != "/healthz", "{method} {path}");
+            }
         }
-    }))
+    }
 }

@@ -17,14 +17,34 @@ use weft_cli::demo::topology::{PodNs, Topology, is_root, try_run};
 
 use crate::Mesh;
 
+/// One round's figures on one path (direct or meshed).
+#[derive(Default, Clone, Copy)]
 struct Figures {
-    iperf_gbps: f64,
+    iperf1_gbps: f64,
+    iperf4_gbps: f64,
     http_rps: f64,
+    conn_rps: f64,
     p50_us: f64,
     p99_us: f64,
+    /// Meshed only: both ztunnels' CPU per 1,000 keep-alive requests.
+    cpu_ms_per_1k: f64,
+    /// Meshed only: both ztunnels' CPU and context switches per GB carried
+    /// by iperf3 (1 and 4 streams).
+    cpu_s_per_gb: f64,
+    switches_per_gb: f64,
 }
 
-pub async fn run(seconds: u64) -> anyhow::Result<()> {
+/// Both ztunnels' CPU seconds and context switches so far.
+fn usage(zt: Option<(&Ztunnel, &Ztunnel)>) -> (f64, u64) {
+    zt.map_or((0.0, 0), |(a, b)| {
+        (
+            a.cpu_seconds() + b.cpu_seconds(),
+            a.switches() + b.switches(),
+        )
+    })
+}
+
+pub async fn run(seconds: u64, rounds: usize) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the mesh benchmark builds network namespaces: run it as root");
     }
@@ -45,13 +65,6 @@ pub async fn run(seconds: u64) -> anyhow::Result<()> {
     echo_server(&server).await?;
     // iperf3 -s announces nothing useful on stdout; wait until it accepts.
     wait_for_port(&client, SocketAddr::new(server.ip, 5201)).await?;
-
-    println!(
-        "mesh bench: client pod {} (node a) → server pod {} (node b), {seconds}s per run\n",
-        client.ip, server.ip
-    );
-    let direct = measure(&client, &server, seconds, None).await?;
-
     let yaml = format!(
         "workloads:\n  - {{name: client, serviceAccount: client, node: a, addresses: [{}]}}\n  - {{name: server, serviceAccount: server, node: b, addresses: [{}]}}\n",
         client.ip, server.ip
@@ -67,72 +80,143 @@ pub async fn run(seconds: u64) -> anyhow::Result<()> {
     }
     let za = Ztunnel::start(&ztunnel_bin, &mesh, "a", &dir)?;
     let zb = Ztunnel::start(&ztunnel_bin, &mesh, "b", &dir)?;
+    // Idle: both pods enrolled, listeners up, certificates fetched, no load.
     za.enroll(&client).await?;
     zb.enroll(&server).await?;
+    round_trips(&client, SocketAddr::new(server.ip, 9000), 10).await?;
     let idle_kb = (za.rss_kb(), zb.rss_kb());
-    let cpu_before = za.cpu_seconds() + zb.cpu_seconds();
-    let meshed = measure(&client, &server, seconds, Some((&za, &zb))).await?;
-    let cpu = za.cpu_seconds() + zb.cpu_seconds() - cpu_before;
-
     println!(
-        "{:<34} {:>12} {:>12} {:>8}",
-        "figure", "direct", "meshed", "ratio"
+        "mesh bench: client pod {} (node a) → server pod {} (node b), {seconds}s per run, {rounds} alternating rounds\n",
+        client.ip, server.ip
     );
-    let row = |name: &str, d: f64, m: f64, unit: &str| {
-        println!(
-            "{name:<34} {:>9.2} {unit:<2} {:>9.2} {unit:<2} {:>8.2}",
-            d,
-            m,
-            m / d
-        );
-    };
-    row(
-        "iperf3 single stream",
-        direct.iperf_gbps,
-        meshed.iperf_gbps,
-        "Gb",
-    );
-    row(
-        "HTTP/1.1 keep-alive, 50 conns",
-        direct.http_rps / 1000.0,
-        meshed.http_rps / 1000.0,
-        "k/s",
-    );
-    row(
-        "latency p50 (1 KiB, 1 conn)",
-        direct.p50_us,
-        meshed.p50_us,
-        "µs",
-    );
-    row(
-        "latency p99 (1 KiB, 1 conn)",
-        direct.p99_us,
-        meshed.p99_us,
-        "µs",
-    );
-    println!(
-        "added latency: p50 {:.1} µs, p99 {:.1} µs",
-        meshed.p50_us - direct.p50_us,
-        meshed.p99_us - direct.p99_us
-    );
-    println!(
-        "ztunnel RSS idle: node a {} KiB, node b {} KiB",
-        idle_kb.0, idle_kb.1
-    );
-    println!(
-        "ztunnel RSS busy (peak during the runs): node a {} KiB, node b {} KiB",
-        za.peak_kb(),
-        zb.peak_kb()
-    );
-    let requests = meshed.http_rps * seconds as f64;
-    println!(
-        "ztunnel CPU (both nodes, whole meshed run incl. iperf3): {cpu:.2} s; per 1,000 HTTP requests ≤ {:.3} s",
-        cpu / requests * 1000.0
-    );
+    let mut results: Vec<(Figures, Figures)> = Vec::new();
+    for round in 1..=rounds {
+        za.remove(&client).await?;
+        zb.remove(&server).await?;
+        let direct = measure(&client, &server, seconds, None).await?;
+        za.enroll(&client).await?;
+        zb.enroll(&server).await?;
+        let meshed = measure(&client, &server, seconds, Some((&za, &zb))).await?;
+        print_round(round, &direct, &meshed);
+        results.push((direct, meshed));
+    }
+    print_summary(&results, idle_kb, (za.peak_kb(), zb.peak_kb()));
     drop(za);
     drop(zb);
     drop(topo);
     Ok(())
+}
+
+fn print_round(round: usize, d: &Figures, m: &Figures) {
+    println!(
+        "round {round}: iperf1 {:.2}/{:.2} Gb ({:.2})  iperf4 {:.2}/{:.2} ({:.2})  keep-alive {:.0}/{:.0} req/s ({:.2})  new conns {:.0}/{:.0} /s ({:.2})  p50 +{:.0} µs  cpu {:.1} ms/1k req, {:.2} s/GB, {:.0} switches/GB",
+        d.iperf1_gbps,
+        m.iperf1_gbps,
+        m.iperf1_gbps / d.iperf1_gbps,
+        d.iperf4_gbps,
+        m.iperf4_gbps,
+        m.iperf4_gbps / d.iperf4_gbps,
+        d.http_rps,
+        m.http_rps,
+        m.http_rps / d.http_rps,
+        d.conn_rps,
+        m.conn_rps,
+        m.conn_rps / d.conn_rps,
+        m.p50_us - d.p50_us,
+        m.cpu_ms_per_1k,
+        m.cpu_s_per_gb,
+        m.switches_per_gb,
+    );
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn print_summary(results: &[(Figures, Figures)], idle_kb: (u64, u64), peak_kb: (u64, u64)) {
+    let med = |f: &dyn Fn(&(Figures, Figures)) -> f64| median(results.iter().map(f).collect());
+    println!(
+        "\n{:<40} {:>12} {:>12} {:>14}",
+        "figure (medians)", "direct", "meshed", "ratio (median of rounds)"
+    );
+    type Row = (&'static str, fn(&Figures) -> f64);
+    let rows: [Row; 4] = [
+        ("iperf3, 1 stream (Gbit/s)", |f| f.iperf1_gbps),
+        ("iperf3, 4 streams (Gbit/s)", |f| f.iperf4_gbps),
+        ("keep-alive HTTP, 50 conns (req/s)", |f| f.http_rps),
+        ("new connections, 16 clients (/s)", |f| f.conn_rps),
+    ];
+    for (name, get) in rows {
+        println!(
+            "{name:<40} {:>12.2} {:>12.2} {:>14.3}",
+            med(&|r| get(&r.0)),
+            med(&|r| get(&r.1)),
+            med(&|r| get(&r.1) / get(&r.0)),
+        );
+    }
+    println!(
+        "{:<40} {:>12.1} {:>12.1} {:>14}",
+        "p50, 1 KiB, 1 conn (µs)",
+        med(&|r| r.0.p50_us),
+        med(&|r| r.1.p50_us),
+        format!("+{:.1} µs", med(&|r| r.1.p50_us - r.0.p50_us)),
+    );
+    println!(
+        "{:<40} {:>12.1} {:>12.1} {:>14}",
+        "p99, 1 KiB, 1 conn (µs)",
+        med(&|r| r.0.p99_us),
+        med(&|r| r.1.p99_us),
+        format!("+{:.1} µs", med(&|r| r.1.p99_us - r.0.p99_us)),
+    );
+    println!(
+        "CPU, both ztunnels: {:.1} ms per 1,000 keep-alive requests; {:.2} CPU-s and {:.0} context switches per GB (iperf3)",
+        med(&|r| r.1.cpu_ms_per_1k),
+        med(&|r| r.1.cpu_s_per_gb),
+        med(&|r| r.1.switches_per_gb)
+    );
+    println!(
+        "ztunnel RSS idle: node a {:.1} MB, node b {:.1} MB; peak: {:.1} MB, {:.1} MB",
+        idle_kb.0 as f64 / 1024.0,
+        idle_kb.1 as f64 / 1024.0,
+        peak_kb.0 as f64 / 1024.0,
+        peak_kb.1 as f64 / 1024.0
+    );
+}
+
+fn iperf_gbps(client: &PodNs, ip: &str, secs: &str, streams: &str) -> anyhow::Result<(f64, f64)> {
+    let out = run_in(
+        client,
+        &["iperf3", "-c", ip, "-t", secs, "-P", streams, "-J"],
+    )?;
+    let json: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+    let end = &json["end"]["sum_received"];
+    let bps = end["bits_per_second"].as_f64().context("iperf3 result")?;
+    let bytes = end["bytes"].as_f64().unwrap_or(0.0);
+    Ok((bps / 1e9, bytes))
+}
+
+fn wrk_rps(
+    client: &PodNs,
+    url: &str,
+    conns: &str,
+    secs: &str,
+    extra: &[&str],
+) -> anyhow::Result<f64> {
+    let mut cmd = vec!["wrk", "-t2", conns, secs];
+    cmd.extend_from_slice(extra);
+    cmd.push(url);
+    let out = run_in(client, &cmd)?;
+    out.lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .context("wrk Requests/sec")
 }
 
 async fn measure(
@@ -143,30 +227,31 @@ async fn measure(
 ) -> anyhow::Result<Figures> {
     let secs = seconds.to_string();
     let ip = server.ip.to_string();
-    let iperf = run_in(client, &["iperf3", "-c", &ip, "-t", &secs, "-J"])?;
-    let json: serde_json::Value = serde_json::from_str(&iperf).context("iperf3 JSON")?;
-    let iperf_gbps = json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .context("iperf3 result")?
-        / 1e9;
+    let (cpu0, sw0) = usage(zt);
+    let (iperf1_gbps, bytes1) = iperf_gbps(client, &ip, &secs, "1")?;
+    let (iperf4_gbps, bytes4) = iperf_gbps(client, &ip, &secs, "4")?;
+    let (cpu1, sw1) = usage(zt);
+    let gb = (bytes1 + bytes4) / 1e9;
     let url = format!("http://{ip}:8080/");
-    let wrk = run_in(client, &["wrk", "-t2", "-c50", &format!("-d{secs}s"), &url])?;
-    let http_rps = wrk
-        .lines()
-        .find(|l| l.starts_with("Requests/sec:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .context("wrk Requests/sec")?;
+    let d = format!("-d{secs}s");
+    let http_rps = wrk_rps(client, &url, "-c50", &d, &[])?;
+    let (cpu2, _) = usage(zt);
+    let conn_rps = wrk_rps(client, &url, "-c16", &d, &["-H", "Connection: close"])?;
     if let Some((a, b)) = zt {
         a.sample();
         b.sample();
     }
     let (p50_us, p99_us) = round_trips(client, SocketAddr::new(server.ip, 9000), 5000).await?;
     Ok(Figures {
-        iperf_gbps,
+        iperf1_gbps,
+        iperf4_gbps,
         http_rps,
+        conn_rps,
         p50_us,
         p99_us,
+        cpu_ms_per_1k: (cpu2 - cpu1) * 1e3 / (http_rps * seconds as f64 / 1e3),
+        cpu_s_per_gb: (cpu1 - cpu0) / gb,
+        switches_per_gb: (sw1 - sw0) as f64 / gb,
     })
 }
 
@@ -209,10 +294,14 @@ async fn http_server(pod: &PodNs) -> anyhow::Result<()> {
                     filled += n;
                     // Answer every complete request in the buffer (wrk may pipeline none, but be safe).
                     while let Some(end) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
-                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                            .await
-                            .is_err()
-                        {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let close = head.contains("connection: close");
+                        let resp: &[u8] = if close {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                        };
+                        if s.write_all(resp).await.is_err() || close {
                             return;
                         }
                         buf.copy_within(end + 4..filled, 0);
@@ -348,6 +437,29 @@ impl Ztunnel {
             .and_then(|s| s.lines().find(|l| l.starts_with(key)).map(str::to_owned))
             .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
             .unwrap_or(0)
+    }
+
+    async fn remove(&self, pod: &PodNs) -> anyhow::Result<()> {
+        let line = serde_json::json!({"op": "remove", "uid": pod.name}).to_string();
+        let reply = weft_ztunnel::enroll::request(&self.socket, &line).await?;
+        anyhow::ensure!(reply.ok, "remove {}: {:?}", pod.name, reply.error);
+        Ok(())
+    }
+
+    /// Voluntary and involuntary context switches of every thread so far.
+    fn switches(&self) -> u64 {
+        let dir = format!("/proc/{}/task", self.process.0.id());
+        let tasks = std::fs::read_dir(dir).into_iter().flatten().flatten();
+        tasks
+            .map(|t| {
+                let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+                status
+                    .lines()
+                    .filter(|l| l.contains("ctxt_switches:"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>()
+            })
+            .sum()
     }
 
     fn rss_kb(&self) -> u64 {

@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 use tokio::net::{TcpListener, TcpStream};
 use weft_proto::hbone::metadata::PeerMetadata;
 use weft_proto::hbone::server::{Handler, InboundConnect};
-use weft_proto::hbone::{BAGGAGE, HBONE_PORT, Transferred, copy_bidirectional};
+use weft_proto::hbone::relay::relay;
+use weft_proto::hbone::{BAGGAGE, HBONE_PORT, copy_bidirectional};
 use weft_proto::identity::Identity;
 use weft_proto::model::{Decision, Source};
 
@@ -70,7 +71,7 @@ impl Handler for Inbound {
             .get(BAGGAGE)
             .and_then(|v| v.to_str().ok())
             .map(PeerMetadata::from_baggage);
-        let Ok(mut tunnel) = c.accept_with(self.answer_headers()) else {
+        let Ok(tunnel) = c.accept_with(self.answer_headers()) else {
             return rec.finish("stream reset before the 200 was sent", "DC");
         };
         let stats = &self.node.stats;
@@ -88,8 +89,10 @@ impl Handler for Inbound {
         };
         let port = authority.port();
         let (node, pod) = (&self.node, &self.pod);
-        let reason = copy_while_allowed(node, pod, src, port, (&mut tunnel, &mut app), &rec.moved);
-        let (reason, flag) = reason.await;
+        let moved = &rec.moved;
+        // The tunnel's bytes go to the application as they arrive, and back.
+        let copy = relay(app.split(), tunnel, (&moved.b_to_a, &moved.a_to_b));
+        let (reason, flag) = copy_while_allowed(node, pod, src, port, copy).await;
         rec.finish(reason, flag);
     }
 }
@@ -194,28 +197,22 @@ async fn plaintext(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr)
     };
     node.stats.inbound_plaintext.fetch_add(1, Ordering::Relaxed);
     rec.opened(labels(node, pod, None, peer, None));
-    let port = dst.port();
-    let copied = copy_while_allowed(node, pod, src, port, (&mut tcp, &mut app), &rec.moved);
-    let (reason, flag) = copied.await;
+    let copy = copy_bidirectional(&mut tcp, &mut app, &rec.moved);
+    let (reason, flag) = copy_while_allowed(node, pod, src, dst.port(), copy).await;
     rec.finish(reason, flag);
 }
 
 /// Copies until either side closes, or until a config change means policy
 /// would no longer admit this connection: then it is closed, so a new DENY
-/// also ends the connections it covers. Counts into `moved` as it goes;
-/// returns why it ended and the response flag.
-async fn copy_while_allowed<A, B>(
+/// also ends the connections it covers. `copy` counts what it moves as it
+/// goes; returns why it ended and the response flag.
+async fn copy_while_allowed(
     node: &Node,
     pod: &Pod,
     src: Source<'_>,
     port: u16,
-    (a, b): (&mut A, &mut B),
-    moved: &Transferred,
-) -> (String, &'static str)
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-{
+    copy: impl std::future::Future<Output = std::io::Result<()>>,
+) -> (String, &'static str) {
     let mut model = node.model.clone();
     model.mark_unchanged();
     let revoked = async {
@@ -229,7 +226,7 @@ where
         }
     };
     tokio::select! {
-        copied = copy_bidirectional(a, b, moved) => match copied {
+        copied = copy => match copied {
             Ok(()) => ("closed".to_owned(), "-"),
             Err(e) => (format!("error: {e}"), "-"),
         },

@@ -13,11 +13,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use http::HeaderMap;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 use weft_proto::certs::wait_for_cert;
 use weft_proto::hbone::copy_bidirectional;
+use weft_proto::hbone::relay;
 use weft_proto::hbone::metadata::{self, PeerMetadata};
 use weft_proto::hbone::pool::{ConnectRequest, PoolKey};
 use weft_proto::hbone::{BAGGAGE, FORWARDED, HBONE_PORT};
@@ -44,12 +44,14 @@ pub struct Source<'a> {
     pub netns: Option<&'a Netns>,
 }
 
-/// A byte stream to the destination: plain TCP or an HBONE tunnel.
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+/// The way to the destination: an HBONE tunnel, or plain TCP (passthrough).
+pub enum Stream {
+    Hbone(weft_proto::hbone::H2Stream),
+    Tcp(TcpStream),
+}
 
 pub struct Upstream {
-    stream: Box<dyn Stream>,
+    stream: Stream,
     /// Set for HBONE (mesh traffic is what the metrics describe).
     labels: Option<ConnLabels>,
 }
@@ -173,7 +175,7 @@ async fn open_workload(
     }
     let stream = hbone(node, src, endpoint, &workload.identity, service.as_deref()).await?;
     Ok(Upstream {
-        stream: Box::new(stream),
+        stream: Stream::Hbone(stream),
         labels: Some(ConnLabels {
             reporter: "source",
             source_workload: src.workload.to_owned(),
@@ -198,7 +200,7 @@ async fn passthrough(node: &Node, src: &Source<'_>, to: SocketAddr) -> Result<Up
         .outbound_passthrough
         .fetch_add(1, Ordering::Relaxed);
     Ok(Upstream {
-        stream: Box::new(stream),
+        stream: Stream::Tcp(stream),
         labels: None,
     })
 }
@@ -259,7 +261,13 @@ pub async fn relay(
     if let Some(labels) = up.labels.take() {
         rec.opened(labels);
     }
-    match copy_bidirectional(client, &mut up.stream, &rec.moved).await {
+    let moved = &rec.moved;
+    let copied = match up.stream {
+        // Mesh traffic: the client's bytes go into the tunnel as read.
+        Stream::Hbone(h2) => relay::relay(client.split(), h2, (&moved.a_to_b, &moved.b_to_a)).await,
+        Stream::Tcp(mut tcp) => copy_bidirectional(client, &mut tcp, moved).await,
+    };
+    match copied {
         Ok(()) => rec.finish("closed", "-"),
         Err(e) => failed(node, rec, ConnError::Copy(e)),
     }

@@ -41,6 +41,9 @@ struct Args {
     /// Seconds per iperf3/wrk run in the mesh bench.
     #[arg(long, default_value_t = 5)]
     mesh_seconds: u64,
+    /// Alternating direct/meshed rounds in the mesh bench.
+    #[arg(long, default_value_t = 6)]
+    mesh_rounds: usize,
     /// Workloads served in the reconnect bench.
     #[arg(long, default_value_t = 50_000)]
     reconnect_workloads: usize,
@@ -347,7 +350,7 @@ async fn main() {
         std::process::exit(1);
     }
     if args.what == What::Mesh
-        && let Err(e) = weft_integration::mesh_bench::run(args.mesh_seconds).await
+        && let Err(e) = weft_integration::mesh_bench::run(args.mesh_seconds, args.mesh_rounds).await
     {
         println!("mesh bench failed: {e:#}");
         std::process::exit(1);

@@ -10,6 +10,7 @@
 
 pub mod metadata;
 pub mod pool;
+pub mod relay;
 pub mod server;
 
 use std::io;

@@ -235,6 +235,17 @@ impl Pair {
             server,
         }
     }
+
+    /// The pool key for web → api's server, and web's certificate.
+    pub async fn web_to_api(&self) -> (weft_proto::hbone::pool::PoolKey, CertWatch) {
+        let key = weft_proto::hbone::pool::PoolKey {
+            src: self.web.clone(),
+            dst: self.api.clone(),
+            dst_addr: self.server.addr,
+            src_ip: None,
+        };
+        (key, self.node.cert(&self.web).await)
+    }
 }
 
 /// What an HBONE test server saw.

@@ -241,7 +241,11 @@ async fn measure(
         a.sample();
         b.sample();
     }
-    let (p50_us, p99_us) = round_trips(client, SocketAddr::new(server.ip, 9000), 5000).await?;
+    let n = std::env::var("WEFT_BENCH_RT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    let (p50_us, p99_us) = round_trips(client, SocketAddr::new(server.ip, 9000), n).await?;
     Ok(Figures {
         iperf1_gbps,
         iperf4_gbps,

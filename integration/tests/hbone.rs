@@ -82,9 +82,12 @@ async fn concurrent_streams_share_a_connection_until_the_limit() {
         src_ip: None,
     };
 
-    for (limit, want_conns) in [(100, 1), (10, 5)] {
+    // (streams per connection, connections spread over, connections made
+    // for 50 streams held at once)
+    for (limit, spread, want_conns) in [(100, 1, 1), (10, 1, 5), (100, 3, 3), (10, 3, 5)] {
         let pool = Pool::new(PoolSettings {
             max_streams_per_connection: limit,
+            spread,
             ..Default::default()
         });
         let opens = (0..50).map(|_| {
@@ -106,7 +109,7 @@ async fn concurrent_streams_share_a_connection_until_the_limit() {
         assert_eq!(
             pool.stats().connections_opened.load(Ordering::Relaxed),
             want_conns,
-            "limit {limit}"
+            "limit {limit}, spread {spread}"
         );
         assert_eq!(pool.connection_count(), want_conns as usize);
         for s in &mut streams {
@@ -115,7 +118,32 @@ async fn concurrent_streams_share_a_connection_until_the_limit() {
             s.read_exact(&mut b).await.expect("echo");
         }
     }
-    assert_eq!(server.stats.connections.load(Ordering::Relaxed), 1 + 5);
+    assert_eq!(
+        server.stats.connections.load(Ordering::Relaxed),
+        1 + 5 + 3 + 5
+    );
+}
+
+/// Spreading is for concurrency only: streams one after another, however
+/// many, share one connection.
+#[tokio::test]
+async fn sequential_streams_keep_one_connection_whatever_the_spread() {
+    let pair = Pair::start().await;
+    let (key, web_cert) = pair.web_to_api().await;
+    let server = &pair.server;
+    let pool = Pool::new(PoolSettings {
+        spread: 4,
+        ..Default::default()
+    });
+    for _ in 0..20 {
+        let mut s = pool
+            .connect(&key, &web_cert, request(key.dst_addr))
+            .await
+            .expect("tunnel");
+        read_hello(&mut s).await;
+    }
+    assert_eq!(pool.stats().connections_opened.load(Ordering::Relaxed), 1);
+    assert_eq!(server.stats.connections.load(Ordering::Relaxed), 1);
 }
 
 #[tokio::test]

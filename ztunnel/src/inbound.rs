@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 
 use tokio::net::{TcpListener, TcpStream};
 use weft_proto::hbone::metadata::PeerMetadata;
-use weft_proto::hbone::server::{Handler, InboundConnect};
 use weft_proto::hbone::relay::relay;
+use weft_proto::hbone::server::{Handler, InboundConnect};
 use weft_proto::hbone::{BAGGAGE, HBONE_PORT, copy_bidirectional};
 use weft_proto::identity::Identity;
 use weft_proto::model::{Decision, Source};

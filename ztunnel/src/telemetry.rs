@@ -28,29 +28,41 @@ pub struct ConnLabels {
     pub security: &'static str,
 }
 
+/// One connection's counters, resolved once when it opens (the labels are
+/// built and looked up once, not per update).
+struct ConnCounters {
+    closed: metrics::Counter,
+    sent: metrics::Counter,
+    received: metrics::Counter,
+}
+
 impl ConnLabels {
-    fn labels(&self) -> [(&'static str, String); 6] {
-        [
-            ("reporter", self.reporter.to_owned()),
-            ("source_workload", self.source_workload.clone()),
-            ("source_principal", self.source_principal.clone()),
-            ("destination_workload", self.destination_workload.clone()),
-            ("destination_service", self.destination_service.clone()),
-            ("connection_security_policy", self.security.to_owned()),
-        ]
+    /// Counts the connection as opened; returns its other counters.
+    fn opened(self) -> ConnCounters {
+        let labels = vec![
+            metrics::Label::new("reporter", self.reporter),
+            metrics::Label::new("source_workload", self.source_workload),
+            metrics::Label::new("source_principal", self.source_principal),
+            metrics::Label::new("destination_workload", self.destination_workload),
+            metrics::Label::new("destination_service", self.destination_service),
+            metrics::Label::new("connection_security_policy", self.security),
+        ];
+        metrics::counter!("weft_tcp_connections_opened_total", labels.clone()).increment(1);
+        ConnCounters {
+            closed: metrics::counter!("weft_tcp_connections_closed_total", labels.clone()),
+            sent: metrics::counter!("weft_tcp_sent_bytes_total", labels.clone()),
+            received: metrics::counter!("weft_tcp_received_bytes_total", labels),
+        }
     }
+}
 
-    pub fn opened(&self) {
-        metrics::counter!("weft_tcp_connections_opened_total", &self.labels()).increment(1);
-    }
-
+impl ConnCounters {
     /// `sent`/`received` from the point of view of the reporting workload's
     /// peer-facing side: bytes the source sent and received.
-    pub fn closed(&self, sent: u64, received: u64) {
-        let labels = self.labels();
-        metrics::counter!("weft_tcp_connections_closed_total", &labels).increment(1);
-        metrics::counter!("weft_tcp_sent_bytes_total", &labels).increment(sent);
-        metrics::counter!("weft_tcp_received_bytes_total", &labels).increment(received);
+    fn closed(&self, sent: u64, received: u64) {
+        self.closed.increment(1);
+        self.sent.increment(sent);
+        self.received.increment(received);
     }
 }
 
@@ -68,7 +80,7 @@ pub struct ConnRecord {
     /// `mutual_tls` once the peer proved an identity (or the tunnel is up).
     pub security: &'static str,
     started: Instant,
-    labels: Option<ConnLabels>,
+    counters: Option<ConnCounters>,
     /// What the copy moved: (initiator → target, target → initiator).
     pub moved: Transferred,
     outcome: Option<(String, &'static str)>,
@@ -97,7 +109,7 @@ impl ConnRecord {
             dst_workload: None,
             security: "none",
             started: Instant::now(),
-            labels: None,
+            counters: None,
             moved: Transferred::default(),
             outcome: None,
         }
@@ -105,9 +117,8 @@ impl ConnRecord {
 
     /// The tunnel is up: counted as opened under `labels`.
     pub fn opened(&mut self, labels: ConnLabels) {
-        labels.opened();
         self.security = labels.security;
-        self.labels = Some(labels);
+        self.counters = Some(labels.opened());
     }
 
     /// How the connection ended, with its response flag (`-`: fine).
@@ -119,8 +130,8 @@ impl ConnRecord {
 impl Drop for ConnRecord {
     fn drop(&mut self) {
         let (forward, back) = self.moved.get();
-        if let Some(l) = &self.labels {
-            l.closed(forward, back);
+        if let Some(c) = &self.counters {
+            c.closed(forward, back);
         }
         let (reason, flags) = self.outcome.take().unwrap_or_else(|| {
             let cut = "cut short: closed by the ztunnel (drain deadline or shutdown)";

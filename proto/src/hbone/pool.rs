@@ -69,6 +69,11 @@ impl Dialer for DirectDialer {
 pub struct PoolSettings {
     pub h2: H2Settings,
     pub max_streams_per_connection: usize,
+    /// Connections per key that concurrent streams are spread over before
+    /// they share one: a busy key uses up to this many (each its own TLS
+    /// session, on its own core); a quiet one keeps one. Default: one per
+    /// core.
+    pub spread: usize,
     pub idle_timeout: Duration,
     /// Bound on waiting for the `CONNECT` response.
     pub response_timeout: Duration,
@@ -79,6 +84,7 @@ impl Default for PoolSettings {
         PoolSettings {
             h2: H2Settings::default(),
             max_streams_per_connection: 100,
+            spread: std::thread::available_parallelism().map_or(1, |n| n.get()),
             idle_timeout: Duration::from_secs(60),
             response_timeout: Duration::from_secs(10),
         }
@@ -257,7 +263,8 @@ impl Pool {
         key: &PoolKey,
         cert: &Arc<WorkloadCert>,
     ) -> Result<Arc<Conn>, HboneError> {
-        let limit = self.inner.settings.max_streams_per_connection;
+        let settings = &self.inner.settings;
+        let limit = (settings.max_streams_per_connection, settings.spread.max(1));
         let entry = {
             let mut keys = self.inner.keys.lock().expect("poisoned");
             keys.entry(key.clone()).or_default().clone()
@@ -355,23 +362,31 @@ impl Pool {
 }
 
 impl KeyConns {
-    /// Takes a stream slot on a live connection made with the current
-    /// certificate, neither side's certificate expired, if one has room.
-    fn reserve(&self, limit: usize, serial: &str) -> Option<Arc<Conn>> {
+    /// Takes a stream slot on the least busy live connection made with the
+    /// current certificate, neither side's certificate expired, if one has
+    /// room — unless every one is busy and fewer than `spread` exist: then
+    /// `None`, and the caller opens another.
+    fn reserve(&self, (limit, spread): (usize, usize), serial: &str) -> Option<Arc<Conn>> {
         let mut conns = self.conns.lock().expect("poisoned");
         conns.retain(|c| !c.closed.load(Ordering::Acquire));
         let now = std::time::SystemTime::now();
-        conns.iter().find_map(|c| {
-            if c.serial != serial || now >= c.expires {
-                return None;
-            }
-            c.active
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < limit).then_some(n + 1)
-                })
-                .ok()
-                .map(|_| c.clone())
-        })
+        let usable: Vec<&Arc<Conn>> = conns
+            .iter()
+            .filter(|c| c.serial == serial && now < c.expires)
+            .collect();
+        let quietest = usable
+            .iter()
+            .min_by_key(|c| c.active.load(Ordering::Acquire))?;
+        if quietest.active.load(Ordering::Acquire) > 0 && usable.len() < spread {
+            return None;
+        }
+        quietest
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| (*quietest).clone())
     }
 }
 

@@ -7,12 +7,19 @@
 //! never change namespace: a reused thread in the wrong namespace would be a
 //! silent, cross-pod bug. One thread per pod bounds the thread count, and no
 //! connection pays for a thread spawn.
+//!
+//! Only making a socket needs the namespace; connecting it does not. So the
+//! thread keeps a few IPv4 sockets made ahead, and a connection takes one
+//! without waiting for the thread (which then makes the next in the
+//! background): no thread hand-off on a connection's path.
 
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -29,6 +36,30 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct Netns {
     path: PathBuf,
     jobs: std::sync::mpsc::Sender<Job>,
+    spare: Arc<Spare>,
+}
+
+/// IPv4 sockets made ahead in the namespace, marked, for connections.
+#[derive(Debug, Default)]
+struct Spare {
+    sockets: Mutex<Vec<Socket>>,
+    /// A refill is queued on the namespace's thread.
+    refilling: AtomicBool,
+}
+
+/// Sockets kept made ahead per namespace.
+const SPARE_SOCKETS: usize = 8;
+
+/// A socket for a connection from inside the namespace, marked so capture
+/// lets it through instead of looping it back into the ztunnel. Must run
+/// on the namespace's thread.
+fn marked_socket(ipv4: bool) -> io::Result<Socket> {
+    let domain = if ipv4 { Domain::IPV4 } else { Domain::IPV6 };
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_mark(MARK)?;
+    s.set_nonblocking(true)?;
+    s.set_tcp_nodelay(true)?;
+    Ok(s)
 }
 
 impl Netns {
@@ -57,10 +88,13 @@ impl Netns {
             .map_err(|e| {
                 io::Error::new(e.kind(), format!("enter netns {}: {e}", path.display()))
             })?;
-        Ok(Netns {
+        let netns = Netns {
             path: path.to_owned(),
             jobs,
-        })
+            spare: Arc::default(),
+        };
+        netns.refill();
+        Ok(netns)
     }
 
     pub fn path(&self) -> &Path {
@@ -108,18 +142,39 @@ impl Netns {
     /// A connection from inside the namespace, marked so capture lets it
     /// through instead of looping it back into the ztunnel.
     pub async fn connect(&self, dst: SocketAddr) -> io::Result<TcpStream> {
-        let socket = self
-            .run(move || {
-                let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-                s.set_mark(MARK)?;
-                s.set_nonblocking(true)?;
-                s.set_tcp_nodelay(true)?;
-                Ok(std::net::TcpStream::from(OwnedFd::from(s)))
-            })
-            .await?;
+        let ipv4 = dst.is_ipv4();
+        let spare = ipv4
+            .then(|| self.spare.sockets.lock().expect("poisoned").pop())
+            .flatten();
+        let socket = match spare {
+            Some(s) => s,
+            None => self.run(move || marked_socket(ipv4)).await?,
+        };
+        if ipv4 {
+            self.refill();
+        }
+        let socket = std::net::TcpStream::from(OwnedFd::from(socket));
         tokio::net::TcpSocket::from_std_stream(socket)
             .connect(dst)
             .await
+    }
+
+    /// Makes spare sockets up to [`SPARE_SOCKETS`] on the namespace's
+    /// thread, in the background; one refill queued at a time.
+    fn refill(&self) {
+        if self.spare.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let spare = self.spare.clone();
+        let _ = self.jobs.send(Box::new(move || {
+            let missing =
+                SPARE_SOCKETS.saturating_sub(spare.sockets.lock().expect("poisoned").len());
+            let made: Vec<Socket> = (0..missing)
+                .filter_map(|_| marked_socket(true).ok())
+                .collect();
+            spare.sockets.lock().expect("poisoned").extend(made);
+            spare.refilling.store(false, Ordering::Release);
+        }));
     }
 }
 

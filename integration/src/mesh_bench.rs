@@ -241,7 +241,8 @@ async fn measure(
         a.sample();
         b.sample();
     }
-    let n = std::env::var("WEFT_BENCH_RT")
+    // Round trips per latency run; more to attach a profiler meanwhile.
+    let n = std::env::var("WEFT_BENCH_ROUND_TRIPS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5000);

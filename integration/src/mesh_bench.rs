@@ -62,7 +62,12 @@ pub async fn run(seconds: u64, rounds: usize) -> anyhow::Result<()> {
     let server = topo.pod(&b, "server")?;
     let _iperf = spawn_in(&server, &["iperf3", "-s"])?;
     http_server(&server).await?;
-    echo_server(&server).await?;
+    // The latency target is a process of its own: in this one, a round trip
+    // with both ends on one runtime need not sleep at all, and the direct
+    // baseline would be no baseline.
+    let me = std::env::current_exe()?;
+    let _echo = spawn_in(&server, &[&me.to_string_lossy(), "echo"])?;
+    wait_for_port(&client, SocketAddr::new(server.ip, 9000)).await?;
     // iperf3 -s announces nothing useful on stdout; wait until it accepts.
     wait_for_port(&client, SocketAddr::new(server.ip, 5201)).await?;
     let yaml = format!(
@@ -322,18 +327,23 @@ async fn http_server(pod: &PodNs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn echo_server(pod: &PodNs) -> anyhow::Result<()> {
-    let listener = pod.listen("0.0.0.0:9000".parse()?).await?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
+/// A blocking echo on 0.0.0.0:9000, a thread per connection, until killed.
+pub fn echo_forever() -> ! {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("0.0.0.0:9000").expect("bind :9000");
+    for conn in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut s = conn;
             let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    Ok(())
+            let mut buf = [0u8; 16 * 1024];
+            while let Ok(n @ 1..) = s.read(&mut buf) {
+                if s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    std::process::exit(1)
 }
 
 async fn wait_for_port(from: &PodNs, dst: SocketAddr) -> anyhow::Result<()> {

@@ -70,6 +70,10 @@ enum What {
     /// Proxies with nothing cached reconnecting at once: controller memory
     /// (not part of `all`).
     Reconnect,
+    /// The mesh bench's echo application on 0.0.0.0:9000, run by the bench
+    /// itself in the server pod: a process of its own, as an application is.
+    #[value(hide = true)]
+    Echo,
 }
 
 /// The plain-TCP baseline's server: a sink (acknowledging with one byte at
@@ -318,6 +322,9 @@ async fn csr_rate(seconds: u64) {
 
 #[tokio::main]
 async fn main() {
+    if std::env::args().nth(1).as_deref() == Some("echo") {
+        weft_integration::mesh_bench::echo_forever();
+    }
     let args = Args::parse();
     let all = args.what == What::All;
     if all || args.what == What::Throughput {

@@ -908,6 +908,21 @@ async fn restart_under_load_loses_no_connection() {
     let served = || ok.load(Ordering::Relaxed);
     weft_integration::eventually("load under way", || served() >= 50).await;
 
+    // A client speaking nonsense on the handover socket changes nothing:
+    // the running ztunnel keeps serving and still hands over afterwards.
+    let handover = weft_ztunnel::handover::socket_path(&topo.dir.path().join("zt-a/a/state"));
+    let garbage = tokio_seqpacket::UnixSeqpacket::connect(&handover)
+        .await
+        .expect("the running ztunnel offers its sockets");
+    garbage.send(b"{\"op\":\"nonsense\"}").await.expect("send");
+    let mut reply = [0u8; 64];
+    let answered = tokio::time::timeout(Duration::from_secs(5), garbage.recv(&mut reply)).await;
+    assert!(answered.is_ok(), "closed, not left hanging");
+    drop(garbage);
+    assert!(
+        !old.handed_over.is_cancelled(),
+        "nonsense took nothing over"
+    );
     let yaml =
         std::fs::read_to_string(topo.dir.path().join("zt-a").join("a.yaml")).expect("config");
     let started = std::time::Instant::now();

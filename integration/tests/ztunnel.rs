@@ -997,3 +997,39 @@ async fn restart_under_load_loses_no_connection() {
         served() - at_restart
     );
 }
+
+/// A rollout that stops the old ztunnel first: it drains (a long connection
+/// keeps it draining), a connection arriving meanwhile waits in the
+/// listener's queue instead of being refused, and a successor started
+/// during the drain takes the sockets and serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_started_during_the_drain_takes_the_sockets() {
+    require_root!();
+    let log = access_log();
+    let c = Cluster::start(Mode::Strict).await;
+    let mut long = open_long(&c.client, SocketAddr::new(c.server_b.ip, 8080)).await;
+    let draining = tokio::spawn(c.zt_a.shutdown());
+    let (client, dst) = (Arc::new(c.client), SocketAddr::new(c.server_a.ip, 8080));
+    let queued = tokio::spawn({
+        let client = client.clone();
+        async move { exchange(&client, dst).await }
+    });
+    let yaml = std::fs::read_to_string(c.topo.dir.path().join("zt-a/a.yaml")).expect("config");
+    let _new = ztunnel(&c.topo, &c.mesh, "a", &yaml, Mode::Strict).await;
+    let (hello, echoed) = queued.await.expect("task").unwrap_or_else(|e| {
+        let log = String::from_utf8_lossy(&log.lock().expect("log")).into_owned();
+        panic!("the connection made during the drain is served by the successor: {e}\n{log}")
+    });
+    assert_eq!(
+        (hello.as_str(), echoed.as_str()),
+        ("hello from server-a", MARKER)
+    );
+    echo(&mut long, b"still draining")
+        .await
+        .expect("the long one lives until the deadline");
+    let cut = tokio::time::timeout(DRAIN + Duration::from_secs(10), draining)
+        .await
+        .expect("the old ztunnel stops by its deadline")
+        .expect("shutdown task");
+    assert!(cut >= 1, "the long connection was cut at the deadline");
+}

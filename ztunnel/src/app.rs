@@ -107,6 +107,10 @@ pub struct Bound {
     /// Admin, metrics and readiness, on the control runtime.
     control_drain: Drain,
     deadline: std::time::Duration,
+    /// Stops offering this ztunnel's sockets when it is gone. They stay on
+    /// offer while it drains: a successor started meanwhile (a rollout that
+    /// stops the old pod first) still takes them, with what queued on them.
+    _offer: tokio_util::sync::DropGuard,
 }
 
 impl Bound {
@@ -429,8 +433,9 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         ("socks5", socks_fd),
     ];
     let path = handover::socket_path(&config.state_dir);
-    let (pods, stop) = (node.pods.clone(), drain.stopping().clone());
-    drain.spawn(handover::offer(
+    let offer = CancellationToken::new();
+    let (pods, stop) = (node.pods.clone(), offer.clone());
+    tokio::spawn(handover::offer(
         path,
         node_fds,
         pods,
@@ -453,6 +458,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         drain,
         control_drain,
         deadline: config.drain_deadline,
+        _offer: offer.drop_guard(),
     })
 }
 

@@ -199,6 +199,9 @@ impl Enroller {
         ];
         capture::install(&pod.netns).await?;
         let node = &self.node;
+        // Known before its listeners accept: a handed-over listener may hold
+        // connections already, and their tunnels dial from the pod.
+        node.pods.insert(pod.clone(), drain.clone(), kept);
         let (n, p) = (node.clone(), pod.clone());
         self.drain
             .spawn(outbound::serve(n, p, out_l, drain.clone()));
@@ -218,7 +221,6 @@ impl Enroller {
             drain.clone(),
         ));
         log_enrolled(&pod);
-        node.pods.insert(pod, drain, kept);
         self.persist();
         Ok(())
     }

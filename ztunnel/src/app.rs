@@ -284,10 +284,18 @@ async fn take_over(state_dir: &std::path::Path) -> Option<handover::Taken> {
 async fn adopt(enroller: &Enroller, pods: Vec<(PodSpec, [OwnedFd; 3])>) {
     let node = &enroller.node;
     let model = node.model.borrow().clone();
-    for (spec, _) in &pods {
-        if let Some(w) = model.workload(&spec.namespace, &spec.name) {
-            let _ = node.certs.get(&w.identity, FIRST_CONFIG_WAIT).await;
-        }
+    // Every fetch starts now; together they wait at most one bound, so a
+    // slow CA delays the takeover (the old one serves meanwhile) by that
+    // much, not by that much per pod.
+    let watches: Vec<_> = pods
+        .iter()
+        .filter_map(|(spec, _)| model.workload(&spec.namespace, &spec.name))
+        .map(|w| (node.certs.watch(&w.identity), w.identity.clone()))
+        .collect();
+    let deadline = tokio::time::Instant::now() + FIRST_CONFIG_WAIT;
+    for (watch, id) in watches {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let _ = weft_proto::certs::wait_for_cert(watch, &id, left).await;
     }
     for (spec, fds) in pods {
         let uid = spec.uid.clone();

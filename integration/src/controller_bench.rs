@@ -125,6 +125,7 @@ pub async fn run(workloads: usize, services: usize, proxies: usize) -> anyhow::R
             token,
             node,
             trust_domain: "cluster.local".into(),
+            types: &weft_proto::resources::ZTUNNEL_TYPES,
         });
         clients.push(rx);
     }

@@ -242,6 +242,7 @@ async fn authenticated_reads_validated_writes_and_persistence() {
         token: node_token,
         node: "a".into(),
         trust_domain: "cluster.local".into(),
+        types: &weft_proto::resources::ZTUNNEL_TYPES,
     });
     tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|m| m.is_some()))
         .await

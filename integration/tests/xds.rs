@@ -33,6 +33,7 @@ fn client(
         token: token.to_owned(),
         node: node.to_owned(),
         trust_domain: "cluster.local".into(),
+        types: &weft_proto::resources::ZTUNNEL_TYPES,
     })
 }
 

@@ -26,7 +26,7 @@ use crate::model::{Changes, Model};
 use crate::pb::google::rpc::Status as RpcStatus;
 use crate::pb::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::pb::xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node};
-use crate::resources::{self, ZTUNNEL_TYPES};
+use crate::resources;
 use crate::tls::{self, TrustBundle};
 
 #[derive(Debug, Clone)]
@@ -37,6 +37,10 @@ pub struct XdsConfig {
     pub token: String,
     pub node: String,
     pub trust_domain: String,
+    /// The kinds this proxy subscribes to (a ztunnel:
+    /// [`resources::ZTUNNEL_TYPES`]; a waypoint, its own);
+    /// nothing is published until each has had its first response.
+    pub types: &'static [&'static str],
 }
 
 /// Counters for `/metrics` and tests.
@@ -109,7 +113,7 @@ async fn session(
     stats: &XdsStats,
 ) -> Result<(), tonic::Status> {
     let (req_tx, req_rx) = mpsc::channel(16);
-    for type_url in ZTUNNEL_TYPES {
+    for &type_url in config.types {
         let have = cache.versions(type_url);
         let subscribe = DeltaDiscoveryRequest {
             node: Some(Node {
@@ -145,8 +149,7 @@ async fn session(
                     seen.push(type_url.clone());
                 }
                 // Publish only once every type has arrived at least once.
-                if ZTUNNEL_TYPES.iter().all(|t| seen.iter().any(|s| s == t))
-                    || tx.borrow().is_some()
+                if config.types.iter().all(|t| seen.iter().any(|s| s == t)) || tx.borrow().is_some()
                 {
                     tx.send_replace(Some(model));
                 }

@@ -255,6 +255,7 @@ async fn start_config(
         controller: config.ca_addr,
         roots,
         controller_identity: weft_proto::identity::controller(&config.trust_domain)?,
+        types: &weft_proto::resources::ZTUNNEL_TYPES,
         token: token.to_owned(),
         node: config.node.clone(),
         trust_domain: config.trust_domain.clone(),

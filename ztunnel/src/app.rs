@@ -129,11 +129,6 @@ impl Bound {
         self.control_drain.drain(std::time::Duration::ZERO).await;
         cut
     }
-
-    /// Connection and listener tasks still running.
-    pub fn open_tasks(&self) -> usize {
-        self.drain.open()
-    }
 }
 
 /// How long start-up waits for the controller's first config.

@@ -336,7 +336,7 @@ async fn cross_node_traffic_is_mtls_and_policy_applies() {
         refused.is_err(),
         "DENY policy let the client through: {refused:?}"
     );
-    assert_eq!(c.zt_b.node.stats.inbound_denied.load(Ordering::Relaxed), 1);
+    assert_eq!(c.zt_b.node.stats.denied(), 1);
 
     // An ALLOW naming exactly the client lets it in again.
     let allow = r#"policies: [{name: only-client, action: ALLOW, selector: {app: server-b},

@@ -44,8 +44,6 @@ impl Handler for Inbound {
             ip: c.peer_addr.ip(),
         };
         if let Err(reason) = authorize(&self.node, &self.pod, src, c.authority.port()) {
-            let stats = &self.node.stats;
-            stats.inbound_denied.fetch_add(1, Ordering::Relaxed);
             return self.refuse(c, InboundRefusal::Denied(reason), &mut rec);
         }
         // A client that resets the stream meanwhile (rapid reset) takes the
@@ -188,7 +186,7 @@ async fn plaintext(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr)
         ip: peer.ip(),
     };
     if let Err(reason) = authorize(node, pod, src, dst.port()) {
-        node.stats.inbound_denied.fetch_add(1, Ordering::Relaxed);
+        node.stats.plaintext_denied.fetch_add(1, Ordering::Relaxed);
         return rec.finish(reason, "DENY");
     }
     let mut app = match pod.netns.connect(dst).await {

@@ -26,8 +26,9 @@ pub enum Mode {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub inbound_hbone: AtomicU64,
-    /// Connections and tunnels policy denied (HBONE or plaintext).
-    pub inbound_denied: AtomicU64,
+    /// Plaintext connections policy denied (denied tunnels are the
+    /// `DENY` entries of `hbone_refusals`; [`Stats::denied`] adds both).
+    pub plaintext_denied: AtomicU64,
     /// Live connections closed because a policy change now denies them.
     pub inbound_revoked: AtomicU64,
     pub inbound_plaintext: AtomicU64,
@@ -51,10 +52,16 @@ type Series<'a> = (
 );
 
 impl Stats {
+    /// Connections and tunnels policy denied, HBONE or plaintext.
+    pub fn denied(&self) -> u64 {
+        self.plaintext_denied.load(Ordering::Relaxed) + self.hbone_refusals.get("DENY")
+    }
+
     /// The metrics these counts are.
     pub fn export(&self) {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let series: [Series<'_>; 7] = [
+        export_counter("weft_inbound_denied_total", &[], self.denied());
+        let series: [Series<'_>; 6] = [
             (
                 "weft_inbound_connections_total",
                 &[("transport", "hbone")],
@@ -65,7 +72,6 @@ impl Stats {
                 &[("transport", "plaintext")],
                 &self.inbound_plaintext,
             ),
-            ("weft_inbound_denied_total", &[], &self.inbound_denied),
             ("weft_inbound_revoked_total", &[], &self.inbound_revoked),
             (
                 "weft_inbound_plaintext_refused_total",

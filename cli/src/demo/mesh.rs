@@ -231,7 +231,7 @@ async fn demo(keep: bool, verdict: Verdict) -> anyhow::Result<()> {
         outcome(&denied, "refused by DENY policy default/deny-batch")
     );
     checks.push(check(
-        denied.is_err() && counter(&stats.inbound_denied) == 1,
+        denied.is_err() && stats.denied() == 1,
         "a DENY policy stops batch → api (counted by node-b)",
     ));
     let api1 = SocketAddr::new(pod("api-1").ip, 8080);
@@ -276,10 +276,7 @@ async fn demo(keep: bool, verdict: Verdict) -> anyhow::Result<()> {
     ));
     println!(
         "             inbound denied by policy: {}",
-        zb.node
-            .stats
-            .inbound_denied
-            .load(std::sync::atomic::Ordering::Relaxed)
+        zb.node.stats.denied()
     );
     let version = ctl.config.current().version;
     let proxies = ctl.proxies.all();

@@ -370,14 +370,14 @@ impl KeyConns {
         let mut conns = self.conns.lock().expect("poisoned");
         conns.retain(|c| !c.closed.load(Ordering::Acquire));
         let now = std::time::SystemTime::now();
-        let usable: Vec<&Arc<Conn>> = conns
+        let usable = |c: &&Arc<Conn>| c.serial == serial && now < c.expires;
+        let quietest = conns
             .iter()
-            .filter(|c| c.serial == serial && now < c.expires)
-            .collect();
-        let quietest = usable
-            .iter()
+            .filter(usable)
             .min_by_key(|c| c.active.load(Ordering::Acquire))?;
-        if quietest.active.load(Ordering::Acquire) > 0 && usable.len() < spread {
+        if quietest.active.load(Ordering::Acquire) > 0
+            && conns.iter().filter(usable).count() < spread
+        {
             return None;
         }
         quietest
@@ -386,7 +386,7 @@ impl KeyConns {
                 (n < limit).then_some(n + 1)
             })
             .ok()
-            .map(|_| (*quietest).clone())
+            .map(|_| quietest.clone())
     }
 }
 

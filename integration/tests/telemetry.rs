@@ -43,6 +43,20 @@ async fn every_metrics_endpoint_parses_and_says_what_it_counts() {
         let (status, text) = weft_integration::curl(addr, "GET", "/metrics", None, None).await;
         assert_eq!(status, 200, "{who}: {text}");
         assert!(text.contains("weft_"), "{who}: no weft series:\n{text}");
+        // The per-instance counts are derived into the registry at scrape
+        // time: a scrape that forgot to derive them would lose the series.
+        let derived = [
+            "weft_inbound_connections_total{transport=\"hbone\"}",
+            "weft_inbound_denied_total",
+            "weft_outbound_connections_total{transport=\"passthrough\"}",
+            "weft_hbone_connections_accepted_total",
+            "weft_hbone_active_connections",
+            "weft_hbone_connections_opened_total",
+            "weft_socks5_connections_total{outcome=\"connected\"}",
+        ];
+        for series in derived.iter().filter(|_| who == "ztunnel") {
+            assert!(text.contains(series), "{who}: {series} missing:\n{text}");
+        }
         for line in text.lines().filter(|l| l.starts_with("# TYPE weft_")) {
             let name = line.split_whitespace().nth(2).expect("name");
             assert!(

@@ -391,14 +391,7 @@ fn spawn_controller(
 }
 
 fn process_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
-        .unwrap_or(0)
+    crate::proc_status_kib(&pid.to_string(), "VmRSS:")
 }
 
 /// Subscribes to every type with nothing cached and ACKs each response;

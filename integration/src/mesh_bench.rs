@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_cli::demo::topology::{PodNs, Topology, is_root, try_run};
 
-use crate::Mesh;
+use crate::{Mesh, median, proc_status_kib};
 
 /// One round's figures on one path (direct or meshed).
 #[derive(Default, Clone, Copy)]
@@ -134,16 +134,6 @@ fn print_round(round: usize, d: &Figures, m: &Figures) {
     );
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 fn print_summary(results: &[(Figures, Figures)], idle_kb: (u64, u64), peak_kb: (u64, u64)) {
     let med = |f: &dyn Fn(&(Figures, Figures)) -> f64| median(results.iter().map(f).collect());
     println!(
@@ -165,20 +155,15 @@ fn print_summary(results: &[(Figures, Figures)], idle_kb: (u64, u64), peak_kb: (
             med(&|r| get(&r.1) / get(&r.0)),
         );
     }
-    println!(
-        "{:<40} {:>12.1} {:>12.1} {:>14}",
-        "p50, 1 KiB, 1 conn (µs)",
-        med(&|r| r.0.p50_us),
-        med(&|r| r.1.p50_us),
-        format!("+{:.1} µs", med(&|r| r.1.p50_us - r.0.p50_us)),
-    );
-    println!(
-        "{:<40} {:>12.1} {:>12.1} {:>14}",
-        "p99, 1 KiB, 1 conn (µs)",
-        med(&|r| r.0.p99_us),
-        med(&|r| r.1.p99_us),
-        format!("+{:.1} µs", med(&|r| r.1.p99_us - r.0.p99_us)),
-    );
+    let latencies: [Row; 2] = [
+        ("p50, 1 KiB, 1 conn (µs)", |f| f.p50_us),
+        ("p99, 1 KiB, 1 conn (µs)", |f| f.p99_us),
+    ];
+    for (name, get) in latencies {
+        let added = format!("+{:.1} µs", med(&|r| get(&r.1) - get(&r.0)));
+        let (direct, meshed) = (med(&|r| get(&r.0)), med(&|r| get(&r.1)));
+        println!("{name:<40} {direct:>12.1} {meshed:>12.1} {added:>14}");
+    }
     println!(
         "CPU, both ztunnels: {:.1} ms per 1,000 keep-alive requests; {:.2} CPU-s and {:.0} context switches per GB (iperf3)",
         med(&|r| r.1.cpu_ms_per_1k),
@@ -242,10 +227,6 @@ async fn measure(
     let http_rps = wrk_rps(client, &url, "-c50", &d, &[])?;
     let (cpu2, _) = usage(zt);
     let conn_rps = wrk_rps(client, &url, "-c16", &d, &["-H", "Connection: close"])?;
-    if let Some((a, b)) = zt {
-        a.sample();
-        b.sample();
-    }
     // Round trips per latency run; more to attach a profiler meanwhile.
     let n = std::env::var("WEFT_BENCH_ROUND_TRIPS")
         .ok()
@@ -385,7 +366,6 @@ impl Drop for KillOnDrop {
 struct Ztunnel {
     process: KillOnDrop,
     socket: PathBuf,
-    peak: std::cell::Cell<u64>,
 }
 
 impl Ztunnel {
@@ -424,7 +404,6 @@ impl Ztunnel {
         Ok(Ztunnel {
             process: KillOnDrop(child),
             socket,
-            peak: std::cell::Cell::new(0),
         })
     }
 
@@ -447,11 +426,7 @@ impl Ztunnel {
     }
 
     fn status(&self, key: &str) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.process.0.id()))
-            .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with(key)).map(str::to_owned))
-            .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-            .unwrap_or(0)
+        proc_status_kib(&self.process.0.id().to_string(), key)
     }
 
     async fn remove(&self, pod: &PodNs) -> anyhow::Result<()> {
@@ -483,11 +458,7 @@ impl Ztunnel {
 
     /// High-water mark of resident memory so far (the kernel's own).
     fn peak_kb(&self) -> u64 {
-        self.status("VmHWM:").max(self.peak.get())
-    }
-
-    fn sample(&self) {
-        self.peak.set(self.peak.get().max(self.rss_kb()));
+        self.status("VmHWM:")
     }
 
     fn cpu_seconds(&self) -> f64 {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use weft_integration::{HboneServer, Mesh};
+use weft_integration::{HboneServer, Mesh, median};
 use weft_proto::certs::make_csr;
 use weft_proto::hbone::H2Settings;
 use weft_proto::hbone::pool::{ConnectRequest, Pool, PoolKey, PoolSettings};
@@ -196,19 +196,15 @@ async fn throughput(bytes: u64, runs: usize) {
         tcps.push(tcp);
         hbs.push(hb);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
     println!(
         "throughput  single stream, {} MiB per run, {runs} alternating runs",
         bytes >> 20
     );
     println!(
         "            median plain TCP {:.2} Gbit/s, HBONE {:.2} Gbit/s; median ratio {:.2} (runs: {})",
-        median(&mut tcps),
-        median(&mut hbs),
-        median(&mut ratios.clone()),
+        median(tcps),
+        median(hbs),
+        median(ratios.clone()),
         ratios
             .iter()
             .map(|r| format!("{r:.2}"))

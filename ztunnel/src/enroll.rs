@@ -185,6 +185,7 @@ impl Enroller {
         // Start the certificate now so the first connection does not wait.
         let cert = self.node.certs.watch(&workload.identity);
         let pod = Arc::new(Pod {
+            key: workload.key.clone(),
             spec,
             netns,
             ips,

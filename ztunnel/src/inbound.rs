@@ -113,7 +113,7 @@ impl Inbound {
         let model = self.node.model.borrow().clone();
         let (ns, name) = (&self.pod.spec.namespace, &self.pod.spec.name);
         let none = std::collections::BTreeMap::new();
-        let labels = model.workload(ns, name).map_or(&none, |w| &w.labels);
+        let labels = self.pod.workload(&model).map_or(&none, |w| &w.labels);
         let me = PeerMetadata::for_pod(ns, name, labels);
         let mut headers = http::HeaderMap::new();
         if let Ok(v) = me.to_baggage().parse() {
@@ -127,8 +127,7 @@ impl Inbound {
         let mut rec = ConnRecord::inbound(c.peer_addr, c.authority);
         rec.src_identity = Some(c.peer.to_string());
         rec.dst_identity = Some(self.pod.identity.to_string());
-        let (ns, name) = (&self.pod.spec.namespace, &self.pod.spec.name);
-        rec.dst_workload = Some(format!("{ns}/{name}"));
+        rec.dst_workload = Some(self.pod.key.clone());
         rec.security = "mutual_tls";
         rec
     }
@@ -146,7 +145,7 @@ impl Inbound {
 fn authorize(node: &Node, pod: &Pod, src: Source<'_>, port: u16) -> Result<(), String> {
     let model = node.model.borrow().clone();
     // Deny on doubt: a pod the config no longer knows gets no traffic.
-    let Some(workload) = model.workload(&pod.spec.namespace, &pod.spec.name) else {
+    let Some(workload) = pod.workload(&model) else {
         return Err("destination workload not in config".into());
     };
     match model.authorize(workload, src, port) {
@@ -169,7 +168,7 @@ async fn plaintext(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr)
     let Ok(dst) = original_dst(&tcp) else { return };
     let mut rec = ConnRecord::inbound(peer, dst);
     rec.dst_identity = Some(pod.identity.to_string());
-    rec.dst_workload = Some(format!("{}/{}", pod.spec.namespace, pod.spec.name));
+    rec.dst_workload = Some(pod.key.clone());
     // Not redirected (a direct connection to 15006): forwarding would loop
     // back into this listener. Refused like plaintext in STRICT mode.
     if node.mode == Mode::Strict || tcp.local_addr().ok() == Some(dst) {
@@ -249,8 +248,8 @@ fn labels(
         .map(|w| w.name.clone())
         .or_else(|| caller.and_then(|c| c.workload.clone()))
         .unwrap_or_else(|| "unknown".into());
-    let destination_service = model
-        .workload(&pod.spec.namespace, &pod.spec.name)
+    let destination_service = pod
+        .workload(&model)
         .and_then(|w| w.services.first().cloned())
         .unwrap_or_else(|| "unknown".into());
     ConnLabels {

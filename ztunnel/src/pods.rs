@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use weft_proto::hbone::pool::Dialer;
 use weft_proto::identity::Identity;
 use weft_proto::listen::Drain;
+use weft_proto::model::{Model, Workload};
 
 use crate::netns::Netns;
 
@@ -34,9 +35,19 @@ pub struct PodSpec {
 #[derive(Debug)]
 pub struct Pod {
     pub spec: PodSpec,
+    /// `<namespace>/<name>`: the pod's workload key, made once, not per
+    /// connection.
+    pub key: String,
     pub netns: Netns,
     pub ips: Vec<IpAddr>,
     pub identity: Identity,
+}
+
+impl Pod {
+    /// The pod's workload in `model` (gone if the config no longer lists it).
+    pub fn workload<'m>(&self, model: &'m Model) -> Option<&'m Arc<Workload>> {
+        model.workload_by_key(&self.key)
+    }
 }
 
 struct Enrolled {

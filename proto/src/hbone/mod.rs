@@ -274,62 +274,21 @@ impl Transferred {
     }
 }
 
-/// Copies both ways until both sides are done, with buffers large enough for
-/// bulk transfer, counting into `moved` every byte written to either side.
+/// Copies both ways until both sides are done (an end of input half-closes
+/// the other side), counting into `moved` every byte written to either
+/// side, however the copy ends. Reads grow from 1 KiB to 256 KiB while they
+/// come back full and buffers are not zeroed: a short connection costs a
+/// small buffer, a bulk one few large reads.
 pub async fn copy_bidirectional<A, B>(a: &mut A, b: &mut B, moved: &Transferred) -> io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    const BUF: usize = 64 * 1024;
-    let mut a = Counting {
-        inner: a,
-        written: &moved.b_to_a,
-    };
-    let mut b = Counting {
-        inner: b,
-        written: &moved.a_to_b,
-    };
-    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUF, BUF)
-        .await
-        .map(drop)
-}
-
-/// A stream that counts the bytes written to it.
-struct Counting<'a, T: ?Sized> {
-    inner: &'a mut T,
-    written: &'a std::sync::atomic::AtomicU64,
-}
-
-impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Counting<'_, T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counting<'_, T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let n = ready!(Pin::new(&mut *self.inner).poll_write(cx, buf))?;
-        self.written
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        Poll::Ready(Ok(n))
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
-    }
+    let (mut a_read, mut a_write) = tokio::io::split(a);
+    let (mut b_read, mut b_write) = tokio::io::split(b);
+    let forward = relay::pipe(&mut a_read, &mut b_write, &moved.a_to_b);
+    let back = relay::pipe(&mut b_read, &mut a_write, &moved.b_to_a);
+    tokio::try_join!(forward, back).map(drop)
 }
 
 #[cfg(test)]

@@ -46,6 +46,39 @@ where
     tokio::try_join!(up, down).map(drop)
 }
 
+/// Copies `read` → `write` until the end of input, then half-closes
+/// `write`; reads grow as in [`relay`], one buffer reused, never zeroed.
+pub(super) async fn pipe<R, W>(read: &mut R, write: &mut W, count: &AtomicU64) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut size = FIRST_READ;
+    let mut buf = BytesMut::new();
+    loop {
+        buf.clear();
+        buf.reserve(size);
+        let n = read.read_buf(&mut buf).await?;
+        if n == 0 {
+            return write.shutdown().await;
+        }
+        if n >= size && size < LARGEST_READ {
+            size *= 2;
+        }
+        // Counted write by write: bytes the far side took before an
+        // error are still counted.
+        let mut sent = 0;
+        while sent < n {
+            let w = write.write(&buf[sent..]).await?;
+            if w == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            sent += w;
+            count.fetch_add(w as u64, Ordering::Relaxed);
+        }
+    }
+}
+
 async fn upload<R: AsyncRead + Unpin>(
     tcp: &mut R,
     mut send: SendStream<Bytes>,

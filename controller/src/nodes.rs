@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 use rand::RngCore;
 use tokio::sync::watch;
 use weft_proto::identity::Identity;
+use weft_proto::model::waypoint_proxy_name;
 
 use crate::state::Snapshot;
 
@@ -154,6 +155,13 @@ impl Nodes {
         for w in snapshot.model.workloads.iter().filter(|w| w.meshed) {
             placements
                 .entry(w.node.clone())
+                .or_default()
+                .insert(w.identity.clone());
+        }
+        // A waypoint's proxy name is entitled to its identity alone.
+        for w in &snapshot.model.waypoints {
+            placements
+                .entry(waypoint_proxy_name(&w.key))
                 .or_default()
                 .insert(w.identity.clone());
         }

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 use tracing::info;
-use weft_proto::model::Model;
+use weft_proto::model::{Model, waypoint_proxy_name};
 use weft_proto::resources::{self, Audience};
 
 /// A config version and its resources, by type and name.
@@ -45,7 +45,28 @@ impl Snapshot {
 }
 
 fn selected(model: &Model) -> HashMap<&'static str, HashMap<String, HashSet<String>>> {
-    HashMap::from([(resources::AUTHORIZATION, policies_by_node(model))])
+    HashMap::from([
+        (resources::AUTHORIZATION, policies_by_node(model)),
+        (resources::ROUTE, routes_by_waypoint(model)),
+    ])
+}
+
+/// A waypoint receives the routes attached to the Services bound to it.
+fn routes_by_waypoint(model: &Model) -> HashMap<String, HashSet<String>> {
+    let mut out: HashMap<String, HashSet<String>> = HashMap::new();
+    for r in &model.routes {
+        for p in &r.spec.parents {
+            let waypoint = model
+                .service(&p.service)
+                .and_then(|s| s.waypoint.as_deref());
+            if let Some(w) = waypoint {
+                out.entry(waypoint_proxy_name(w))
+                    .or_default()
+                    .insert(r.key.clone());
+            }
+        }
+    }
+    out
 }
 
 pub(crate) struct Delta {

@@ -9,6 +9,7 @@ pub mod listen;
 pub mod model;
 pub mod process;
 pub mod resources;
+pub mod routes;
 pub mod shards;
 pub mod telemetry;
 pub mod tls;

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde::Deserialize;
 
 use crate::identity::Identity;
+use crate::pb::weft::v1 as pb;
 use crate::shards::Shards;
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,11 @@ pub struct Specs {
     pub services: Vec<ServiceSpec>,
     #[serde(default)]
     pub policies: Vec<PolicySpec>,
+    #[serde(default)]
+    pub waypoints: Vec<WaypointSpec>,
+    /// Routes are compiled by the controller, never written by hand.
+    #[serde(skip)]
+    pub routes: Vec<pb::Route>,
 }
 
 fn default_ns() -> String {
@@ -83,6 +89,9 @@ pub struct WorkloadSpec {
     pub services: Vec<String>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The waypoint (`<namespace>/<name>`) all mesh traffic to it must pass.
+    #[serde(default)]
+    pub waypoint: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,6 +102,23 @@ pub struct ServiceSpec {
     pub namespace: String,
     pub addresses: Vec<IpAddr>,
     pub ports: Vec<PortSpec>,
+    /// The waypoint (`<namespace>/<name>`) its traffic goes through.
+    #[serde(default)]
+    pub waypoint: Option<String>,
+}
+
+/// A waypoint as config says it: who it runs as and where it listens.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaypointSpec {
+    pub name: String,
+    #[serde(default = "default_ns")]
+    pub namespace: String,
+    pub service_account: String,
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    #[serde(default)]
+    pub for_service_account: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,6 +173,9 @@ pub struct Workload {
     pub meshed: bool,
     pub services: Vec<String>,
     pub labels: BTreeMap<String, String>,
+    /// `<namespace>/<name>` of the waypoint every mesh connection to it
+    /// must come through.
+    pub waypoint: Option<String>,
 }
 
 #[derive(Debug)]
@@ -156,6 +185,8 @@ pub struct Service {
     pub addresses: Vec<IpAddr>,
     /// (service port, target port)
     pub ports: Vec<(u16, u16)>,
+    /// `<namespace>/<name>` of the waypoint its traffic goes through.
+    pub waypoint: Option<String>,
     endpoints: Vec<Arc<Workload>>,
     next: AtomicUsize,
 }
@@ -176,6 +207,75 @@ impl Service {
 
     pub fn endpoints(&self) -> &[Arc<Workload>] {
         &self.endpoints
+    }
+}
+
+/// A waypoint: an L7 proxy that bound Services and workloads are reached
+/// through.
+#[derive(Debug)]
+pub struct Waypoint {
+    /// `<namespace>/<name>` of its Gateway.
+    pub key: String,
+    pub identity: Identity,
+    /// Its ready instances; empty: bound traffic is refused (fail closed).
+    pub addresses: Vec<IpAddr>,
+    /// Serves only this service account's workloads; `None`: its namespace.
+    pub for_service_account: Option<String>,
+    next: AtomicUsize,
+}
+
+impl Waypoint {
+    /// Round robin over its instances.
+    pub fn pick(&self) -> Option<IpAddr> {
+        if self.addresses.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.addresses.len();
+        self.addresses.get(i).copied()
+    }
+}
+
+/// The name a waypoint goes by on the config stream and at the CA, as a
+/// node goes by its node name: `waypoint.<namespace>.<name>` (a namespace
+/// has no dots, so the key reads back unambiguously).
+pub fn waypoint_proxy_name(key: &str) -> String {
+    let (namespace, name) = key.split_once('/').unwrap_or(("default", key));
+    format!("waypoint.{namespace}.{name}")
+}
+
+/// The waypoint key a proxy name stands for, if it is a waypoint's.
+pub fn waypoint_of_proxy(proxy: &str) -> Option<String> {
+    let (namespace, name) = proxy.strip_prefix("waypoint.")?.split_once('.')?;
+    Some(format!("{namespace}/{name}"))
+}
+
+// Equal when they say the same; where the rotation stands is not config.
+impl PartialEq for Waypoint {
+    fn eq(&self, o: &Self) -> bool {
+        (
+            &self.key,
+            &self.identity,
+            &self.addresses,
+            &self.for_service_account,
+        ) == (&o.key, &o.identity, &o.addresses, &o.for_service_account)
+    }
+}
+
+impl Eq for Waypoint {}
+
+/// A compiled HTTPRoute or GRPCRoute, as the config stream carries it
+/// (matched by [`crate::routes`]).
+#[derive(Debug)]
+pub struct Route {
+    /// `<Kind>/<namespace>/<name>`.
+    pub key: String,
+    pub spec: pb::Route,
+    pub(crate) compiled: crate::routes::Compiled,
+}
+
+impl PartialEq for Route {
+    fn eq(&self, o: &Self) -> bool {
+        self.key == o.key && self.spec == o.spec
     }
 }
 
@@ -270,6 +370,8 @@ pub struct Model {
     pub workloads: Vec<Arc<Workload>>,
     pub services: Vec<Arc<Service>>,
     pub policies: Vec<Arc<Policy>>,
+    pub waypoints: Vec<Arc<Waypoint>>,
+    pub routes: Vec<Arc<Route>>,
     by_ip: Shards<IpAddr, Arc<Workload>>,
     by_vip: Shards<IpAddr, Arc<Service>>,
     // "<namespace>/<name>" → object: the per-connection lookups are O(1)
@@ -314,6 +416,11 @@ impl Model {
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.by_vip.get(&ip)
+    }
+
+    /// A waypoint by `<namespace>/<name>` (a mesh has few).
+    pub fn waypoint(&self, key: &str) -> Option<&Arc<Waypoint>> {
+        self.waypoints.iter().find(|w| w.key == key)
     }
 
     /// L4 authorization for a connection to `dst` on `port`: any matching
@@ -367,19 +474,27 @@ pub struct ServiceDef {
     pub addresses: Vec<IpAddr>,
     /// (service port, target port)
     pub ports: Vec<(u16, u16)>,
+    pub waypoint: Option<String>,
+}
+
+impl ServiceDef {
+    fn of(s: &Service) -> ServiceDef {
+        ServiceDef {
+            key: s.key.clone(),
+            addresses: s.addresses.clone(),
+            ports: s.ports.clone(),
+            waypoint: s.waypoint.clone(),
+        }
+    }
 }
 
 /// A service from its definition and endpoints (balancing starts over).
-fn service_with(
-    key: &str,
-    addresses: &[IpAddr],
-    ports: &[(u16, u16)],
-    endpoints: Vec<Arc<Workload>>,
-) -> Arc<Service> {
+fn service_with(def: &ServiceDef, endpoints: Vec<Arc<Workload>>) -> Arc<Service> {
     Arc::new(Service {
-        key: key.to_owned(),
-        addresses: addresses.to_vec(),
-        ports: ports.to_vec(),
+        key: def.key.clone(),
+        addresses: def.addresses.clone(),
+        ports: def.ports.clone(),
+        waypoint: def.waypoint.clone(),
         endpoints,
         next: AtomicUsize::new(0),
     })
@@ -402,6 +517,7 @@ pub fn workload(w: WorkloadSpec, trust_domain: &str, object: &str) -> Result<Wor
         meshed: w.meshed,
         services: w.services,
         labels: w.labels,
+        waypoint: w.waypoint,
     })
 }
 
@@ -418,7 +534,37 @@ pub fn service(s: ServiceSpec, object: &str) -> Result<ServiceDef, ModelError> {
             .iter()
             .map(|p| (p.port, p.target_port.unwrap_or(p.port)))
             .collect(),
+        waypoint: s.waypoint,
     })
+}
+
+/// Validates one waypoint on its own.
+pub fn waypoint(w: WaypointSpec, trust_domain: &str, object: &str) -> Result<Waypoint, ModelError> {
+    let identity = Identity::new(trust_domain, &w.namespace, &w.service_account)
+        .map_err(|e| invalid(object, "serviceAccount", e))?;
+    Ok(Waypoint {
+        key: format!("{}/{}", w.namespace, w.name),
+        identity,
+        addresses: w.addresses,
+        for_service_account: w.for_service_account,
+        next: AtomicUsize::new(0),
+    })
+}
+
+/// Validates one route on its own: every regex compiles within bounds.
+pub fn route(spec: pb::Route, object: &str) -> Result<Route, ModelError> {
+    let compiled = crate::routes::compile(&spec).map_err(|e| invalid(object, "rules", e))?;
+    Ok(Route {
+        key: route_key(&spec.kind, &spec.namespace, &spec.name),
+        spec,
+        compiled,
+    })
+}
+
+/// A route's key: `<Kind>/<namespace>/<name>` (an HTTPRoute and a
+/// GRPCRoute may share a name).
+pub fn route_key(kind: &str, namespace: &str, name: &str) -> String {
+    format!("{kind}/{namespace}/{name}")
 }
 
 /// Validates one policy on its own.
@@ -482,7 +628,28 @@ fn build(doc: Specs, trust_domain: &str) -> Result<Model, ModelError> {
             policy(p, &object).map(Arc::new)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Model::assemble(workloads, services.iter(), policies)
+    let waypoints = doc
+        .waypoints
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let object = name("waypoints", i, &w.namespace, &w.name);
+            waypoint(w, trust_domain, &object).map(Arc::new)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let routes = doc
+        .routes
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let object = name("routes", i, &r.namespace, &r.name);
+            route(r, &object).map(Arc::new)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut model = Model::assemble(workloads, services.iter(), policies)?;
+    model.waypoints = waypoints;
+    model.routes = routes;
+    Ok(model)
 }
 
 impl Model {
@@ -528,7 +695,7 @@ impl Model {
         for (i, def) in services.enumerate() {
             let object = || format!("services[{i}] ({})", def.key);
             let endpoints = by_service.remove(def.key.as_str()).unwrap_or_default();
-            let service = service_with(&def.key, &def.addresses, &def.ports, endpoints);
+            let service = service_with(def, endpoints);
             for ip in &service.addresses {
                 if model.by_ip.contains_key(ip)
                     || model.by_vip.insert(*ip, service.clone()).is_some()
@@ -566,6 +733,8 @@ pub struct Changes {
     pub workloads: Vec<(String, Option<Arc<Workload>>)>,
     pub services: Vec<(String, Option<Arc<ServiceDef>>)>,
     pub policies: Vec<(String, Option<Arc<Policy>>)>,
+    pub waypoints: Vec<(String, Option<Arc<Waypoint>>)>,
+    pub routes: Vec<(String, Option<Arc<Route>>)>,
 }
 
 /// Keys as a set when there are many, a list when there are few (the
@@ -669,7 +838,7 @@ impl Model {
             if def.key != *key {
                 return Err(invalid(key, "name", format!("holds service {}", def.key)));
             }
-            let service = service_with(&def.key, &def.addresses, &def.ports, endpoints_of(key));
+            let service = service_with(def, endpoints_of(key));
             for ip in &service.addresses {
                 if m.by_ip.contains_key(ip) || m.by_vip.insert(*ip, service.clone()).is_some() {
                     return Err(invalid(key, "addresses", format!("{ip} is already in use")));
@@ -690,7 +859,7 @@ impl Model {
                 .cloned()
                 .collect();
             endpoints.extend(added.remove(key).unwrap_or_default());
-            let service = service_with(&old.key, &old.addresses, &old.ports, endpoints);
+            let service = service_with(&ServiceDef::of(&old), endpoints);
             for ip in &service.addresses {
                 m.by_vip.insert(*ip, service.clone());
             }
@@ -705,17 +874,30 @@ impl Model {
         let is_replaced = key_set(replaced);
         m.services.retain(|s| !is_replaced(&s.key));
         m.services.extend(fresh);
-        for (key, p) in changes.policies {
-            m.policies.retain(|old| old.key != key);
-            if let Some(p) = p {
-                if p.key != key {
-                    return Err(invalid(&key, "name", format!("holds policy {}", p.key)));
-                }
-                m.policies.push(p);
-            }
-        }
+        replace_by_key(&mut m.policies, changes.policies, |p| &p.key)?;
+        replace_by_key(&mut m.waypoints, changes.waypoints, |w| &w.key)?;
+        replace_by_key(&mut m.routes, changes.routes, |r| &r.key)?;
         Ok(m)
     }
+}
+
+/// Applies changes to one of the few-of kinds (policies, waypoints,
+/// routes): kept in a list, replaced by key.
+fn replace_by_key<T>(
+    list: &mut Vec<Arc<T>>,
+    changes: Vec<(String, Option<Arc<T>>)>,
+    key_of: impl Fn(&T) -> &String,
+) -> Result<(), ModelError> {
+    for (key, object) in changes {
+        list.retain(|old| *key_of(old) != key);
+        if let Some(object) = object {
+            if *key_of(&object) != key {
+                return Err(invalid(&key, "name", format!("holds {}", key_of(&object))));
+            }
+            list.push(object);
+        }
+    }
+    Ok(())
 }
 
 /// A Service's cluster DNS name, from its `namespace/name` key (what the
@@ -904,11 +1086,7 @@ services:
         let pick = |key: &str| target.workloads.iter().find(|w| w.key == key).cloned();
         let def = |key: &str| {
             let s = target.service(key).expect("svc");
-            Arc::new(ServiceDef {
-                key: s.key.clone(),
-                addresses: s.addresses.clone(),
-                ports: s.ports.clone(),
-            })
+            Arc::new(ServiceDef::of(s))
         };
         // web and api-1 trade addresses in one change; api-2 goes; api-3
         // and a service arrive; a service changes; the policy goes.
@@ -924,6 +1102,7 @@ services:
                 ("default/admin".into(), Some(def("default/admin"))),
             ],
             policies: vec![("default/deny-db".into(), None)],
+            ..Changes::default()
         };
         let applied = base.apply(changes).expect("valid change");
         assert_eq!(view(&applied), view(&target));
@@ -945,6 +1124,7 @@ services:
                     meshed: true,
                     services: vec![],
                     labels: BTreeMap::new(),
+                    waypoint: None,
                 },
                 "cluster.local",
                 "x",

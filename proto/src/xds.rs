@@ -316,12 +316,12 @@ mod tests {
             apply(&mut cache, response(t, items, vec![]), "cluster.local").expect("valid");
         }
         let foreign = response(
-            "type.googleapis.com/weft.v1.Route",
+            "type.googleapis.com/weft.v1.Nope",
             vec![],
             vec!["default/p"],
         );
         let err = apply(&mut cache, foreign, "cluster.local").expect_err("refused");
-        assert!(err.contains("weft.v1.Route"), "{err}");
+        assert!(err.contains("weft.v1.Nope"), "{err}");
         assert_eq!(cache.model.policies.len(), 1, "the policy is still there");
     }
 }

@@ -31,6 +31,10 @@ pub enum ConnError {
     Hbone(#[from] HboneError),
     #[error("copy ended: {0}")]
     Copy(std::io::Error),
+    /// Bound traffic that cannot pass its waypoint is refused, never sent
+    /// around it (fail closed).
+    #[error("waypoint {waypoint} unavailable: {reason}; refused rather than sent around it")]
+    WaypointUnavailable { waypoint: String, reason: String },
 }
 
 impl ConnError {
@@ -39,6 +43,7 @@ impl ConnError {
         match self {
             ConnError::Loop(_) | ConnError::NoPort { .. } | ConnError::NoAddress(_) => "NR",
             ConnError::NoHealthyUpstream(_) => "UH",
+            ConnError::WaypointUnavailable { .. } => "UH",
             ConnError::PassthroughDenied(_) => "DPE",
             ConnError::Connect { .. } | ConnError::NoCertificate(_) | ConnError::Copy(_) => "UF",
             ConnError::Hbone(HboneError::Timeout(_)) => "UT",
@@ -72,6 +77,8 @@ pub enum InboundRefusal {
     ZtunnelPort,
     #[error("{0}")]
     Denied(String),
+    #[error("refused: {0} is bound to waypoint {1}; only the waypoint may connect")]
+    NotFromWaypoint(String, String),
     #[error("application unreachable: {0}")]
     AppUnreachable(std::io::Error),
 }
@@ -82,7 +89,9 @@ impl InboundRefusal {
             InboundRefusal::NotThisPod | InboundRefusal::ZtunnelPort => {
                 http::StatusCode::BAD_REQUEST
             }
-            InboundRefusal::Denied(_) => http::StatusCode::FORBIDDEN,
+            InboundRefusal::Denied(_) | InboundRefusal::NotFromWaypoint(..) => {
+                http::StatusCode::FORBIDDEN
+            }
             InboundRefusal::AppUnreachable(_) => http::StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -90,7 +99,7 @@ impl InboundRefusal {
     pub fn flag(&self) -> &'static str {
         match self {
             InboundRefusal::NotThisPod | InboundRefusal::ZtunnelPort => "NR",
-            InboundRefusal::Denied(_) => "DENY",
+            InboundRefusal::Denied(_) | InboundRefusal::NotFromWaypoint(..) => "DENY",
             InboundRefusal::AppUnreachable(_) => "UF",
         }
     }
@@ -107,6 +116,13 @@ mod tests {
         let cases = [
             (ConnError::Loop(addr), "NR"),
             (ConnError::NoHealthyUpstream("default/api".into()), "UH"),
+            (
+                ConnError::WaypointUnavailable {
+                    waypoint: "default/wp".into(),
+                    reason: "no ready instance".into(),
+                },
+                "UH",
+            ),
             (ConnError::PassthroughDenied(addr), "DPE"),
             (
                 ConnError::Connect {

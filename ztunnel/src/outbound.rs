@@ -97,10 +97,26 @@ pub async fn open(node: &Node, src: &Source<'_>, dst: SocketAddr) -> Result<Upst
     let model = node.model.borrow().clone();
     let Some(svc) = model.service_by_vip(dst.ip()) else {
         return match model.workload_by_ip(dst.ip()) {
+            Some(w) if w.meshed && w.waypoint.is_some() => {
+                let to = Bound {
+                    waypoint: w.waypoint.as_deref().unwrap_or_default(),
+                    service: None,
+                    workload: &w.name,
+                };
+                via_waypoint(node, src, &model, to, dst).await
+            }
             Some(w) => open_workload(node, src, w, dst.port(), None).await,
             None => passthrough(node, src, dst).await,
         };
     };
+    if let Some(waypoint) = &svc.waypoint {
+        let to = Bound {
+            waypoint,
+            service: Some(&svc.key),
+            workload: "unknown",
+        };
+        return via_waypoint(node, src, &model, to, dst).await;
+    }
     let port = svc
         .target_port(dst.port())
         .ok_or_else(|| ConnError::NoPort {
@@ -158,6 +174,78 @@ fn pick_available<'m>(
         .or(Some(first))
 }
 
+/// A destination bound to a waypoint: what the tunnel's labels say it is.
+struct Bound<'a> {
+    waypoint: &'a str,
+    service: Option<&'a str>,
+    workload: &'a str,
+}
+
+/// Tunnels to the waypoint `to` is bound to, asking for the original
+/// destination (`:authority` = VIP:port or pod IP:port). Fails closed: an
+/// unknown waypoint, one with no ready instance, or one that cannot be
+/// reached refuses the connection; it is never sent direct.
+async fn via_waypoint(
+    node: &Node,
+    src: &Source<'_>,
+    model: &Model,
+    to: Bound<'_>,
+    dst: SocketAddr,
+) -> Result<Upstream, ConnError> {
+    let unavailable = |reason: String| ConnError::WaypointUnavailable {
+        waypoint: to.waypoint.to_owned(),
+        reason,
+    };
+    let wp = model
+        .waypoint(to.waypoint)
+        .ok_or_else(|| unavailable("no such waypoint in config".into()))?;
+    let ip = wp
+        .pick()
+        .ok_or_else(|| unavailable("no ready instance".into()))?;
+    let stream = hbone(
+        node,
+        src,
+        Dial {
+            ip,
+            identity: &wp.identity,
+        },
+        dst,
+        to.service,
+    )
+    .await
+    .map_err(|e| match e {
+        e @ ConnError::NoCertificate(_) => e,
+        e => unavailable(e.to_string()),
+    })?;
+    Ok(mesh_upstream(src, stream, to.workload, to.service))
+}
+
+/// An HBONE upstream and the labels its metrics carry.
+fn mesh_upstream(
+    src: &Source<'_>,
+    stream: weft_proto::hbone::H2Stream,
+    workload: &str,
+    service: Option<&str>,
+) -> Upstream {
+    Upstream {
+        stream: Stream::Hbone(stream),
+        labels: Some(ConnLabels {
+            reporter: "source",
+            source_workload: src.workload.to_owned(),
+            source_principal: src.identity.to_string(),
+            destination_workload: workload.to_owned(),
+            destination_service: service.unwrap_or("unknown").to_owned(),
+            security: "mutual_tls",
+        }),
+    }
+}
+
+/// Where a tunnel goes: the peer's HBONE address and who it must be.
+struct Dial<'a> {
+    ip: std::net::IpAddr,
+    identity: &'a Identity,
+}
+
 async fn open_workload(
     node: &Node,
     src: &Source<'_>,
@@ -173,18 +261,17 @@ async fn open_workload(
     if !workload.meshed {
         return passthrough(node, src, endpoint).await;
     }
-    let stream = hbone(node, src, endpoint, &workload.identity, service.as_deref()).await?;
-    Ok(Upstream {
-        stream: Stream::Hbone(stream),
-        labels: Some(ConnLabels {
-            reporter: "source",
-            source_workload: src.workload.to_owned(),
-            source_principal: src.identity.to_string(),
-            destination_workload: workload.name.clone(),
-            destination_service: service.unwrap_or_else(|| "unknown".to_owned()),
-            security: "mutual_tls",
-        }),
-    })
+    let to = Dial {
+        ip,
+        identity: &workload.identity,
+    };
+    let stream = hbone(node, src, to, endpoint, service.as_deref()).await?;
+    Ok(mesh_upstream(
+        src,
+        stream,
+        &workload.name,
+        service.as_deref(),
+    ))
 }
 
 async fn passthrough(node: &Node, src: &Source<'_>, to: SocketAddr) -> Result<Upstream, ConnError> {
@@ -205,11 +292,12 @@ async fn passthrough(node: &Node, src: &Source<'_>, to: SocketAddr) -> Result<Up
     })
 }
 
+/// An HBONE stream to `to` asking for `authority`.
 async fn hbone(
     node: &Node,
     src: &Source<'_>,
-    endpoint: SocketAddr,
-    dst_identity: &Identity,
+    to: Dial<'_>,
+    authority: SocketAddr,
     service: Option<&str>,
 ) -> Result<weft_proto::hbone::H2Stream, ConnError> {
     // The first certificate may still be in flight: wait, bounded.
@@ -219,8 +307,8 @@ async fn hbone(
         .map_err(|e| ConnError::NoCertificate(e.to_string()))?;
     let key = PoolKey {
         src: src.identity.clone(),
-        dst: dst_identity.clone(),
-        dst_addr: SocketAddr::new(endpoint.ip(), HBONE_PORT),
+        dst: to.identity.clone(),
+        dst_addr: SocketAddr::new(to.ip, HBONE_PORT),
         src_ip: src.netns.map(|_| src.addr.ip()),
     };
     // Who is calling and what it asked for, as Istio's ztunnel says it, so
@@ -237,10 +325,7 @@ async fn hbone(
     if let Ok(v) = me.to_baggage().parse() {
         headers.insert(BAGGAGE, v);
     }
-    let req = ConnectRequest {
-        authority: endpoint,
-        headers,
-    };
+    let req = ConnectRequest { authority, headers };
     let stream = node.pool.connect(&key, &cert, req).await?;
     node.stats.outbound_hbone.fetch_add(1, Ordering::Relaxed);
     Ok(stream)

@@ -4,6 +4,7 @@
 //! function ([`translate`]).
 
 pub mod crds;
+pub mod gateway;
 pub mod kubernetes;
 pub mod local;
 pub mod translate;

@@ -34,6 +34,7 @@ use weft_proto::model::{
 
 use super::Objects;
 use super::crds::{AuthorizationPolicy, PolicyAction};
+use super::gateway::{Bindings, is_waypoint_pod, waypoints_and_routes};
 
 /// Namespace and pod label that joins (`enabled`) or leaves (`disabled`).
 pub const MESH_LABEL: &str = "weft.dev/mesh";
@@ -64,6 +65,8 @@ pub struct Waypoint {
     pub for_service_account: Option<String>,
     /// Services (`<namespace>/<name>`) whose traffic is bound to it.
     pub services: Vec<String>,
+    /// Its ready instances.
+    pub addresses: Vec<IpAddr>,
 }
 
 /// An HTTPRoute or GRPCRoute attached to a Service (the mesh's way to
@@ -108,6 +111,7 @@ pub struct PodContext<'a> {
     meshed_namespaces: HashSet<&'a str>,
     services_by_namespace: HashMap<&'a str, Vec<(&'a String, &'a Service)>>,
     slices: SliceIndex,
+    bindings: Bindings,
 }
 
 impl<'a> PodContext<'a> {
@@ -128,6 +132,7 @@ impl<'a> PodContext<'a> {
                 .collect(),
             services_by_namespace,
             slices: SliceIndex::new(objects),
+            bindings: Bindings::new(objects),
         }
     }
 
@@ -167,8 +172,10 @@ impl<'a> PodContext<'a> {
             .and_then(|s| s.service_account_name.clone())
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".into());
+        // A waypoint's pods speak HBONE themselves: never captured.
         let meshed = self.meshed_namespaces.contains(namespace)
-            && labels.get(MESH_LABEL).map(String::as_str) != Some("disabled");
+            && labels.get(MESH_LABEL).map(String::as_str) != Some("disabled")
+            && !is_waypoint_pod(pod);
         let services = if pod_ready(pod) {
             self.services_by_namespace
                 .get(namespace)
@@ -182,7 +189,14 @@ impl<'a> PodContext<'a> {
         } else {
             Vec::new()
         };
+        let waypoint = meshed
+            .then(|| {
+                self.bindings
+                    .workload(namespace, &labels, &service_account, &services)
+            })
+            .flatten();
         Ok(Some(WorkloadSpec {
+            waypoint,
             name: name_of(key).to_owned(),
             namespace: namespace.to_owned(),
             service_account,
@@ -216,6 +230,11 @@ pub fn apply_pods(
         .chain(&gone)
         .any(|k| context.ports_follow_pods_in(namespace_of(k)))
     {
+        return None;
+    }
+    // A waypoint's pods are its instances: the whole translation says so.
+    let old = |k: &String| objects.pods.get(k).is_some_and(|p| is_waypoint_pod(p));
+    if upserts.iter().any(|(k, p)| is_waypoint_pod(p) || old(k)) || gone.iter().any(old) {
         return None;
     }
     let mut changes = Changes::default();
@@ -453,7 +472,12 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
         if ports.is_empty() {
             continue;
         }
+        let accounts: Vec<&str> = pods
+            .iter()
+            .filter_map(|p| p.spec.as_ref()?.service_account_name.as_deref())
+            .collect();
         services.push(ServiceSpec {
+            waypoint: context.bindings.service(key, &accounts),
             name: name_of(key).to_owned(),
             namespace: namespace_of(key).to_owned(),
             addresses,
@@ -495,7 +519,7 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
 
 /// Node and IPs of a pod that is a workload now; `None` while it is
 /// pending, once it has finished, and for host-network pods.
-fn placement(pod: &Pod) -> Result<Option<(String, Vec<IpAddr>)>, String> {
+pub(crate) fn placement(pod: &Pod) -> Result<Option<(String, Vec<IpAddr>)>, String> {
     let Some(spec) = pod.spec.as_ref() else {
         return Ok(None);
     };
@@ -530,7 +554,7 @@ fn placement(pod: &Pod) -> Result<Option<(String, Vec<IpAddr>)>, String> {
 }
 
 /// Ready unless it says otherwise: local-mode pods carry no conditions.
-fn pod_ready(pod: &Pod) -> bool {
+pub(crate) fn pod_ready(pod: &Pod) -> bool {
     if pod.metadata.deletion_timestamp.is_some() {
         return false;
     }
@@ -698,96 +722,14 @@ fn refused_selector(policy: &AuthorizationPolicy) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-fn waypoints_and_routes(objects: &Objects, out: &mut Translation) {
-    let service_bindings: BTreeMap<&str, String> = objects
-        .services
-        .iter()
-        .filter_map(|(key, svc)| {
-            let by_service = label(&svc.metadata.labels, USE_WAYPOINT);
-            let by_namespace = objects
-                .namespaces
-                .get(namespace_of(key))
-                .and_then(|ns| label(&ns.metadata.labels, USE_WAYPOINT));
-            let waypoint = by_service.or(by_namespace)?;
-            Some((key.as_str(), format!("{}/{waypoint}", namespace_of(key))))
-        })
-        .collect();
-    let mut known = BTreeSet::new();
-    for (key, gw) in &objects.gateways {
-        if gw.spec.gateway_class_name != WAYPOINT_CLASS {
-            continue;
-        }
-        known.insert(key.clone());
-        out.waypoints.push(Waypoint {
-            key: key.clone(),
-            for_service_account: label(&gw.metadata.labels, FOR_SERVICE_ACCOUNT).map(str::to_owned),
-            services: service_bindings
-                .iter()
-                .filter(|(_, w)| *w == key)
-                .map(|(s, _)| (*s).to_owned())
-                .collect(),
-        });
-    }
-    for (service, waypoint) in &service_bindings {
-        if !known.contains(waypoint) {
-            out.warn(
-                format!("Service {service}"),
-                format!("{USE_WAYPOINT}: no waypoint Gateway {waypoint} (gatewayClassName {WAYPOINT_CLASS})"),
-            );
-        }
-    }
-    // HTTPRoute and GRPCRoute are distinct generated types with the same
-    // fields weft reads.
-    macro_rules! rows {
-        ($routes:expr, $kind:literal) => {
-            $routes.iter().map(|(key, r)| {
-                let parents = r
-                    .spec
-                    .parent_refs
-                    .iter()
-                    .flatten()
-                    .map(|p| (p.kind.as_deref(), p.namespace.as_deref(), p.name.as_str()));
-                let rules = r.spec.rules.as_ref().map_or(0, Vec::len);
-                ($kind, key, service_parents(key, parents), rules)
-            })
-        };
-    }
-    let http = rows!(objects.http_routes, "HTTPRoute");
-    let grpc = rows!(objects.grpc_routes, "GRPCRoute");
-    let routes: Vec<_> = http.chain(grpc).collect();
-    for (kind, key, parents, rules) in routes {
-        for p in &parents {
-            if !objects.services.contains_key(p) {
-                out.warn(
-                    format!("{kind} {key}"),
-                    format!("parentRef Service {p} does not exist"),
-                );
-            }
-        }
-        out.routes.push(Route {
-            key: format!("{kind} {key}"),
-            parents,
-            rules,
-        });
-    }
-}
-
-/// The Services (`<namespace>/<name>`) among a route's parentRefs
-/// (kind, namespace, name): the mesh attaches routes to Services.
-fn service_parents<'a>(
-    route: &str,
-    refs: impl Iterator<Item = (Option<&'a str>, Option<&'a str>, &'a str)>,
-) -> Vec<String> {
-    refs.filter(|(kind, _, _)| *kind == Some("Service"))
-        .map(|(_, ns, name)| format!("{}/{name}", ns.unwrap_or(namespace_of(route))))
-        .collect()
-}
-
-fn label<'a>(labels: &'a Option<BTreeMap<String, String>>, key: &str) -> Option<&'a str> {
+pub(crate) fn label<'a>(
+    labels: &'a Option<BTreeMap<String, String>>,
+    key: &str,
+) -> Option<&'a str> {
     labels.as_ref()?.get(key).map(String::as_str)
 }
 
-fn namespace_of(key: &str) -> &str {
+pub(crate) fn namespace_of(key: &str) -> &str {
     key.split_once('/').map_or("default", |(ns, _)| ns)
 }
 
@@ -1183,8 +1125,42 @@ spec:
                 key: "shop/shop-waypoint".into(),
                 for_service_account: Some("api".into()),
                 services: vec!["shop/api".into()],
+                addresses: vec![],
             }]
         );
+        // The model carries the binding: the Service, the pods behind it
+        // that run as the waypoint's account, and the compiled routes.
+        let api = t
+            .specs
+            .services
+            .iter()
+            .find(|s| s.name == "api")
+            .expect("api");
+        assert_eq!(api.waypoint.as_deref(), Some("shop/shop-waypoint"));
+        let bound: Vec<&str> = t
+            .specs
+            .workloads
+            .iter()
+            .filter(|w| w.waypoint.is_some())
+            .map(|w| w.service_account.as_str())
+            .collect();
+        assert!(
+            !bound.is_empty() && bound.iter().all(|sa| *sa == "api"),
+            "{bound:?}"
+        );
+        assert_eq!(t.specs.waypoints.len(), 1);
+        assert_eq!(
+            t.specs.waypoints[0].service_account, "shop-waypoint",
+            "no instance yet"
+        );
+        let split = t
+            .specs
+            .routes
+            .iter()
+            .find(|r| r.name == "api-split")
+            .expect("compiled");
+        assert_eq!(split.rules[0].backends[0].weight, 90);
+        assert_eq!(split.parents.len(), 2);
         let routes: Vec<(&str, &[String])> = t
             .routes
             .iter()

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use super::{Audience, Kind, bad};
 use crate::model::{
-    self, Action, Changes, Model, ModelError, Policy, PolicySpec, PortSpec, RuleSpec, Service,
-    ServiceDef, ServiceSpec, Workload, WorkloadSpec,
+    self, Action, Changes, Model, ModelError, Policy, PolicySpec, PortSpec, Route, RuleSpec,
+    Service, ServiceDef, ServiceSpec, Waypoint, WaypointSpec, Workload, WorkloadSpec,
 };
 use crate::pb::weft::v1 as pb;
 
@@ -33,6 +33,10 @@ fn ips(name: &str, addrs: &[Vec<u8>]) -> Result<Vec<IpAddr>, ModelError> {
         .iter()
         .map(|a| ip_from(a).ok_or_else(|| bad(name, "address is not 4 or 16 bytes".into())))
         .collect()
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
 }
 
 fn port(name: &str, p: u32) -> Result<u16, ModelError> {
@@ -73,7 +77,7 @@ impl Kind for WorkloadKind {
             meshed: w.meshed,
             ready: true,
             services: w.services.clone(),
-            waypoint: String::new(),
+            waypoint: w.waypoint.clone().unwrap_or_default(),
             labels: w.labels.clone().into_iter().collect(),
         }
     }
@@ -97,6 +101,7 @@ impl Kind for WorkloadKind {
             meshed: w.meshed,
             services: w.services,
             labels: w.labels.into_iter().collect(),
+            waypoint: non_empty(w.waypoint),
         };
         model::workload(spec, trust_domain, name)
     }
@@ -139,7 +144,7 @@ impl Kind for ServiceKind {
                     app_protocol: String::new(),
                 })
                 .collect(),
-            waypoint: String::new(),
+            waypoint: s.waypoint.clone().unwrap_or_default(),
         }
     }
 
@@ -159,6 +164,7 @@ impl Kind for ServiceKind {
             name: s.name,
             namespace: s.namespace,
             ports,
+            waypoint: non_empty(s.waypoint),
         };
         model::service(spec, name)
     }
@@ -285,4 +291,81 @@ fn decode_policy(name: &str, a: pb::Authorization) -> Result<Policy, ModelError>
         rules,
     };
     model::policy(spec, name)
+}
+
+/// `weft.v1.Waypoint`: to every proxy (a source ztunnel tunnels to it; a
+/// destination ztunnel admits only it for what it serves).
+pub struct WaypointKind;
+
+impl Kind for WaypointKind {
+    const TYPE_URL: &'static str = "type.googleapis.com/weft.v1.Waypoint";
+    type Message = pb::Waypoint;
+    type Stored = Waypoint;
+    type Object = Waypoint;
+
+    fn stored(model: &Model) -> &[Arc<Waypoint>] {
+        &model.waypoints
+    }
+
+    fn key(w: &Waypoint) -> &str {
+        &w.key
+    }
+
+    fn encode(w: &Waypoint) -> pb::Waypoint {
+        let (namespace, name) = w.key.split_once('/').unwrap_or(("default", &w.key));
+        pb::Waypoint {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: w.identity.service_account().to_owned(),
+            addresses: w.addresses.iter().map(ip_bytes).collect(),
+            for_service_account: w.for_service_account.clone().unwrap_or_default(),
+        }
+    }
+
+    fn decode(name: &str, w: pb::Waypoint, trust_domain: &str) -> Result<Waypoint, ModelError> {
+        let spec = WaypointSpec {
+            addresses: ips(name, &w.addresses)?,
+            name: w.name,
+            namespace: w.namespace,
+            service_account: w.service_account,
+            for_service_account: non_empty(w.for_service_account),
+        };
+        model::waypoint(spec, trust_domain, name)
+    }
+
+    fn changes(changes: &mut Changes) -> &mut Vec<(String, Option<Arc<Waypoint>>)> {
+        &mut changes.waypoints
+    }
+}
+
+/// `weft.v1.Route`: an HTTPRoute or GRPCRoute, only to the waypoints that
+/// serve one of its parent Services.
+pub struct RouteKind;
+
+impl Kind for RouteKind {
+    const TYPE_URL: &'static str = "type.googleapis.com/weft.v1.Route";
+    const AUDIENCE: Audience = Audience::SelectedNodes;
+    type Message = pb::Route;
+    type Stored = Route;
+    type Object = Route;
+
+    fn stored(model: &Model) -> &[Arc<Route>] {
+        &model.routes
+    }
+
+    fn key(r: &Route) -> &str {
+        &r.key
+    }
+
+    fn encode(r: &Route) -> pb::Route {
+        r.spec.clone()
+    }
+
+    fn decode(name: &str, r: pb::Route, _trust_domain: &str) -> Result<Route, ModelError> {
+        model::route(r, name)
+    }
+
+    fn changes(changes: &mut Changes) -> &mut Vec<(String, Option<Arc<Route>>)> {
+        &mut changes.routes
+    }
 }

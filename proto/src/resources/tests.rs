@@ -52,6 +52,9 @@ services:
 policies:
   - {name: p, action: DENY, selector: {app: api}, rules: [{ports: [8080]}]}
   - {name: old, action: ALLOW, rules: [{namespaces: [default]}]}
+waypoints:
+  - {name: wp, serviceAccount: wp, addresses: [10.0.3.1]}
+  - {name: old, serviceAccount: old}
 "#;
 
 /// ... and of every kind one changed, one removed and one added.
@@ -66,10 +69,57 @@ services:
 policies:
   - {name: p, action: DENY, selector: {app: api}, rules: [{ports: [8080, 9090]}]}
   - {name: new, action: ALLOW, rules: [{principals: ["spiffe://cluster.local/ns/default/sa/web"]}]}
+waypoints:
+  - {name: wp, serviceAccount: wp, addresses: [10.0.3.2], forServiceAccount: api}
+  - {name: new, serviceAccount: new}
 "#;
 
+/// A model from YAML plus routes (routes are compiled by the controller,
+/// never written in the model's YAML): `(name, path prefix)` each.
+fn model_with(yaml: &str, routes: &[(&str, &str)]) -> Model {
+    let mut m = Model::from_yaml(yaml, "cluster.local").expect("valid");
+    m.routes = routes
+        .iter()
+        .map(|(name, prefix)| {
+            let spec = pb::Route {
+                name: (*name).into(),
+                namespace: "default".into(),
+                kind: "HTTPRoute".into(),
+                parents: vec![pb::ParentRef {
+                    service: "default/api".into(),
+                    port: 0,
+                }],
+                rules: vec![pb::RouteRule {
+                    matches: vec![pb::RouteMatch {
+                        path: Some(pb::StringMatch {
+                            kind: pb::string_match::Kind::Prefix as i32,
+                            value: (*prefix).into(),
+                        }),
+                        ..Default::default()
+                    }],
+                    backends: vec![pb::RouteBackend {
+                        service: "default/api".into(),
+                        port: 80,
+                        weight: 1,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            Arc::new(crate::model::route(spec, name).expect("valid route"))
+        })
+        .collect();
+    m
+}
+
 fn model(yaml: &str) -> Model {
-    Model::from_yaml(yaml, "cluster.local").expect("valid")
+    let routes: &[(&str, &str)] = match yaml {
+        BEFORE => &[("r", "/a"), ("old", "/old")],
+        AFTER => &[("r", "/b"), ("new", "/new")],
+        _ => &[],
+    };
+    model_with(yaml, routes)
 }
 
 /// Every kind in the table round-trips, and the delta between two
@@ -104,7 +154,7 @@ fn every_kind_round_trips_and_deltas() {
 
 #[test]
 fn unknown_types_and_mismatched_bodies_are_refused() {
-    assert!(kind("type.googleapis.com/weft.v1.Route").is_none());
+    assert!(kind("type.googleapis.com/weft.v1.Nope").is_none());
     let res = encode(&model(YAML));
     let body = &res[WORKLOAD]["default/web"].body;
     let err = kind(SERVICE)

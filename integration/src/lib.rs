@@ -373,6 +373,21 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
 }
 /// Network-namespace topologies (shared with `weft demo`).
 pub use weft_cli::demo::topology as netns;
+
+/// Enrolls `pod` (namespace `default`, uid = name) with a ztunnel, as the
+/// CNI plugin would; panics with the ztunnel's reason on refusal.
+pub async fn enroll(zt: &weft_ztunnel::app::Bound, pod: &netns::PodNs) {
+    let line = format!(
+        r#"{{"op":"add","uid":"{0}","namespace":"default","name":"{0}","netns":"{1}","ips":["{2}"]}}"#,
+        pod.name,
+        pod.path.display(),
+        pod.ip
+    );
+    let reply = weft_ztunnel::enroll::request(&zt.enroll_socket, &line)
+        .await
+        .expect("enroll");
+    assert!(reply.ok, "enrolling {}: {:?}", pod.name, reply.error);
+}
 pub mod controller_bench;
 pub mod mesh_bench;
 

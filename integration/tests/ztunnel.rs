@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_cli::demo::mesh::ZtunnelOptions;
-use weft_integration::Mesh;
 use weft_integration::netns::{LinkCapture, NodeNs, PodNs, Topology, is_root, run};
+use weft_integration::{Mesh, enroll};
 use weft_proto::model::Model;
 use weft_ztunnel::app::Bound;
 use weft_ztunnel::node::Mode;
@@ -171,19 +171,6 @@ async fn ztunnel(topo: &Topology, mesh: &Mesh, node: &str, yaml: &str, mode: Mod
         },
     )
     .await
-}
-
-async fn enroll(zt: &Bound, pod: &PodNs) {
-    let line = format!(
-        r#"{{"op":"add","uid":"{0}","namespace":"default","name":"{0}","netns":"{1}","ips":["{2}"]}}"#,
-        pod.name,
-        pod.path.display(),
-        pod.ip
-    );
-    let reply = weft_ztunnel::enroll::request(&zt.enroll_socket, &line)
-        .await
-        .expect("enroll");
-    assert!(reply.ok, "enrolling {}: {:?}", pod.name, reply.error);
 }
 
 /// Every access-log line of the ztunnels in this test process, as the JSON

@@ -21,7 +21,7 @@ use super::topology::{CNI_PATH, LinkCapture, PodNs, Topology, is_root, try_run};
 use weft_controller::app::{self as controller, Config};
 
 const VIP: &str = "10.96.0.10";
-const TD: &str = "cluster.local";
+pub const TD: &str = "cluster.local";
 
 /// Why the namespace demo cannot run here, if it cannot.
 pub fn missing_prerequisite() -> Option<String> {

@@ -8,6 +8,7 @@
 pub mod loopback;
 pub mod mesh;
 pub mod topology;
+pub mod waypoint;
 
 #[allow(clippy::print_stdout)]
 pub async fn run(keep: bool) -> anyhow::Result<()> {

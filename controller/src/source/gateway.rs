@@ -312,7 +312,7 @@ fn rule(
     Ok(pb::RouteRule {
         name: str_of(&r["name"]).to_owned(),
         matches,
-        filters: filters(namespace, &r["filters"])?,
+        filters: filters(namespace, &r["filters"], objects)?,
         backends,
         request_timeout_ms: duration_ms(&timeouts["request"])?,
         backend_timeout_ms: duration_ms(&timeouts["backendRequest"])?,
@@ -412,7 +412,7 @@ fn backend(namespace: &str, b: &Value, objects: &Objects) -> Result<pb::RouteBac
         port: b["port"].as_u64().unwrap_or(0) as u32,
         weight: b["weight"].as_u64().unwrap_or(1) as u32,
         invalid,
-        filters: filters(namespace, &b["filters"])?,
+        filters: filters(namespace, &b["filters"], objects)?,
     })
 }
 
@@ -447,7 +447,11 @@ fn path_modifier(p: &Value) -> (Option<String>, Option<String>) {
     }
 }
 
-fn filters(namespace: &str, list: &Value) -> Result<Vec<pb::RouteFilter>, String> {
+fn filters(
+    namespace: &str,
+    list: &Value,
+    objects: &Objects,
+) -> Result<Vec<pb::RouteFilter>, String> {
     use pb::route_filter::Filter;
     let mut out = Vec::new();
     for f in list.as_array().into_iter().flatten() {
@@ -498,11 +502,39 @@ fn filters(namespace: &str, list: &Value) -> Result<Vec<pb::RouteFilter>, String
                     percent,
                 })
             }
+            "ExtensionRef" => Filter::Fault(fault(namespace, &f["extensionRef"], objects)?),
             other => return Err(format!("filter {other:?} is not supported yet")),
         };
         out.push(pb::RouteFilter {
             filter: Some(filter),
         });
+    }
+    Ok(out)
+}
+
+/// An `ExtensionRef` to a `FaultInjection.weft.dev` in the route's namespace.
+fn fault(namespace: &str, r: &Value, objects: &Objects) -> Result<pb::Fault, String> {
+    let (group, kind, name) = (str_of(&r["group"]), str_of(&r["kind"]), str_of(&r["name"]));
+    if (group, kind) != ("weft.dev", "FaultInjection") {
+        return Err(format!(
+            "extensionRef {group}/{kind} is not supported (weft.dev/FaultInjection is)"
+        ));
+    }
+    let key = format!("{namespace}/{name}");
+    let f = objects
+        .fault_injections
+        .get(&key)
+        .ok_or_else(|| format!("FaultInjection {key} does not exist"))?;
+    let percent = |p: f64| p.clamp(0.0, 100.0).round() as u32;
+    let mut out = pb::Fault::default();
+    if let Some(d) = &f.spec.delay {
+        out.delay_ms = duration_ms(&Value::String(d.fixed.clone()))?;
+        out.delay_percent = percent(d.percentage);
+    }
+    if let Some(a) = &f.spec.abort {
+        out.abort_status = u32::from(a.http_status.unwrap_or(0));
+        out.abort_grpc_status = u32::from(a.grpc_status.unwrap_or(0));
+        out.abort_percent = percent(a.percentage);
     }
     Ok(out)
 }

@@ -392,6 +392,16 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
         }
         m
     };
+    // The waypoint each Service's bound endpoints need: traffic to a bound
+    // pod must pass its waypoint, whichever Service it came by.
+    let mut endpoint_waypoints: HashMap<&str, &str> = HashMap::new();
+    for w in &out.specs.workloads {
+        if let Some(wp) = &w.waypoint {
+            for s in &w.services {
+                endpoint_waypoints.entry(s.as_str()).or_insert(wp.as_str());
+            }
+        }
+    }
     let mut services = Vec::new();
     let mut problems = Vec::new();
     for (key, svc) in &objects.services {
@@ -476,8 +486,13 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
             .iter()
             .filter_map(|p| p.spec.as_ref()?.service_account_name.as_deref())
             .collect();
+        let waypoint = context.bindings.service(key, &accounts).or_else(|| {
+            endpoint_waypoints
+                .get(key.as_str())
+                .map(|w| (*w).to_owned())
+        });
         services.push(ServiceSpec {
-            waypoint: context.bindings.service(key, &accounts),
+            waypoint,
             name: name_of(key).to_owned(),
             namespace: namespace_of(key).to_owned(),
             addresses,

@@ -1,0 +1,453 @@
+//! The waypoint, end to end in network namespaces: a controller reading
+//! Kubernetes-shaped YAML, two nodes with their ztunnels, api pods behind a
+//! Service bound to a waypoint running in its own namespace, and curl in
+//! the client pod. Routes, splits, retries, timeouts, redirects, the
+//! bypass refusal and failing closed, as a user would see them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use weft_cli::demo::mesh::ZtunnelOptions;
+use weft_cli::demo::waypoint::{Waypoint, start_waypoint};
+use weft_integration::netns::{PodNs, Topology, is_root};
+use weft_integration::{Mesh, enroll};
+use weft_proto::hbone::pool::{ConnectRequest, Dialer, Pool, PoolKey, PoolSettings};
+use weft_proto::identity::Identity;
+
+const VIP: &str = "10.96.0.10";
+const TD: &str = "cluster.local";
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root for network namespaces and nftables (CI runs as root)");
+            return;
+        }
+    };
+}
+
+/// Requests each app received, by path prefix.
+type Hits = Arc<std::sync::Mutex<BTreeMap<String, u64>>>;
+
+/// A keep-alive HTTP/1.1 app on :8080 in `pod`. It answers
+/// `<pod> <path> <x-weft-route or ->`; `/flaky` answers 503 on every
+/// other request, `/down` always 503, `/slow` after 2 s.
+async fn app(pod: &PodNs, hits: Hits) {
+    let listener = pod
+        .listen("0.0.0.0:8080".parse().expect("addr"))
+        .await
+        .expect("app listens");
+    let name = pod.name.clone();
+    let flaky = Arc::new(AtomicU64::new(0));
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let (name, hits, flaky) = (name.clone(), hits.clone(), flaky.clone());
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut r = BufReader::new(r);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+                    let mut route = "-".to_owned();
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("x-weft-route:") {
+                            route = v.trim().to_owned();
+                        }
+                    }
+                    let first = path.split('/').nth(1).unwrap_or("").to_owned();
+                    *hits.lock().expect("hits").entry(first.clone()).or_default() += 1;
+                    let status = match first.as_str() {
+                        "flaky" if flaky.fetch_add(1, Ordering::Relaxed) % 2 == 0 => {
+                            "503 Service Unavailable"
+                        }
+                        "down" => "503 Service Unavailable",
+                        "slow" => {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                            "200 OK"
+                        }
+                        _ => "200 OK",
+                    };
+                    let body = format!("{name} {path} {route}\n");
+                    let resp = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if w.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn pod_yaml(pod: &PodNs, node: &str, sa: &str, labels: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: default, labels: {{{labels}}}}}\n\
+         spec: {{nodeName: {node}, serviceAccountName: {sa}, containers: [{{name: app, image: test, ports: [{{name: http, containerPort: 8080}}]}}]}}\n\
+         status: {{phase: Running, podIP: {}}}\n",
+        pod.name, pod.ip
+    )
+}
+
+fn service_yaml(name: &str, vip: &str, selector: &str, labels: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default, labels: {{{labels}}}}}\n\
+         spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{port: 80, targetPort: http}}]}}\n"
+    )
+}
+
+const ROUTES: &str = r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: default, labels: {weft.dev/for-service-account: api}}
+spec:
+  gatewayClassName: weft-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 80}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /v2}}]
+      filters:
+        - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-weft-route, value: v2-path}]}}
+        - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /}}}
+        - {type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x-served-by, value: waypoint}]}}
+      backendRefs: [{name: api-v2, port: 80}]
+    - matches: [{headers: [{name: x-version, value: v2}]}]
+      backendRefs: [{name: api-v2, port: 80}]
+    - matches: [{method: DELETE}]
+      backendRefs: [{name: api-v2, port: 80}]
+    - matches: [{queryParams: [{name: canary, value: "1"}]}]
+      backendRefs: [{name: api-v2, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /flaky}}, {path: {type: PathPrefix, value: /down}}]
+      retry: {attempts: 3, codes: [503]}
+      backendRefs: [{name: api-v1, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /slow}}]
+      timeouts: {request: 500ms}
+      backendRefs: [{name: api-v1, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /old}}]
+      filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}}]
+    - backendRefs: [{name: api-v1, port: 80, weight: 90}, {name: api-v2, port: 80, weight: 10}]
+"#;
+
+struct Cluster {
+    _topo: Topology,
+    mesh: Mesh,
+    client: PodNs,
+    outsider: PodNs,
+    api_v1: PodNs,
+    waypoint_pod: PodNs,
+    hits_v1: Hits,
+    zt_a: weft_ztunnel::app::Bound,
+    _zt_b: weft_ztunnel::app::Bound,
+    dir: std::path::PathBuf,
+}
+
+impl Cluster {
+    async fn start() -> (Cluster, Waypoint) {
+        let mut topo = Topology::new();
+        let mesh = Mesh::start().await;
+        let a = topo.node("a", "10.244.1.0/24").expect("topology");
+        let b = topo.node("b", "10.244.2.0/24").expect("topology");
+        topo.link(&a, &b).expect("topology");
+        let client = topo.pod(&a, "client").expect("topology");
+        let outsider = topo.pod(&a, "outsider").expect("topology");
+        let api_v1 = topo.pod(&b, "api-v1").expect("topology");
+        let api_v2 = topo.pod(&b, "api-v2").expect("topology");
+        let waypoint_pod = topo.pod(&b, "waypoint").expect("topology");
+        let mut yaml = String::from(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {weft.dev/mesh: enabled}}\n",
+        );
+        yaml += &pod_yaml(&client, "node-a", "client", "app: client");
+        yaml += &pod_yaml(
+            &outsider,
+            "node-a",
+            "outsider",
+            "app: outsider, weft.dev/mesh: disabled",
+        );
+        yaml += &pod_yaml(&api_v1, "node-b", "api", "app: api, version: v1");
+        yaml += &pod_yaml(&api_v2, "node-b", "api", "app: api, version: v2");
+        yaml += &pod_yaml(
+            &waypoint_pod,
+            "node-b",
+            "waypoint",
+            "gateway.networking.k8s.io/gateway-name: waypoint",
+        );
+        yaml += &service_yaml("api", VIP, "app: api", "weft.dev/use-waypoint: waypoint");
+        yaml += &service_yaml("api-v1", "10.96.0.11", "version: v1", "");
+        yaml += &service_yaml("api-v2", "10.96.0.12", "version: v2", "");
+        yaml += ROUTES;
+        std::fs::write(mesh.config_dir().join("shop.yaml"), yaml).expect("config written");
+        let served = async {
+            let mut rx = mesh.controller.sources.clone();
+            loop {
+                let m = mesh.controller.config.current().model.clone();
+                if m.routes.len() == 1
+                    && m.waypoints.first().is_some_and(|w| !w.addresses.is_empty())
+                {
+                    return;
+                }
+                rx.changed().await.expect("source");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("controller serves the config");
+        let dir = topo.dir.path().to_owned();
+        let options = ZtunnelOptions {
+            drain_deadline: Duration::from_secs(1),
+            ..ZtunnelOptions::default()
+        };
+        let zt_a = mesh
+            .ztunnel_pushed("node-a", &dir.join("zt-a"), options)
+            .await;
+        let zt_b = mesh
+            .ztunnel_pushed("node-b", &dir.join("zt-b"), options)
+            .await;
+        for (zt, pod) in [(&zt_a, &client), (&zt_b, &api_v1), (&zt_b, &api_v2)] {
+            enroll(zt, pod).await;
+        }
+        let hits_v1 = Hits::default();
+        app(&api_v1, hits_v1.clone()).await;
+        app(&api_v2, Hits::default()).await;
+        let wp = start_waypoint(
+            &mesh.controller,
+            "default/waypoint",
+            "waypoint",
+            &waypoint_pod,
+            &dir.join("wp"),
+        )
+        .await
+        .expect("waypoint starts");
+        let c = Cluster {
+            _topo: topo,
+            mesh,
+            client,
+            outsider,
+            api_v1,
+            waypoint_pod,
+            hits_v1,
+            zt_a,
+            _zt_b: zt_b,
+            dir,
+        };
+        (c, wp)
+    }
+
+    async fn waypoint(&self) -> Waypoint {
+        start_waypoint(
+            &self.mesh.controller,
+            "default/waypoint",
+            "waypoint",
+            &self.waypoint_pod,
+            &self.dir.join("wp"),
+        )
+        .await
+        .expect("waypoint starts")
+    }
+
+    /// curl from inside the client pod: (status, headers and body).
+    async fn curl(&self, args: &[&str]) -> (u16, String) {
+        let mut cmd = vec![
+            "netns",
+            "exec",
+            &self.client.netns,
+            "curl",
+            "-s",
+            "-i",
+            "--max-time",
+            "5",
+        ];
+        cmd.extend_from_slice(args);
+        let cmd: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+        let out = tokio::task::spawn_blocking(move || Command::new("ip").args(&cmd).output())
+            .await
+            .expect("curl thread")
+            .expect("curl runs (install curl)");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, text)
+    }
+}
+
+fn url(path: &str) -> String {
+    format!("http://{VIP}{path}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_split_retry_and_time_out_through_the_waypoint() {
+    require_root!();
+    let (c, wp) = Cluster::start().await;
+    // Path prefix: rewritten, header set on the way in and out.
+    let (status, text) = c.curl(&[&url("/v2/orders")]).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.ends_with("api-v2 /orders v2-path\n"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("x-served-by: waypoint"),
+        "{text}"
+    );
+    // Header, method and query matches.
+    let (_, text) = c.curl(&["-H", "x-version: v2", &url("/a")]).await;
+    assert!(text.ends_with("api-v2 /a -\n"), "{text}");
+    let (_, text) = c.curl(&["-X", "DELETE", &url("/a")]).await;
+    assert!(text.ends_with("api-v2 /a -\n"), "{text}");
+    let (_, text) = c.curl(&[&url("/a?canary=1")]).await;
+    assert!(text.ends_with("api-v2 /a?canary=1 -\n"), "{text}");
+    // A redirect is answered by the waypoint itself.
+    let (status, text) = c.curl(&[&url("/old/x")]).await;
+    assert_eq!(status, 301, "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("location: http://10.96.0.10/new"),
+        "{text}"
+    );
+
+    // 1,000 requests over one keep-alive connection split 90/10: api-v2's
+    // count is Binomial(1000, 0.1), mean 100, sd 9.5; [69, 131] is ±3.29
+    // sd, so a correct split fails this with p < 0.001.
+    let (_, text) = c.curl(&["-o", "-", &url("/split/[1-1000]")]).await;
+    let v1 = text
+        .lines()
+        .filter(|l| l.starts_with("api-v1 /split/"))
+        .count();
+    let v2 = text
+        .lines()
+        .filter(|l| l.starts_with("api-v2 /split/"))
+        .count();
+    eprintln!("split: api-v1 {v1}, api-v2 {v2}");
+    assert_eq!(v1 + v2, 1000, "every request answered");
+    assert!((69..=131).contains(&v2), "api-v2 got {v2} of 1000");
+
+    // Retry: the first attempt gets 503, the client sees 200; the app saw
+    // exactly two requests. A backend that always fails is tried exactly
+    // three times (the route's attempts) and its 503 passes through.
+    let retries = wp.proxy.stats.retries.load(Ordering::Relaxed);
+    let (status, text) = c.curl(&[&url("/flaky")]).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(c.hits_v1.lock().expect("hits").get("flaky"), Some(&2));
+    assert!(
+        wp.proxy.stats.retries.load(Ordering::Relaxed) > retries,
+        "the retry is counted"
+    );
+    let (status, _) = c.curl(&[&url("/down")]).await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        c.hits_v1.lock().expect("hits").get("down"),
+        Some(&3),
+        "attempts never exceed 3"
+    );
+    // Request timeout: 504 at 500 ms, not the app's 2 s.
+    let started = std::time::Instant::now();
+    let (status, _) = c.curl(&[&url("/slow")]).await;
+    assert_eq!(status, 504);
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(c);
+    wp.stop().await;
+}
+
+/// An HBONE client dialling from inside the outsider pod (not captured).
+struct FromPod(std::path::PathBuf);
+
+impl Dialer for FromPod {
+    fn dial(
+        &self,
+        _src: Option<std::net::IpAddr>,
+        dst: SocketAddr,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + '_>,
+    > {
+        Box::pin(async move {
+            let ns = weft_ztunnel::netns::Netns::open(&self.0)?;
+            let std = ns
+                .run(move || {
+                    let s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
+                    s.set_nonblocking(true)?;
+                    Ok(s)
+                })
+                .await?;
+            tokio::net::TcpStream::from_std(std)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bound_traffic_fails_closed_and_cannot_bypass_the_waypoint() {
+    require_root!();
+    let (c, wp) = Cluster::start().await;
+    // A pod IP dialled directly is still served, through the waypoint.
+    let direct = format!("http://{}:8080/direct", c.api_v1.ip);
+    let (status, text) = c.curl(&[&direct]).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.ends_with("api-v1 /direct -\n"), "{text}");
+    assert!(wp.proxy.stats.requests.get("-") >= 1);
+
+    // A mesh client with a valid certificate that skips the waypoint and
+    // tunnels straight to api-v1 is refused by api-v1's ztunnel.
+    let node = c.mesh.node("node-a");
+    let client_id = Identity::new(TD, "default", "client").expect("id");
+    let cert = node.cert(&client_id).await;
+    let pool = Pool::with_dialer(
+        PoolSettings::default(),
+        Arc::new(FromPod(c.outsider.path.clone())),
+    );
+    let key = PoolKey {
+        src: client_id,
+        dst: Identity::new(TD, "default", "api").expect("id"),
+        dst_addr: SocketAddr::new(c.api_v1.ip, 15008),
+        src_ip: None,
+    };
+    let req = ConnectRequest {
+        authority: SocketAddr::new(c.api_v1.ip, 8080),
+        headers: Default::default(),
+    };
+    let refused = pool
+        .connect(&key, &cert, req)
+        .await
+        .err()
+        .expect("bypass refused");
+    assert!(refused.to_string().contains("403"), "{refused}");
+
+    // Waypoint gone: bound traffic fails closed at the source ztunnel
+    // (counted as UH), never sent direct. Back: served again, no ztunnel
+    // touched.
+    wp.stop().await;
+    let before = c.zt_a.node.stats.outbound_failed.get("UH");
+    let (status, text) = c.curl(&[&url("/a")]).await;
+    assert_eq!(status, 0, "no answer while the waypoint is down: {text}");
+    assert!(
+        c.zt_a.node.stats.outbound_failed.get("UH") > before,
+        "refusal counted as UH"
+    );
+    let wp = c.waypoint().await;
+    let (status, text) = c.curl(&[&url("/a")]).await;
+    assert_eq!(status, 200, "{text}");
+    drop(c);
+    wp.stop().await;
+}

@@ -1,0 +1,203 @@
+//! Wires a waypoint: its certificate from the controller's CA, its config
+//! stream (as `waypoint.<namespace>.<name>`: only what it serves), the
+//! HBONE listener, and the drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use weft_proto::certs::{CertConfig, CertManager, GrpcCaClient, wait_for_cert};
+use weft_proto::hbone::H2Settings;
+use weft_proto::hbone::pool::{Pool, PoolSettings};
+use weft_proto::hbone::server::{self, ServerStats};
+use weft_proto::identity::{self, Identity};
+use weft_proto::listen::Drain;
+use weft_proto::model::{Model, waypoint_proxy_name};
+use weft_proto::tls::TrustBundle;
+use weft_proto::xds::{self, XdsConfig};
+
+use crate::proxy::{Proxy, Tunnels};
+use crate::upstream::Upstreams;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `<namespace>/<name>` of the waypoint's Gateway.
+    pub key: String,
+    /// The service account it runs as (its pods').
+    pub service_account: String,
+    pub trust_domain: String,
+    pub ca_addr: SocketAddr,
+    /// The mesh root, to verify the controller.
+    pub ca_root: PathBuf,
+    pub token_file: PathBuf,
+    /// HBONE (SPEC: 15008).
+    pub listen: SocketAddr,
+    /// Where the config stream and certificate work run (a proxy's own
+    /// control runtime); `None`: the caller's runtime.
+    pub control: Option<tokio::runtime::Handle>,
+    pub drain_deadline: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot read {path}: {reason}")]
+    Read {
+        path: PathBuf,
+        reason: std::io::Error,
+    },
+    #[error("root certificate {path}: {reason}")]
+    Root { path: PathBuf, reason: String },
+    #[error("waypoint {key}: {reason}")]
+    Identity { key: String, reason: String },
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind {
+        addr: SocketAddr,
+        reason: std::io::Error,
+    },
+}
+
+/// A running waypoint.
+pub struct Bound {
+    pub addr: SocketAddr,
+    pub identity: Identity,
+    pub proxy: Arc<Proxy>,
+    pub hbone_stats: Arc<ServerStats>,
+    /// Renews the waypoint's certificate for as long as it runs.
+    pub certs: CertManager,
+    drain: Drain,
+    deadline: Duration,
+}
+
+impl Bound {
+    /// Stops accepting; open tunnels finish up to the drain deadline.
+    pub async fn shutdown(self) -> usize {
+        self.drain.drain(self.deadline).await
+    }
+}
+
+/// How long start-up waits for the first config and certificate.
+const FIRST_WAIT: Duration = Duration::from_secs(10);
+
+pub async fn build(config: Config) -> Result<Bound, BuildError> {
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).map_err(|reason| BuildError::Read {
+            path: path.clone(),
+            reason,
+        })
+    };
+    let roots = TrustBundle::from_pem(&read(&config.ca_root)?).map_err(|e| BuildError::Root {
+        path: config.ca_root.clone(),
+        reason: e.to_string(),
+    })?;
+    let roots = Arc::new(roots);
+    let token = read(&config.token_file)?;
+    let bad = |reason: String| BuildError::Identity {
+        key: config.key.clone(),
+        reason,
+    };
+    let namespace = config
+        .key
+        .split_once('/')
+        .map(|(ns, _)| ns)
+        .ok_or_else(|| bad("must be <namespace>/<name>".into()))?;
+    let identity = Identity::new(&config.trust_domain, namespace, &config.service_account)
+        .map_err(|e| bad(e.to_string()))?;
+    let controller = identity::controller(&config.trust_domain).map_err(|e| bad(e.to_string()))?;
+    let control = config
+        .control
+        .clone()
+        .unwrap_or_else(tokio::runtime::Handle::current);
+    let (certs, pushed) = {
+        let _on_control = control.enter();
+        let ca = GrpcCaClient::new(config.ca_addr, roots.clone(), controller.clone(), &token);
+        let certs = CertManager::new(Arc::new(ca), CertConfig::default());
+        let (pushed, _stats) = xds::spawn(XdsConfig {
+            controller: config.ca_addr,
+            roots,
+            controller_identity: controller,
+            token: token.trim().to_owned(),
+            node: waypoint_proxy_name(&config.key),
+            trust_domain: config.trust_domain.clone(),
+            types: &weft_proto::resources::WAYPOINT_TYPES,
+        });
+        (certs, pushed)
+    };
+    let cert = certs.watch(&identity);
+    let model = follow(pushed).await;
+    if let Err(e) = wait_for_cert(cert.clone(), &identity, FIRST_WAIT).await {
+        warn!(%identity, error = %e, "no certificate yet; tunnels are refused until it arrives");
+    }
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|reason| BuildError::Bind {
+            addr: config.listen,
+            reason,
+        })?;
+    let addr = listener.local_addr().map_err(|reason| BuildError::Bind {
+        addr: config.listen,
+        reason,
+    })?;
+    let upstreams = Upstreams::new(
+        Pool::new(PoolSettings::default()),
+        identity.clone(),
+        cert.clone(),
+    );
+    let proxy = Arc::new(Proxy::new(
+        config.key.clone(),
+        identity.clone(),
+        model,
+        Arc::new(upstreams),
+    ));
+    let hbone_stats = Arc::new(ServerStats::default());
+    let drain = Drain::new();
+    drain.spawn(server::serve(
+        listener,
+        (cert, config.trust_domain.clone()),
+        Arc::new(Tunnels(proxy.clone())),
+        H2Settings::default(),
+        hbone_stats.clone(),
+        drain.clone(),
+    ));
+    info!(waypoint = config.key, %identity, %addr, "waypoint serving HBONE");
+    Ok(Bound {
+        addr,
+        identity,
+        proxy,
+        hbone_stats,
+        certs,
+        drain,
+        deadline: config.drain_deadline,
+    })
+}
+
+/// The model, following the config stream (waiting a moment for the first
+/// complete config; until then nothing is served).
+async fn follow(mut pushed: watch::Receiver<Option<Arc<Model>>>) -> watch::Receiver<Arc<Model>> {
+    let (tx, rx) = watch::channel(Arc::new(Model::default()));
+    let first = async {
+        while pushed.borrow_and_update().is_none() {
+            if pushed.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    if tokio::time::timeout(FIRST_WAIT, first).await.is_err() {
+        warn!("no config from the controller yet; serving nothing until it arrives");
+    }
+    if let Some(m) = pushed.borrow().clone() {
+        tx.send_replace(m);
+    }
+    tokio::spawn(async move {
+        while pushed.changed().await.is_ok() {
+            let next = pushed.borrow_and_update().clone();
+            if let Some(next) = next {
+                tx.send_replace(next);
+            }
+        }
+    });
+    rx
+}

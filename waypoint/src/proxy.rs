@@ -1,0 +1,765 @@
+//! One request through the waypoint, as a fixed list of phases over a
+//! request context (pingora-style, not a tower stack):
+//!
+//! `accept` (HBONE, the client's verified identity, what it asked for) →
+//! `route` (HTTPRoute/GRPCRoute) → `filters` (headers, redirect, rewrite,
+//! fault, mirror) → `backend` (weighted backendRefs) → `upstream`
+//! (endpoint, timeouts, retries) → `respond` → `log`.
+//!
+//! L7 authorization, circuit breaking, rate limits and request telemetry
+//! (issue #13) are phases to add between `route` and `upstream`.
+//! A refusal from here on is an HTTP status with a response flag.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rand::Rng;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use weft_proto::hbone::server::{Handler, InboundConnect};
+use weft_proto::identity::Identity;
+use weft_proto::model::Model;
+use weft_proto::pb::weft::v1 as pb;
+use weft_proto::routes::{self, RouteTable, Selected};
+use weft_proto::telemetry::ByLabel;
+
+use crate::filters;
+use crate::upstream::{Body, Endpoint, Upstreams};
+
+/// Largest request body kept to be sent again on a retry; a larger one
+/// streams once and is never retried.
+const RETRY_BUFFER: usize = 64 * 1024;
+
+/// What a tunnel asked for: a Service port, or one workload's port.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Service {
+        key: String,
+        port: u16,
+    },
+    Workload {
+        addr: SocketAddr,
+        identity: Identity,
+    },
+}
+
+/// Who sent a request: verified at the HBONE handshake, never a header.
+#[derive(Debug)]
+pub struct Client {
+    pub identity: Identity,
+    pub addr: SocketAddr,
+    pub target: Target,
+}
+
+/// Counts of what the waypoint did, for `/metrics` and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Requests answered, by response flag (`-`: proxied as asked).
+    pub requests: ByLabel,
+    /// Tunnels refused before HTTP (a destination this waypoint does not serve).
+    pub tunnels_refused: AtomicU64,
+    pub retries: AtomicU64,
+    pub mirrored: AtomicU64,
+}
+
+pub struct Proxy {
+    pub key: String,
+    pub identity: Identity,
+    pub model: watch::Receiver<Arc<Model>>,
+    pub upstreams: Arc<Upstreams>,
+    pub stats: Stats,
+    /// Route tables compiled for the model they were made from.
+    tables: Mutex<Tables>,
+}
+
+/// Route tables by (Service, port, client namespace), for one model.
+type Tables = (
+    Option<Arc<Model>>,
+    HashMap<(String, u16, String), Arc<RouteTable>>,
+);
+
+/// A request ended here rather than proxied: its status and flag.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    flag: &'static str,
+    reason: String,
+}
+
+fn refuse(status: StatusCode, flag: &'static str, reason: impl Into<String>) -> Refusal {
+    Refusal {
+        status,
+        flag,
+        reason: reason.into(),
+    }
+}
+
+/// A request on its way through the phases.
+struct Ctx<'a> {
+    client: &'a Client,
+    started: Instant,
+    route: Option<Selected>,
+    /// The path prefix the rule matched on (for prefix rewrites).
+    matched_prefix: Option<String>,
+    response_headers: Vec<pb::HeaderModifier>,
+    backend: String,
+    flag: &'static str,
+}
+
+/// The listener's handler: one tunnel, HTTP on it.
+pub struct Tunnels(pub Arc<Proxy>);
+
+impl Handler for Tunnels {
+    async fn handle(&self, c: InboundConnect) {
+        let proxy = self.0.clone();
+        let model = proxy.model.borrow().clone();
+        let target = match proxy.target(&model, c.authority) {
+            Ok(t) => t,
+            Err(reason) => {
+                proxy.stats.tunnels_refused.fetch_add(1, Ordering::Relaxed);
+                warn!(peer = %c.peer, authority = %c.authority, reason, response_flags = "NR", "tunnel refused");
+                return c.refuse(StatusCode::BAD_REQUEST);
+            }
+        };
+        let client = Arc::new(Client {
+            identity: c.peer.clone(),
+            addr: c.peer_addr,
+            target,
+        });
+        let Ok(stream) = c.accept() else { return };
+        let svc = service_fn(move |req| {
+            let (proxy, client) = (proxy.clone(), client.clone());
+            async move { Ok::<_, Infallible>(proxy.serve(req, &client).await) }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().max_buf_size(64 * 1024);
+        builder
+            .http2()
+            .max_header_list_size(64 * 1024)
+            .max_concurrent_streams(256);
+        let _ = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .await;
+    }
+}
+
+impl Proxy {
+    pub fn new(
+        key: String,
+        identity: Identity,
+        model: watch::Receiver<Arc<Model>>,
+        upstreams: Arc<Upstreams>,
+    ) -> Self {
+        Proxy {
+            key,
+            identity,
+            model,
+            upstreams,
+            stats: Stats::default(),
+            tables: Mutex::default(),
+        }
+    }
+
+    /// `accept`: the tunnel's `:authority` must be a Service port or a
+    /// workload bound to this waypoint; it is never an open relay.
+    fn target(&self, model: &Model, authority: SocketAddr) -> Result<Target, String> {
+        let mine = |w: Option<&String>| w.is_some_and(|w| *w == self.key);
+        if let Some(svc) = model.service_by_vip(authority.ip()) {
+            if !mine(svc.waypoint.as_ref()) {
+                return Err(format!("service {} is not bound to this waypoint", svc.key));
+            }
+            if svc.target_port(authority.port()).is_none() {
+                return Err(format!(
+                    "service {} has no port {}",
+                    svc.key,
+                    authority.port()
+                ));
+            }
+            return Ok(Target::Service {
+                key: svc.key.clone(),
+                port: authority.port(),
+            });
+        }
+        match model.workload_by_ip(authority.ip()) {
+            Some(w) if mine(w.waypoint.as_ref()) => Ok(Target::Workload {
+                addr: authority,
+                identity: w.identity.clone(),
+            }),
+            Some(w) => Err(format!("workload {} is not bound to this waypoint", w.key)),
+            None => Err("not a mesh destination".into()),
+        }
+    }
+
+    /// One request, every phase; always an answer.
+    pub async fn serve(&self, req: Request<Incoming>, client: &Client) -> Response<Body> {
+        let mut ctx = Ctx {
+            client,
+            started: Instant::now(),
+            route: None,
+            matched_prefix: None,
+            response_headers: Vec::new(),
+            backend: String::new(),
+            flag: "-",
+        };
+        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+        let resp = match self.phases(req, &mut ctx).await {
+            Ok(resp) => resp,
+            Err(r) => {
+                ctx.flag = r.flag;
+                warn!(%method, path, client = %client.identity, status = r.status.as_u16(), response_flags = r.flag, reason = r.reason, "request refused");
+                status_response(r.status, &r.reason)
+            }
+        };
+        self.stats.requests.add(ctx.flag);
+        let route = ctx.route.as_ref().map_or("-", |s| s.route.key.as_str());
+        info!(%method, path, client = %client.identity, status = resp.status().as_u16(), route, backend = ctx.backend, response_flags = ctx.flag, duration_ms = ctx.started.elapsed().as_millis() as u64, "request");
+        resp
+    }
+
+    async fn phases(
+        &self,
+        mut req: Request<Incoming>,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<Response<Body>, Refusal> {
+        let model = self.model.borrow().clone();
+        // Who called, as the handshake verified it: a client's own
+        // x-forwarded-client-cert is never passed on.
+        let xfcc = format!("By={};URI={}", self.identity, ctx.client.identity);
+        if let Ok(v) = HeaderValue::from_str(&xfcc) {
+            req.headers_mut().insert("x-forwarded-client-cert", v);
+        }
+        let (backend, port) = self.route(&model, &req, ctx)?;
+        let rule = ctx.route.as_ref().map(|s| s.rule().clone());
+        let filters = rule.as_ref().map(|r| r.filters.clone()).unwrap_or_default();
+        if let Some(resp) = self.filters(&filters, &mut req, ctx).await? {
+            return Ok(resp);
+        }
+        let (endpoints, backend_filters) = match &ctx.client.target {
+            Target::Workload { addr, identity } => (
+                vec![Endpoint {
+                    addr: *addr,
+                    identity: identity.clone(),
+                }],
+                vec![],
+            ),
+            Target::Service { .. } => self.backend(&model, rule.as_ref(), backend, port, ctx)?,
+        };
+        if let Some(resp) = self.filters(&backend_filters, &mut req, ctx).await? {
+            return Ok(resp);
+        }
+        let upgrade = wants_upgrade(req.headers());
+        strip_hop_by_hop(req.headers_mut(), upgrade);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let timeout = rule.as_ref().map_or(0, |r| r.request_timeout_ms);
+        let upstream = self.upstream(req, &endpoints, rule.as_ref(), ctx);
+        let mut resp = match timeout {
+            0 => upstream.await?,
+            ms => tokio::time::timeout(Duration::from_millis(ms), upstream)
+                .await
+                .map_err(|_| {
+                    refuse(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UT",
+                        format!("request timeout ({ms} ms)"),
+                    )
+                })??,
+        };
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        strip_hop_by_hop(resp.headers_mut(), switching);
+        if let (true, Some(client)) = (switching, client_upgrade) {
+            splice_upgrade(client, hyper::upgrade::on(&mut resp));
+        }
+        for m in &ctx.response_headers {
+            filters::modify_headers(resp.headers_mut(), m);
+        }
+        Ok(resp)
+    }
+
+    /// `route`: the rule serving this request, and the Service and port it
+    /// defaults to. A Service with no route is served as itself.
+    fn route(
+        &self,
+        model: &Arc<Model>,
+        req: &Request<Incoming>,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<(String, u16), Refusal> {
+        let Target::Service { key, port } = &ctx.client.target else {
+            return Ok((String::new(), 0));
+        };
+        let table = self.table(model, key, *port, ctx.client.identity.namespace());
+        if table.is_empty() {
+            return Ok((key.clone(), *port));
+        }
+        let r = routes::Request {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+        };
+        let selected = table
+            .select(&r)
+            .ok_or_else(|| refuse(StatusCode::NOT_FOUND, "NR", "no route matched"))?;
+        ctx.matched_prefix = matched_prefix(selected.rule(), req.uri().path());
+        ctx.route = Some(selected);
+        Ok((key.clone(), *port))
+    }
+
+    fn table(
+        &self,
+        model: &Arc<Model>,
+        service: &str,
+        port: u16,
+        client_ns: &str,
+    ) -> Arc<RouteTable> {
+        let mut tables = self.tables.lock().expect("poisoned");
+        if !tables.0.as_ref().is_some_and(|m| Arc::ptr_eq(m, model)) {
+            *tables = (Some(model.clone()), HashMap::new());
+        }
+        let key = (service.to_owned(), port, client_ns.to_owned());
+        tables
+            .1
+            .entry(key)
+            .or_insert_with(|| Arc::new(RouteTable::build(model, service, port, client_ns)))
+            .clone()
+    }
+
+    /// `filters`: applies a rule's (or a backend's) filters in order;
+    /// `Some` is the answer when one ends the request here.
+    async fn filters(
+        &self,
+        list: &[pb::RouteFilter],
+        req: &mut Request<Incoming>,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<Option<Response<Body>>, Refusal> {
+        use pb::route_filter::Filter;
+        for f in list.iter().filter_map(|f| f.filter.as_ref()) {
+            match f {
+                Filter::RequestHeaders(m) => filters::modify_headers(req.headers_mut(), m),
+                Filter::ResponseHeaders(m) => ctx.response_headers.push(m.clone()),
+                Filter::Rewrite(r) => {
+                    let (parts, _) = (req.uri().clone(), ());
+                    let mut uri = parts;
+                    filters::rewrite(
+                        &mut uri,
+                        req.headers_mut(),
+                        r,
+                        ctx.matched_prefix.as_deref(),
+                    );
+                    *req.uri_mut() = uri;
+                }
+                Filter::Redirect(r) => {
+                    let host = host_of(req);
+                    let (status, location) =
+                        filters::redirect(req.uri(), &host, r, ctx.matched_prefix.as_deref());
+                    let mut resp = status_response(status, "");
+                    resp.headers_mut()
+                        .insert(filters::REDIRECT_HEADER, location);
+                    return Ok(Some(resp));
+                }
+                Filter::Fault(fault) => {
+                    if let Some(resp) = self.fault(fault, req, ctx).await {
+                        return Ok(Some(resp));
+                    }
+                }
+                Filter::Mirror(m) => self.mirror(m, req),
+            }
+        }
+        Ok(None)
+    }
+
+    /// A FaultInjection: a delay (then on), or an abort answered here.
+    async fn fault(
+        &self,
+        f: &pb::Fault,
+        req: &Request<Incoming>,
+        ctx: &mut Ctx<'_>,
+    ) -> Option<Response<Body>> {
+        let (delay, abort) = {
+            let mut rng = rand::rng();
+            (
+                filters::hit(f.delay_percent, rng.random_range(0..100)),
+                filters::hit(f.abort_percent, rng.random_range(0..100)),
+            )
+        };
+        if delay && f.delay_ms > 0 {
+            ctx.flag = "DI";
+            tokio::time::sleep(Duration::from_millis(f.delay_ms)).await;
+        }
+        if !abort {
+            return None;
+        }
+        ctx.flag = "FI";
+        if f.abort_grpc_status > 0 && is_grpc(req) {
+            return Some(grpc_status_response(f.abort_grpc_status, "fault injected"));
+        }
+        let status =
+            StatusCode::from_u16(f.abort_status as u16).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        Some(status_response(status, "fault filter abort"))
+    }
+
+    /// A RequestMirror: a copy of a bodiless request, fire and forget; the
+    /// answer never waits for it.
+    fn mirror(&self, m: &pb::Mirror, req: &Request<Incoming>) {
+        let sampled = filters::hit(m.percent.unwrap_or(100), rand::rng().random_range(0..100));
+        let model = self.model.borrow().clone();
+        let Some(ep) =
+            endpoints(&model, &m.service, m.port as u16).and_then(|e| e.into_iter().next())
+        else {
+            return;
+        };
+        if !sampled || !is_bodiless(req) {
+            return;
+        }
+        let mut copy = Request::builder()
+            .method(req.method())
+            .uri(req.uri())
+            .version(http::Version::HTTP_11);
+        if let Some(h) = copy.headers_mut() {
+            *h = req.headers().clone();
+        }
+        let Ok(copy) = copy.body(empty()) else { return };
+        self.stats.mirrored.fetch_add(1, Ordering::Relaxed);
+        let upstreams = self.upstreams.clone();
+        tokio::spawn(async move {
+            if let Ok(sender) = upstreams.connect(&ep, false).await
+                && let Ok(resp) = upstreams.send(sender, copy).await
+            {
+                let _ = resp.into_body().collect().await;
+            }
+        });
+    }
+
+    /// `backend`: the weighted pick among the rule's backendRefs and its
+    /// ready endpoints. An invalid backend's share gets 500; a backend with
+    /// no ready endpoint, 503 (Gateway API).
+    fn backend(
+        &self,
+        model: &Model,
+        rule: Option<&pb::RouteRule>,
+        default: String,
+        port: u16,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<(Vec<Endpoint>, Vec<pb::RouteFilter>), Refusal> {
+        let (service, port, filters) = match rule {
+            None => (default, port, Vec::new()),
+            Some(rule) => {
+                let total: u64 = rule.backends.iter().map(|b| u64::from(b.weight)).sum();
+                let draw = rand::rng().random_range(0..total.max(1));
+                let b = routes::pick_backend(rule, draw).ok_or_else(|| {
+                    refuse(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "NR",
+                        "the rule has no backend with weight",
+                    )
+                })?;
+                if !b.invalid.is_empty() {
+                    return Err(refuse(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "NR",
+                        b.invalid.clone(),
+                    ));
+                }
+                (b.service.clone(), b.port as u16, b.filters.clone())
+            }
+        };
+        ctx.backend = format!("{service}:{port}");
+        let eps = endpoints(model, &service, port)
+            .filter(|e| !e.is_empty())
+            .ok_or_else(|| {
+                refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UH",
+                    format!("no ready endpoint for {service}:{port}"),
+                )
+            })?;
+        Ok((eps, filters))
+    }
+
+    /// `upstream`: sends to an endpoint (round robin from a random start),
+    /// retrying as the rule says (a kept body only), and on another
+    /// endpoint whenever nothing reached the application (bounded).
+    async fn upstream(
+        &self,
+        req: Request<Incoming>,
+        endpoints: &[Endpoint],
+        rule: Option<&pb::RouteRule>,
+        ctx: &mut Ctx<'_>,
+    ) -> Result<Response<Body>, Refusal> {
+        let retry = rule.and_then(|r| r.retry.clone()).unwrap_or_default();
+        let per_try = rule.map_or(0, |r| r.backend_timeout_ms);
+        let h2 = req.version() == http::Version::HTTP_2;
+        let attempts = retry.attempts.max(1) as usize;
+        let mut body = Replay::new(req, attempts > 1).await?;
+        let first = rand::rng().random_range(0..endpoints.len());
+        let mut last = Err(refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UH",
+            "no endpoint answered",
+        ));
+        let (mut tries, mut i) = (0, 0);
+        while tries < attempts && i < attempts + endpoints.len() {
+            let ep = &endpoints[(first + i) % endpoints.len()];
+            i += 1;
+            if i > 1 {
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(retry.backoff_ms)).await;
+            }
+            let sender = match bounded(per_try, self.upstreams.connect(ep, h2)).await {
+                Ok(Ok(sender)) => sender,
+                Ok(Err(e)) => {
+                    last = Err(refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        e.flag(),
+                        e.to_string(),
+                    ));
+                    continue; // nothing was sent: another endpoint may take it
+                }
+                Err(t) => {
+                    last = Err(t);
+                    continue;
+                }
+            };
+            let Some(req) = body.next() else { break };
+            tries += 1;
+            match bounded(per_try, self.upstreams.send(sender, req)).await {
+                Ok(Ok(resp)) => {
+                    let code = u32::from(resp.status().as_u16());
+                    let again =
+                        retry.codes.contains(&code) && tries < attempts && body.replayable();
+                    if !again {
+                        ctx.flag = if retry.codes.contains(&code) && tries > 1 {
+                            "URX"
+                        } else {
+                            ctx.flag
+                        };
+                        return Ok(resp.map(|b| b.map_err(Into::into).boxed()));
+                    }
+                    last = Ok(resp.map(|b| b.map_err(Into::into).boxed()));
+                }
+                Ok(Err(e)) => {
+                    last = Err(refuse(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        e.flag(),
+                        e.to_string(),
+                    ))
+                }
+                Err(t) => last = Err(t),
+            }
+            if !body.replayable() {
+                break;
+            }
+        }
+        if last.is_ok() {
+            ctx.flag = "URX";
+        }
+        last
+    }
+}
+
+/// `f` within `ms` (0: unbounded); over time is 504 `UT`.
+async fn bounded<T>(ms: u64, f: impl std::future::Future<Output = T>) -> Result<T, Refusal> {
+    if ms == 0 {
+        return Ok(f.await);
+    }
+    tokio::time::timeout(Duration::from_millis(ms), f)
+        .await
+        .map_err(|_| {
+            refuse(
+                StatusCode::GATEWAY_TIMEOUT,
+                "UT",
+                format!("backend request timeout ({ms} ms)"),
+            )
+        })
+}
+
+/// The request's body for each try: streamed once, or kept (bounded) to be
+/// sent again.
+enum Replay {
+    Once(Option<Request<Body>>),
+    Kept(http::request::Parts, Bytes),
+}
+
+impl Replay {
+    async fn new(req: Request<Incoming>, retries: bool) -> Result<Replay, Refusal> {
+        let (parts, body) = req.into_parts();
+        let small = hyper::body::Body::size_hint(&body)
+            .upper()
+            .is_some_and(|n| n as usize <= RETRY_BUFFER);
+        if !retries || !small {
+            let body = body.map_err(Into::into).boxed();
+            return Ok(Replay::Once(Some(Request::from_parts(parts, body))));
+        }
+        let bytes = Limited::new(body, RETRY_BUFFER)
+            .collect()
+            .await
+            .map_err(|e| refuse(StatusCode::BAD_REQUEST, "DPE", format!("request body: {e}")))?
+            .to_bytes();
+        Ok(Replay::Kept(parts, bytes))
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, Replay::Kept(..))
+    }
+
+    fn next(&mut self) -> Option<Request<Body>> {
+        match self {
+            Replay::Once(req) => req.take(),
+            Replay::Kept(parts, bytes) => {
+                let mut req = Request::new(Full::new(bytes.clone()).map_err(Into::into).boxed());
+                *req.method_mut() = parts.method.clone();
+                *req.uri_mut() = parts.uri.clone();
+                *req.version_mut() = parts.version;
+                *req.headers_mut() = parts.headers.clone();
+                Some(req)
+            }
+        }
+    }
+}
+
+fn wants_upgrade(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(http::header::UPGRADE)
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) end at this hop, those named by
+/// `connection` too; an upgrade keeps `connection: upgrade` and `upgrade`
+/// so the far side sees it. `te: trailers` (gRPC) passes.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    let named: Vec<http::HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && *n == UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ] {
+        headers.remove(n);
+    }
+    headers.remove(TRANSFER_ENCODING);
+    if headers.get(TE).is_some_and(|v| v != "trailers") {
+        headers.remove(TE);
+    }
+    if upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(CONNECTION);
+        headers.remove(UPGRADE);
+    }
+}
+
+/// After a `101`, the client's connection and the backend's are joined
+/// byte for byte (WebSocket and other upgrades).
+fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else {
+            return;
+        };
+        let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
+        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+    });
+}
+
+/// The ready endpoints of `service` on its port `port`, at their target port.
+fn endpoints(model: &Model, service: &str, port: u16) -> Option<Vec<Endpoint>> {
+    let svc = model.service(service)?;
+    let target = svc.target_port(port)?;
+    Some(
+        svc.endpoints()
+            .iter()
+            .filter(|w| w.meshed)
+            .filter_map(|w| {
+                let ip = *w.addresses.first()?;
+                Some(Endpoint {
+                    addr: SocketAddr::new(ip, target),
+                    identity: w.identity.clone(),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The prefix a rule matched a path on, for `ReplacePrefixMatch`.
+fn matched_prefix(rule: &pb::RouteRule, path: &str) -> Option<String> {
+    rule.matches
+        .iter()
+        .filter_map(|m| m.path.as_ref())
+        .filter(|p| p.kind() == pb::string_match::Kind::Prefix)
+        .map(|p| p.value.clone())
+        .filter(|p| path.starts_with(p.trim_end_matches('/')))
+        .max_by_key(String::len)
+}
+
+fn host_of(req: &Request<Incoming>) -> String {
+    req.uri()
+        .host()
+        .map(str::to_owned)
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)?
+                .to_str()
+                .ok()
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
+
+fn is_grpc(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn is_bodiless(req: &Request<Incoming>) -> bool {
+    hyper::body::Body::is_end_stream(req.body())
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new()).map_err(Into::into).boxed()
+}
+
+fn status_response(status: StatusCode, reason: &str) -> Response<Body> {
+    let body = if reason.is_empty() {
+        String::new()
+    } else {
+        format!("{reason}\n")
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(Into::into).boxed());
+    *resp.status_mut() = status;
+    resp
+}
+
+/// A gRPC error as gRPC clients read it: HTTP 200, status in the headers.
+fn grpc_status_response(code: u32, message: &str) -> Response<Body> {
+    let mut resp = Response::new(empty());
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(v) = HeaderValue::from_str(message) {
+        h.insert("grpc-message", v);
+    }
+    resp
+}

@@ -1,0 +1,182 @@
+//! HTTP to an endpoint: a new HBONE tunnel under the waypoint's own
+//! identity, requiring the endpoint's (SPEC §3), with HTTP/1.1 or HTTP/2
+//! on it. Tunnels ride the shared HBONE pool; HTTP/1.1 connections are
+//! kept alive and reused per endpoint, and HTTP/2 (gRPC) multiplexes every
+//! request to an endpoint over one tunnel.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use weft_proto::hbone::pool::{ConnectRequest, Pool, PoolKey};
+use weft_proto::hbone::{H2Stream, HBONE_PORT, HboneError};
+use weft_proto::identity::Identity;
+use weft_proto::tls::CertWatch;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every body the waypoint sends: streamed from a peer, or made here.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Idle HTTP/1.1 connections kept per endpoint.
+const IDLE_PER_ENDPOINT: usize = 32;
+
+/// One endpoint: the pod's application address and who it must be.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub identity: Identity,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("tunnel to {0}: {1}")]
+    Tunnel(SocketAddr, HboneError),
+    #[error("HTTP handshake with {0}: {1}")]
+    Handshake(SocketAddr, hyper::Error),
+    #[error("request to {0} failed: {1}")]
+    Request(SocketAddr, hyper::Error),
+}
+
+impl UpstreamError {
+    /// Envoy's flag: `UF` upstream connection failure, `UC` the upstream
+    /// closed or reset mid-request.
+    pub fn flag(&self) -> &'static str {
+        match self {
+            UpstreamError::Tunnel(..) | UpstreamError::Handshake(..) => "UF",
+            UpstreamError::Request(..) => "UC",
+        }
+    }
+
+    /// Nothing reached the application: safe to try another endpoint.
+    pub fn unprocessed(&self) -> bool {
+        !matches!(self, UpstreamError::Request(..))
+    }
+}
+
+/// A connection ready to carry one request.
+pub enum Sender {
+    H1(Endpoint, http1::SendRequest<Body>),
+    H2(Endpoint, http2::SendRequest<Body>),
+}
+
+pub struct Upstreams {
+    pool: Pool,
+    identity: Identity,
+    cert: CertWatch,
+    idle: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
+    multiplexed: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+}
+
+impl Upstreams {
+    pub fn new(pool: Pool, identity: Identity, cert: CertWatch) -> Self {
+        Upstreams {
+            pool,
+            identity,
+            cert,
+            idle: Mutex::default(),
+            multiplexed: Mutex::default(),
+        }
+    }
+
+    /// A connection to `ep`: an idle or shared one if there is one, else a
+    /// new tunnel and handshake. No byte of the request is sent yet, so a
+    /// failure here may be retried elsewhere.
+    pub async fn connect(&self, ep: &Endpoint, h2: bool) -> Result<Sender, UpstreamError> {
+        if h2 {
+            let shared = self
+                .multiplexed
+                .lock()
+                .expect("poisoned")
+                .get(&ep.addr)
+                .cloned();
+            if let Some(s) = shared.filter(|s| !s.is_closed()) {
+                return Ok(Sender::H2(ep.clone(), s));
+            }
+            let io = TokioIo::new(self.tunnel(ep).await?);
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| UpstreamError::Handshake(ep.addr, e))?;
+            tokio::spawn(conn);
+            self.multiplexed
+                .lock()
+                .expect("poisoned")
+                .insert(ep.addr, sender.clone());
+            return Ok(Sender::H2(ep.clone(), sender));
+        }
+        if let Some(s) = self.take_idle(ep.addr) {
+            return Ok(Sender::H1(ep.clone(), s));
+        }
+        let io = TokioIo::new(self.tunnel(ep).await?);
+        let (sender, conn) = http1::handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Handshake(ep.addr, e))?;
+        tokio::spawn(conn.with_upgrades());
+        Ok(Sender::H1(ep.clone(), sender))
+    }
+
+    fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
+        let mut idle = self.idle.lock().expect("poisoned");
+        let list = idle.get_mut(&addr)?;
+        list.retain(|s| !s.is_closed());
+        // One still reading its last response body is left for later.
+        let i = list.iter().position(|s| s.is_ready())?;
+        Some(list.swap_remove(i))
+    }
+
+    async fn tunnel(&self, ep: &Endpoint) -> Result<H2Stream, UpstreamError> {
+        let key = PoolKey {
+            src: self.identity.clone(),
+            dst: ep.identity.clone(),
+            dst_addr: SocketAddr::new(ep.addr.ip(), HBONE_PORT),
+            src_ip: None,
+        };
+        let req = ConnectRequest {
+            authority: ep.addr,
+            headers: http::HeaderMap::new(),
+        };
+        self.pool
+            .connect(&key, &self.cert, req)
+            .await
+            .map_err(|e| UpstreamError::Tunnel(ep.addr, e))
+    }
+
+    /// Sends `req` on `sender`; an HTTP/1.1 connection goes back to the
+    /// idle list once it can take another request.
+    pub async fn send(
+        &self,
+        sender: Sender,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match sender {
+            Sender::H2(ep, mut s) => s
+                .send_request(req)
+                .await
+                .map_err(|e| UpstreamError::Request(ep.addr, e)),
+            Sender::H1(ep, mut s) => {
+                let resp = s
+                    .send_request(req)
+                    .await
+                    .map_err(|e| UpstreamError::Request(ep.addr, e))?;
+                self.park(ep.addr, s);
+                Ok(resp)
+            }
+        }
+    }
+
+    /// Keeps an HTTP/1.1 connection for reuse once its response body is
+    /// read (hyper reports it ready then).
+    fn park(&self, addr: SocketAddr, s: http1::SendRequest<Body>) {
+        let mut idle = self.idle.lock().expect("poisoned");
+        let list = idle.entry(addr).or_default();
+        list.retain(|s| !s.is_closed());
+        if list.len() < IDLE_PER_ENDPOINT {
+            list.push(s);
+        }
+    }
+}

@@ -8,7 +8,10 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
 use tokio::net::TcpStream;
-use weft_controller::source::translate::MESH_LABEL;
+use weft_controller::source::translate::{
+    FOR_SERVICE_ACCOUNT, MESH_LABEL, USE_WAYPOINT, WAYPOINT_CLASS,
+};
+use weft_proto::model::waypoint_proxy_name;
 
 /// Where the controller is and how to authenticate (local mode).
 #[derive(Debug, Clone)]
@@ -388,4 +391,108 @@ mod tests {
             "create"
         ));
     }
+}
+
+/// What `waypoint apply` makes.
+#[derive(Debug, Clone)]
+pub struct WaypointSpec {
+    pub namespace: String,
+    pub name: String,
+    /// Serve only this service account's workloads.
+    pub for_service_account: Option<String>,
+    /// Also bind the whole namespace to it (`weft.dev/use-waypoint`).
+    pub enroll_namespace: bool,
+}
+
+/// The Gateway of class `weft-waypoint` that makes a waypoint.
+pub fn waypoint_gateway(spec: &WaypointSpec) -> Value {
+    let mut gw = serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": spec.name, "namespace": spec.namespace},
+        "spec": {"gatewayClassName": WAYPOINT_CLASS,
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+    });
+    if let Some(sa) = &spec.for_service_account {
+        gw["metadata"]["labels"] = serde_json::json!({ FOR_SERVICE_ACCOUNT: sa });
+    }
+    gw
+}
+
+/// Writes a waypoint's Gateway into the controller's config (local mode),
+/// and with `enroll_namespace` labels the namespace to use it. Serving it
+/// takes a running `weft-waypoint` (the demo starts one).
+pub async fn waypoint_apply(target: &Target, spec: &WaypointSpec) -> Result<String, CliError> {
+    let (ns, name) = (&spec.namespace, &spec.name);
+    let path = format!("/api/v1/objects/Gateway/{ns}/{name}");
+    let body = waypoint_gateway(spec).to_string();
+    let answer = request(target, http::Method::PUT, &path, body).await?;
+    let mut out = format!(
+        "waypoint {ns}/{name} applied (config version {})\n",
+        answer["version"]
+    );
+    if spec.enroll_namespace {
+        let path = format!("/api/v1/objects/Namespace/{ns}");
+        let mut object = get(target, &path).await?;
+        if !object["metadata"]["labels"].is_object() {
+            object["metadata"]["labels"] = serde_json::json!({});
+        }
+        object["metadata"]["labels"][USE_WAYPOINT] = Value::String(name.clone());
+        let answer = request(target, http::Method::PUT, &path, object.to_string()).await?;
+        out += &format!(
+            "namespace {ns} now uses it (config version {})\n",
+            answer["version"]
+        );
+    }
+    out += &format!(
+        "serve it with: weft-waypoint -n {ns} --name {name} --ca-root <root.pem> --token-file <data-dir>/nodes/{}.token\n",
+        waypoint_proxy_name(&format!("{ns}/{name}"))
+    );
+    Ok(out)
+}
+
+/// Waypoints, and every Namespace and Service bound to one: whether the
+/// binding is in effect and, if not, why.
+pub async fn waypoint_list(target: &Target, output: Output) -> Result<String, CliError> {
+    let v = get(target, "/api/v1/waypoints").await?;
+    if let Some(text) = structured(&v, output) {
+        return Ok(text);
+    }
+    let fields = |item: &Value, names: &[&str]| names.iter().map(|f| s(&item[*f])).collect();
+    let rows = |key: &str, names: &[&str]| -> Vec<Vec<String>> {
+        v[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| fields(i, names))
+            .collect()
+    };
+    let waypoints = table(
+        &[
+            "WAYPOINT",
+            "FOR-SA",
+            "ADDRESSES",
+            "CONNECTED",
+            "IN-EFFECT",
+            "REASON",
+        ],
+        rows(
+            "items",
+            &[
+                "waypoint",
+                "forServiceAccount",
+                "addresses",
+                "connected",
+                "inEffect",
+                "reason",
+            ],
+        ),
+    );
+    let bindings = table(
+        &["KIND", "NAME", "WAYPOINT", "IN-EFFECT", "REASON"],
+        rows(
+            "bindings",
+            &["kind", "name", "waypoint", "inEffect", "reason"],
+        ),
+    );
+    Ok(format!("{waypoints}\n{bindings}"))
 }

@@ -21,7 +21,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use weft_proto::model::{Policy, Service, Workload};
+use weft_proto::model::{Policy, Service, Workload, waypoint_proxy_name};
 
 use crate::ca::{CertificateAuthority, write_atomic};
 use crate::source::local::{LocalError, LocalSource};
@@ -237,7 +237,7 @@ fn workload_json(w: &Workload) -> Value {
     json!({
         "name": w.name, "namespace": w.namespace, "identity": w.identity.to_string(),
         "node": w.node, "addresses": w.addresses, "meshed": w.meshed, "services": w.services,
-        "labels": w.labels,
+        "labels": w.labels, "waypoint": w.waypoint,
     })
 }
 
@@ -246,6 +246,7 @@ fn service_json(s: &Service) -> Value {
         "service": s.key, "addresses": s.addresses,
         "ports": s.ports.iter().map(|(p, t)| json!({"port": p, "targetPort": t})).collect::<Vec<_>>(),
         "endpoints": s.endpoints().iter().map(|w| w.key.clone()).collect::<Vec<_>>(),
+        "waypoint": s.waypoint,
     })
 }
 
@@ -345,12 +346,67 @@ async fn trust_bundle(State(api): State<Api>) -> Response {
         .into_response()
 }
 
-#[utoipa::path(get, path = "/api/v1/waypoints", security(("bearer" = [])), responses((status = 200, description = "Waypoints (Gateways of class weft-waypoint) and the services bound to them, with the config version"), (status = 401, description = "missing or wrong token")))]
+#[utoipa::path(get, path = "/api/v1/waypoints", security(("bearer" = [])), responses((status = 200, description = "Waypoints (Gateways of class weft-waypoint): instances, identity, config-stream status, and every Namespace and Service bound to each, with whether the binding is in effect and why not"), (status = 401, description = "missing or wrong token")))]
 async fn waypoints(State(api): State<Api>) -> Json<Value> {
     let status = api.sources.borrow().clone();
-    Json(json!({"items": status.waypoints.iter().map(|w| json!({
-        "waypoint": w.key, "forServiceAccount": w.for_service_account, "services": w.services,
-    })).collect::<Vec<_>>()}))
+    let snap = api.config.current();
+    let mut bindings = Vec::new();
+    let items: Vec<Value> = status
+        .waypoints
+        .iter()
+        .map(|w| {
+            let (in_effect, reason) = waypoint_state(&api, &snap, w);
+            let namespaces = w.namespaces.iter().map(|n| ("Namespace", n.clone()));
+            for (kind, name) in namespaces.chain(w.services.iter().map(|s| ("Service", s.clone()))) {
+                bindings.push(json!({"kind": kind, "name": name, "waypoint": w.key, "inEffect": in_effect, "reason": reason}));
+            }
+            let proxy = api.proxies.get(&waypoint_proxy_name(&w.key));
+            json!({
+                "waypoint": w.key, "defined": w.defined, "forServiceAccount": w.for_service_account,
+                "identity": snap.model.waypoint(&w.key).map(|m| m.identity.to_string()),
+                "addresses": w.addresses, "services": w.services, "namespaces": w.namespaces,
+                "connected": proxy.as_ref().is_some_and(|p| p.connected),
+                "ackedVersions": proxy.map(|p| p.acked),
+                "inEffect": in_effect, "reason": reason,
+            })
+        })
+        .collect();
+    Json(json!({"version": snap.version, "items": items, "bindings": bindings}))
+}
+
+/// Whether what is bound to a waypoint is served now, and if not, why
+/// (bound traffic is refused meanwhile, never sent around it).
+fn waypoint_state(
+    api: &Api,
+    snap: &crate::state::Snapshot,
+    w: &crate::source::translate::Waypoint,
+) -> (bool, String) {
+    if !w.defined {
+        return (
+            false,
+            format!(
+                "no Gateway {} of class weft-waypoint; bound traffic is refused",
+                w.key
+            ),
+        );
+    }
+    if snap
+        .model
+        .waypoint(&w.key)
+        .is_none_or(|m| m.addresses.is_empty())
+    {
+        return (
+            false,
+            "no ready waypoint instance; bound traffic is refused".into(),
+        );
+    }
+    match api.proxies.get(&waypoint_proxy_name(&w.key)) {
+        Some(p) if p.connected => (true, format!("served by {} instance(s)", w.addresses.len())),
+        _ => (
+            false,
+            "the waypoint is not connected to the controller; bound traffic may be refused".into(),
+        ),
+    }
 }
 
 #[utoipa::path(get, path = "/api/v1/routes", security(("bearer" = [])), responses((status = 200, description = "HTTPRoutes and GRPCRoutes attached to Services, with the config version"), (status = 401, description = "missing or wrong token")))]

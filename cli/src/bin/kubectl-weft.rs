@@ -63,11 +63,35 @@ enum Command {
     Workloads,
     /// Issued certificates.
     Certs,
+    /// Waypoints: the L7 hop for a namespace or a service account.
+    Waypoint {
+        #[command(subcommand)]
+        action: WaypointAction,
+    },
     /// Explain whether SRC may reach DST on PORT.
     Policy {
         #[arg(num_args = 3, value_names = ["SRC", "DST", "PORT"])]
         args: Vec<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum WaypointAction {
+    /// Write a waypoint's Gateway into the mesh's config (local mode).
+    Apply {
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "waypoint")]
+        name: String,
+        /// Serve only this service account's workloads.
+        #[arg(long)]
+        for_service_account: Option<String>,
+        /// Also bind the namespace to it (label weft.dev/use-waypoint).
+        #[arg(long)]
+        enroll_namespace: bool,
+    },
+    /// Waypoints, what is bound to each, and whether it is in effect.
+    List,
 }
 
 #[allow(clippy::print_stderr, clippy::print_stdout)]
@@ -104,6 +128,23 @@ fn main() -> ExitCode {
         Command::Status => print(runtime().block_on(cli::status(&target))),
         Command::Certs => print(runtime().block_on(cli::certs(&target, output))),
         Command::Install => print(Ok(cli::install())),
+        Command::Waypoint { action } => match action {
+            WaypointAction::Apply {
+                namespace,
+                name,
+                for_service_account,
+                enroll_namespace,
+            } => {
+                let spec = cli::WaypointSpec {
+                    namespace,
+                    name,
+                    for_service_account,
+                    enroll_namespace,
+                };
+                print(runtime().block_on(cli::waypoint_apply(&target, &spec)))
+            }
+            WaypointAction::List => print(runtime().block_on(cli::waypoint_list(&target, output))),
+        },
         Command::Join { namespace } => {
             print(runtime().block_on(cli::set_membership(&target, &namespace, true)))
         }
@@ -125,7 +166,7 @@ fn main() -> ExitCode {
         }
         other => {
             eprintln!(
-                "`{}` is not built yet; `demo`, `install`, `join`, `leave`, `status`, `proxy-status`, `workloads` and `certs` work today.",
+                "`{}` is not built yet; `demo`, `install`, `join`, `leave`, `status`, `proxy-status`, `workloads`, `certs` and `waypoint` work today.",
                 format!("{other:?}")
                     .split([' ', '{'])
                     .next()

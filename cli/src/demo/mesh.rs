@@ -20,7 +20,7 @@ use weft_ztunnel::node::Mode;
 use super::topology::{CNI_PATH, LinkCapture, PodNs, Topology, is_root, try_run};
 use weft_controller::app::{self as controller, Config};
 
-const VIP: &str = "10.96.0.10";
+pub const VIP: &str = "10.96.0.10";
 pub const TD: &str = "cluster.local";
 
 /// Why the namespace demo cannot run here, if it cannot.
@@ -70,12 +70,12 @@ struct Pod {
     service: bool,
 }
 
-struct Check {
+pub struct Check {
     ok: bool,
     what: String,
 }
 
-fn check(ok: bool, what: impl Into<String>) -> Check {
+pub fn check(ok: bool, what: impl Into<String>) -> Check {
     Check {
         ok,
         what: what.into(),
@@ -97,6 +97,8 @@ async fn demo(keep: bool, verdict: Verdict) -> anyhow::Result<()> {
     let a = topo.node("a", "10.244.1.0/24")?;
     let b = topo.node("b", "10.244.2.0/24")?;
     let link = topo.link(&a, &b)?;
+    // The waypoint's pod (second act): its own namespace, never captured.
+    let waypoint_pod = topo.pod(&b, "waypoint")?;
     let mut pods = Vec::new();
     for (node, name, sa, meshed, service) in [
         (&a, "web", "web", true, false),
@@ -278,6 +280,13 @@ async fn demo(keep: bool, verdict: Verdict) -> anyhow::Result<()> {
         "             inbound denied by policy: {}",
         zb.node.stats.denied()
     );
+    // Second act: a waypoint for the api service account.
+    println!(
+        "\nL7           a waypoint for service account api (Gateway API routes, retries, faults)"
+    );
+    let wp = super::l7::set_up(&ctl, &config_dir, &waypoint_pod, data.path()).await?;
+    checks.extend(super::l7::run(pod("web"), &wp).await);
+
     let version = ctl.config.current().version;
     let proxies = ctl.proxies.all();
     println!("\nconfig stream (controller at version {version})");
@@ -290,11 +299,11 @@ async fn demo(keep: bool, verdict: Verdict) -> anyhow::Result<()> {
         );
     }
     checks.push(check(
-        proxies.len() == 2
+        proxies.len() == 3
             && proxies.values().all(|p| {
                 p.connected && p.nacks.is_empty() && p.acked.values().all(|v| *v == version)
             }),
-        "both ztunnels ACKed the controller's current config",
+        "both ztunnels and the waypoint ACKed the controller's current config",
     ));
     println!("\ncertificates (keys made on the nodes, never sent)");
     for (node, zt) in &ztunnels {
@@ -348,8 +357,13 @@ async fn demo(keep: bool, verdict: Verdict) -> anyhow::Result<()> {
             data.path().join("controller/api-token").display(),
             ctl.rest_addr
         );
+        println!(
+            "  sudo ip netns exec {} curl -s -H 'x-version: v2' http://{VIP}/",
+            pod("web").netns
+        );
         std::future::pending::<()>().await;
     }
+    wp.stop().await;
     for (_, zt) in ztunnels {
         zt.shutdown().await;
     }
@@ -379,6 +393,11 @@ fn mesh_yaml(pods: &[Pod]) -> String {
             "app: {}",
             if p.service { "api" } else { p.ns.name.as_str() }
         );
+        if p.service {
+            // api-1 is v1, api-2 is v2 (the waypoint act splits between them).
+            let version = p.ns.name.trim_start_matches("api-");
+            labels += &format!(", version: v{version}");
+        }
         if !p.meshed {
             labels += ", weft.dev/mesh: disabled";
         }
@@ -484,19 +503,28 @@ async fn weft_cni_add(pod: &PodNs, socket: &Path) -> anyhow::Result<()> {
         .map_err(|(_, e)| anyhow::anyhow!(e))
 }
 
-/// A tiny HTTP server on :8080 in the pod, answering with the pod's name.
+/// A tiny HTTP server on :8080 in the pod, answering with the pod's name;
+/// `/flaky` fails (503) every other time.
 async fn serve_http(pod: &PodNs) -> anyhow::Result<()> {
     let listener = pod.listen("0.0.0.0:8080".parse()?).await?;
     let name: Arc<str> = pod.name.clone().into();
+    let flaky = Arc::new(std::sync::atomic::AtomicU64::new(0));
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
-            let name = name.clone();
+            let (name, flaky) = (name.clone(), flaky.clone());
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
-                let _ = s.read(&mut buf).await;
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let fails = buf[..n].starts_with(b"GET /flaky")
+                    && flaky.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0;
+                let status = if fails {
+                    "503 Service Unavailable"
+                } else {
+                    "200 OK"
+                };
                 let body = format!("{name}\n");
                 let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 );
                 let _ = s.write_all(resp.as_bytes()).await;

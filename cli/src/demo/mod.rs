@@ -5,6 +5,7 @@
 //! by nftables, carried between two simulated nodes in HBONE. Otherwise the
 //! loopback variant ([`loopback`]), after saying why.
 
+pub mod l7;
 pub mod loopback;
 pub mod mesh;
 pub mod topology;

@@ -174,6 +174,8 @@ pub fn waypoints_and_routes(objects: &Objects, out: &mut Translation) {
             for_service_account: for_service_account.clone(),
             services,
             addresses: addresses.clone(),
+            namespaces: bound_namespaces(objects, key),
+            defined: true,
         });
         out.specs.waypoints.push(WaypointSpec {
             name: name.to_owned(),
@@ -183,6 +185,7 @@ pub fn waypoints_and_routes(objects: &Objects, out: &mut Translation) {
             for_service_account,
         });
     }
+    undefined_waypoints(objects, out);
     for s in &out.specs.services {
         let Some(w) = &s.waypoint else { continue };
         if !objects.gateways.contains_key(w) {
@@ -197,6 +200,52 @@ pub fn waypoints_and_routes(objects: &Objects, out: &mut Translation) {
         }
     }
     routes(objects, out);
+}
+
+/// Namespaces whose `weft.dev/use-waypoint` label names `waypoint`.
+fn bound_namespaces(objects: &Objects, waypoint: &str) -> Vec<String> {
+    objects
+        .namespaces
+        .iter()
+        .filter(|(ns, o)| {
+            label(&o.metadata.labels, USE_WAYPOINT).is_some_and(|w| format!("{ns}/{w}") == waypoint)
+        })
+        .map(|(ns, _)| ns.clone())
+        .collect()
+}
+
+/// Waypoints a label names but no Gateway defines: reported, so what binds
+/// to them is seen to be refused.
+fn undefined_waypoints(objects: &Objects, out: &mut Translation) {
+    let mut named: Vec<String> = out
+        .specs
+        .services
+        .iter()
+        .filter_map(|s| s.waypoint.clone())
+        .chain(objects.namespaces.iter().filter_map(|(ns, o)| {
+            let w = label(&o.metadata.labels, USE_WAYPOINT).filter(|w| *w != "none")?;
+            Some(format!("{ns}/{w}"))
+        }))
+        .filter(|w| !objects.gateways.contains_key(w))
+        .collect();
+    named.sort();
+    named.dedup();
+    for key in named {
+        out.waypoints.push(Waypoint {
+            services: out
+                .specs
+                .services
+                .iter()
+                .filter(|s| s.waypoint.as_deref() == Some(key.as_str()))
+                .map(|s| format!("{}/{}", s.namespace, s.name))
+                .collect(),
+            namespaces: bound_namespaces(objects, &key),
+            key,
+            for_service_account: None,
+            addresses: Vec::new(),
+            defined: false,
+        });
+    }
 }
 
 fn routes(objects: &Objects, out: &mut Translation) {

@@ -67,6 +67,11 @@ pub struct Waypoint {
     pub services: Vec<String>,
     /// Its ready instances.
     pub addresses: Vec<IpAddr>,
+    /// Namespaces whose label binds to it.
+    pub namespaces: Vec<String>,
+    /// A Gateway defines it (`false`: only named by a binding label, so
+    /// what is bound to it is refused until it exists).
+    pub defined: bool,
 }
 
 /// An HTTPRoute or GRPCRoute attached to a Service (the mesh's way to
@@ -1141,6 +1146,8 @@ spec:
                 for_service_account: Some("api".into()),
                 services: vec!["shop/api".into()],
                 addresses: vec![],
+                namespaces: vec![],
+                defined: true,
             }]
         );
         // The model carries the binding: the Service, the pods behind it

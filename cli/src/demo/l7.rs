@@ -165,8 +165,9 @@ async fn all_acked(ctl: &Controller) -> anyhow::Result<()> {
         .context("the proxies did not ACK the waypoint config within 10 s")
 }
 
-/// One HTTP/1.1 request from inside `pod`: (status, body), bounded.
-async fn request(
+/// One HTTP/1.1 GET from inside `pod`, `header` lines added: (status,
+/// body), bounded.
+pub async fn request(
     pod: &PodNs,
     dst: SocketAddr,
     path: &str,
@@ -174,7 +175,8 @@ async fn request(
 ) -> Result<(u16, String), String> {
     let exchange = async {
         let mut s = pod.connect(dst).await.map_err(|e| e.to_string())?;
-        let req = format!("GET {path} HTTP/1.1\r\nhost: api\r\n{header}connection: close\r\n\r\n");
+        let req =
+            format!("GET {path} HTTP/1.1\r\nhost: {dst}\r\n{header}connection: close\r\n\r\n");
         s.write_all(req.as_bytes())
             .await
             .map_err(|e| e.to_string())?;

@@ -537,22 +537,8 @@ async fn serve_http(pod: &PodNs) -> anyhow::Result<()> {
 
 /// One HTTP GET from inside `pod`; the response body, or why there was none.
 async fn get(pod: &PodNs, dst: SocketAddr, path: &str) -> Result<String, String> {
-    let exchange = async {
-        let mut s = pod.connect(dst).await.map_err(|e| e.to_string())?;
-        let req = format!("GET {path} HTTP/1.1\r\nhost: {dst}\r\nconnection: close\r\n\r\n");
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)
-            .await
-            .map_err(|e| e.to_string())?;
-        match resp.split_once("\r\n\r\n") {
-            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
-            _ => Err("connection closed without a response".to_owned()),
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .map_err(|_| "timed out".to_owned())?
+    match super::l7::request(pod, dst, path, "").await? {
+        (200, body) => Ok(body),
+        (status, _) => Err(format!("answered {status}")),
+    }
 }

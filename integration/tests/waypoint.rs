@@ -96,6 +96,142 @@ async fn app(pod: &PodNs, hits: Hits) {
     });
 }
 
+/// api-v2's app: hyper serving HTTP/1.1 and HTTP/2 (h2c) on :8080, the
+/// same answers as [`app`] plus its protocol; `/ws` upgrades and echoes.
+async fn h2_app(pod: &PodNs) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let listener = pod
+        .listen("0.0.0.0:8080".parse().expect("addr"))
+        .await
+        .expect("app listens");
+    let name = pod.name.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let name = name.clone();
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    let name = name.clone();
+                    async move {
+                        let route = req
+                            .headers()
+                            .get("x-weft-route")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned();
+                        let body =
+                            format!("{name} {} {route} {:?}\n", req.uri().path(), req.version());
+                        let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+                        if req.uri().path() == "/ws" && req.headers().contains_key("upgrade") {
+                            let upgrade = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                if let Ok(up) = upgrade.await {
+                                    let (mut r, mut w) =
+                                        tokio::io::split(hyper_util::rt::TokioIo::new(up));
+                                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                                }
+                            });
+                            *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+                            resp.headers_mut()
+                                .insert("upgrade", "websocket".parse().expect("value"));
+                            resp.headers_mut()
+                                .insert("connection", "upgrade".parse().expect("value"));
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                },
+            );
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                let _ = builder
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+}
+
+/// A gRPC server on :9090 in `pod`: a unary call (the CA's) that fails
+/// with NOT_FOUND on request, and a stream (Delta xDS's) that sends three
+/// responses and ends.
+async fn grpc_app(pod: &PodNs) {
+    use weft_proto::pb::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
+    use weft_proto::pb::xds::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+    let listener = pod
+        .listen("0.0.0.0:9090".parse().expect("addr"))
+        .await
+        .expect("grpc listens");
+    let svc = Grpc(pod.name.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(IstioCertificateServiceServer::new(svc.clone()))
+            .add_service(AggregatedDiscoveryServiceServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+}
+
+#[derive(Clone)]
+struct Grpc(String);
+
+#[tonic::async_trait]
+impl weft_proto::pb::istio::v1::auth::istio_certificate_service_server::IstioCertificateService
+    for Grpc
+{
+    async fn create_certificate(
+        &self,
+        req: tonic::Request<weft_proto::pb::istio::v1::auth::IstioCertificateRequest>,
+    ) -> Result<
+        tonic::Response<weft_proto::pb::istio::v1::auth::IstioCertificateResponse>,
+        tonic::Status,
+    > {
+        let csr = req.into_inner().csr;
+        if csr == "fail" {
+            return Err(tonic::Status::not_found("no such thing, said the server"));
+        }
+        Ok(tonic::Response::new(
+            weft_proto::pb::istio::v1::auth::IstioCertificateResponse {
+                cert_chain: vec![self.0.clone(), csr],
+            },
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl weft_proto::pb::xds::aggregated_discovery_service_server::AggregatedDiscoveryService for Grpc {
+    type DeltaAggregatedResourcesStream = tokio_stream::wrappers::ReceiverStream<
+        Result<weft_proto::pb::xds::DeltaDiscoveryResponse, tonic::Status>,
+    >;
+
+    async fn delta_aggregated_resources(
+        &self,
+        req: tonic::Request<tonic::Streaming<weft_proto::pb::xds::DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .map(|r| r.type_url)
+            .unwrap_or_default();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let name = self.0.clone();
+        tokio::spawn(async move {
+            for i in 0..3 {
+                let resp = weft_proto::pb::xds::DeltaDiscoveryResponse {
+                    type_url: format!("{first} from {name}"),
+                    nonce: i.to_string(),
+                    ..Default::default()
+                };
+                let _ = tx.send(Ok(resp)).await;
+            }
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+    }
+}
+
 fn pod_yaml(pod: &PodNs, node: &str, sa: &str, labels: &str) -> String {
     format!(
         "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: default, labels: {{{labels}}}}}\n\
@@ -108,7 +244,7 @@ fn pod_yaml(pod: &PodNs, node: &str, sa: &str, labels: &str) -> String {
 fn service_yaml(name: &str, vip: &str, selector: &str, labels: &str) -> String {
     format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default, labels: {{{labels}}}}}\n\
-         spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{port: 80, targetPort: http}}]}}\n"
+         spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: http}}, {{name: grpc, port: 9090, targetPort: 9090, appProtocol: grpc}}]}}\n"
     )
 }
 
@@ -228,7 +364,9 @@ impl Cluster {
         }
         let hits_v1 = Hits::default();
         app(&api_v1, hits_v1.clone()).await;
-        app(&api_v2, Hits::default()).await;
+        h2_app(&api_v2).await;
+        grpc_app(&api_v1).await;
+        grpc_app(&api_v2).await;
         let wp = start_waypoint(
             &mesh.controller,
             "default/waypoint",
@@ -304,18 +442,21 @@ async fn routes_split_retry_and_time_out_through_the_waypoint() {
     // Path prefix: rewritten, header set on the way in and out.
     let (status, text) = c.curl(&[&url("/v2/orders")]).await;
     assert_eq!(status, 200, "{text}");
-    assert!(text.ends_with("api-v2 /orders v2-path\n"), "{text}");
+    assert!(
+        text.ends_with("api-v2 /orders v2-path HTTP/1.1\n"),
+        "{text}"
+    );
     assert!(
         text.to_ascii_lowercase().contains("x-served-by: waypoint"),
         "{text}"
     );
     // Header, method and query matches.
     let (_, text) = c.curl(&["-H", "x-version: v2", &url("/a")]).await;
-    assert!(text.ends_with("api-v2 /a -\n"), "{text}");
+    assert!(text.ends_with("api-v2 /a - HTTP/1.1\n"), "{text}");
     let (_, text) = c.curl(&["-X", "DELETE", &url("/a")]).await;
-    assert!(text.ends_with("api-v2 /a -\n"), "{text}");
+    assert!(text.ends_with("api-v2 /a - HTTP/1.1\n"), "{text}");
     let (_, text) = c.curl(&[&url("/a?canary=1")]).await;
-    assert!(text.ends_with("api-v2 /a?canary=1 -\n"), "{text}");
+    assert!(text.ends_with("api-v2 /a - HTTP/1.1\n"), "{text}");
     // A redirect is answered by the waypoint itself.
     let (status, text) = c.curl(&[&url("/old/x")]).await;
     assert_eq!(status, 301, "{text}");
@@ -372,6 +513,22 @@ async fn routes_split_retry_and_time_out_through_the_waypoint() {
     wp.stop().await;
 }
 
+/// A connection made inside the pod at `netns`, as its application would.
+async fn dial_from(
+    netns: std::path::PathBuf,
+    dst: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let ns = weft_ztunnel::netns::Netns::open(&netns)?;
+    let std = ns
+        .run(move || {
+            let s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+        .await?;
+    tokio::net::TcpStream::from_std(std)
+}
+
 /// An HBONE client dialling from inside the outsider pod (not captured).
 struct FromPod(std::path::PathBuf);
 
@@ -383,18 +540,150 @@ impl Dialer for FromPod {
     ) -> std::pin::Pin<
         Box<dyn std::future::Future<Output = std::io::Result<tokio::net::TcpStream>> + Send + '_>,
     > {
-        Box::pin(async move {
-            let ns = weft_ztunnel::netns::Netns::open(&self.0)?;
-            let std = ns
-                .run(move || {
-                    let s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
-                    s.set_nonblocking(true)?;
-                    Ok(s)
-                })
-                .await?;
-            tokio::net::TcpStream::from_std(std)
-        })
+        Box::pin(dial_from(self.0.clone(), dst))
     }
+}
+
+/// Runs a command inside the client pod; its stdout.
+async fn in_client(c: &Cluster, args: &[&str]) -> String {
+    let mut cmd = vec![
+        "netns".to_owned(),
+        "exec".to_owned(),
+        c.client.netns.clone(),
+    ];
+    cmd.extend(args.iter().map(|s| s.to_string()));
+    let out = tokio::task::spawn_blocking(move || Command::new("ip").args(&cmd).output())
+        .await
+        .expect("thread")
+        .expect("runs");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_grpc_and_upgrades_pass_the_waypoint() {
+    use weft_proto::pb::istio::v1::auth::IstioCertificateRequest;
+    use weft_proto::pb::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+    use weft_proto::pb::xds::DeltaDiscoveryRequest;
+    use weft_proto::pb::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    require_root!();
+    let (c, wp) = Cluster::start().await;
+    // h2load speaks HTTP/2 with prior knowledge; the route sends it to the
+    // HTTP/2-capable api-v2, which sees HTTP/2 too.
+    let h2load = [
+        "h2load",
+        "-n",
+        "1000",
+        "-c",
+        "4",
+        "-m",
+        "10",
+        "-H",
+        "x-version: v2",
+    ];
+    let out = in_client(&c, &[&h2load[..], &[&url("/h2")]].concat()).await;
+    assert!(
+        out.contains("1000 succeeded") && out.contains("1000 2xx"),
+        "{out}"
+    );
+    let curl = [
+        "curl",
+        "-s",
+        "--http2-prior-knowledge",
+        "-H",
+        "x-version: v2",
+    ];
+    let out = in_client(&c, &[&curl[..], &[&url("/h2")]].concat()).await;
+    assert_eq!(out, "api-v2 /h2 - HTTP/2.0\n");
+
+    // gRPC (tonic both ends): unary, an error status with its message,
+    // and a server stream, all with their trailers.
+    let netns = c.client.path.clone();
+    let dst: SocketAddr = format!("{VIP}:9090").parse().expect("addr");
+    let channel = tonic::transport::Endpoint::from_static("http://api.default:9090")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let netns = netns.clone();
+            async move {
+                dial_from(netns, dst)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+        .expect("gRPC channel through the mesh");
+    let mut ca = IstioCertificateServiceClient::new(channel.clone());
+    let req = |csr: &str| IstioCertificateRequest {
+        csr: csr.into(),
+        ..Default::default()
+    };
+    let ok = ca
+        .create_certificate(req("hello"))
+        .await
+        .expect("unary call")
+        .into_inner();
+    assert!(
+        ok.cert_chain[0].starts_with("api-v") && ok.cert_chain[1] == "hello",
+        "{ok:?}"
+    );
+    let err = ca
+        .create_certificate(req("fail"))
+        .await
+        .expect_err("NOT_FOUND");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert_eq!(err.message(), "no such thing, said the server");
+    let mut ads = AggregatedDiscoveryServiceClient::new(channel);
+    let first = DeltaDiscoveryRequest {
+        type_url: "t".into(),
+        ..Default::default()
+    };
+    let mut stream = ads
+        .delta_aggregated_resources(tokio_stream::iter([first]))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let mut nonces = Vec::new();
+    while let Some(msg) = stream
+        .message()
+        .await
+        .expect("stream ends with OK trailers")
+    {
+        nonces.push(msg.nonce);
+    }
+    assert_eq!(nonces, ["0", "1", "2"]);
+
+    // An upgrade (the WebSocket handshake): 101, then bytes both ways.
+    let vip: SocketAddr = format!("{VIP}:80").parse().expect("addr");
+    let s = dial_from(c.client.path.clone(), vip)
+        .await
+        .expect("connect");
+    let mut r = BufReader::new(s);
+    let hello = "GET /ws HTTP/1.1\r\nhost: api\r\nx-version: v2\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+                 sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    r.get_mut()
+        .write_all(hello.as_bytes())
+        .await
+        .expect("write");
+    let mut status = String::new();
+    r.read_line(&mut status).await.expect("status line");
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).await.expect("header");
+        if h == "\r\n" || h.is_empty() {
+            break;
+        }
+    }
+    r.get_mut()
+        .write_all(b"ping over the upgrade\n")
+        .await
+        .expect("write");
+    let mut echoed = String::new();
+    tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut echoed))
+        .await
+        .expect("echo in time")
+        .expect("read");
+    assert_eq!(echoed, "ping over the upgrade\n");
+    drop(c);
+    wp.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -232,6 +232,25 @@ impl weft_proto::pb::xds::aggregated_discovery_service_server::AggregatedDiscove
     }
 }
 
+/// A server-first TCP app on :7000: it greets, then echoes.
+async fn greeter(pod: &PodNs) {
+    let listener = pod
+        .listen("0.0.0.0:7000".parse().expect("addr"))
+        .await
+        .expect("listens");
+    let hello = format!("hello from {}\n", pod.name);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let hello = hello.clone();
+            tokio::spawn(async move {
+                let _ = s.write_all(hello.as_bytes()).await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+}
+
 fn pod_yaml(pod: &PodNs, node: &str, sa: &str, labels: &str) -> String {
     format!(
         "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: default, labels: {{{labels}}}}}\n\
@@ -244,7 +263,7 @@ fn pod_yaml(pod: &PodNs, node: &str, sa: &str, labels: &str) -> String {
 fn service_yaml(name: &str, vip: &str, selector: &str, labels: &str) -> String {
     format!(
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default, labels: {{{labels}}}}}\n\
-         spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: http}}, {{name: grpc, port: 9090, targetPort: 9090, appProtocol: grpc}}]}}\n"
+         spec: {{clusterIP: {vip}, selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: http}}, {{name: grpc, port: 9090, targetPort: 9090, appProtocol: grpc}}, {{name: tcp, port: 7000, targetPort: 7000, appProtocol: tcp}}, {{name: sniffed, port: 7001, targetPort: 7000}}]}}\n"
     )
 }
 
@@ -365,8 +384,10 @@ impl Cluster {
         let hits_v1 = Hits::default();
         app(&api_v1, hits_v1.clone()).await;
         h2_app(&api_v2).await;
-        grpc_app(&api_v1).await;
-        grpc_app(&api_v2).await;
+        for pod in [&api_v1, &api_v2] {
+            grpc_app(pod).await;
+            greeter(pod).await;
+        }
         let wp = start_waypoint(
             &mesh.controller,
             "default/waypoint",
@@ -682,6 +703,34 @@ async fn http2_grpc_and_upgrades_pass_the_waypoint() {
         .expect("echo in time")
         .expect("read");
     assert_eq!(echoed, "ping over the upgrade\n");
+
+    // Opaque TCP through the waypoint, server first: a port declared `tcp`
+    // at once, an undeclared one after the sniffing wait; bytes untouched.
+    for port in [7000, 7001] {
+        let to: SocketAddr = format!("{VIP}:{port}").parse().expect("addr");
+        let s = dial_from(c.client.path.clone(), to).await.expect("connect");
+        let mut r = BufReader::new(s);
+        let mut greeting = String::new();
+        tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut greeting))
+            .await
+            .expect("greeting in time")
+            .expect("read");
+        assert!(
+            greeting.starts_with("hello from api-v"),
+            "{port}: {greeting}"
+        );
+        r.get_mut()
+            .write_all(b"\x00\x01 binary\n")
+            .await
+            .expect("write");
+        let mut echoed = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), r.read_until(b'\n', &mut echoed))
+            .await
+            .expect("echo in time")
+            .expect("read");
+        assert_eq!(echoed, b"\x00\x01 binary\n");
+    }
+    assert!(wp.proxy.stats.opaque.load(Ordering::Relaxed) >= 2);
     drop(c);
     wp.stop().await;
 }

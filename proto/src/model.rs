@@ -126,6 +126,10 @@ pub struct WaypointSpec {
 pub struct PortSpec {
     pub port: u16,
     pub target_port: Option<u16>,
+    /// What the port speaks (`http`, `http2`, `grpc`, `tcp`, ...), as the
+    /// Kubernetes Service port's `appProtocol` says.
+    #[serde(default)]
+    pub app_protocol: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,6 +191,8 @@ pub struct Service {
     pub ports: Vec<(u16, u16)>,
     /// `<namespace>/<name>` of the waypoint its traffic goes through.
     pub waypoint: Option<String>,
+    /// Service port → declared `appProtocol` (ports that declare one).
+    pub app_protocols: BTreeMap<u16, String>,
     endpoints: Vec<Arc<Workload>>,
     next: AtomicUsize,
 }
@@ -194,6 +200,11 @@ pub struct Service {
 impl Service {
     pub fn target_port(&self, port: u16) -> Option<u16> {
         self.ports.iter().find(|(p, _)| *p == port).map(|(_, t)| *t)
+    }
+
+    /// The protocol `port` declares, if it declares one.
+    pub fn app_protocol(&self, port: u16) -> Option<&str> {
+        self.app_protocols.get(&port).map(String::as_str)
     }
 
     /// Round robin over the service's endpoints.
@@ -475,6 +486,7 @@ pub struct ServiceDef {
     /// (service port, target port)
     pub ports: Vec<(u16, u16)>,
     pub waypoint: Option<String>,
+    pub app_protocols: BTreeMap<u16, String>,
 }
 
 impl ServiceDef {
@@ -484,6 +496,7 @@ impl ServiceDef {
             addresses: s.addresses.clone(),
             ports: s.ports.clone(),
             waypoint: s.waypoint.clone(),
+            app_protocols: s.app_protocols.clone(),
         }
     }
 }
@@ -495,6 +508,7 @@ fn service_with(def: &ServiceDef, endpoints: Vec<Arc<Workload>>) -> Arc<Service>
         addresses: def.addresses.clone(),
         ports: def.ports.clone(),
         waypoint: def.waypoint.clone(),
+        app_protocols: def.app_protocols.clone(),
         endpoints,
         next: AtomicUsize::new(0),
     })
@@ -533,6 +547,11 @@ pub fn service(s: ServiceSpec, object: &str) -> Result<ServiceDef, ModelError> {
             .ports
             .iter()
             .map(|p| (p.port, p.target_port.unwrap_or(p.port)))
+            .collect(),
+        app_protocols: s
+            .ports
+            .iter()
+            .filter_map(|p| Some((p.port, p.app_protocol.clone()?.to_ascii_lowercase())))
             .collect(),
         waypoint: s.waypoint,
     })

@@ -11,10 +11,12 @@
 //!
 //! - [`app`]: config stream, certificates, the HBONE listener, drain.
 //! - [`proxy`]: the per-request phases.
+//! - [`sniff`]: HTTP or opaque TCP, declared or judged by the first bytes.
 //! - [`filters`]: Gateway API filters (headers, redirect, rewrite, faults).
 //! - [`upstream`]: HTTP to an endpoint over HBONE, connections reused.
 
 pub mod app;
 pub mod filters;
 pub mod proxy;
+pub mod sniff;
 pub mod upstream;

@@ -35,6 +35,7 @@ use weft_proto::routes::{self, RouteTable, Selected};
 use weft_proto::telemetry::ByLabel;
 
 use crate::filters;
+use crate::sniff::{self, Protocol};
 use crate::upstream::{Body, Endpoint, Upstreams};
 
 /// Largest request body kept to be sent again on a retry; a larger one
@@ -71,6 +72,8 @@ pub struct Stats {
     pub tunnels_refused: AtomicU64,
     pub retries: AtomicU64,
     pub mirrored: AtomicU64,
+    /// Tunnels carried as opaque TCP (declared, or not HTTP by their first bytes).
+    pub opaque: AtomicU64,
 }
 
 pub struct Proxy {
@@ -137,7 +140,31 @@ impl Handler for Tunnels {
             addr: c.peer_addr,
             target,
         });
-        let Ok(stream) = c.accept() else { return };
+        let declared = proxy.declared_protocol(&model, &client.target);
+        let Ok(mut stream) = c.accept() else { return };
+        let (protocol, prefix) = match declared {
+            Some(p) => (p, bytes::Bytes::new()),
+            None => match sniff::sniff(&mut stream).await {
+                Ok(judged) => judged,
+                Err(_) => return,
+            },
+        };
+        let io = sniff::Prefixed::new(prefix, stream);
+        match protocol {
+            Protocol::Http => proxy.serve_http(io, client).await,
+            Protocol::Tcp => proxy.opaque(io, &client).await,
+        }
+    }
+}
+
+impl Proxy {
+    /// HTTP on a tunnel: each request through the phases.
+    async fn serve_http(
+        self: Arc<Self>,
+        io: sniff::Prefixed<weft_proto::hbone::H2Stream>,
+        client: Arc<Client>,
+    ) {
+        let proxy = self;
         let svc = service_fn(move |req| {
             let (proxy, client) = (proxy.clone(), client.clone());
             async move { Ok::<_, Infallible>(proxy.serve(req, &client).await) }
@@ -149,12 +176,49 @@ impl Handler for Tunnels {
             .max_header_list_size(64 * 1024)
             .max_concurrent_streams(256);
         let _ = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .serve_connection_with_upgrades(TokioIo::new(io), svc)
             .await;
     }
-}
 
-impl Proxy {
+    /// What the destination port declares (`appProtocol`); `None`: judge
+    /// the first bytes.
+    fn declared_protocol(&self, model: &Model, target: &Target) -> Option<Protocol> {
+        let Target::Service { key, port } = target else {
+            return None;
+        };
+        let declared = model.service(key)?.app_protocol(*port)?;
+        Some(sniff::declared(declared))
+    }
+
+    /// Opaque TCP: bytes to an endpoint of the destination, untouched
+    /// (tried endpoint by endpoint until one takes the tunnel).
+    async fn opaque(&self, mut io: sniff::Prefixed<weft_proto::hbone::H2Stream>, client: &Client) {
+        let model = self.model.borrow().clone();
+        let eps = match &client.target {
+            Target::Workload { addr, identity } => vec![Endpoint {
+                addr: *addr,
+                identity: identity.clone(),
+            }],
+            Target::Service { key, port } => endpoints(&model, key, *port).unwrap_or_default(),
+        };
+        self.stats.opaque.fetch_add(1, Ordering::Relaxed);
+        let first = rand::rng().random_range(0..eps.len().max(1));
+        for i in 0..eps.len() {
+            let ep = &eps[(first + i) % eps.len()];
+            match self.upstreams.tunnel(ep).await {
+                Ok(mut up) => {
+                    let _ = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+                    return;
+                }
+                Err(e) => {
+                    warn!(client = %client.identity, endpoint = %ep.addr, error = %e, response_flags = "UF", "opaque TCP: endpoint unavailable")
+                }
+            }
+        }
+        self.stats.requests.add("UH");
+        warn!(client = %client.identity, target = ?client.target, response_flags = "UH", "opaque TCP: no endpoint took the connection");
+    }
+
     pub fn new(
         key: String,
         identity: Identity,

@@ -129,7 +129,8 @@ impl Upstreams {
         Some(list.swap_remove(i))
     }
 
-    async fn tunnel(&self, ep: &Endpoint) -> Result<H2Stream, UpstreamError> {
+    /// An HBONE tunnel to `ep` under the waypoint's identity.
+    pub async fn tunnel(&self, ep: &Endpoint) -> Result<H2Stream, UpstreamError> {
         let key = PoolKey {
             src: self.identity.clone(),
             dst: ep.identity.clone(),

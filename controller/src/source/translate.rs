@@ -471,6 +471,7 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
                 Some(target_port) => ports.push(PortSpec {
                     port,
                     target_port: Some(target_port),
+                    app_protocol: p.app_protocol.clone(),
                 }),
                 // With no endpoints there is nothing to resolve against yet.
                 None if pods.is_empty() => {}

@@ -141,7 +141,7 @@ impl Kind for ServiceKind {
                 .map(|(port, target)| pb::ServicePort {
                     port: u32::from(*port),
                     target_port: u32::from(*target),
-                    app_protocol: String::new(),
+                    app_protocol: s.app_protocol(*port).unwrap_or_default().to_owned(),
                 })
                 .collect(),
             waypoint: s.waypoint.clone().unwrap_or_default(),
@@ -156,6 +156,7 @@ impl Kind for ServiceKind {
                 Ok(PortSpec {
                     port: port(name, p.port)?,
                     target_port: Some(port(name, p.target_port)?),
+                    app_protocol: non_empty(p.app_protocol.clone()),
                 })
             })
             .collect::<Result<_, ModelError>>()?;

@@ -64,7 +64,7 @@ workloads:
   - {name: api, serviceAccount: api, node: b, addresses: [10.0.2.2], services: [default/api]}
   - {name: new, node: a, addresses: [10.0.1.9]}
 services:
-  - {name: api, addresses: [10.96.0.10], ports: [{port: 80, targetPort: 8081}]}
+  - {name: api, addresses: [10.96.0.10], ports: [{port: 80, targetPort: 8081, appProtocol: http}]}
   - {name: new, addresses: [10.96.0.77], ports: [{port: 443}]}
 policies:
   - {name: p, action: DENY, selector: {app: api}, rules: [{ports: [8080, 9090]}]}

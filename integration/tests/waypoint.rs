@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use weft_cli::demo::mesh::ZtunnelOptions;
-use weft_cli::demo::waypoint::{Waypoint, start_waypoint};
+use weft_cli::demo::waypoint::{Waypoint, start_waypoint, start_waypoint_with};
 use weft_integration::netns::{PodNs, Topology, is_root};
 use weft_integration::{Mesh, enroll};
 use weft_proto::hbone::pool::{ConnectRequest, Dialer, Pool, PoolKey, PoolSettings};
 use weft_proto::identity::Identity;
+use weft_waypoint::proxy::Limits;
 
 const VIP: &str = "10.96.0.10";
 const TD: &str = "cluster.local";
@@ -319,6 +320,10 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> (Cluster, Waypoint) {
+        Self::start_limited(Limits::default()).await
+    }
+
+    async fn start_limited(limits: Limits) -> (Cluster, Waypoint) {
         let mut topo = Topology::new();
         let mesh = Mesh::start().await;
         let a = topo.node("a", "10.244.1.0/24").expect("topology");
@@ -388,12 +393,12 @@ impl Cluster {
             grpc_app(pod).await;
             greeter(pod).await;
         }
-        let wp = start_waypoint(
+        let wp = start_waypoint_with(
             &mesh.controller,
-            "default/waypoint",
-            "waypoint",
+            ("default/waypoint", "waypoint"),
             &waypoint_pod,
             &dir.join("wp"),
+            limits,
         )
         .await
         .expect("waypoint starts");
@@ -786,6 +791,157 @@ async fn bound_traffic_fails_closed_and_cannot_bypass_the_waypoint() {
     let wp = c.waypoint().await;
     let (status, text) = c.curl(&[&url("/a")]).await;
     assert_eq!(status, 200, "{text}");
+    drop(c);
+    wp.stop().await;
+}
+
+/// Sends `bytes` from the client pod to the api VIP and reads what comes
+/// back until the waypoint closes (bounded): the answer, if any.
+async fn raw(c: &Cluster, bytes: &[u8]) -> String {
+    let vip: SocketAddr = format!("{VIP}:80").parse().expect("addr");
+    let mut s = dial_from(c.client.path.clone(), vip)
+        .await
+        .expect("connect");
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("the waypoint answers or closes in time");
+    String::from_utf8_lossy(&out).to_string()
+}
+
+/// One HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_http_is_refused_or_closed_and_others_are_served() {
+    require_root!();
+    let limits = Limits {
+        header_read_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let (c, wp) = Cluster::start_limited(limits).await;
+    let rss = weft_integration::rss_kib();
+    let errors = || wp.proxy.stats.connection_errors.load(Ordering::Relaxed);
+
+    // Oversized head (100 KiB of one header): never reaches a backend.
+    let big = format!(
+        "GET / HTTP/1.1\r\nhost: a\r\nx-big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let answer = raw(&c, big.as_bytes()).await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+    // Content-Length and Transfer-Encoding together; a bad chunk size.
+    let smuggle = "POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nhost: a\r\n\r\n";
+    let answer = raw(&c, smuggle.as_bytes()).await;
+    assert!(
+        !answer.contains("/smuggled"),
+        "a smuggled request was served: {answer}"
+    );
+    // hyper lets Transfer-Encoding win and closes after answering (RFC
+    // 9112 §6.3): one answer, never a second request off the same bytes.
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    let answer = raw(
+        &c,
+        b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n",
+    )
+    .await;
+    assert!(!answer.starts_with("HTTP/1.1 2"), "{answer}");
+    // Slowloris: a head that never ends is cut at the header timeout (1 s).
+    let vip: SocketAddr = format!("{VIP}:80").parse().expect("addr");
+    let mut slow = dial_from(c.client.path.clone(), vip)
+        .await
+        .expect("connect");
+    let started = std::time::Instant::now();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nx-slow: a")
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut slow, &mut rest);
+    let r = tokio::time::timeout(Duration::from_secs(5), read).await;
+    // Closed (EOF, no answer) at the 1 s header timeout; the bound leaves
+    // room for a loaded machine.
+    assert!(matches!(r, Ok(Ok(0))) && rest.is_empty(), "{r:?} {rest:?}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "cut at ~1 s, not {took:?}");
+
+    // HTTP/2 CONTINUATION flood: a header block that never ends.
+    let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    flood.extend(frame(0x4, 0, 0, &[]));
+    flood.extend(frame(0x1, 0x1, 1, &[0x82, 0x86, 0x84])); // GET http / , no END_HEADERS
+    let filler: Vec<u8> = std::iter::repeat_n([0x00u8, 0x01, b'x', 0x01, b'y'], 3000)
+        .flatten()
+        .collect();
+    let mut s = dial_from(c.client.path.clone(), vip)
+        .await
+        .expect("connect");
+    s.write_all(&flood).await.expect("preface");
+    let mut sent = 0usize;
+    while sent < 8 * 1024 * 1024 {
+        if s.write_all(&frame(0x9, 0, 1, &filler)).await.is_err() {
+            break;
+        }
+        sent += filler.len();
+    }
+    let mut back = Vec::new();
+    let closed = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut back),
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the flood's connection is closed (sent {sent} bytes)"
+    );
+
+    // HTTP/2 rapid reset: streams opened and reset at once, over and over.
+    let tcp = dial_from(c.client.path.clone(), vip)
+        .await
+        .expect("connect");
+    let (mut h2, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let driver = tokio::spawn(conn);
+    let mut reset = 0;
+    for _ in 0..5000 {
+        let req = http::Request::get(format!("http://{VIP}/"))
+            .body(())
+            .expect("request");
+        let Ok(ready) = h2.ready().await else { break };
+        h2 = ready;
+        match h2.send_request(req, true) {
+            Ok((_, mut stream)) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                reset += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    assert!(
+        ended.is_ok(),
+        "the resetting connection is closed (after {reset} resets)"
+    );
+    assert!(
+        reset < 5000,
+        "the waypoint stopped the reset flood (at {reset})"
+    );
+
+    // Every refusal is counted; other clients are served; memory flat.
+    assert!(errors() >= 3, "counted: {}", errors());
+    let (status, text) = c.curl(&[&url("/after")]).await;
+    assert_eq!(status, 200, "{text}");
+    let grown = weft_integration::rss_kib().saturating_sub(rss);
+    assert!(grown < 64 * 1024, "RSS grew {grown} KiB");
     drop(c);
     wp.stop().await;
 }

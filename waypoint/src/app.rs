@@ -20,7 +20,7 @@ use weft_proto::model::{Model, waypoint_proxy_name};
 use weft_proto::tls::TrustBundle;
 use weft_proto::xds::{self, XdsConfig};
 
-use crate::proxy::{Proxy, Tunnels};
+use crate::proxy::{Limits, Proxy, Tunnels};
 use crate::upstream::Upstreams;
 
 #[derive(Debug, Clone)]
@@ -40,6 +40,7 @@ pub struct Config {
     /// control runtime); `None`: the caller's runtime.
     pub control: Option<tokio::runtime::Handle>,
     pub drain_deadline: Duration,
+    pub limits: Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +152,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         identity.clone(),
         model,
         Arc::new(upstreams),
+        config.limits.clone(),
     ));
     let hbone_stats = Arc::new(ServerStats::default());
     let drain = Drain::new();

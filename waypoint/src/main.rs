@@ -66,6 +66,7 @@ async fn main() -> ExitCode {
         listen: args.listen,
         control: None,
         drain_deadline: args.drain_deadline,
+        limits: Default::default(),
     };
     let bound = match app::build(config).await {
         Ok(b) => b,

@@ -22,7 +22,7 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rand::Rng;
 use tokio::sync::watch;
@@ -74,6 +74,36 @@ pub struct Stats {
     pub mirrored: AtomicU64,
     /// Tunnels carried as opaque TCP (declared, or not HTTP by their first bytes).
     pub opaque: AtomicU64,
+    /// Client connections closed on a protocol error or a limit (bad
+    /// framing, oversized or slow headers, reset floods).
+    pub connection_errors: AtomicU64,
+}
+
+/// What one client connection may cost: hostile input meets these.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Time to send a request's headers (slowloris).
+    pub header_read_timeout: Duration,
+    /// Largest request head (HTTP/1.1 buffer, HTTP/2 header list).
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams: u32,
+    /// HTTP/2 streams a client may reset (or make fail) before the
+    /// connection is closed (rapid reset).
+    pub max_resets: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_streams: 256,
+            max_resets: 100,
+        }
+    }
 }
 
 pub struct Proxy {
@@ -82,6 +112,7 @@ pub struct Proxy {
     pub model: watch::Receiver<Arc<Model>>,
     pub upstreams: Arc<Upstreams>,
     pub stats: Stats,
+    pub limits: Limits,
     /// Route tables compiled for the model they were made from.
     tables: Mutex<Tables>,
 }
@@ -164,20 +195,34 @@ impl Proxy {
         io: sniff::Prefixed<weft_proto::hbone::H2Stream>,
         client: Arc<Client>,
     ) {
-        let proxy = self;
+        let client_id = client.identity.clone();
+        let proxy = self.clone();
         let svc = service_fn(move |req| {
             let (proxy, client) = (proxy.clone(), client.clone());
             async move { Ok::<_, Infallible>(proxy.serve(req, &client).await) }
         });
+        let l = &self.limits;
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().max_buf_size(64 * 1024);
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(l.header_read_timeout)
+            .max_buf_size(l.max_header_bytes)
+            .max_headers(l.max_headers);
         builder
             .http2()
-            .max_header_list_size(64 * 1024)
-            .max_concurrent_streams(256);
-        let _ = builder
+            .timer(TokioTimer::new())
+            .max_header_list_size(l.max_header_bytes as u32)
+            .max_concurrent_streams(l.max_streams)
+            .max_pending_accept_reset_streams(l.max_resets)
+            .max_local_error_reset_streams(l.max_resets);
+        let served = builder
             .serve_connection_with_upgrades(TokioIo::new(io), svc)
             .await;
+        if let Err(e) = served {
+            self.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(client = %client_id, error = %e, "HTTP connection closed on a protocol error or limit");
+        }
     }
 
     /// What the destination port declares (`appProtocol`); `None`: judge
@@ -224,12 +269,14 @@ impl Proxy {
         identity: Identity,
         model: watch::Receiver<Arc<Model>>,
         upstreams: Arc<Upstreams>,
+        limits: Limits,
     ) -> Self {
         Proxy {
             key,
             identity,
             model,
             upstreams,
+            limits,
             stats: Stats::default(),
             tables: Mutex::default(),
         }

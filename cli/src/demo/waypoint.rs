@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use weft_controller::app::Bound as Controller;
 use weft_proto::model::waypoint_proxy_name;
 use weft_waypoint::app::{self, Config};
-use weft_waypoint::proxy::Proxy;
+use weft_waypoint::proxy::{Limits, Proxy};
 
 use super::topology::PodNs;
 
@@ -57,6 +57,17 @@ pub async fn start_waypoint(
     pod: &PodNs,
     dir: &Path,
 ) -> anyhow::Result<Waypoint> {
+    start_waypoint_with(ctl, (key, service_account), pod, dir, Limits::default()).await
+}
+
+/// [`start_waypoint`] with its own limits.
+pub async fn start_waypoint_with(
+    ctl: &Controller,
+    (key, service_account): (&str, &str),
+    pod: &PodNs,
+    dir: &Path,
+    limits: Limits,
+) -> anyhow::Result<Waypoint> {
     std::fs::create_dir_all(dir)?;
     let root = dir.join("root-cert.pem");
     std::fs::write(&root, &ctl.root_pem)?;
@@ -70,6 +81,7 @@ pub async fn start_waypoint(
         listen: "0.0.0.0:15008".parse()?,
         control: Some(tokio::runtime::Handle::current()),
         drain_deadline: Duration::from_secs(1),
+        limits,
     };
     let (ready_tx, ready_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

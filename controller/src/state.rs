@@ -48,21 +48,42 @@ fn selected(model: &Model) -> HashMap<&'static str, HashMap<String, HashSet<Stri
     HashMap::from([
         (resources::AUTHORIZATION, policies_by_node(model)),
         (resources::ROUTE, routes_by_waypoint(model)),
+        (resources::BACKEND, backends_by_waypoint(model)),
     ])
 }
 
-/// A waypoint receives the routes attached to the Services bound to it.
+/// A waypoint receives the routes attached to, and the backend policies
+/// of, the Services bound to it.
 fn routes_by_waypoint(model: &Model) -> HashMap<String, HashSet<String>> {
+    let routes = model.routes.iter().map(|r| {
+        let parents = r.spec.parents.iter().map(|p| p.service.as_str());
+        (&r.key, parents.collect::<Vec<_>>())
+    });
+    by_waypoint(model, routes)
+}
+
+fn backends_by_waypoint(model: &Model) -> HashMap<String, HashSet<String>> {
+    let backends = model
+        .backends
+        .iter()
+        .map(|b| (&b.key, vec![b.spec.service.as_str()]));
+    by_waypoint(model, backends)
+}
+
+/// Waypoint proxy name → the names of resources that concern one of the
+/// Services it serves.
+fn by_waypoint<'a>(
+    model: &Model,
+    items: impl Iterator<Item = (&'a String, Vec<&'a str>)>,
+) -> HashMap<String, HashSet<String>> {
     let mut out: HashMap<String, HashSet<String>> = HashMap::new();
-    for r in &model.routes {
-        for p in &r.spec.parents {
-            let waypoint = model
-                .service(&p.service)
-                .and_then(|s| s.waypoint.as_deref());
+    for (key, services) in items {
+        for service in services {
+            let waypoint = model.service(service).and_then(|s| s.waypoint.as_deref());
             if let Some(w) = waypoint {
                 out.entry(waypoint_proxy_name(w))
                     .or_default()
-                    .insert(r.key.clone());
+                    .insert(key.clone());
             }
         }
     }

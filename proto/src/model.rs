@@ -63,6 +63,9 @@ pub struct Specs {
     /// Routes are compiled by the controller, never written by hand.
     #[serde(skip)]
     pub routes: Vec<pb::Route>,
+    /// Backend policies, as the controller reads them.
+    #[serde(skip)]
+    pub backends: Vec<pb::Backend>,
 }
 
 fn default_ns() -> String {
@@ -219,6 +222,11 @@ impl Service {
     pub fn endpoints(&self) -> &[Arc<Workload>] {
         &self.endpoints
     }
+
+    /// The next turn of this Service's rotation (round robin by index).
+    pub fn rotate(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 /// A waypoint: an L7 proxy that bound Services and workloads are reached
@@ -273,6 +281,33 @@ impl PartialEq for Waypoint {
 }
 
 impl Eq for Waypoint {}
+
+/// A Service's backend policy (BackendPolicy.weft.dev), as a waypoint
+/// applies it.
+#[derive(Debug, PartialEq)]
+pub struct Backend {
+    /// `<namespace>/<name>` of the policy.
+    pub key: String,
+    pub spec: pb::Backend,
+}
+
+/// Validates one backend policy on its own.
+pub fn backend(spec: pb::Backend, object: &str) -> Result<Backend, ModelError> {
+    if pb::backend::LoadBalancer::try_from(spec.load_balancer).is_err() {
+        return Err(invalid(
+            object,
+            "loadBalancer",
+            format!("unknown value {}", spec.load_balancer),
+        ));
+    }
+    if !spec.service.contains('/') {
+        return Err(invalid(object, "service", "must be <namespace>/<name>"));
+    }
+    Ok(Backend {
+        key: format!("{}/{}", spec.namespace, spec.name),
+        spec,
+    })
+}
 
 /// A compiled HTTPRoute or GRPCRoute, as the config stream carries it
 /// (matched by [`crate::routes`]).
@@ -383,6 +418,7 @@ pub struct Model {
     pub policies: Vec<Arc<Policy>>,
     pub waypoints: Vec<Arc<Waypoint>>,
     pub routes: Vec<Arc<Route>>,
+    pub backends: Vec<Arc<Backend>>,
     by_ip: Shards<IpAddr, Arc<Workload>>,
     by_vip: Shards<IpAddr, Arc<Service>>,
     // "<namespace>/<name>" → object: the per-connection lookups are O(1)
@@ -427,6 +463,11 @@ impl Model {
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.by_vip.get(&ip)
+    }
+
+    /// The backend policy of a Service (`<namespace>/<name>`), if any.
+    pub fn backend(&self, service: &str) -> Option<&Arc<Backend>> {
+        self.backends.iter().find(|b| b.spec.service == service)
     }
 
     /// A waypoint by `<namespace>/<name>` (a mesh has few).
@@ -665,9 +706,19 @@ fn build(doc: Specs, trust_domain: &str) -> Result<Model, ModelError> {
             route(r, &object).map(Arc::new)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let backends = doc
+        .backends
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let object = name("backends", i, &b.namespace, &b.name);
+            backend(b, &object).map(Arc::new)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut model = Model::assemble(workloads, services.iter(), policies)?;
     model.waypoints = waypoints;
     model.routes = routes;
+    model.backends = backends;
     Ok(model)
 }
 
@@ -754,6 +805,7 @@ pub struct Changes {
     pub policies: Vec<(String, Option<Arc<Policy>>)>,
     pub waypoints: Vec<(String, Option<Arc<Waypoint>>)>,
     pub routes: Vec<(String, Option<Arc<Route>>)>,
+    pub backends: Vec<(String, Option<Arc<Backend>>)>,
 }
 
 /// Keys as a set when there are many, a list when there are few (the
@@ -896,6 +948,7 @@ impl Model {
         replace_by_key(&mut m.policies, changes.policies, |p| &p.key)?;
         replace_by_key(&mut m.waypoints, changes.waypoints, |w| &w.key)?;
         replace_by_key(&mut m.routes, changes.routes, |r| &r.key)?;
+        replace_by_key(&mut m.backends, changes.backends, |b| &b.key)?;
         Ok(m)
     }
 }

@@ -585,7 +585,7 @@ impl Proxy {
             }
         };
         ctx.backend = format!("{service}:{port}");
-        let eps = endpoints(model, &service, port)
+        let mut eps = endpoints(model, &service, port)
             .filter(|e| !e.is_empty())
             .ok_or_else(|| {
                 refuse(
@@ -594,7 +594,34 @@ impl Proxy {
                     format!("no ready endpoint for {service}:{port}"),
                 )
             })?;
+        // The balancer's choice goes first; retries go on from there.
+        let first = self.balance(model, &service, &eps);
+        eps.rotate_left(first);
         Ok((eps, filters))
+    }
+
+    /// The endpoint a request to `service` tries first, by its backend
+    /// policy: round robin (default), least request (the less loaded of
+    /// two picked at random) or random.
+    fn balance(&self, model: &Model, service: &str, eps: &[Endpoint]) -> usize {
+        use pb::backend::LoadBalancer;
+        let n = eps.len();
+        let lb = model
+            .backend(service)
+            .and_then(|b| LoadBalancer::try_from(b.spec.load_balancer).ok())
+            .unwrap_or(LoadBalancer::RoundRobin);
+        let mut rng = rand::rng();
+        match lb {
+            LoadBalancer::RoundRobin => model.service(service).map_or(0, |s| s.rotate()) % n,
+            LoadBalancer::Random => rng.random_range(0..n),
+            LoadBalancer::LeastRequest if n < 2 => 0,
+            LoadBalancer::LeastRequest => {
+                let a = rng.random_range(0..n);
+                let b = (a + rng.random_range(1..n)) % n;
+                let load = |i: usize| self.upstreams.in_flight(eps[i].addr);
+                if load(b) < load(a) { b } else { a }
+            }
+        }
     }
 
     /// `upstream`: sends to an endpoint (round robin from a random start),
@@ -612,7 +639,6 @@ impl Proxy {
         let h2 = req.version() == http::Version::HTTP_2;
         let attempts = retry.attempts.max(1) as usize;
         let mut body = Replay::new(req, attempts > 1).await?;
-        let first = rand::rng().random_range(0..endpoints.len());
         let mut last = Err(refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "UH",
@@ -620,7 +646,8 @@ impl Proxy {
         ));
         let (mut tries, mut i) = (0, 0);
         while tries < attempts && i < attempts + endpoints.len() {
-            let ep = &endpoints[(first + i) % endpoints.len()];
+            // `backend` put the balancer's choice first.
+            let ep = &endpoints[i % endpoints.len()];
             i += 1;
             if i > 1 {
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -643,6 +670,7 @@ impl Proxy {
             };
             let Some(req) = body.next() else { break };
             tries += 1;
+            let _busy = self.upstreams.busy(ep.addr);
             match bounded(per_try, self.upstreams.send(sender, req)).await {
                 Ok(Ok(resp)) => {
                     let code = u32::from(resp.status().as_u16());
@@ -873,4 +901,63 @@ fn grpc_status_response(code: u32, message: &str) -> Response<Body> {
         h.insert("grpc-message", v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_proto::hbone::pool::{Pool, PoolSettings};
+    use weft_proto::tls::CertState;
+
+    fn proxy(lb: pb::backend::LoadBalancer) -> (Proxy, Arc<Model>) {
+        let yaml = "workloads:\n  - {name: a, serviceAccount: api, node: n, addresses: [10.0.0.1], services: [default/api]}\n  - {name: b, serviceAccount: api, node: n, addresses: [10.0.0.2], services: [default/api]}\nservices:\n  - {name: api, addresses: [10.96.0.1], ports: [{port: 80, targetPort: 8080}]}\n";
+        let mut model = Model::from_yaml(yaml, "cluster.local").expect("model");
+        let spec = pb::Backend {
+            name: "p".into(),
+            namespace: "default".into(),
+            service: "default/api".into(),
+            load_balancer: lb as i32,
+        };
+        model.backends = vec![Arc::new(
+            weft_proto::model::backend(spec, "p").expect("valid"),
+        )];
+        let model = Arc::new(model);
+        let id = Identity::new("cluster.local", "default", "waypoint").expect("id");
+        let cert = watch::channel(CertState::Initializing).1;
+        let upstreams = Upstreams::new(Pool::new(PoolSettings::default()), id.clone(), cert);
+        let (_, rx) = watch::channel(model.clone());
+        let p = Proxy::new(
+            "default/wp".into(),
+            id,
+            rx,
+            Arc::new(upstreams),
+            Limits::default(),
+        );
+        (p, model)
+    }
+
+    #[tokio::test]
+    async fn balancers_choose_as_their_policy_says() {
+        use pb::backend::LoadBalancer;
+        let (p, model) = proxy(LoadBalancer::RoundRobin);
+        let eps = endpoints(&model, "default/api", 80).expect("endpoints");
+        let picks: Vec<usize> = (0..4)
+            .map(|_| p.balance(&model, "default/api", &eps))
+            .collect();
+        assert_eq!(picks, [0, 1, 0, 1]);
+
+        // Least request: the endpoint with a request in flight is avoided.
+        let (p, model) = proxy(LoadBalancer::LeastRequest);
+        let _busy = p.upstreams.busy(eps[0].addr);
+        assert!((0..50).all(|_| p.balance(&model, "default/api", &eps) == 1));
+        drop(_busy);
+        assert_eq!(p.upstreams.in_flight(eps[0].addr), 0);
+
+        // Random: both, over 200 draws (each misses all with p = 2^-200).
+        let (p, model) = proxy(LoadBalancer::Random);
+        let seen: std::collections::HashSet<usize> = (0..200)
+            .map(|_| p.balance(&model, "default/api", &eps))
+            .collect();
+        assert_eq!(seen.len(), 2);
+    }
 }

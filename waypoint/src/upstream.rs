@@ -6,7 +6,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -71,6 +72,17 @@ pub struct Upstreams {
     cert: CertWatch,
     idle: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
     multiplexed: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    /// Requests awaiting a response, per endpoint (least-request balancing).
+    pending: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+}
+
+/// Counts a request as in flight to an endpoint until dropped.
+pub struct Busy(Arc<AtomicUsize>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Upstreams {
@@ -81,7 +93,22 @@ impl Upstreams {
             cert,
             idle: Mutex::default(),
             multiplexed: Mutex::default(),
+            pending: Mutex::default(),
         }
+    }
+
+    /// Marks a request in flight to `addr` until the guard is dropped.
+    pub fn busy(&self, addr: SocketAddr) -> Busy {
+        let mut pending = self.pending.lock().expect("poisoned");
+        let n = pending.entry(addr).or_default().clone();
+        n.fetch_add(1, Ordering::Relaxed);
+        Busy(n)
+    }
+
+    /// Requests in flight to `addr` now.
+    pub fn in_flight(&self, addr: SocketAddr) -> usize {
+        let pending = self.pending.lock().expect("poisoned");
+        pending.get(&addr).map_or(0, |n| n.load(Ordering::Relaxed))
     }
 
     /// A connection to `ep`: an idle or shared one if there is one, else a

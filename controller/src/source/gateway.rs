@@ -200,6 +200,55 @@ pub fn waypoints_and_routes(objects: &Objects, out: &mut Translation) {
         }
     }
     routes(objects, out);
+    backends(objects, out);
+}
+
+/// BackendPolicy.weft.dev → each Service's load balancing at the
+/// waypoint. Limits and outlier detection are read but not enforced yet
+/// (issue #13): said so, not silently ignored.
+fn backends(objects: &Objects, out: &mut Translation) {
+    use pb::backend::LoadBalancer;
+    for (key, bp) in &objects.backend_policies {
+        let id = format!("BackendPolicy {key}");
+        let (namespace, name) = key.split_once('/').unwrap_or(("default", key));
+        let t = &bp.spec.target_ref;
+        if t.kind != "Service" {
+            out.problems.push(super::translate::Problem {
+                object: id,
+                reason: format!("targetRef kind {} is not supported (Service is)", t.kind),
+                refused: true,
+            });
+            continue;
+        }
+        let lb = match bp.spec.load_balancer.as_deref() {
+            None | Some("RoundRobin") => LoadBalancer::RoundRobin,
+            Some("LeastRequest") => LoadBalancer::LeastRequest,
+            Some("Random") => LoadBalancer::Random,
+            Some(other) => {
+                out.problems.push(super::translate::Problem {
+                    object: id,
+                    reason: format!(
+                        "loadBalancer {other:?}: use RoundRobin, LeastRequest or Random"
+                    ),
+                    refused: true,
+                });
+                continue;
+            }
+        };
+        if bp.spec.limits.is_some() || bp.spec.outlier_detection.is_some() {
+            out.problems.push(super::translate::Problem {
+                object: id.clone(),
+                reason: "limits and outlierDetection are not enforced yet".into(),
+                refused: false,
+            });
+        }
+        out.specs.backends.push(pb::Backend {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            service: format!("{namespace}/{}", t.name),
+            load_balancer: lb as i32,
+        });
+    }
 }
 
 /// Namespaces whose `weft.dev/use-waypoint` label names `waypoint`.

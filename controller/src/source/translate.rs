@@ -1133,6 +1133,11 @@ metadata: {name: api-grpc, namespace: shop}
 spec:
   parentRefs: [{group: "", kind: Service, name: api, port: 9090}]
   rules: [{matches: [{method: {service: shop.Orders}}], backendRefs: [{name: api, port: 9090}]}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: BackendPolicy
+metadata: {name: api-lb, namespace: shop}
+spec: {targetRef: {kind: Service, name: api}, loadBalancer: LeastRequest}
 "#;
         let labelled = SHOP.replace(
             "    name: api\n    namespace: shop\n    resourceVersion: \"1081\"",
@@ -1184,6 +1189,8 @@ spec:
             .expect("compiled");
         assert_eq!(split.rules[0].backends[0].weight, 90);
         assert_eq!(split.parents.len(), 2);
+        let lb = &t.specs.backends[0];
+        assert_eq!((lb.service.as_str(), lb.load_balancer), ("shop/api", 1));
         let routes: Vec<(&str, &[String])> = t
             .routes
             .iter()

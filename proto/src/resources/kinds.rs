@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use super::{Audience, Kind, bad};
 use crate::model::{
-    self, Action, Changes, Model, ModelError, Policy, PolicySpec, PortSpec, Route, RuleSpec,
-    Service, ServiceDef, ServiceSpec, Waypoint, WaypointSpec, Workload, WorkloadSpec,
+    self, Action, Backend, Changes, Model, ModelError, Policy, PolicySpec, PortSpec, Route,
+    RuleSpec, Service, ServiceDef, ServiceSpec, Waypoint, WaypointSpec, Workload, WorkloadSpec,
 };
 use crate::pb::weft::v1 as pb;
 
@@ -368,5 +368,37 @@ impl Kind for RouteKind {
 
     fn changes(changes: &mut Changes) -> &mut Vec<(String, Option<Arc<Route>>)> {
         &mut changes.routes
+    }
+}
+
+/// `weft.v1.Backend`: a Service's backend policy, only to the waypoints
+/// serving that Service.
+pub struct BackendKind;
+
+impl Kind for BackendKind {
+    const TYPE_URL: &'static str = "type.googleapis.com/weft.v1.Backend";
+    const AUDIENCE: Audience = Audience::SelectedNodes;
+    type Message = pb::Backend;
+    type Stored = Backend;
+    type Object = Backend;
+
+    fn stored(model: &Model) -> &[Arc<Backend>] {
+        &model.backends
+    }
+
+    fn key(b: &Backend) -> &str {
+        &b.key
+    }
+
+    fn encode(b: &Backend) -> pb::Backend {
+        b.spec.clone()
+    }
+
+    fn decode(name: &str, b: pb::Backend, _trust_domain: &str) -> Result<Backend, ModelError> {
+        model::backend(b, name)
+    }
+
+    fn changes(changes: &mut Changes) -> &mut Vec<(String, Option<Arc<Backend>>)> {
+        &mut changes.backends
     }
 }

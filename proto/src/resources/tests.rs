@@ -119,7 +119,26 @@ fn model(yaml: &str) -> Model {
         AFTER => &[("r", "/b"), ("new", "/new")],
         _ => &[],
     };
-    model_with(yaml, routes)
+    let mut m = model_with(yaml, routes);
+    // Backend policies, like routes, come from the controller: `(name, load balancer)`.
+    let backends: &[(&str, i32)] = match yaml {
+        BEFORE => &[("b", 0), ("old", 0)],
+        AFTER => &[("b", 1), ("new", 2)],
+        _ => &[],
+    };
+    m.backends = backends
+        .iter()
+        .map(|(name, lb)| {
+            let spec = pb::Backend {
+                name: (*name).into(),
+                namespace: "default".into(),
+                service: "default/api".into(),
+                load_balancer: *lb,
+            };
+            Arc::new(crate::model::backend(spec, name).expect("valid"))
+        })
+        .collect();
+    m
 }
 
 /// Every kind in the table round-trips, and the delta between two

@@ -389,6 +389,7 @@ pub async fn enroll(zt: &weft_ztunnel::app::Bound, pod: &netns::PodNs) {
     assert!(reply.ok, "enrolling {}: {:?}", pod.name, reply.error);
 }
 pub mod controller_bench;
+pub mod l7_bench;
 pub mod mesh_bench;
 
 /// This process's resident memory, in KiB (from /proc).

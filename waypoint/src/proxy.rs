@@ -61,6 +61,30 @@ pub struct Client {
     pub identity: Identity,
     pub addr: SocketAddr,
     pub target: Target,
+    /// What this connection's requests resolved under the config they
+    /// saw: made once per config version, not per request.
+    cache: Mutex<ConnCache>,
+}
+
+impl Client {
+    pub fn new(identity: Identity, addr: SocketAddr, target: Target) -> Self {
+        Client {
+            identity,
+            addr,
+            target,
+            cache: Mutex::default(),
+        }
+    }
+}
+
+/// A connection's view of one config version.
+#[derive(Debug, Default)]
+struct ConnCache {
+    model: Option<Arc<Model>>,
+    table: Option<Arc<RouteTable>>,
+    /// (Service, port) → its ready endpoints.
+    endpoints: Vec<(String, u16, Arc<[Endpoint]>)>,
+    xfcc: Option<HeaderValue>,
 }
 
 /// Counts of what the waypoint did, for `/metrics` and tests.
@@ -147,7 +171,8 @@ struct Ctx<'a> {
     /// The path prefix the rule matched on (for prefix rewrites).
     matched_prefix: Option<String>,
     response_headers: Vec<pb::HeaderModifier>,
-    backend: String,
+    /// The Service and port the request went to.
+    backend: (String, u16),
     flag: &'static str,
 }
 
@@ -166,11 +191,7 @@ impl Handler for Tunnels {
                 return c.refuse(StatusCode::BAD_REQUEST);
             }
         };
-        let client = Arc::new(Client {
-            identity: c.peer.clone(),
-            addr: c.peer_addr,
-            target,
-        });
+        let client = Arc::new(Client::new(c.peer.clone(), c.peer_addr, target));
         let declared = proxy.declared_protocol(&model, &client.target);
         let Ok(mut stream) = c.accept() else { return };
         let (protocol, prefix) = match declared {
@@ -189,12 +210,12 @@ impl Handler for Tunnels {
 }
 
 impl Proxy {
-    /// HTTP on a tunnel: each request through the phases.
-    async fn serve_http(
-        self: Arc<Self>,
-        io: sniff::Prefixed<weft_proto::hbone::H2Stream>,
-        client: Arc<Client>,
-    ) {
+    /// HTTP on a connection (a tunnel; plain TCP when the engine is
+    /// measured alone): each request through the phases.
+    pub async fn serve_http<I>(self: Arc<Self>, io: I, client: Arc<Client>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let client_id = client.identity.clone();
         let proxy = self.clone();
         let svc = service_fn(move |req| {
@@ -320,7 +341,7 @@ impl Proxy {
             route: None,
             matched_prefix: None,
             response_headers: Vec::new(),
-            backend: String::new(),
+            backend: (String::new(), 0),
             flag: "-",
         };
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
@@ -334,7 +355,7 @@ impl Proxy {
         };
         self.stats.requests.add(ctx.flag);
         let route = ctx.route.as_ref().map_or("-", |s| s.route.key.as_str());
-        info!(%method, path, client = %client.identity, status = resp.status().as_u16(), route, backend = ctx.backend, response_flags = ctx.flag, duration_ms = ctx.started.elapsed().as_millis() as u64, "request");
+        info!(%method, path, client = %client.identity, status = resp.status().as_u16(), route, backend = %format_args!("{}:{}", ctx.backend.0, ctx.backend.1), response_flags = ctx.flag, duration_ms = ctx.started.elapsed().as_millis() as u64, "request");
         resp
     }
 
@@ -346,34 +367,30 @@ impl Proxy {
         let model = self.model.borrow().clone();
         // Who called, as the handshake verified it: a client's own
         // x-forwarded-client-cert is never passed on.
-        let xfcc = format!("By={};URI={}", self.identity, ctx.client.identity);
-        if let Ok(v) = HeaderValue::from_str(&xfcc) {
-            req.headers_mut().insert("x-forwarded-client-cert", v);
-        }
-        let (backend, port) = self.route(&model, &req, ctx)?;
-        let rule = ctx.route.as_ref().map(|s| s.rule().clone());
-        let filters = rule.as_ref().map(|r| r.filters.clone()).unwrap_or_default();
-        if let Some(resp) = self.filters(&filters, &mut req, ctx).await? {
+        let xfcc = self.cached(&model, ctx.client, |c| {
+            let make = || {
+                let v = format!("By={};URI={}", self.identity, ctx.client.identity);
+                HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static(""))
+            };
+            c.xfcc.get_or_insert_with(make).clone()
+        });
+        req.headers_mut().insert("x-forwarded-client-cert", xfcc);
+        self.route(&model, &req, ctx)?;
+        let selected = ctx.route.clone();
+        let rule = selected.as_ref().map(|s| s.rule());
+        let filters = rule.map_or(&[][..], |r| &r.filters[..]);
+        if let Some(resp) = self.filters(filters, &mut req, ctx).await? {
             return Ok(resp);
         }
-        let (endpoints, backend_filters) = match &ctx.client.target {
-            Target::Workload { addr, identity } => (
-                vec![Endpoint {
-                    addr: *addr,
-                    identity: identity.clone(),
-                }],
-                vec![],
-            ),
-            Target::Service { .. } => self.backend(&model, rule.as_ref(), backend, port, ctx)?,
-        };
-        if let Some(resp) = self.filters(&backend_filters, &mut req, ctx).await? {
+        let chosen = self.backend(&model, rule, ctx)?;
+        if let Some(resp) = self.filters(chosen.filters, &mut req, ctx).await? {
             return Ok(resp);
         }
         let upgrade = wants_upgrade(req.headers());
         strip_hop_by_hop(req.headers_mut(), upgrade);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let timeout = rule.as_ref().map_or(0, |r| r.request_timeout_ms);
-        let upstream = self.upstream(req, &endpoints, rule.as_ref(), ctx);
+        let timeout = rule.map_or(0, |r| r.request_timeout_ms);
+        let upstream = self.upstream(req, (&chosen.endpoints, chosen.first), rule, ctx);
         let mut resp = match timeout {
             0 => upstream.await?,
             ms => tokio::time::timeout(Duration::from_millis(ms), upstream)
@@ -397,20 +414,44 @@ impl Proxy {
         Ok(resp)
     }
 
-    /// `route`: the rule serving this request, and the Service and port it
-    /// defaults to. A Service with no route is served as itself.
+    /// Runs `f` on `client`'s cache for `model` (emptied when the config
+    /// moved on).
+    fn cached<T>(
+        &self,
+        model: &Arc<Model>,
+        client: &Client,
+        f: impl FnOnce(&mut ConnCache) -> T,
+    ) -> T {
+        let mut c = client.cache.lock().expect("poisoned");
+        if !c.model.as_ref().is_some_and(|m| Arc::ptr_eq(m, model)) {
+            *c = ConnCache {
+                model: Some(model.clone()),
+                xfcc: c.xfcc.take(),
+                ..ConnCache::default()
+            };
+        }
+        f(&mut c)
+    }
+
+    /// `route`: the rule serving this request (`None` for a Service with
+    /// no route: served as itself, and for a workload).
     fn route(
         &self,
         model: &Arc<Model>,
         req: &Request<Incoming>,
         ctx: &mut Ctx<'_>,
-    ) -> Result<(String, u16), Refusal> {
+    ) -> Result<(), Refusal> {
         let Target::Service { key, port } = &ctx.client.target else {
-            return Ok((String::new(), 0));
+            return Ok(());
         };
-        let table = self.table(model, key, *port, ctx.client.identity.namespace());
+        let ns = ctx.client.identity.namespace();
+        let table = self.cached(model, ctx.client, |c| {
+            c.table
+                .get_or_insert_with(|| self.table(model, key, *port, ns))
+                .clone()
+        });
         if table.is_empty() {
-            return Ok((key.clone(), *port));
+            return Ok(());
         }
         let r = routes::Request {
             method: req.method().as_str(),
@@ -423,7 +464,7 @@ impl Proxy {
             .ok_or_else(|| refuse(StatusCode::NOT_FOUND, "NR", "no route matched"))?;
         ctx.matched_prefix = matched_prefix(selected.rule(), req.uri().path());
         ctx.route = Some(selected);
-        Ok((key.clone(), *port))
+        Ok(())
     }
 
     fn table(
@@ -552,52 +593,56 @@ impl Proxy {
     }
 
     /// `backend`: the weighted pick among the rule's backendRefs and its
-    /// ready endpoints. An invalid backend's share gets 500; a backend with
-    /// no ready endpoint, 503 (Gateway API).
-    fn backend(
+    /// ready endpoints, the balancer's choice first. An invalid backend's
+    /// share gets 500; a backend with no ready endpoint, 503 (Gateway API).
+    fn backend<'r>(
         &self,
-        model: &Model,
-        rule: Option<&pb::RouteRule>,
-        default: String,
-        port: u16,
+        model: &Arc<Model>,
+        rule: Option<&'r pb::RouteRule>,
         ctx: &mut Ctx<'_>,
-    ) -> Result<(Vec<Endpoint>, Vec<pb::RouteFilter>), Refusal> {
-        let (service, port, filters) = match rule {
-            None => (default, port, Vec::new()),
-            Some(rule) => {
-                let total: u64 = rule.backends.iter().map(|b| u64::from(b.weight)).sum();
-                let draw = rand::rng().random_range(0..total.max(1));
-                let b = routes::pick_backend(rule, draw).ok_or_else(|| {
-                    refuse(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "NR",
-                        "the rule has no backend with weight",
-                    )
-                })?;
-                if !b.invalid.is_empty() {
-                    return Err(refuse(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "NR",
-                        b.invalid.clone(),
-                    ));
+    ) -> Result<Chosen<'r>, Refusal> {
+        let (service, port, filters): (&str, u16, &'r [pb::RouteFilter]) =
+            match (&ctx.client.target, rule) {
+                (Target::Workload { addr, identity }, _) => {
+                    let ep = Endpoint {
+                        addr: *addr,
+                        identity: identity.clone(),
+                    };
+                    return Ok(Chosen {
+                        endpoints: Arc::from([ep]),
+                        first: 0,
+                        filters: &[],
+                    });
                 }
-                (b.service.clone(), b.port as u16, b.filters.clone())
+                (Target::Service { key, port }, None) => (key, *port, &[]),
+                (_, Some(rule)) => {
+                    let b = weighted(rule)?;
+                    (&b.service, b.port as u16, &b.filters)
+                }
+            };
+        ctx.backend = (service.to_owned(), port);
+        let eps = self.cached(model, ctx.client, |c| {
+            let found = c
+                .endpoints
+                .iter()
+                .find(|(s, p, _)| s == service && *p == port);
+            if let Some((.., eps)) = found {
+                return Some(eps.clone());
             }
-        };
-        ctx.backend = format!("{service}:{port}");
-        let mut eps = endpoints(model, &service, port)
-            .filter(|e| !e.is_empty())
-            .ok_or_else(|| {
-                refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UH",
-                    format!("no ready endpoint for {service}:{port}"),
-                )
-            })?;
-        // The balancer's choice goes first; retries go on from there.
-        let first = self.balance(model, &service, &eps);
-        eps.rotate_left(first);
-        Ok((eps, filters))
+            let eps: Arc<[Endpoint]> = endpoints(model, service, port)?.into();
+            c.endpoints.push((service.to_owned(), port, eps.clone()));
+            Some(eps)
+        });
+        let eps = eps.filter(|e| !e.is_empty()).ok_or_else(|| {
+            let reason = format!("no ready endpoint for {service}:{port}");
+            refuse(StatusCode::SERVICE_UNAVAILABLE, "UH", reason)
+        })?;
+        let first = self.balance(model, service, &eps);
+        Ok(Chosen {
+            first,
+            endpoints: eps,
+            filters,
+        })
     }
 
     /// The endpoint a request to `service` tries first, by its backend
@@ -630,7 +675,7 @@ impl Proxy {
     async fn upstream(
         &self,
         req: Request<Incoming>,
-        endpoints: &[Endpoint],
+        (endpoints, first): (&[Endpoint], usize),
         rule: Option<&pb::RouteRule>,
         ctx: &mut Ctx<'_>,
     ) -> Result<Response<Body>, Refusal> {
@@ -646,8 +691,7 @@ impl Proxy {
         ));
         let (mut tries, mut i) = (0, 0);
         while tries < attempts && i < attempts + endpoints.len() {
-            // `backend` put the balancer's choice first.
-            let ep = &endpoints[i % endpoints.len()];
+            let ep = &endpoints[(first + i) % endpoints.len()];
             i += 1;
             if i > 1 {
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -775,14 +819,18 @@ fn wants_upgrade(headers: &http::HeaderMap) -> bool {
 /// so the far side sees it. `te: trailers` (gRPC) passes.
 fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
     use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
-    let named: Vec<http::HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && *n == UPGRADE))
-        .collect();
+    let named: Vec<http::HeaderName> = if !headers.contains_key(CONNECTION) {
+        Vec::new() // the common case allocates nothing
+    } else {
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .filter(|n| !(upgrade && *n == UPGRADE))
+            .collect()
+    };
     for n in named {
         headers.remove(n);
     }
@@ -816,6 +864,35 @@ fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::O
         let (mut a, mut b) = (TokioIo::new(client), TokioIo::new(upstream));
         let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
     });
+}
+
+/// Where a request goes: endpoints, the one to try first, and the
+/// backendRef's own filters.
+struct Chosen<'r> {
+    endpoints: Arc<[Endpoint]>,
+    first: usize,
+    filters: &'r [pb::RouteFilter],
+}
+
+/// The backendRef a request goes to, by weight; an invalid one is 500.
+fn weighted(rule: &pb::RouteRule) -> Result<&pb::RouteBackend, Refusal> {
+    let total: u64 = rule.backends.iter().map(|b| u64::from(b.weight)).sum();
+    let draw = rand::rng().random_range(0..total.max(1));
+    let b = routes::pick_backend(rule, draw).ok_or_else(|| {
+        refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "NR",
+            "the rule has no backend with weight",
+        )
+    })?;
+    if !b.invalid.is_empty() {
+        return Err(refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "NR",
+            b.invalid.clone(),
+        ));
+    }
+    Ok(b)
 }
 
 /// The ready endpoints of `service` on its port `port`, at their target port.

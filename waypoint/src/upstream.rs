@@ -15,6 +15,7 @@ use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
 use weft_proto::hbone::pool::{ConnectRequest, Pool, PoolKey};
 use weft_proto::hbone::{H2Stream, HBONE_PORT, HboneError};
 use weft_proto::identity::Identity;
@@ -25,7 +26,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
-const IDLE_PER_ENDPOINT: usize = 32;
+const IDLE_PER_ENDPOINT: usize = 256;
 
 /// One endpoint: the pod's application address and who it must be.
 #[derive(Debug, Clone)]
@@ -34,10 +35,29 @@ pub struct Endpoint {
     pub identity: Identity,
 }
 
+/// A byte stream to an endpoint: an HBONE tunnel, or plain TCP (the L7
+/// engine measured alone).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// How the waypoint reaches endpoints.
+enum Transport {
+    /// HBONE under the waypoint's identity (always, in the mesh).
+    Hbone {
+        pool: Pool,
+        identity: Identity,
+        cert: CertWatch,
+    },
+    /// Plain TCP: only for measuring the L7 engine on its own.
+    Plain,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("tunnel to {0}: {1}")]
     Tunnel(SocketAddr, HboneError),
+    #[error("connect {0}: {1}")]
+    Connect(SocketAddr, std::io::Error),
     #[error("HTTP handshake with {0}: {1}")]
     Handshake(SocketAddr, hyper::Error),
     #[error("request to {0} failed: {1}")]
@@ -49,7 +69,9 @@ impl UpstreamError {
     /// closed or reset mid-request.
     pub fn flag(&self) -> &'static str {
         match self {
-            UpstreamError::Tunnel(..) | UpstreamError::Handshake(..) => "UF",
+            UpstreamError::Tunnel(..)
+            | UpstreamError::Connect(..)
+            | UpstreamError::Handshake(..) => "UF",
             UpstreamError::Request(..) => "UC",
         }
     }
@@ -67,9 +89,7 @@ pub enum Sender {
 }
 
 pub struct Upstreams {
-    pool: Pool,
-    identity: Identity,
-    cert: CertWatch,
+    transport: Transport,
     idle: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
     multiplexed: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
     /// Requests awaiting a response, per endpoint (least-request balancing).
@@ -87,10 +107,22 @@ impl Drop for Busy {
 
 impl Upstreams {
     pub fn new(pool: Pool, identity: Identity, cert: CertWatch) -> Self {
-        Upstreams {
+        Self::with(Transport::Hbone {
             pool,
             identity,
             cert,
+        })
+    }
+
+    /// Endpoints over plain TCP: the L7 engine measured alone (never in
+    /// the mesh, where every hop is mTLS).
+    pub fn plain() -> Self {
+        Self::with(Transport::Plain)
+    }
+
+    fn with(transport: Transport) -> Self {
+        Upstreams {
+            transport,
             idle: Mutex::default(),
             multiplexed: Mutex::default(),
             pending: Mutex::default(),
@@ -157,9 +189,23 @@ impl Upstreams {
     }
 
     /// An HBONE tunnel to `ep` under the waypoint's identity.
-    pub async fn tunnel(&self, ep: &Endpoint) -> Result<H2Stream, UpstreamError> {
+    pub async fn tunnel(&self, ep: &Endpoint) -> Result<Box<dyn Io>, UpstreamError> {
+        let (pool, identity, cert) = match &self.transport {
+            Transport::Hbone {
+                pool,
+                identity,
+                cert,
+            } => (pool, identity, cert),
+            Transport::Plain => {
+                let tcp = tokio::net::TcpStream::connect(ep.addr)
+                    .await
+                    .map_err(|e| UpstreamError::Connect(ep.addr, e))?;
+                let _ = tcp.set_nodelay(true);
+                return Ok(Box::new(tcp));
+            }
+        };
         let key = PoolKey {
-            src: self.identity.clone(),
+            src: identity.clone(),
             dst: ep.identity.clone(),
             dst_addr: SocketAddr::new(ep.addr.ip(), HBONE_PORT),
             src_ip: None,
@@ -168,10 +214,11 @@ impl Upstreams {
             authority: ep.addr,
             headers: http::HeaderMap::new(),
         };
-        self.pool
-            .connect(&key, &self.cert, req)
+        let stream: H2Stream = pool
+            .connect(&key, cert, req)
             .await
-            .map_err(|e| UpstreamError::Tunnel(ep.addr, e))
+            .map_err(|e| UpstreamError::Tunnel(ep.addr, e))?;
+        Ok(Box::new(stream))
     }
 
     /// Sends `req` on `sender`; an HTTP/1.1 connection goes back to the

@@ -65,6 +65,9 @@ enum What {
     Csr,
     /// The ztunnel across network namespaces (root; not part of `all`).
     Mesh,
+    /// The waypoint's L7 engine against nginx as a reverse proxy (needs
+    /// nginx and wrk; not part of `all`).
+    L7,
     /// The config push at scale (not part of `all`).
     Controller,
     /// Proxies with nothing cached reconnecting at once: controller memory
@@ -356,6 +359,12 @@ async fn main() {
         && let Err(e) = weft_integration::mesh_bench::run(args.mesh_seconds, args.mesh_rounds).await
     {
         println!("mesh bench failed: {e:#}");
+        std::process::exit(1);
+    }
+    if args.what == What::L7
+        && let Err(e) = weft_integration::l7_bench::run(args.mesh_seconds, args.mesh_rounds).await
+    {
+        println!("L7 bench failed: {e:#}");
         std::process::exit(1);
     }
 }

@@ -1,0 +1,259 @@
+//! The waypoint's L7 engine alone against nginx as a plain reverse proxy:
+//! the same backend (nginx answering `ok`, one worker), the same client
+//! (wrk, HTTP/1.1 keep-alive, 50 connections), plaintext in and out, on
+//! loopback; direct, nginx and weft in alternating rounds. The engine
+//! runs with routes applied (a header rule, a prefix rule with a header
+//! filter, a default) on one thread, as nginx runs one worker.
+
+#![allow(clippy::print_stdout)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use weft_proto::identity::Identity;
+use weft_proto::model::{Model, route};
+use weft_proto::pb::weft::v1 as pb;
+use weft_waypoint::proxy::{Client, Limits, Proxy, Target};
+use weft_waypoint::upstream::Upstreams;
+
+use crate::{median, proc_status_kib};
+
+/// An nginx process of its own; stopped on drop.
+struct Nginx(Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// nginx with one worker and `server` as its only server block.
+fn nginx(dir: &Path, name: &str, server: &str) -> anyhow::Result<Nginx> {
+    let conf = dir.join(format!("{name}.conf"));
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off; worker_processes 1; pid {pid}; error_log {dir}/{name}.err warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; {server} }}\n",
+            pid = dir.join(format!("{name}.pid")).display(),
+            dir = dir.display(),
+        ),
+    )?;
+    let child = Command::new("nginx")
+        .args([
+            "-c",
+            &conf.display().to_string(),
+            "-p",
+            &dir.display().to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("nginx (apt-get install nginx)")?;
+    Ok(Nginx(child))
+}
+
+/// The engine's config: the backend as a Service with one endpoint, and a
+/// route with three rules in front of it.
+fn model(backend_port: u16) -> anyhow::Result<Model> {
+    let yaml = format!(
+        "workloads: [{{name: backend, serviceAccount: backend, node: n, addresses: [127.0.0.1], services: [default/api]}}]\n\
+         services: [{{name: api, addresses: [10.255.0.1], ports: [{{port: 80, targetPort: {backend_port}}}]}}]\n"
+    );
+    let mut m = Model::from_yaml(&yaml, "cluster.local")?;
+    let to_api = || pb::RouteBackend {
+        service: "default/api".into(),
+        port: 80,
+        weight: 1,
+        ..Default::default()
+    };
+    let rule = |m: pb::RouteMatch, filters: Vec<pb::RouteFilter>| pb::RouteRule {
+        matches: vec![m],
+        filters,
+        backends: vec![to_api()],
+        ..Default::default()
+    };
+    let header = pb::RouteMatch {
+        headers: vec![pb::NamedMatch {
+            name: "x-canary".into(),
+            value: Some(pb::StringMatch {
+                kind: 0,
+                value: "yes".into(),
+            }),
+        }],
+        ..Default::default()
+    };
+    let prefix = pb::RouteMatch {
+        path: Some(pb::StringMatch {
+            kind: pb::string_match::Kind::Prefix as i32,
+            value: "/admin".into(),
+        }),
+        ..Default::default()
+    };
+    let set = pb::RouteFilter {
+        filter: Some(pb::route_filter::Filter::RequestHeaders(
+            pb::HeaderModifier {
+                set: vec![pb::NameValue {
+                    name: "x-admin".into(),
+                    value: "1".into(),
+                }],
+                ..Default::default()
+            },
+        )),
+    };
+    let spec = pb::Route {
+        name: "bench".into(),
+        namespace: "default".into(),
+        kind: "HTTPRoute".into(),
+        parents: vec![pb::ParentRef {
+            service: "default/api".into(),
+            port: 80,
+        }],
+        rules: vec![
+            rule(header, vec![]),
+            rule(prefix, vec![set]),
+            rule(pb::RouteMatch::default(), vec![]),
+        ],
+        ..Default::default()
+    };
+    m.routes = vec![Arc::new(route(spec, "bench")?)];
+    Ok(m)
+}
+
+/// Starts the engine on its own thread (one, as nginx's one worker):
+/// plaintext connections on a loopback port, each request through the
+/// phases, to the backend over plain TCP.
+fn start_engine(backend_port: u16) -> anyhow::Result<SocketAddr> {
+    let model = Arc::new(model(backend_port)?);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("l7-engine".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let id = Identity::new("cluster.local", "default", "bench").expect("id");
+                let (_tx, rx) = watch::channel(model);
+                let upstreams = Arc::new(Upstreams::plain());
+                let proxy = Arc::new(Proxy::new(
+                    "default/bench".into(),
+                    id.clone(),
+                    rx,
+                    upstreams,
+                    Limits::default(),
+                ));
+                while let Ok((tcp, peer)) = listener.accept().await {
+                    let _ = tcp.set_nodelay(true);
+                    let target = Target::Service {
+                        key: "default/api".into(),
+                        port: 80,
+                    };
+                    let client = Arc::new(Client::new(id.clone(), peer, target));
+                    tokio::spawn(proxy.clone().serve_http(tcp, client));
+                }
+            });
+        })?;
+    Ok(addr)
+}
+
+fn wrk(port: u16, seconds: u64) -> anyhow::Result<f64> {
+    let out = Command::new("wrk")
+        .args([
+            "-t1",
+            "-c50",
+            &format!("-d{seconds}s"),
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+        .output()
+        .context("wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(!text.contains("Non-2xx"), "errors in the run: {text}");
+    text.lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("wrk Requests/sec in {text}"))
+}
+
+/// This process's CPU seconds (the engine is all it does meanwhile).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+pub async fn run(seconds: u64, rounds: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (backend_port, nginx_port) = (free_port()?, free_port()?);
+    let _backend = nginx(
+        dir.path(),
+        "backend",
+        &format!(
+            "server {{ listen 127.0.0.1:{backend_port}; location / {{ return 200 \"ok\\n\"; }} }}"
+        ),
+    )?;
+    let _proxy = nginx(
+        dir.path(),
+        "proxy",
+        &format!(
+            "upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 64; }}\n\
+             server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://backend; \
+             proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
+        ),
+    )?;
+    let rss_before = proc_status_kib("self", "VmRSS:");
+    let engine = start_engine(backend_port)?;
+    tokio::time::sleep(Duration::from_millis(300)).await; // nginx binding its ports
+    let rss_idle = proc_status_kib("self", "VmRSS:");
+    println!(
+        "L7 engine vs nginx reverse proxy: wrk -t1 -c50, {seconds} s per run, {rounds} rounds"
+    );
+    println!("round  direct req/s  nginx req/s  weft req/s  weft/nginx  weft CPU ms/1k req");
+    let mut rows = Vec::new();
+    for round in 1..=rounds {
+        let direct = wrk(backend_port, seconds)?;
+        let via_nginx = wrk(nginx_port, seconds)?;
+        let cpu = cpu_seconds();
+        let via_weft = wrk(engine.port(), seconds)?;
+        let cpu_ms = (cpu_seconds() - cpu) * 1000.0 / (via_weft * seconds as f64 / 1000.0);
+        println!(
+            "{round:>5}  {direct:>12.0}  {via_nginx:>11.0}  {via_weft:>10.0}  {:>10.2}  {cpu_ms:>18.1}",
+            via_weft / via_nginx
+        );
+        rows.push((direct, via_nginx, via_weft, cpu_ms));
+    }
+    let col = |f: fn(&(f64, f64, f64, f64)) -> f64| median(rows.iter().map(f).collect());
+    let (d, n, w, c) = (col(|r| r.0), col(|r| r.1), col(|r| r.2), col(|r| r.3));
+    let ratio = median(rows.iter().map(|r| r.2 / r.1).collect());
+    println!("median {d:>12.0}  {n:>11.0}  {w:>10.0}  {ratio:>10.2}  {c:>18.1}");
+    println!(
+        "nginx/direct {:.2}, weft/direct {:.2}; process RSS (engine + harness): before {} KiB, idle {} KiB, peak {} KiB",
+        n / d,
+        w / d,
+        rss_before,
+        rss_idle,
+        proc_status_kib("self", "VmHWM:")
+    );
+    Ok(())
+}

@@ -203,7 +203,87 @@ fn cpu_seconds() -> f64 {
     ticks / 100.0
 }
 
+/// The `weft-waypoint` binary's resident memory once it serves: its own
+/// process, certificate issued and config held (no traffic).
+async fn binary_idle_rss() -> anyhow::Result<u64> {
+    let mesh = crate::Mesh::start().await;
+    let config = "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {weft.dev/mesh: enabled}}\n---\n\
+        apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: bench, namespace: default}\n\
+        spec: {gatewayClassName: weft-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n---\n\
+        apiVersion: v1\nkind: Pod\nmetadata: {name: bench-1, namespace: default, labels: {gateway.networking.k8s.io/gateway-name: bench}}\n\
+        spec: {nodeName: node-1, serviceAccountName: bench, containers: [{name: w, image: w}]}\nstatus: {phase: Running, podIP: 10.99.9.9}\n";
+    std::fs::write(mesh.config_dir().join("bench.yaml"), config)?;
+    let defined = async {
+        let mut rx = mesh.controller.sources.clone();
+        while mesh
+            .controller
+            .config
+            .current()
+            .model
+            .waypoint("default/bench")
+            .is_none()
+        {
+            let _ = rx.changed().await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(10), defined)
+        .await
+        .is_err()
+    {
+        let status = mesh.controller.sources.borrow().clone();
+        anyhow::bail!(
+            "the controller did not read the waypoint's Gateway: {:?} {:?}",
+            status.files,
+            status.problems
+        );
+    }
+    let dir = tempfile::tempdir()?;
+    let root = dir.path().join("root.pem");
+    std::fs::write(&root, &mesh.controller.root_pem)?;
+    let token = mesh.controller.nodes.ensure("waypoint.default.bench")?;
+    let mut child = Command::new(crate::mesh_bench::sibling("weft-waypoint")?)
+        .args([
+            "--name",
+            "bench",
+            "-n",
+            "default",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--ca-addr", &mesh.controller.grpc_addr.to_string()])
+        .arg("--ca-root")
+        .arg(&root)
+        .arg("--token-file")
+        .arg(&token)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?;
+    let served = async {
+        loop {
+            let acked = mesh
+                .controller
+                .proxies
+                .get("waypoint.default.bench")
+                .is_some_and(|p| p.connected && !p.acked.is_empty());
+            if acked {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let up = tokio::time::timeout(Duration::from_secs(15), served).await;
+    // Settled: the certificate arrives with the first config.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss = proc_status_kib(&child.id().to_string(), "VmRSS:");
+    let _ = child.kill();
+    let _ = child.wait();
+    up.context("weft-waypoint did not connect to the controller")?;
+    Ok(rss)
+}
+
 pub async fn run(seconds: u64, rounds: usize) -> anyhow::Result<()> {
+    let binary_rss = binary_idle_rss().await?;
+    println!("weft-waypoint binary, idle (config held, certificate issued): RSS {binary_rss} KiB");
     let dir = tempfile::tempdir()?;
     let (backend_port, nginx_port) = (free_port()?, free_port()?);
     let _backend = nginx(

@@ -474,12 +474,12 @@ impl Ztunnel {
 }
 
 /// A binary built next to this one (target/<profile>/).
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.parent().context("exe dir")?.join(name);
     anyhow::ensure!(
         path.exists(),
-        "{} not found: build it first (cargo build --release -p weft-ztunnel)",
+        "{} not found: build it first (cargo build --release -p weft-ztunnel -p weft-waypoint)",
         path.display()
     );
     Ok(path)

@@ -99,7 +99,7 @@ async fn app(pod: &PodNs, hits: Hits) {
 
 /// api-v2's app: hyper serving HTTP/1.1 and HTTP/2 (h2c) on :8080, the
 /// same answers as [`app`] plus its protocol; `/ws` upgrades and echoes.
-async fn h2_app(pod: &PodNs) {
+async fn h2_app(pod: &PodNs, hits: Hits) {
     use http_body_util::Full;
     use hyper::body::Bytes;
     let listener = pod
@@ -109,10 +109,12 @@ async fn h2_app(pod: &PodNs) {
     let name = pod.name.clone();
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
-            let name = name.clone();
+            let (name, hits) = (name.clone(), hits.clone());
             let svc = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     let name = name.clone();
+                    let first = req.uri().path().split('/').nth(1).unwrap_or("").to_owned();
+                    *hits.lock().expect("hits").entry(first).or_default() += 1;
                     async move {
                         let route = req
                             .headers()
@@ -300,9 +302,22 @@ spec:
     - matches: [{path: {type: PathPrefix, value: /slow}}]
       timeouts: {request: 500ms}
       backendRefs: [{name: api-v1, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /mirror}}]
+      filters: [{type: RequestMirror, requestMirror: {backendRef: {name: api-v2, port: 80}}}]
+      backendRefs: [{name: api-v1, port: 80}]
     - matches: [{path: {type: PathPrefix, value: /old}}]
       filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}}]
     - backendRefs: [{name: api-v1, port: 80, weight: 90}, {name: api-v2, port: 80, weight: 10}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: api-grpc, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 9090}]
+  rules:
+    - matches: [{method: {service: istio.v1.auth.IstioCertificateService, method: CreateCertificate}}]
+      backendRefs: [{name: api-v2, port: 9090}]
+    - backendRefs: [{name: api, port: 9090}]
 "#;
 
 struct Cluster {
@@ -313,6 +328,7 @@ struct Cluster {
     api_v1: PodNs,
     waypoint_pod: PodNs,
     hits_v1: Hits,
+    hits_v2: Hits,
     zt_a: weft_ztunnel::app::Bound,
     _zt_b: weft_ztunnel::app::Bound,
     dir: std::path::PathBuf,
@@ -361,7 +377,7 @@ impl Cluster {
             let mut rx = mesh.controller.sources.clone();
             loop {
                 let m = mesh.controller.config.current().model.clone();
-                if m.routes.len() == 1
+                if m.routes.len() == 2
                     && m.waypoints.first().is_some_and(|w| !w.addresses.is_empty())
                 {
                     return;
@@ -386,9 +402,9 @@ impl Cluster {
         for (zt, pod) in [(&zt_a, &client), (&zt_b, &api_v1), (&zt_b, &api_v2)] {
             enroll(zt, pod).await;
         }
-        let hits_v1 = Hits::default();
+        let (hits_v1, hits_v2) = (Hits::default(), Hits::default());
         app(&api_v1, hits_v1.clone()).await;
-        h2_app(&api_v2).await;
+        h2_app(&api_v2, hits_v2.clone()).await;
         for pod in [&api_v1, &api_v2] {
             grpc_app(pod).await;
             greeter(pod).await;
@@ -410,6 +426,7 @@ impl Cluster {
             api_v1,
             waypoint_pod,
             hits_v1,
+            hits_v2,
             zt_a,
             _zt_b: zt_b,
             dir,
@@ -483,6 +500,12 @@ async fn routes_split_retry_and_time_out_through_the_waypoint() {
     assert!(text.ends_with("api-v2 /a - HTTP/1.1\n"), "{text}");
     let (_, text) = c.curl(&[&url("/a?canary=1")]).await;
     assert!(text.ends_with("api-v2 /a - HTTP/1.1\n"), "{text}");
+    // A mirrored request: the client's answer is api-v1's; api-v2 gets the
+    // copy (fire and forget).
+    let (_, text) = c.curl(&[&url("/mirror/x")]).await;
+    assert!(text.ends_with("api-v1 /mirror/x -\n"), "{text}");
+    let mirrored = || c.hits_v2.lock().expect("hits").get("mirror") == Some(&1);
+    weft_integration::eventually("api-v2 receives the mirrored copy", mirrored).await;
     // A redirect is answered by the waypoint itself.
     let (status, text) = c.curl(&[&url("/old/x")]).await;
     assert_eq!(status, 301, "{text}");
@@ -641,15 +664,15 @@ async fn http2_grpc_and_upgrades_pass_the_waypoint() {
         csr: csr.into(),
         ..Default::default()
     };
-    let ok = ca
-        .create_certificate(req("hello"))
-        .await
-        .expect("unary call")
-        .into_inner();
-    assert!(
-        ok.cert_chain[0].starts_with("api-v") && ok.cert_chain[1] == "hello",
-        "{ok:?}"
-    );
+    // The GRPCRoute sends CreateCertificate to api-v2, every time.
+    for _ in 0..5 {
+        let ok = ca
+            .create_certificate(req("hello"))
+            .await
+            .expect("unary call")
+            .into_inner();
+        assert_eq!(ok.cert_chain, ["api-v2", "hello"]);
+    }
     let err = ca
         .create_certificate(req("fail"))
         .await

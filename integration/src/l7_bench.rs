@@ -195,12 +195,7 @@ fn wrk(port: u16, seconds: u64) -> anyhow::Result<f64> {
 
 /// This process's CPU seconds (the engine is all it does meanwhile).
 fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    crate::stat_cpu_seconds(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default())
 }
 
 /// The `weft-waypoint` binary's resident memory once it serves: its own
@@ -213,30 +208,7 @@ async fn binary_idle_rss() -> anyhow::Result<u64> {
         apiVersion: v1\nkind: Pod\nmetadata: {name: bench-1, namespace: default, labels: {gateway.networking.k8s.io/gateway-name: bench}}\n\
         spec: {nodeName: node-1, serviceAccountName: bench, containers: [{name: w, image: w}]}\nstatus: {phase: Running, podIP: 10.99.9.9}\n";
     std::fs::write(mesh.config_dir().join("bench.yaml"), config)?;
-    let defined = async {
-        let mut rx = mesh.controller.sources.clone();
-        while mesh
-            .controller
-            .config
-            .current()
-            .model
-            .waypoint("default/bench")
-            .is_none()
-        {
-            let _ = rx.changed().await;
-        }
-    };
-    if tokio::time::timeout(Duration::from_secs(10), defined)
-        .await
-        .is_err()
-    {
-        let status = mesh.controller.sources.borrow().clone();
-        anyhow::bail!(
-            "the controller did not read the waypoint's Gateway: {:?} {:?}",
-            status.files,
-            status.problems
-        );
-    }
+    mesh.waypoint_served("default/bench").await?;
     let dir = tempfile::tempdir()?;
     let root = dir.path().join("root.pem");
     std::fs::write(&root, &mesh.controller.root_pem)?;

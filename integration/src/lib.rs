@@ -75,6 +75,34 @@ impl Mesh {
         self.data_dir.join("config")
     }
 
+    /// Waits (10 s at most) until the controller serves waypoint `key`
+    /// with a ready instance; says what the source reported otherwise.
+    pub async fn waypoint_served(&self, key: &str) -> anyhow::Result<()> {
+        let ctl = &self.controller;
+        let served = async {
+            let mut rx = ctl.sources.clone();
+            let has = || {
+                let m = ctl.config.current().model.clone();
+                m.waypoint(key).is_some_and(|w| !w.addresses.is_empty())
+            };
+            while !has() {
+                let _ = rx.changed().await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .is_err()
+        {
+            let status = ctl.sources.borrow().clone();
+            anyhow::bail!(
+                "waypoint {key} not served: {:?} {:?}",
+                status.files,
+                status.problems
+            );
+        }
+        Ok(())
+    }
+
     /// Stops the controller (its config streams end, its ports close); the
     /// proxies are left to carry on alone.
     pub async fn stop(self) -> Stopped {
@@ -391,10 +419,21 @@ pub async fn enroll(zt: &weft_ztunnel::app::Bound, pod: &netns::PodNs) {
 pub mod controller_bench;
 pub mod l7_bench;
 pub mod mesh_bench;
+pub mod waypoint_bench;
 
 /// This process's resident memory, in KiB (from /proc).
 pub fn rss_kib() -> u64 {
     proc_status_kib("self", "VmRSS:")
+}
+
+/// User + system CPU seconds from the text of a `/proc/.../stat` file.
+pub fn stat_cpu_seconds(stat: &str) -> f64 {
+    // Fields after the ")" of the command name: utime is 14th, stime 15th.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
 }
 
 /// A KiB figure of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`); 0 if gone.

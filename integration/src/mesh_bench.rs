@@ -191,7 +191,7 @@ fn iperf_gbps(client: &PodNs, ip: &str, secs: &str, streams: &str) -> anyhow::Re
     Ok((bps / 1e9, bytes))
 }
 
-fn wrk_rps(
+pub(crate) fn wrk_rps(
     client: &PodNs,
     url: &str,
     conns: &str,
@@ -267,7 +267,7 @@ async fn round_trips(client: &PodNs, dst: SocketAddr, n: usize) -> anyhow::Resul
 }
 
 /// A keep-alive HTTP/1.1 server on :8080 answering "ok" (the wrk target).
-async fn http_server(pod: &PodNs) -> anyhow::Result<()> {
+pub(crate) async fn http_server(pod: &PodNs) -> anyhow::Result<()> {
     let listener = pod.listen("0.0.0.0:8080".parse()?).await?;
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -327,7 +327,7 @@ pub fn echo_forever() -> ! {
     std::process::exit(1)
 }
 
-async fn wait_for_port(from: &PodNs, dst: SocketAddr) -> anyhow::Result<()> {
+pub(crate) async fn wait_for_port(from: &PodNs, dst: SocketAddr) -> anyhow::Result<()> {
     for _ in 0..100 {
         if from.connect(dst).await.is_ok() {
             return Ok(());
@@ -363,13 +363,18 @@ impl Drop for KillOnDrop {
 }
 
 /// A weft-ztunnel process for one node.
-struct Ztunnel {
+pub(crate) struct Ztunnel {
     process: KillOnDrop,
     socket: PathBuf,
 }
 
 impl Ztunnel {
-    fn start(bin: &Path, mesh: &Mesh, node: &str, dir: &Path) -> anyhow::Result<Ztunnel> {
+    pub(crate) fn start(
+        bin: &Path,
+        mesh: &Mesh,
+        node: &str,
+        dir: &Path,
+    ) -> anyhow::Result<Ztunnel> {
         let socket = dir.join(format!("zt-{node}.sock"));
         let child = Command::new(bin)
             .args([
@@ -407,7 +412,7 @@ impl Ztunnel {
         })
     }
 
-    async fn enroll(&self, pod: &PodNs) -> anyhow::Result<()> {
+    pub(crate) async fn enroll(&self, pod: &PodNs) -> anyhow::Result<()> {
         let line = serde_json::json!({"op": "add", "uid": pod.name, "namespace": "default",
             "name": pod.name, "netns": pod.path, "ips": [pod.ip]})
         .to_string();
@@ -429,7 +434,7 @@ impl Ztunnel {
         proc_status_kib(&self.process.0.id().to_string(), key)
     }
 
-    async fn remove(&self, pod: &PodNs) -> anyhow::Result<()> {
+    pub(crate) async fn remove(&self, pod: &PodNs) -> anyhow::Result<()> {
         let line = serde_json::json!({"op": "remove", "uid": pod.name}).to_string();
         let reply = weft_ztunnel::enroll::request(&self.socket, &line).await?;
         anyhow::ensure!(reply.ok, "remove {}: {:?}", pod.name, reply.error);
@@ -452,7 +457,7 @@ impl Ztunnel {
             .sum()
     }
 
-    fn rss_kb(&self) -> u64 {
+    pub(crate) fn rss_kb(&self) -> u64 {
         self.status("VmRSS:")
     }
 
@@ -461,15 +466,9 @@ impl Ztunnel {
         self.status("VmHWM:")
     }
 
-    fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.process.0.id()))
-            .unwrap_or_default();
-        // Fields after the ")" of the command name: utime is 14th, stime 15th overall.
-        let rest = stat.rsplit(')').next().unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        ticks / 100.0
+    pub(crate) fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.process.0.id()));
+        crate::stat_cpu_seconds(&stat.unwrap_or_default())
     }
 }
 

@@ -68,6 +68,8 @@ enum What {
     /// The waypoint's L7 engine against nginx as a reverse proxy (needs
     /// nginx and wrk; not part of `all`).
     L7,
+    /// The whole L7 mesh path through a waypoint against direct (root).
+    Waypoint,
     /// The config push at scale (not part of `all`).
     Controller,
     /// Proxies with nothing cached reconnecting at once: controller memory
@@ -359,6 +361,13 @@ async fn main() {
         && let Err(e) = weft_integration::mesh_bench::run(args.mesh_seconds, args.mesh_rounds).await
     {
         println!("mesh bench failed: {e:#}");
+        std::process::exit(1);
+    }
+    if args.what == What::Waypoint
+        && let Err(e) =
+            weft_integration::waypoint_bench::run(args.mesh_seconds, args.mesh_rounds).await
+    {
+        println!("waypoint bench failed: {e:#}");
         std::process::exit(1);
     }
     if args.what == What::L7

@@ -409,11 +409,11 @@ fn waypoint_state(
     }
 }
 
-#[utoipa::path(get, path = "/api/v1/routes", security(("bearer" = [])), responses((status = 200, description = "HTTPRoutes and GRPCRoutes attached to Services, with the config version"), (status = 401, description = "missing or wrong token")))]
+#[utoipa::path(get, path = "/api/v1/routes", security(("bearer" = [])), responses((status = 200, description = "HTTPRoutes and GRPCRoutes attached to Services; a route that cannot be served says why (`refused`)"), (status = 401, description = "missing or wrong token")))]
 async fn routes(State(api): State<Api>) -> Json<Value> {
     let status = api.sources.borrow().clone();
     Json(json!({"items": status.routes.iter().map(|r| json!({
-        "route": r.key, "parents": r.parents, "rules": r.rules,
+        "route": r.key, "parents": r.parents, "rules": r.rules, "refused": r.refused,
     })).collect::<Vec<_>>()}))
 }
 

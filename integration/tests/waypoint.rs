@@ -124,6 +124,11 @@ async fn h2_app(pod: &PodNs, hits: Hits) {
                             .to_owned();
                         let body =
                             format!("{name} {} {route} {:?}\n", req.uri().path(), req.version());
+                        if req.method() == hyper::Method::POST && req.uri().path() != "/early" {
+                            // An upload endpoint reads what it is sent.
+                            use http_body_util::BodyExt;
+                            let _ = req.body_mut().collect().await;
+                        }
                         let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
                         if req.uri().path() == "/ws" && req.headers().contains_key("upgrade") {
                             let upgrade = hyper::upgrade::on(&mut req);
@@ -500,6 +505,44 @@ async fn routes_split_retry_and_time_out_through_the_waypoint() {
     assert!(text.ends_with("api-v2 /a - HTTP/1.1\n"), "{text}");
     let (_, text) = c.curl(&[&url("/a?canary=1")]).await;
     assert!(text.ends_with("api-v2 /a - HTTP/1.1\n"), "{text}");
+    // Expect: 100-continue: the waypoint says 100 as soon as the body is
+    // wanted (curl would otherwise wait 1 s before sending it).
+    let body = c.dir.join("upload.bin");
+    std::fs::write(&body, vec![b'x'; 64 * 1024]).expect("body file");
+    let data = format!("@{}", body.display());
+    let started = std::time::Instant::now();
+    let expect = [
+        "-H",
+        "x-version: v2",
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+    ];
+    let (_, text) = c
+        .curl(&[&expect[..], &[&data, &url("/upload")]].concat())
+        .await;
+    assert!(text.starts_with("HTTP/1.1 100 Continue"), "{text}");
+    assert!(text.ends_with("api-v2 /upload - HTTP/1.1\n"), "{text}");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(900),
+        "100 came at once, not after curl's 1 s wait: {took:?}"
+    );
+    // A backend that answers an upload without reading it: its answer
+    // reaches the client, with or without Expect.
+    let early = [
+        "-H",
+        "x-version: v2",
+        "--data-binary",
+        &data,
+        &url("/early"),
+    ];
+    let (status, text) = c.curl(&early).await;
+    assert_eq!(status, 200, "{text}");
+    let (_, text) = c
+        .curl(&[&expect[..], &[&data, &url("/early")]].concat())
+        .await;
+    assert!(text.ends_with("api-v2 /early - HTTP/1.1\n"), "{text}");
     // A mirrored request: the client's answer is api-v1's; api-v2 gets the
     // copy (fire and forget).
     let (_, text) = c.curl(&[&url("/mirror/x")]).await;

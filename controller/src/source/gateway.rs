@@ -310,13 +310,25 @@ fn routes(objects: &Objects, out: &mut Translation) {
     for (kind, key, spec, created) in all {
         let id = format!("{kind} {key}");
         let created = created.map_or(0, |t| t.0.as_second());
-        let route = match compile(kind, key, &spec, created, objects) {
+        // Checked here with the proxies' own matcher compiler, so a route
+        // that cannot be served (a bad regex) is refused alone and reported
+        // on the route; the rest of the config serves.
+        let compiled = compile(kind, key, &spec, created, objects)
+            .and_then(|r| weft_proto::routes::compile(&r).map(|_| r));
+        let route = match compiled {
             Ok(route) => route,
             Err(reason) => {
+                let reason = format!("{reason}; the route is not served");
                 out.problems.push(super::translate::Problem {
-                    object: id,
-                    reason: format!("{reason}; the route is not served"),
+                    object: id.clone(),
+                    reason: reason.clone(),
                     refused: true,
+                });
+                out.routes.push(Route {
+                    key: id,
+                    parents: Vec::new(),
+                    rules: 0,
+                    refused: Some(reason),
                 });
                 continue;
             }
@@ -335,6 +347,7 @@ fn routes(objects: &Objects, out: &mut Translation) {
             key: id,
             parents,
             rules: route.rules.len(),
+            refused: None,
         });
         if !route.parents.is_empty() {
             out.specs.routes.push(route);

@@ -82,6 +82,8 @@ pub struct Route {
     /// Services (`<namespace>/<name>`) it attaches to.
     pub parents: Vec<String>,
     pub rules: usize,
+    /// Why it is not served, if it is not.
+    pub refused: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -1134,6 +1136,13 @@ spec:
   parentRefs: [{group: "", kind: Service, name: api, port: 9090}]
   rules: [{matches: [{method: {service: shop.Orders}}], backendRefs: [{name: api, port: 9090}]}]
 ---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: bad-regex, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api}]
+  rules: [{matches: [{path: {type: RegularExpression, value: "(unclosed"}}], backendRefs: [{name: api, port: 80}]}]
+---
 apiVersion: weft.dev/v1alpha1
 kind: BackendPolicy
 metadata: {name: api-lb, namespace: shop}
@@ -1203,11 +1212,27 @@ spec: {targetRef: {kind: Service, name: api}, loadBalancer: LeastRequest}
                     "HTTPRoute shop/api-split",
                     &["shop/api".to_owned(), "shop/nope".to_owned()][..]
                 ),
+                ("HTTPRoute shop/bad-regex", &[][..]),
                 ("GRPCRoute shop/api-grpc", &["shop/api".to_owned()][..]),
             ]
         );
-        assert_eq!(t.problems.len(), 1, "{:?}", t.problems);
-        assert!(t.problems[0].reason.contains("shop/nope"));
+        // The route that cannot be served is refused alone, saying why; the
+        // config with the others still builds.
+        let bad = t
+            .routes
+            .iter()
+            .find(|r| r.key == "HTTPRoute shop/bad-regex")
+            .expect("listed");
+        assert!(
+            bad.refused
+                .as_deref()
+                .is_some_and(|r| r.contains("(unclosed")),
+            "{bad:?}"
+        );
+        assert_eq!(t.problems.len(), 2, "{:?}", t.problems);
+        assert!(t.problems.iter().any(|p| p.reason.contains("shop/nope")));
+        assert!(t.specs.routes.iter().all(|r| r.name != "bad-regex"));
+        Model::from_specs(t.specs, TD).expect("the served routes build a model");
     }
 
     #[test]

@@ -233,6 +233,16 @@ impl weft_proto::pb::xds::aggregated_discovery_service_server::AggregatedDiscove
                 };
                 let _ = tx.send(Ok(resp)).await;
             }
+            // Then the rest of the client's stream, counted (both ways).
+            let mut got = 1;
+            while let Ok(Some(_)) = inbound.message().await {
+                got += 1;
+            }
+            let done = weft_proto::pb::xds::DeltaDiscoveryResponse {
+                nonce: format!("got {got}"),
+                ..Default::default()
+            };
+            let _ = tx.send(Ok(done)).await;
         });
         Ok(tonic::Response::new(
             tokio_stream::wrappers::ReceiverStream::new(rx),
@@ -673,7 +683,7 @@ async fn http2_grpc_and_upgrades_pass_the_waypoint() {
     assert_eq!(out, "api-v2 /h2 - HTTP/2.0\n");
 
     // gRPC (tonic both ends): unary, an error status with its message,
-    // and a server stream, all with their trailers.
+    // and a stream both ways, all with their trailers.
     let netns = c.client.path.clone();
     let dst: SocketAddr = format!("{VIP}:9090").parse().expect("addr");
     let channel = tonic::transport::Endpoint::from_static("http://api.default:9090")
@@ -708,12 +718,12 @@ async fn http2_grpc_and_upgrades_pass_the_waypoint() {
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert_eq!(err.message(), "no such thing, said the server");
     let mut ads = AggregatedDiscoveryServiceClient::new(channel);
-    let first = DeltaDiscoveryRequest {
-        type_url: "t".into(),
+    let asks = (0..3).map(|i| DeltaDiscoveryRequest {
+        type_url: format!("t{i}"),
         ..Default::default()
-    };
+    });
     let mut stream = ads
-        .delta_aggregated_resources(tokio_stream::iter([first]))
+        .delta_aggregated_resources(tokio_stream::iter(asks))
         .await
         .expect("stream opens")
         .into_inner();
@@ -725,7 +735,7 @@ async fn http2_grpc_and_upgrades_pass_the_waypoint() {
     {
         nonces.push(msg.nonce);
     }
-    assert_eq!(nonces, ["0", "1", "2"]);
+    assert_eq!(nonces, ["0", "1", "2", "got 3"], "streams both ways");
 
     // An upgrade (the WebSocket handshake): 101, then bytes both ways.
     let vip: SocketAddr = format!("{VIP}:80").parse().expect("addr");

@@ -475,9 +475,22 @@ impl Model {
         self.waypoints.iter().find(|w| w.key == key)
     }
 
-    /// L4 authorization for a connection to `dst` on `port`: any matching
+    /// L4 authorization for a connection to `dst` on `port`: a workload
+    /// bound to a waypoint admits only that waypoint (its L7 policy cannot
+    /// be skipped; an unknown waypoint admits no one); then any matching
     /// DENY refuses; if ALLOW policies apply, one must match; no policy allows.
     pub fn authorize(&self, dst: &Workload, src: Source<'_>, port: u16) -> Decision {
+        if let Some(key) = &dst.waypoint {
+            let from_it = self
+                .waypoint(key)
+                .is_some_and(|w| src.identity == Some(&w.identity));
+            if !from_it {
+                return Decision::Deny(format!(
+                    "{} is bound to waypoint {key}; only the waypoint may connect",
+                    dst.key
+                ));
+            }
+        }
         let applicable: Vec<&Policy> = self
             .policies
             .iter()
@@ -1053,6 +1066,34 @@ policies:
             m.authorize(&api, plaintext, 8080),
             Decision::Deny(_)
         ));
+    }
+
+    #[test]
+    fn a_bound_workload_admits_only_its_waypoint() {
+        let yaml = r#"
+workloads:
+  - {name: api, serviceAccount: api, node: b, addresses: [10.0.2.2], waypoint: default/wp}
+  - {name: open, serviceAccount: api, node: b, addresses: [10.0.2.3], waypoint: default/gone}
+waypoints:
+  - {name: wp, serviceAccount: wp, addresses: [10.0.3.1]}
+"#;
+        let m = Model::from_yaml(yaml, "cluster.local").expect("valid");
+        let api = m.workload("default", "api").expect("api");
+        let ip = "10.0.1.2".parse().expect("ip");
+        let (wp, web) = (id("wp"), id("web"));
+        let from = |i| Source { identity: i, ip };
+        assert_eq!(m.authorize(api, from(Some(&wp)), 80), Decision::Allow);
+        for src in [from(Some(&web)), from(None)] {
+            assert!(
+                matches!(m.authorize(api, src, 80), Decision::Deny(r) if r.contains("bound to waypoint default/wp")),
+                "a direct client or plaintext skips the waypoint"
+            );
+        }
+        let orphan = m.workload("default", "open").expect("open");
+        assert!(
+            matches!(m.authorize(orphan, from(Some(&wp)), 80), Decision::Deny(_)),
+            "unknown waypoint: no one"
+        );
     }
 
     #[test]

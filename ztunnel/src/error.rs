@@ -77,8 +77,6 @@ pub enum InboundRefusal {
     ZtunnelPort,
     #[error("{0}")]
     Denied(String),
-    #[error("refused: {0} is bound to waypoint {1}; only the waypoint may connect")]
-    NotFromWaypoint(String, String),
     #[error("application unreachable: {0}")]
     AppUnreachable(std::io::Error),
 }
@@ -89,9 +87,7 @@ impl InboundRefusal {
             InboundRefusal::NotThisPod | InboundRefusal::ZtunnelPort => {
                 http::StatusCode::BAD_REQUEST
             }
-            InboundRefusal::Denied(_) | InboundRefusal::NotFromWaypoint(..) => {
-                http::StatusCode::FORBIDDEN
-            }
+            InboundRefusal::Denied(_) => http::StatusCode::FORBIDDEN,
             InboundRefusal::AppUnreachable(_) => http::StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -99,7 +95,7 @@ impl InboundRefusal {
     pub fn flag(&self) -> &'static str {
         match self {
             InboundRefusal::NotThisPod | InboundRefusal::ZtunnelPort => "NR",
-            InboundRefusal::Denied(_) | InboundRefusal::NotFromWaypoint(..) => "DENY",
+            InboundRefusal::Denied(_) => "DENY",
             InboundRefusal::AppUnreachable(_) => "UF",
         }
     }

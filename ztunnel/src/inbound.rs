@@ -39,9 +39,6 @@ impl Handler for Inbound {
         if ZTUNNEL_PORTS.contains(&c.authority.port()) {
             return self.refuse(c, InboundRefusal::ZtunnelPort, &mut rec);
         }
-        if let Err(why) = self.check_waypoint_peer(&c.peer) {
-            return self.refuse(c, why, &mut rec);
-        }
         let src = Source {
             identity: Some(&c.peer),
             ip: c.peer_addr.ip(),
@@ -111,20 +108,6 @@ const ZTUNNEL_PORTS: [u16; 6] = [
 ];
 
 impl Inbound {
-    /// A pod bound to a waypoint admits only that waypoint's identity, so
-    /// its L7 policy cannot be skipped (by a client, or a ztunnel that does
-    /// not know the binding).
-    fn check_waypoint_peer(&self, peer: &Identity) -> Result<(), InboundRefusal> {
-        let model = self.node.model.borrow().clone();
-        let Some(key) = self.pod.workload(&model).and_then(|w| w.waypoint.clone()) else {
-            return Ok(());
-        };
-        match model.waypoint(&key) {
-            Some(wp) if wp.identity == *peer => Ok(()),
-            _ => Err(InboundRefusal::NotFromWaypoint(self.pod.key.clone(), key)),
-        }
-    }
-
     /// The 200's headers: who answered, in baggage.
     fn answer_headers(&self) -> http::HeaderMap {
         let model = self.node.model.borrow().clone();
@@ -196,18 +179,6 @@ async fn plaintext(node: &Node, pod: &Pod, mut tcp: TcpStream, peer: SocketAddr)
             "refused: connection to the inbound port itself"
         };
         return rec.finish(reason, "DENY");
-    }
-    let bound = {
-        let model = node.model.borrow().clone();
-        pod.workload(&model).and_then(|w| w.waypoint.clone())
-    };
-    if let Some(waypoint) = bound {
-        // Plaintext cannot have come through the waypoint: refused in any mode.
-        node.stats.plaintext_refused.fetch_add(1, Ordering::Relaxed);
-        return rec.finish(
-            format!("refused: plaintext to a pod bound to waypoint {waypoint}"),
-            "DENY",
-        );
     }
     let src = Source {
         identity: None,

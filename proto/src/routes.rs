@@ -166,21 +166,18 @@ impl CompiledMatch {
             // The first value of a repeated parameter, as the spec allows.
             query_pairs(req.query)
                 .find(|(k, _)| k == name)
-                .is_some_and(|(_, v)| m.matches(&v))
+                .is_some_and(|(_, v)| m.matches(v))
         };
         self.headers.iter().all(header_ok) && self.query.iter().all(query_ok)
     }
 }
 
-fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (String, String)> + '_ {
+fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, &str)> {
     query
         .unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (k.to_owned(), v.to_owned())
-        })
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
 }
 
 /// A route's rules compiled: per rule, its matches.
@@ -266,7 +263,7 @@ impl RouteTable {
                 rules.flat_map(move |(ri, ms)| (0..ms.len()).map(move |mi| (r.clone(), ri, mi)))
             })
             .collect();
-        entries.sort_by_key(|(r, ri, mi)| {
+        entries.sort_by_cached_key(|(r, ri, mi)| {
             let m = &r.compiled.rules[*ri][*mi];
             (
                 Reverse(m.specificity),

@@ -168,8 +168,6 @@ struct Ctx<'a> {
     client: &'a Client,
     started: Instant,
     route: Option<Selected>,
-    /// The path prefix the rule matched on (for prefix rewrites).
-    matched_prefix: Option<String>,
     response_headers: Vec<pb::HeaderModifier>,
     /// The Service and port the request went to.
     backend: (String, u16),
@@ -339,7 +337,6 @@ impl Proxy {
             client,
             started: Instant::now(),
             route: None,
-            matched_prefix: None,
             response_headers: Vec::new(),
             backend: (String::new(), 0),
             flag: "-",
@@ -462,7 +459,6 @@ impl Proxy {
         let selected = table
             .select(&r)
             .ok_or_else(|| refuse(StatusCode::NOT_FOUND, "NR", "no route matched"))?;
-        ctx.matched_prefix = matched_prefix(selected.rule(), req.uri().path());
         ctx.route = Some(selected);
         Ok(())
     }
@@ -500,20 +496,15 @@ impl Proxy {
                 Filter::RequestHeaders(m) => filters::modify_headers(req.headers_mut(), m),
                 Filter::ResponseHeaders(m) => ctx.response_headers.push(m.clone()),
                 Filter::Rewrite(r) => {
-                    let (parts, _) = (req.uri().clone(), ());
-                    let mut uri = parts;
-                    filters::rewrite(
-                        &mut uri,
-                        req.headers_mut(),
-                        r,
-                        ctx.matched_prefix.as_deref(),
-                    );
+                    let mut uri = req.uri().clone();
+                    let prefix = matched_prefix(ctx.route.as_ref(), uri.path());
+                    filters::rewrite(&mut uri, req.headers_mut(), r, prefix);
                     *req.uri_mut() = uri;
                 }
                 Filter::Redirect(r) => {
                     let host = host_of(req);
-                    let (status, location) =
-                        filters::redirect(req.uri(), &host, r, ctx.matched_prefix.as_deref());
+                    let prefix = matched_prefix(ctx.route.as_ref(), req.uri().path());
+                    let (status, location) = filters::redirect(req.uri(), &host, r, prefix);
                     let mut resp = status_response(status, "");
                     resp.headers_mut()
                         .insert(filters::REDIRECT_HEADER, location);
@@ -914,15 +905,18 @@ fn endpoints(model: &Model, service: &str, port: u16) -> Option<Vec<Endpoint>> {
     )
 }
 
-/// The prefix a rule matched a path on, for `ReplacePrefixMatch`.
-fn matched_prefix(rule: &pb::RouteRule, path: &str) -> Option<String> {
-    rule.matches
+/// The prefix the selected rule matched `path` on, for
+/// `ReplacePrefixMatch`; worked out only when a filter needs it.
+fn matched_prefix<'r>(route: Option<&'r Selected>, path: &str) -> Option<&'r str> {
+    route?
+        .rule()
+        .matches
         .iter()
         .filter_map(|m| m.path.as_ref())
         .filter(|p| p.kind() == pb::string_match::Kind::Prefix)
-        .map(|p| p.value.clone())
+        .map(|p| p.value.as_str())
         .filter(|p| path.starts_with(p.trim_end_matches('/')))
-        .max_by_key(String::len)
+        .max_by_key(|p| p.len())
 }
 
 fn host_of(req: &Request<Incoming>) -> String {

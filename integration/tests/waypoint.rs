@@ -605,15 +605,7 @@ async fn dial_from(
     netns: std::path::PathBuf,
     dst: SocketAddr,
 ) -> std::io::Result<tokio::net::TcpStream> {
-    let ns = weft_ztunnel::netns::Netns::open(&netns)?;
-    let std = ns
-        .run(move || {
-            let s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
-            s.set_nonblocking(true)?;
-            Ok(s)
-        })
-        .await?;
-    tokio::net::TcpStream::from_std(std)
+    weft_integration::netns::connect_in(&netns, dst).await
 }
 
 /// An HBONE client dialling from inside the outsider pod (not captured).

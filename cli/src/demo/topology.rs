@@ -266,15 +266,7 @@ impl PodNs {
         &self,
         dst: std::net::SocketAddr,
     ) -> std::io::Result<tokio::net::TcpStream> {
-        let std = weft_ztunnel::netns::Netns::open(&self.path)?
-            .run(move || {
-                let s =
-                    std::net::TcpStream::connect_timeout(&dst, std::time::Duration::from_secs(3))?;
-                s.set_nonblocking(true)?;
-                Ok(s)
-            })
-            .await?;
-        tokio::net::TcpStream::from_std(std)
+        connect_in(&self.path, dst).await
     }
 
     /// A listener inside the pod (an application's socket).
@@ -358,4 +350,20 @@ impl LinkCapture {
         .unwrap_or(0);
         (seen, hbone)
     }
+}
+
+/// Connects from inside the network namespace at `netns` (a pod's), as its
+/// application would: an ordinary socket, so capture applies to it.
+pub async fn connect_in(
+    netns: &std::path::Path,
+    dst: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let std = weft_ztunnel::netns::Netns::open(netns)?
+        .run(move || {
+            let s = std::net::TcpStream::connect_timeout(&dst, std::time::Duration::from_secs(3))?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+        .await?;
+    tokio::net::TcpStream::from_std(std)
 }

@@ -27,8 +27,14 @@ use crate::{median, proc_status_kib};
 struct Nginx(Child);
 
 impl Drop for Nginx {
+    /// SIGTERM, not SIGKILL: a killed master leaves its worker behind,
+    /// spinning on the closed channel and skewing the next run.
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        let pid = self.0.id().to_string();
+        let termed = Command::new("kill").args(["-TERM", &pid]).status();
+        if !termed.is_ok_and(|s| s.success()) {
+            let _ = self.0.kill();
+        }
         let _ = self.0.wait();
     }
 }

@@ -384,12 +384,77 @@ mod tests {
                 );
             }
         }
+        assert!(granted("", "pods", "get"), "a proxy token's pod is read");
         assert!(granted("authentication.k8s.io", "tokenreviews", "create"));
         assert!(granted(
             "authorization.k8s.io",
             "subjectaccessreviews",
             "create"
         ));
+    }
+}
+
+#[cfg(test)]
+mod manifest_tests {
+    use k8s_openapi::api::{apps, core, policy, rbac};
+    use serde_json::Value;
+
+    /// `doc` read as `T` and written back is `doc`: a misspelt or
+    /// misplaced field (which the API server would drop or refuse) fails.
+    fn round_trips<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value) {
+        let typed: T = serde_json::from_value(doc.clone())
+            .unwrap_or_else(|e| panic!("{} does not parse: {e}", doc["metadata"]["name"]));
+        let back = serde_json::to_value(&typed).expect("serialises");
+        assert_eq!(&back, doc, "{} has fields its type lacks", doc["kind"]);
+    }
+
+    #[test]
+    fn every_manifest_is_a_valid_kubernetes_object() {
+        let text = super::install();
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&text).expect("YAML");
+        for doc in &docs {
+            match doc["kind"].as_str().unwrap_or_default() {
+                "Namespace" => round_trips::<core::v1::Namespace>(doc),
+                "ServiceAccount" => round_trips::<core::v1::ServiceAccount>(doc),
+                "Service" => round_trips::<core::v1::Service>(doc),
+                "ClusterRole" => round_trips::<rbac::v1::ClusterRole>(doc),
+                "ClusterRoleBinding" => round_trips::<rbac::v1::ClusterRoleBinding>(doc),
+                "Role" => round_trips::<rbac::v1::Role>(doc),
+                "RoleBinding" => round_trips::<rbac::v1::RoleBinding>(doc),
+                "Deployment" => round_trips::<apps::v1::Deployment>(doc),
+                "DaemonSet" => round_trips::<apps::v1::DaemonSet>(doc),
+                "PodDisruptionBudget" => round_trips::<policy::v1::PodDisruptionBudget>(doc),
+                "CustomResourceDefinition" => {}
+                other => panic!("no check for kind {other}"),
+            }
+        }
+        // The ztunnel runs as the account whose tokens make a node, with
+        // a projected token for the CA's audience.
+        let ds = docs
+            .iter()
+            .find(|d| d["kind"] == "DaemonSet")
+            .expect("ztunnel");
+        let account = format!(
+            "{}/{}",
+            ds["metadata"]["namespace"].as_str().unwrap_or_default(),
+            ds["spec"]["template"]["spec"]["serviceAccountName"]
+                .as_str()
+                .unwrap_or_default()
+        );
+        let tokens = weft_controller::kube_auth::ProxyTokens::default();
+        assert_eq!(account, tokens.ztunnel_account);
+        let projected = ds["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["projected"]["sources"].as_array())
+            .flatten()
+            .any(|s| s["serviceAccountToken"]["audience"] == tokens.audiences[0].as_str());
+        assert!(
+            projected,
+            "the ztunnel mounts a token for {:?}",
+            tokens.audiences
+        );
     }
 }
 

@@ -78,13 +78,29 @@ pub enum SourceConfig {
     Kubernetes(KubeAccess),
 }
 
-/// How to reach the Kubernetes API, as every Kubernetes tool spells it.
-#[derive(Debug, Clone, Default)]
+/// How to reach the Kubernetes API (as every Kubernetes tool spells it),
+/// and weft's place in the cluster.
+#[derive(Debug, Clone)]
 pub struct KubeAccess {
     /// A kubeconfig file (`--kubeconfig`); default: in-cluster, else `KUBECONFIG`.
     pub kubeconfig: Option<PathBuf>,
     /// A context of that kubeconfig (`--context`); default: its current one.
     pub context: Option<String>,
+    /// The controller's own namespace: its CA Secret and trust bundle.
+    pub namespace: String,
+    /// How proxies' ServiceAccount tokens are judged.
+    pub proxy_tokens: crate::kube_auth::ProxyTokens,
+}
+
+impl Default for KubeAccess {
+    fn default() -> Self {
+        KubeAccess {
+            kubeconfig: None,
+            context: None,
+            namespace: "weft-system".into(),
+            proxy_tokens: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +150,7 @@ pub struct Bound {
     pub sources: watch::Receiver<Arc<SourceStatus>>,
     shutdown: CancellationToken,
     server: JoinHandle<()>,
+    accepting: JoinHandle<()>,
 }
 
 impl Bound {
@@ -141,6 +158,8 @@ impl Bound {
     /// in-flight requests to finish.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
+        // The gRPC port is free once this returns (a restart binds it).
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.accepting).await;
         let abort = self.server.abort_handle();
         if tokio::time::timeout(Duration::from_secs(5), self.server)
             .await
@@ -155,12 +174,26 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let identity = weft_proto::identity::controller(&config.trust_domain)?;
     prepare_data_dir(&config.data_dir)?;
     weft_proto::process::prometheus();
+    let kube = match &config.source {
+        SourceConfig::Kubernetes(access) => Some(kube_ca(&config, access).await?),
+        SourceConfig::Local(_) => None,
+    };
     let ca = Arc::new(CertificateAuthority::load_or_create(
         &config.data_dir.join("ca"),
         &config.trust_domain,
         config.max_cert_ttl,
     )?);
     let nodes = Arc::new(Nodes::load(&config.data_dir.join("nodes"))?);
+    if let (Some(client), SourceConfig::Kubernetes(access)) = (&kube, &config.source) {
+        let roots = ca.root_pem();
+        crate::kube_ca::publish_trust_bundle(client, &access.namespace, roots)
+            .await
+            .map_err(|e| BuildError::Kubernetes(e.to_string()))?;
+        nodes.accept_kubernetes_tokens(crate::kube_auth::ProxyReviewer::new(
+            client.clone(),
+            access.proxy_tokens.clone(),
+        ));
+    }
 
     // The controller's own serving certificate, renewed like any workload's.
     let signer = ServingSigner {
@@ -190,7 +223,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
 
     let (listener, grpc_addr) = bind(config.grpc_addr).await?;
     let shutdown = CancellationToken::new();
-    let incoming = tls_incoming::incoming(listener, tls, shutdown.clone());
+    let (incoming, accepting) = tls_incoming::incoming(listener, tls, shutdown.clone());
     let service = CaService::new(ca.clone(), nodes.clone(), config.trust_domain.clone());
     let store = ConfigStore::new();
     // The CA's entitlements follow the config served.
@@ -210,10 +243,8 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             let status = local.status();
             (Some(local), status, None)
         }
-        SourceConfig::Kubernetes(access) => {
-            let client = kubernetes::client(access)
-                .await
-                .map_err(|e| BuildError::Kubernetes(e.to_string()))?;
+        SourceConfig::Kubernetes(_) => {
+            let client = kube.clone().expect("made above in Kubernetes mode");
             let k8s = kubernetes::start(
                 client,
                 store.clone(),
@@ -254,7 +285,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         sources: sources.clone(),
         auth: match kube_client {
             Some(client) => {
-                rest::Auth::Kubernetes(Arc::new(crate::source::kubernetes::Reviewer::new(client)))
+                rest::Auth::Kubernetes(Arc::new(crate::kube_auth::Reviewer::new(client)))
             }
             None => rest::Auth::Token(api_token.clone().into()),
         },
@@ -278,7 +309,26 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         sources,
         shutdown,
         server,
+        accepting,
     })
+}
+
+/// The Kubernetes client, with the CA directory made to hold the CA the
+/// cluster shares (Secret `weft-ca`).
+async fn kube_ca(config: &Config, access: &KubeAccess) -> Result<kube::Client, BuildError> {
+    let failed = |e: &dyn std::fmt::Display| BuildError::Kubernetes(e.to_string());
+    let client = kubernetes::client(access).await.map_err(|e| failed(&e))?;
+    let dir = config.data_dir.join("ca");
+    crate::kube_ca::sync(
+        &client,
+        &access.namespace,
+        &dir,
+        &config.trust_domain,
+        config.max_cert_ttl,
+    )
+    .await
+    .map_err(|e| failed(&e))?;
+    Ok(client)
 }
 
 /// Binds `addr`; the listener and the address it really got (port 0 → a

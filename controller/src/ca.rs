@@ -29,9 +29,11 @@ use weft_proto::identity::Identity;
 use x509_parser::prelude::FromDer;
 
 const CA_CERT: &str = "ca-cert.pem";
-const CA_KEY: &str = "ca-key.pem";
+pub const CA_KEY: &str = "ca-key.pem";
 const ROOT_CERT: &str = "root-cert.pem";
 const CERT_CHAIN: &str = "cert-chain.pem";
+/// The CA's material, in a directory or a Secret's keys.
+pub const CA_FILES: [&str; 4] = [CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN];
 
 /// Lifetime of a root weft generates for itself.
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -98,7 +100,7 @@ impl CertificateAuthority {
         trust_domain: &str,
         max_ttl: Duration,
     ) -> Result<Self, CaError> {
-        let files = [CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN];
+        let files = CA_FILES;
         let present: Vec<bool> = files.iter().map(|f| dir.join(f).exists()).collect();
         if present.iter().all(|p| !p) {
             generate_root(dir, trust_domain)?;

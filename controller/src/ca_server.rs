@@ -79,7 +79,7 @@ impl IstioCertificateService for CaService {
         // which also covers the controller's own; refusals here, each with
         // a log line naming its reason.
         let remote = request.remote_addr();
-        let result = self.issue(request);
+        let result = self.issue(request).await;
         if let Err(status) = &result {
             metrics::counter!("weft_controller_certificate_refusals_total", "code" => format!("{:?}", status.code())).increment(1);
             warn!(
@@ -94,11 +94,12 @@ impl IstioCertificateService for CaService {
 }
 
 impl CaService {
-    fn issue(
+    async fn issue(
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let node = self.nodes.authenticate_request(request.metadata())?;
+        let caller = self.nodes.authenticate_request(request.metadata()).await?;
+        let node = caller.name.as_str();
         let req = request.into_inner();
         let identity = requested_identity(&req)?;
         if identity.trust_domain() != self.trust_domain {
@@ -107,7 +108,12 @@ impl CaService {
                 self.trust_domain
             )));
         }
-        if !self.nodes.entitled(&node, &identity) {
+        if !caller.may_ask_for(&identity) {
+            return Err(Status::permission_denied(format!(
+                "{node} runs as its own ServiceAccount and may ask only for its identity, not {identity}"
+            )));
+        }
+        if !self.nodes.entitled(node, &identity) {
             return Err(Status::permission_denied(format!(
                 "node {node} hosts no workload running as {identity}"
             )));

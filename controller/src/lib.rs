@@ -5,6 +5,8 @@
 pub mod app;
 pub mod ca;
 pub mod ca_server;
+pub mod kube_auth;
+pub mod kube_ca;
 pub mod nodes;
 pub mod rest;
 pub mod source;

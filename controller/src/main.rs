@@ -55,6 +55,18 @@ struct Args {
     /// current context).
     #[arg(long, requires = "kubernetes")]
     context: Option<String>,
+    /// With --kubernetes: the controller's namespace, where the CA Secret
+    /// (weft-ca) and the trust bundle ConfigMap (weft-trust-bundle) live.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
+    namespace: String,
+    /// With --kubernetes: the ztunnel DaemonSet's ServiceAccount
+    /// (NAMESPACE/NAME); its pods' tokens make them the node they run on.
+    #[arg(long, default_value = "weft-system/ztunnel")]
+    ztunnel_service_account: String,
+    /// With --kubernetes: the audience a proxy's projected ServiceAccount
+    /// token must carry. Repeatable (add istio-ca for Istio's ztunnel).
+    #[arg(long = "token-audience", default_value = "weft-ca")]
+    token_audiences: Vec<String>,
     /// REST API listen address.
     #[arg(long, default_value = "0.0.0.0:8080")]
     rest_addr: SocketAddr,
@@ -129,6 +141,11 @@ async fn main() -> anyhow::Result<()> {
             SourceConfig::Kubernetes(app::KubeAccess {
                 kubeconfig: args.kubeconfig,
                 context: args.context,
+                namespace: args.namespace,
+                proxy_tokens: weft_controller::kube_auth::ProxyTokens {
+                    audiences: args.token_audiences,
+                    ztunnel_account: args.ztunnel_service_account,
+                },
             })
         } else {
             SourceConfig::Local(args.config_dir)

@@ -17,6 +17,7 @@ use weft_proto::model::waypoint_proxy_name;
 use crate::state::Snapshot;
 
 use crate::ca::{CaError, write_atomic};
+use crate::kube_auth::{ProxyReviewer, Refusal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -36,6 +37,31 @@ pub struct Nodes {
     // (its version, node name → meshed identities placed there)
     config: std::sync::OnceLock<watch::Receiver<Arc<Snapshot>>>,
     from_config: RwLock<(u64, Placements)>,
+    kubernetes: std::sync::OnceLock<ProxyReviewer>,
+}
+
+/// Who asks: the name its config and entitlements go by (a node, or
+/// `waypoint.<ns>.<name>`), and, for a proxy that runs as one
+/// ServiceAccount and may ask for nothing else (a waypoint in Kubernetes),
+/// that account as (namespace, name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    pub only: Option<(String, String)>,
+}
+
+impl Caller {
+    pub fn node(name: String) -> Self {
+        Caller { name, only: None }
+    }
+
+    /// Whether this caller may ask for `identity` at all (placement is
+    /// checked apart).
+    pub fn may_ask_for(&self, identity: &Identity) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|(ns, sa)| identity.namespace() == ns && identity.service_account() == sa)
+    }
 }
 
 type Placements = HashMap<String, HashSet<Identity>>;
@@ -72,6 +98,7 @@ impl Nodes {
             placements: RwLock::new(HashMap::new()),
             config: std::sync::OnceLock::new(),
             from_config: RwLock::new((0, HashMap::new())),
+            kubernetes: std::sync::OnceLock::new(),
         })
     }
 
@@ -108,26 +135,48 @@ impl Nodes {
         found
     }
 
-    /// The node a gRPC request comes from, by its `authorization: Bearer`
-    /// header; `UNAUTHENTICATED` (logged) with what to do otherwise.
-    pub fn authenticate_request(
+    /// Who a gRPC request comes from, by its `authorization: Bearer`
+    /// header: a node token, else (Kubernetes) a proxy's ServiceAccount
+    /// token. `UNAUTHENTICATED`, `PERMISSION_DENIED` or `UNAVAILABLE`
+    /// (logged) with what to do otherwise.
+    pub async fn authenticate_request(
         &self,
         metadata: &tonic::metadata::MetadataMap,
-    ) -> Result<String, tonic::Status> {
+    ) -> Result<Caller, tonic::Status> {
         let refuse = |why: &str| {
             tracing::warn!(reason = why, "request refused: unauthenticated");
             tonic::Status::unauthenticated(why)
         };
         let header = metadata.get("authorization").ok_or_else(|| {
-            refuse("no authorization header; send \"Bearer <node token>\" (local mode: <data-dir>/nodes/<node>.token)")
+            refuse("no authorization header; send \"Bearer <token>\" (local mode: <data-dir>/nodes/<node>.token; Kubernetes: the pod's projected ServiceAccount token, audience weft-ca)")
         })?;
         let token = header
             .to_str()
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
             .ok_or_else(|| refuse("authorization header is not \"Bearer <token>\""))?;
-        self.authenticate(token.trim())
-            .ok_or_else(|| refuse("node token not recognised"))
+        if let Some(node) = self.authenticate(token) {
+            return Ok(Caller::node(node));
+        }
+        let Some(kube) = self.kubernetes.get() else {
+            return Err(refuse("node token not recognised"));
+        };
+        kube.proxy(token).await.map_err(|r| {
+            tracing::warn!(reason = %r, "request refused");
+            match r {
+                Refusal::Unauthenticated(_) => tonic::Status::unauthenticated(r.to_string()),
+                Refusal::Unavailable(_) => tonic::Status::unavailable(r.to_string()),
+                Refusal::NotAProxy(_) | Refusal::Forbidden { .. } => {
+                    tonic::Status::permission_denied(r.to_string())
+                }
+            }
+        })
+    }
+
+    /// Proxies may also present Kubernetes ServiceAccount tokens.
+    pub fn accept_kubernetes_tokens(&self, reviewer: ProxyReviewer) {
+        let _ = self.kubernetes.set(reviewer);
     }
 
     /// Replaces the placements that come from config (hand-made ones stay).

@@ -49,7 +49,7 @@ pub enum Auth {
     Token(Arc<str>),
     /// Kubernetes: a Kubernetes token, checked by TokenReview and
     /// SubjectAccessReview.
-    Kubernetes(Arc<crate::source::kubernetes::Reviewer>),
+    Kubernetes(Arc<crate::kube_auth::Reviewer>),
 }
 
 /// The API token, made on first start.
@@ -206,7 +206,7 @@ async fn authenticate(
             }
         }
         Auth::Kubernetes(reviewer) => {
-            use crate::source::kubernetes::Refusal;
+            use crate::kube_auth::Refusal;
             let verb = match *req.method() {
                 http::Method::PUT | http::Method::POST => "update",
                 http::Method::DELETE => "delete",
@@ -220,8 +220,8 @@ async fn authenticate(
             };
             match reviewer.review(presented, verb).await {
                 Ok(()) => {}
-                Err(Refusal::Unauthenticated) => return unauthorized(),
-                Err(e @ Refusal::Forbidden { .. }) => {
+                Err(Refusal::Unauthenticated(_)) => return unauthorized(),
+                Err(e @ (Refusal::Forbidden { .. } | Refusal::NotAProxy(_))) => {
                     return refused(StatusCode::FORBIDDEN, "forbidden", &e);
                 }
                 Err(e @ Refusal::Unavailable(_)) => {

@@ -72,12 +72,17 @@ impl AsyncWrite for TlsConn {
     }
 }
 
-/// The stream of handshaken connections for `Server::serve_with_incoming`.
+/// The stream of handshaken connections for `Server::serve_with_incoming`,
+/// and the accept loop's task (done once `shutdown` is seen and the
+/// listener closed: a restart on the same port waits for it).
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     shutdown: CancellationToken,
-) -> ReceiverStream<io::Result<TlsConn>> {
+) -> (
+    ReceiverStream<io::Result<TlsConn>>,
+    tokio::task::JoinHandle<()>,
+) {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     // The shared accept loop bounds the handshakes in flight (past it a
@@ -102,11 +107,11 @@ pub fn incoming(
             }
         }
     };
-    tokio::spawn(weft_proto::listen::accept_bounded(
+    let accepting = tokio::spawn(weft_proto::listen::accept_bounded(
         listener,
         weft_proto::listen::Drain::stopped_by(shutdown),
         ("controller", MAX_HANDSHAKES),
         handshake,
     ));
-    ReceiverStream::new(rx)
+    (ReceiverStream::new(rx), accepting)
 }

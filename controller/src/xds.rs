@@ -82,7 +82,11 @@ impl AggregatedDiscoveryService for XdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let node = self.nodes.authenticate_request(request.metadata())?;
+        let node = self
+            .nodes
+            .authenticate_request(request.metadata())
+            .await?
+            .name;
         let (tx, rx) = mpsc::channel(16);
         let session = Session {
             node: node.clone(),

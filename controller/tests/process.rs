@@ -167,7 +167,7 @@ async fn plain_logs_and_one_count_per_certificate() {
     let roots = Arc::new(weft_proto::tls::TrustBundle::from_pem(&roots).expect("root"));
     let token = std::fs::read_to_string(data.join("nodes/a.token")).expect("token");
     let controller = weft_proto::identity::controller("cluster.local").expect("id");
-    let ca = weft_proto::certs::GrpcCaClient::new(grpc, roots, controller, &token);
+    let ca = weft_proto::certs::GrpcCaClient::new(grpc, roots, controller, token.as_str());
     let id: weft_proto::Identity = "spiffe://cluster.local/ns/default/sa/web"
         .parse()
         .expect("id");

@@ -122,7 +122,7 @@ pub async fn run(workloads: usize, services: usize, proxies: usize) -> anyhow::R
             controller: mesh.controller.grpc_addr,
             roots: mesh.roots(),
             controller_identity: mesh.controller.identity.clone(),
-            token,
+            credential: token.as_str().into(),
             node,
             trust_domain: "cluster.local".into(),
             types: &weft_proto::resources::ZTUNNEL_TYPES,

@@ -200,7 +200,7 @@ impl Mesh {
             self.controller.grpc_addr,
             self.roots(),
             self.controller.identity.clone(),
-            &token,
+            token.as_str(),
         );
         Node {
             name: name.to_owned(),

@@ -239,7 +239,7 @@ async fn authenticated_reads_validated_writes_and_persistence() {
         controller: mesh.controller.grpc_addr,
         roots: mesh.roots(),
         controller_identity: mesh.controller.identity.clone(),
-        token: node_token,
+        credential: node_token.as_str().into(),
         node: "a".into(),
         trust_domain: "cluster.local".into(),
         types: &weft_proto::resources::ZTUNNEL_TYPES,

@@ -30,7 +30,7 @@ fn client(
         controller: mesh.controller.grpc_addr,
         roots: mesh.roots(),
         controller_identity: mesh.controller.identity.clone(),
-        token: token.to_owned(),
+        credential: token.into(),
         node: node.to_owned(),
         trust_domain: "cluster.local".into(),
         types: &weft_proto::resources::ZTUNNEL_TYPES,

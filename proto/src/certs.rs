@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::credential::Credential;
 use crate::identity::Identity;
 use crate::pb::ca::IstioCertificateRequest;
 use crate::pb::ca::istio_certificate_service_client::IstioCertificateServiceClient;
@@ -296,10 +297,11 @@ pub fn make_csr(identity: &Identity) -> Result<(String, PrivateKeyDer<'static>),
     Ok((pem, der))
 }
 
-/// The controller's CA over gRPC, authenticated with the node's token.
+/// The controller's CA over gRPC, authenticated with the proxy's
+/// credential (read at each request: a projected token rotates).
 pub struct GrpcCaClient {
     client: IstioCertificateServiceClient<tonic::transport::Channel>,
-    token: Arc<str>,
+    credential: Credential,
 }
 
 impl GrpcCaClient {
@@ -310,13 +312,13 @@ impl GrpcCaClient {
         addr: SocketAddr,
         roots: Arc<tls::TrustBundle>,
         controller: Identity,
-        token: &str,
+        credential: impl Into<Credential>,
     ) -> Self {
         let tls = tls::controller_client_config(tls::Trust::Static(roots), controller);
         let channel = crate::grpc::tls_channel(addr, tls);
         GrpcCaClient {
             client: IstioCertificateServiceClient::new(channel),
-            token: token.trim().into(),
+            credential: credential.into(),
         }
     }
 }
@@ -343,9 +345,10 @@ impl CaClient for GrpcCaClient {
                 validity_duration: ttl.as_secs() as i64,
                 metadata: Some(metadata),
             });
-            let bearer = format!("Bearer {}", self.token).parse().map_err(|_| {
-                CertError::Refused("node token has characters not allowed in a header".into())
-            })?;
+            let bearer = self
+                .credential
+                .bearer()
+                .map_err(|e| CertError::Refused(e.to_string()))?;
             req.metadata_mut().insert("authorization", bearer);
             let resp = self
                 .client

@@ -2,6 +2,7 @@
 //! gRPC code, SPIFFE identity, TLS, the certificate manager and HBONE.
 
 pub mod certs;
+pub mod credential;
 pub mod grpc;
 pub mod hbone;
 pub mod identity;

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
+use crate::credential::Credential;
 use crate::identity::Identity;
 use crate::model::{Changes, Model};
 use crate::pb::google::rpc::Status as RpcStatus;
@@ -34,7 +35,7 @@ pub struct XdsConfig {
     pub controller: SocketAddr,
     pub roots: Arc<TrustBundle>,
     pub controller_identity: Identity,
-    pub token: String,
+    pub credential: Credential,
     pub node: String,
     pub trust_domain: String,
     /// The kinds this proxy subscribes to (a ztunnel:
@@ -127,11 +128,10 @@ async fn session(
         let _ = req_tx.send(subscribe).await;
     }
     let mut request = tonic::Request::new(ReceiverStream::new(req_rx));
-    let bearer = format!("Bearer {}", config.token.trim())
-        .parse()
-        .map_err(|_| {
-            tonic::Status::invalid_argument("node token has characters not allowed in a header")
-        })?;
+    let bearer = config
+        .credential
+        .bearer()
+        .map_err(|e| tonic::Status::unauthenticated(e.to_string()))?;
     request.metadata_mut().insert("authorization", bearer);
     let mut responses = AggregatedDiscoveryServiceClient::new(channel)
         .max_decoding_message_size(64 * 1024 * 1024)

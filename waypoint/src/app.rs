@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use weft_proto::certs::{CertConfig, CertManager, GrpcCaClient, wait_for_cert};
+use weft_proto::credential::Credential;
 use weft_proto::hbone::H2Settings;
 use weft_proto::hbone::pool::{Pool, PoolSettings};
 use weft_proto::hbone::server::{self, ServerStats};
@@ -95,7 +96,10 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         reason: e.to_string(),
     })?;
     let roots = Arc::new(roots);
-    let token = read(&config.token_file)?;
+    // Read now so a missing mount fails the start; then at each use (a
+    // projected ServiceAccount token is rotated by the kubelet).
+    read(&config.token_file)?;
+    let credential = Credential::File(config.token_file.clone());
     let bad = |reason: String| BuildError::Identity {
         key: config.key.clone(),
         reason,
@@ -114,13 +118,18 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         .unwrap_or_else(tokio::runtime::Handle::current);
     let (certs, pushed) = {
         let _on_control = control.enter();
-        let ca = GrpcCaClient::new(config.ca_addr, roots.clone(), controller.clone(), &token);
+        let ca = GrpcCaClient::new(
+            config.ca_addr,
+            roots.clone(),
+            controller.clone(),
+            credential.clone(),
+        );
         let certs = CertManager::new(Arc::new(ca), CertConfig::default());
         let (pushed, _stats) = xds::spawn(XdsConfig {
             controller: config.ca_addr,
             roots,
             controller_identity: controller,
-            token: token.trim().to_owned(),
+            credential,
             node: waypoint_proxy_name(&config.key),
             trust_domain: config.trust_domain.clone(),
             types: &weft_proto::resources::WAYPOINT_TYPES,

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use weft_proto::certs::{CertConfig, CertManager, GrpcCaClient};
+use weft_proto::credential::Credential;
 use weft_proto::hbone::pool::{Pool, PoolSettings};
 use weft_proto::hbone::server::ServerStats;
 use weft_proto::listen::Drain;
@@ -228,7 +229,7 @@ async fn serve_control(
 async fn start_config(
     config: &Config,
     control: &tokio::runtime::Handle,
-    (roots, token): (Arc<TrustBundle>, &str),
+    (roots, credential): (Arc<TrustBundle>, Credential),
 ) -> Result<(Arc<watch::Sender<Arc<Model>>>, Arc<AtomicBool>), BuildError> {
     let model_tx = Arc::new(watch::channel(Arc::new(Model::default())).0);
     let config_ready = Arc::new(AtomicBool::new(false));
@@ -251,7 +252,7 @@ async fn start_config(
         roots,
         controller_identity: weft_proto::identity::controller(&config.trust_domain)?,
         types: &weft_proto::resources::ZTUNNEL_TYPES,
-        token: token.to_owned(),
+        credential,
         node: config.node.clone(),
         trust_domain: config.trust_domain.clone(),
     });
@@ -356,9 +357,17 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         reason: e.to_string(),
     })?;
     let roots = Arc::new(roots);
-    let token = read(&config.token_file)?;
+    // Read now so a missing mount fails the start; then at each use (a
+    // projected ServiceAccount token is rotated by the kubelet).
+    read(&config.token_file)?;
+    let credential = Credential::File(config.token_file.clone());
     let controller = weft_proto::identity::controller(&config.trust_domain)?;
-    let ca = GrpcCaClient::new(config.ca_addr, roots.clone(), controller, &token);
+    let ca = GrpcCaClient::new(
+        config.ca_addr,
+        roots.clone(),
+        controller,
+        credential.clone(),
+    );
     let control = config
         .control
         .clone()
@@ -367,7 +376,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         path: config.state_dir.clone(),
         reason: source,
     })?;
-    let (model_tx, config_ready) = start_config(&config, &control, (roots, &token)).await?;
+    let (model_tx, config_ready) = start_config(&config, &control, (roots, credential)).await?;
     let node = new_node(&config, &model_tx, ca);
     let mut taken = take_over(&config.state_dir).await;
     let (drain, control_drain) = (Drain::new(), Drain::new());

@@ -68,12 +68,11 @@ pub async fn run(keep: bool) -> anyhow::Result<()> {
     let api = Identity::new(td, "prod", "api")?;
     let node_client = |name: &str| -> anyhow::Result<GrpcCaClient> {
         let token_path = controller.nodes.ensure(name)?;
-        let token = std::fs::read_to_string(&token_path)?;
         Ok(GrpcCaClient::new(
             controller.grpc_addr,
             roots.clone(),
             controller.identity.clone(),
-            &token,
+            token_path,
         ))
     };
     let (ca_a, ca_b) = (

@@ -9,8 +9,8 @@
 //! nothing over nothing takes none.
 //!
 //! Tested against a stand-in API server (tests/kubernetes.rs); RBAC it
-//! needs: `manifests/weft.yaml` (list/watch on [`watched`], create on
-//! tokenreviews and subjectaccessreviews).
+//! needs: `manifests/weft.yaml` (list/watch on [`watched`]; the reviews
+//! callers need are crate::kube_auth's).
 
 use std::collections::HashSet;
 use std::fmt::Debug;
@@ -21,7 +21,6 @@ use std::time::Duration;
 use gateway_api::experimental::httproutes::HttpRoute;
 use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -528,135 +527,4 @@ pub fn watched() -> Vec<(String, String)> {
         r::<BackendPolicy>(),
         r::<FaultInjection>(),
     ]
-}
-
-/// Why a REST caller was refused, in Kubernetes mode.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    #[error("not a valid Kubernetes token (TokenReview)")]
-    Unauthenticated,
-    #[error("{user} may not {verb} weft.dev/api (bind the weft-viewer or weft-admin ClusterRole)")]
-    Forbidden { user: String, verb: String },
-    /// The API server could not answer: says nothing about the caller, so
-    /// it is never cached (a blip must not lock valid users out).
-    #[error("cannot check your token: Kubernetes API unreachable ({0}); try again")]
-    Unavailable(String),
-}
-
-/// REST callers in Kubernetes mode: who they are by TokenReview, what they
-/// may do by SubjectAccessReview on the virtual resource `weft.dev/api`
-/// (verbs get, update, delete), so cluster RBAC decides who reads the
-/// mesh's topology. Decisions are cached for 30 s under a keyed hash of the
-/// token (the token itself is not kept), so a busy client costs the API
-/// server two calls per half minute.
-pub struct Reviewer {
-    client: Client,
-    /// How long a caller waits for the API's answer (kube's client retries
-    /// 503s for minutes) before it gets a 503 of ours.
-    timeout: Duration,
-    hasher: std::collections::hash_map::RandomState,
-    cache: std::sync::Mutex<std::collections::HashMap<u64, Decision>>,
-}
-
-/// When a decision was made, and what it was.
-type Decision = (std::time::Instant, Result<(), Refusal>);
-
-const REVIEW_TTL: Duration = Duration::from_secs(30);
-const REVIEW_CACHE: usize = 4096;
-
-impl Reviewer {
-    pub fn new(client: Client) -> Self {
-        Reviewer {
-            client,
-            timeout: Duration::from_secs(5),
-            hasher: Default::default(),
-            cache: Default::default(),
-        }
-    }
-
-    /// Bounds each review at `timeout` instead of 5 s.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    pub async fn review(&self, token: &str, verb: &str) -> Result<(), Refusal> {
-        use std::hash::BuildHasher;
-        let key = self.hasher.hash_one((token, verb));
-        if let Some((at, decision)) = self.cache.lock().expect("poisoned").get(&key)
-            && at.elapsed() < REVIEW_TTL
-        {
-            return decision.clone();
-        }
-        let decision = tokio::time::timeout(self.timeout, self.ask(token, verb))
-            .await
-            .unwrap_or_else(|_| {
-                warn!(timeout = ?self.timeout, "token review timed out; answering 503");
-                Err(Refusal::Unavailable("no answer in time".into()))
-            });
-        if matches!(decision, Err(Refusal::Unavailable(_))) {
-            return decision;
-        }
-        let mut cache = self.cache.lock().expect("poisoned");
-        if cache.len() >= REVIEW_CACHE {
-            cache.clear(); // bounded; a flood of distinct tokens only costs reviews
-        }
-        cache.insert(key, (std::time::Instant::now(), decision.clone()));
-        decision
-    }
-
-    async fn ask(&self, token: &str, verb: &str) -> Result<(), Refusal> {
-        use k8s_openapi::api::authorization::v1::{
-            ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
-        };
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: token.to_owned(),
-                audiences: None,
-            },
-            ..Default::default()
-        };
-        let post = kube::api::PostParams::default();
-        let unavailable = |what: &str, e: kube::Error| {
-            warn!(error = %e, "{what} failed; answering 503");
-            Refusal::Unavailable(format!("{what}: {e}"))
-        };
-        let reviewed = kube::Api::<TokenReview>::all(self.client.clone())
-            .create(&post, &review)
-            .await
-            .map_err(|e| unavailable("TokenReview", e))?
-            .status
-            .filter(|s| s.authenticated == Some(true))
-            .and_then(|s| s.user)
-            .ok_or(Refusal::Unauthenticated)?;
-        let access = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
-                user: reviewed.username.clone(),
-                groups: reviewed.groups.clone(),
-                uid: reviewed.uid.clone(),
-                resource_attributes: Some(ResourceAttributes {
-                    group: Some("weft.dev".into()),
-                    resource: Some("api".into()),
-                    verb: Some(verb.to_owned()),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let allowed = kube::Api::<SubjectAccessReview>::all(self.client.clone())
-            .create(&post, &access)
-            .await
-            .map_err(|e| unavailable("SubjectAccessReview", e))?
-            .status
-            .is_some_and(|s| s.allowed);
-        if allowed {
-            Ok(())
-        } else {
-            Err(Refusal::Forbidden {
-                user: reviewed.username.unwrap_or_default(),
-                verb: verb.to_owned(),
-            })
-        }
-    }
 }

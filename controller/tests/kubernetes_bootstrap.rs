@@ -1,0 +1,246 @@
+//! A controller in Kubernetes mode, built as the binary builds it, against
+//! the stand-in API server of `fake_api` (no real one can run here; see
+//! there what it keeps faithful): the CA lives in Secret
+//! `weft-system/weft-ca` (created once, the same root after a restart and
+//! across replicas started together), the trust bundle is published, and
+//! proxies authenticate with their pods' projected ServiceAccount tokens —
+//! no node token copied by hand.
+
+mod fake_api;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fake_api::{Fake, kubeconfig, listen};
+use serde_json::{Value, json};
+use weft_controller::app::{self, Bound, Config, KubeAccess, SourceConfig};
+use weft_proto::certs::{CaClient, CertError, GrpcCaClient, make_csr};
+use weft_proto::identity::Identity;
+
+const SECRET: &str = "/api/v1/namespaces/weft-system/secrets/weft-ca";
+const BUNDLE: &str = "/api/v1/namespaces/weft-system/configmaps/weft-trust-bundle";
+
+async fn controller(fake: std::net::SocketAddr, dir: &Path) -> Result<Bound, app::BuildError> {
+    let access = KubeAccess {
+        kubeconfig: Some(kubeconfig(dir, fake)),
+        ..Default::default()
+    };
+    app::build(Config {
+        source: SourceConfig::Kubernetes(access),
+        ..Config::local(dir.join("data"))
+    })
+    .await
+}
+
+fn secret_root(fake: &Fake) -> String {
+    let objects = fake.objects.lock().expect("poisoned");
+    let b64 = objects[SECRET]["data"]["root-cert.pem"].clone();
+    let pem: k8s_openapi::ByteString = serde_json::from_value(b64).expect("base64 root");
+    String::from_utf8(pem.0).expect("PEM")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_lives_in_a_secret_made_once() {
+    let fake = Arc::new(Fake::default());
+    let addr = listen(fake.clone()).await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+
+    // Two replicas starting together: one root comes out.
+    let (a, b) = tokio::join!(
+        controller(addr, dirs[0].path()),
+        controller(addr, dirs[1].path())
+    );
+    let (a, b) = (a.expect("replica a"), b.expect("replica b"));
+    assert_eq!(a.root_pem, b.root_pem, "both replicas sign under one root");
+    let created = fake.creates.lock().expect("poisoned").clone();
+    let made = created.iter().filter(|(_, code)| *code == 201).count();
+    assert_eq!(made, 1, "exactly one Secret created: {created:?}");
+    assert_eq!(secret_root(&fake), a.root_pem);
+    let bundle = fake.objects.lock().expect("poisoned")[BUNDLE].clone();
+    assert_eq!(bundle["data"]["root-cert.pem"], json!(a.root_pem));
+    let key_mode = std::fs::metadata(dirs[1].path().join("data/ca/ca-key.pem"))
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .expect("key written");
+    assert_eq!(key_mode, 0o600);
+    let root = a.root_pem.clone();
+    a.shutdown().await;
+    b.shutdown().await;
+
+    // A replica rescheduled onto an empty disk: the same root.
+    let c = controller(addr, dirs[2].path()).await.expect("replica c");
+    assert_eq!(c.root_pem, root);
+    c.shutdown().await;
+    let creates = fake.creates.lock().expect("poisoned").len();
+    assert!(creates <= 2, "no create once the Secret exists");
+
+    // A Secret missing a file is a clear error, not a new root.
+    fake.objects
+        .lock()
+        .expect("poisoned")
+        .get_mut(SECRET)
+        .and_then(|s| s["data"].as_object_mut())
+        .map(|d| d.remove("ca-key.pem"));
+    let dir = tempfile::tempdir().expect("dir");
+    let err = controller(addr, dir.path()).await.err().expect("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("lacks ca-key.pem") && msg.contains("weft-ca"),
+        "{msg}"
+    );
+}
+
+fn pod(ns: &str, name: &str, uid: &str, sa: &str, node: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": labels, "resourceVersion": "1"},
+        "spec": {"nodeName": node, "serviceAccountName": sa, "containers": [{"name": "c", "image": "c"}]},
+        "status": {"phase": "Running", "podIP": format!("10.1.0.{}", uid.len()),
+                   "conditions": [{"type": "Ready", "status": "True"}]}})
+}
+
+/// Asks the CA, with `token`, for `identity`'s certificate.
+async fn ask(bound: &Bound, token: &str, identity: &Identity) -> Result<Vec<String>, CertError> {
+    let roots = Arc::new(weft_proto::tls::TrustBundle::from_pem(&bound.root_pem).expect("root"));
+    let ca = GrpcCaClient::new(bound.grpc_addr, roots, bound.identity.clone(), token);
+    let (csr, _key) = make_csr(identity).expect("csr");
+    ca.sign(csr, identity, Duration::from_secs(3600)).await
+}
+
+fn refused(r: Result<Vec<String>, CertError>) -> String {
+    match r {
+        Err(CertError::Refused(why)) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_authenticate_with_their_pods_service_account_tokens() {
+    let fake = Arc::new(Fake::default());
+    fake.put(
+        "/api/v1/namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "shop", "labels": {"weft.dev/mesh": "enabled"}, "resourceVersion": "1"}}),
+    );
+    let gw = json!({"gateway.networking.k8s.io/gateway-name": "wp"});
+    for p in [
+        pod("shop", "api-1", "u-api", "api", "node-a", json!({})),
+        pod("shop", "db-1", "u-db", "db", "node-b", json!({})),
+        pod("shop", "wp-1", "u-wp", "wp", "node-b", gw.clone()),
+        // Labelled as the waypoint, running as another account.
+        pod("shop", "wp-2", "u-wp2", "db", "node-b", gw),
+        pod(
+            "weft-system",
+            "ztunnel-a",
+            "u-za",
+            "ztunnel",
+            "node-a",
+            json!({}),
+        ),
+    ] {
+        fake.put("/api/v1/pods", p);
+    }
+    fake.put(
+        "/apis/gateway.networking.k8s.io/v1/gateways",
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "wp", "namespace": "shop", "resourceVersion": "1"},
+            "spec": {"gatewayClassName": "weft-waypoint",
+                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+    );
+    let ztunnel_a = ("weft-system", "ztunnel-a", "u-za");
+    fake.projected_token("za", ztunnel_a, "ztunnel", &["weft-ca"]);
+    fake.projected_token("za-istio", ztunnel_a, "ztunnel", &["istio-ca"]);
+    fake.projected_token(
+        "za-old",
+        ("weft-system", "ztunnel-a", "u-old"),
+        "ztunnel",
+        &["weft-ca"],
+    );
+    fake.projected_token(
+        "gone",
+        ("weft-system", "ztunnel-x", "u-x"),
+        "ztunnel",
+        &["weft-ca"],
+    );
+    fake.projected_token("app", ("shop", "api-1", "u-api"), "api", &["weft-ca"]);
+    fake.projected_token("wp", ("shop", "wp-1", "u-wp"), "wp", &["weft-ca"]);
+    fake.projected_token("evil", ("shop", "wp-2", "u-wp2"), "db", &["weft-ca"]);
+    let addr = listen(fake.clone()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let bound = controller(addr, dir.path()).await.expect("controller");
+    let config = bound.config.clone();
+    let placed = async {
+        let mut rx = config.subscribe();
+        loop {
+            let m = rx.borrow_and_update().model.clone();
+            let ready =
+                m.workloads.len() == 2 && m.waypoints.iter().any(|w| !w.addresses.is_empty());
+            if ready {
+                return;
+            }
+            rx.changed().await.expect("store");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), placed)
+        .await
+        .expect("pods and the waypoint in the served config");
+
+    let id = |sa: &str| Identity::new("cluster.local", "shop", sa).expect("id");
+    // The ztunnel on node-a: its own node's pods, not another node's.
+    let chain = ask(&bound, "za", &id("api"))
+        .await
+        .expect("api runs on node-a");
+    assert!(!chain.is_empty());
+    let why = refused(ask(&bound, "za", &id("db")).await);
+    assert!(
+        why.contains("PermissionDenied") && why.contains("node-a"),
+        "{why}"
+    );
+    // Wrong audience, a pod gone, a pod replaced under the same name.
+    let why = refused(ask(&bound, "za-istio", &id("api")).await);
+    assert!(why.contains("Unauthenticated"), "{why}");
+    let why = refused(ask(&bound, "gone", &id("api")).await);
+    assert!(
+        why.contains("Unauthenticated") && why.contains("no longer exists"),
+        "{why}"
+    );
+    let why = refused(ask(&bound, "za-old", &id("api")).await);
+    assert!(why.contains("Unauthenticated"), "{why}");
+    // An application's own token makes no proxy.
+    let why = refused(ask(&bound, "app", &id("api")).await);
+    assert!(
+        why.contains("PermissionDenied") && why.contains("neither"),
+        "{why}"
+    );
+    // A waypoint pod: its own identity, nothing else.
+    ask(&bound, "wp", &id("wp"))
+        .await
+        .expect("the waypoint's own");
+    let why = refused(ask(&bound, "wp", &id("api")).await);
+    assert!(why.contains("PermissionDenied"), "{why}");
+    // A pod that wears the waypoint's label gets no waypoint identity it
+    // does not run as.
+    let why = refused(ask(&bound, "evil", &id("wp")).await);
+    assert!(
+        why.contains("PermissionDenied") && why.contains("own ServiceAccount"),
+        "{why}"
+    );
+
+    // The config stream: the same token makes the ztunnel node-a.
+    let roots = Arc::new(weft_proto::tls::TrustBundle::from_pem(&bound.root_pem).expect("root"));
+    let (_rx, _stats) = weft_proto::xds::spawn(weft_proto::xds::XdsConfig {
+        controller: bound.grpc_addr,
+        roots,
+        controller_identity: bound.identity.clone(),
+        credential: "za".into(),
+        node: "whatever-it-claims".into(),
+        trust_domain: "cluster.local".into(),
+        types: &weft_proto::resources::ZTUNNEL_TYPES,
+    });
+    let proxies = bound.proxies.clone();
+    fake_api::wait_for("node-a on the config stream", || {
+        proxies.get("node-a").is_some_and(|p| p.connected)
+    })
+    .await;
+    assert!(bound.proxies.get("whatever-it-claims").is_none());
+    bound.shutdown().await;
+}

@@ -5,6 +5,7 @@
 pub mod app;
 pub mod capture;
 pub mod cni;
+pub mod cni_install;
 pub mod enroll;
 pub mod error;
 pub mod handover;

@@ -90,6 +90,10 @@ pub struct KubeAccess {
     pub namespace: String,
     /// How proxies' ServiceAccount tokens are judged.
     pub proxy_tokens: crate::kube_auth::ProxyTokens,
+    /// This replica in the leader election (its pod name).
+    pub replica: String,
+    /// The image of the waypoint Deployments the leader makes.
+    pub waypoint_image: String,
 }
 
 impl Default for KubeAccess {
@@ -99,6 +103,8 @@ impl Default for KubeAccess {
             context: None,
             namespace: "weft-system".into(),
             proxy_tokens: Default::default(),
+            replica: "weft-controller".into(),
+            waypoint_image: crate::waypoint_deploy::Settings::default().image,
         }
     }
 }
@@ -245,6 +251,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         }
         SourceConfig::Kubernetes(_) => {
             let client = kube.clone().expect("made above in Kubernetes mode");
+            start_leader_work(&client, &config, &ca, &store, &shutdown);
             let k8s = kubernetes::start(
                 client,
                 store.clone(),
@@ -311,6 +318,34 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         server,
         accepting,
     })
+}
+
+/// The API writes only the elected replica makes: waypoint Deployments and
+/// Gateway status.
+fn start_leader_work(
+    client: &kube::Client,
+    config: &Config,
+    ca: &CertificateAuthority,
+    store: &ConfigStore,
+    shutdown: &CancellationToken,
+) {
+    let SourceConfig::Kubernetes(access) = &config.source else {
+        return;
+    };
+    let election = crate::leader::Election::new(&access.namespace, &access.replica);
+    let leader = crate::leader::spawn(client.clone(), election, shutdown.clone());
+    let settings = crate::waypoint_deploy::Settings {
+        image: access.waypoint_image.clone(),
+        controller: format!("weft-controller.{}.svc:15012", access.namespace),
+        roots: ca.root_pem().to_owned(),
+    };
+    crate::waypoint_deploy::spawn(
+        client.clone(),
+        settings,
+        leader,
+        store.subscribe(),
+        shutdown.clone(),
+    );
 }
 
 /// The Kubernetes client, with the CA directory made to hold the CA the

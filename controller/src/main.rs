@@ -67,6 +67,13 @@ struct Args {
     /// token must carry. Repeatable (add istio-ca for Istio's ztunnel).
     #[arg(long = "token-audience", default_value = "weft-ca")]
     token_audiences: Vec<String>,
+    /// With --kubernetes: this replica's name in the leader election.
+    #[arg(long, env = "POD_NAME", default_value = "weft-controller")]
+    pod_name: String,
+    /// With --kubernetes: the image of the waypoint Deployments made for
+    /// Gateways of class weft-waypoint.
+    #[arg(long, default_value_t = weft_controller::waypoint_deploy::Settings::default().image)]
+    waypoint_image: String,
     /// REST API listen address.
     #[arg(long, default_value = "0.0.0.0:8080")]
     rest_addr: SocketAddr,
@@ -146,6 +153,8 @@ async fn main() -> anyhow::Result<()> {
                     audiences: args.token_audiences,
                     ztunnel_account: args.ztunnel_service_account,
                 },
+                replica: args.pod_name,
+                waypoint_image: args.waypoint_image,
             })
         } else {
             SourceConfig::Local(args.config_dir)

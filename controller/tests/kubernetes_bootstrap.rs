@@ -53,7 +53,15 @@ async fn the_ca_lives_in_a_secret_made_once() {
     );
     let (a, b) = (a.expect("replica a"), b.expect("replica b"));
     assert_eq!(a.root_pem, b.root_pem, "both replicas sign under one root");
-    let created = fake.creates.lock().expect("poisoned").clone();
+    let secret_creates = || -> Vec<(String, u16)> {
+        let creates = fake.creates.lock().expect("poisoned");
+        creates
+            .iter()
+            .filter(|(p, _)| p == SECRET)
+            .cloned()
+            .collect()
+    };
+    let created = secret_creates();
     let made = created.iter().filter(|(_, code)| *code == 201).count();
     assert_eq!(made, 1, "exactly one Secret created: {created:?}");
     assert_eq!(secret_root(&fake), a.root_pem);
@@ -71,8 +79,11 @@ async fn the_ca_lives_in_a_secret_made_once() {
     let c = controller(addr, dirs[2].path()).await.expect("replica c");
     assert_eq!(c.root_pem, root);
     c.shutdown().await;
-    let creates = fake.creates.lock().expect("poisoned").len();
-    assert!(creates <= 2, "no create once the Secret exists");
+    assert_eq!(
+        secret_creates(),
+        created,
+        "no create once the Secret exists"
+    );
 
     // A Secret missing a file is a clear error, not a new root.
     fake.objects
@@ -243,4 +254,228 @@ async fn proxies_authenticate_with_their_pods_service_account_tokens() {
     .await;
     assert!(bound.proxies.get("whatever-it-claims").is_none());
     bound.shutdown().await;
+}
+
+mod election {
+    use super::*;
+    use tokio::sync::watch;
+    use tokio_util::sync::CancellationToken;
+    use weft_controller::leader::{self, Election};
+
+    fn election(me: &str) -> Election {
+        Election {
+            namespace: "weft-system".into(),
+            me: me.into(),
+            lease_duration: Duration::from_secs(1),
+            retry: Duration::from_millis(100),
+        }
+    }
+
+    async fn until_leads(rx: &mut watch::Receiver<bool>, what: &str) {
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|l| *l))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no leadership in 5 s"))
+            .expect("elector running");
+    }
+
+    fn holder(fake: &Fake) -> Value {
+        let objects = fake.objects.lock().expect("poisoned");
+        objects["/apis/coordination.k8s.io/v1/namespaces/weft-system/leases/weft-controller"]["spec"]
+            ["holderIdentity"]
+            .clone()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_elect_one_leader_and_hand_over() {
+        let fake = Arc::new(Fake::default());
+        let client = fake_api::serve(fake.clone()).await;
+        let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
+        let mut a = leader::spawn(client.clone(), election("a"), stop_a.clone());
+        let mut b = leader::spawn(client.clone(), election("b"), stop_b.clone());
+        let (mut a2, mut b2) = (a.clone(), b.clone());
+        tokio::select! {
+            _ = until_leads(&mut a2, "a") => {}
+            _ = until_leads(&mut b2, "b") => {}
+        }
+        // Watched for ten renewal periods: never both at once.
+        let both = async {
+            loop {
+                if *a.borrow_and_update() && *b.borrow_and_update() {
+                    return;
+                }
+                tokio::select! {
+                    _ = a.changed() => {}
+                    _ = b.changed() => {}
+                }
+            }
+        };
+        let overlap = tokio::time::timeout(Duration::from_secs(1), both).await;
+        assert!(overlap.is_err(), "two leaders at once");
+        let (leader, mut follower, stop, next) = if *a.borrow() {
+            ("a", b, stop_a.clone(), "b")
+        } else {
+            ("b", a, stop_b.clone(), "a")
+        };
+        assert_eq!(holder(&fake), json!(leader));
+        // The leader stops: it gives the Lease up and the other leads.
+        stop.cancel();
+        until_leads(&mut follower, "the follower").await;
+        assert_eq!(holder(&fake), json!(next));
+        stop_a.cancel();
+        stop_b.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_left_by_a_dead_leader_expires() {
+        let fake = Arc::new(Fake::default());
+        let client = fake_api::serve(fake.clone()).await;
+        // A leader that died holding the Lease (its clock far ahead, too).
+        let lease = k8s_openapi::api::coordination::v1::Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some(leader::LEASE.into()),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                holder_identity: Some("ghost".into()),
+                lease_duration_seconds: Some(1),
+                ..Default::default()
+            }),
+        };
+        kube::Api::namespaced(client.clone(), "weft-system")
+            .create(&kube::api::PostParams::default(), &lease)
+            .await
+            .expect("ghost lease");
+        let stop = CancellationToken::new();
+        let mut c = leader::spawn(client, election("c"), stop.clone());
+        let started = std::time::Instant::now();
+        until_leads(&mut c, "c").await;
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "taken only after a lease duration of silence"
+        );
+        assert_eq!(holder(&fake), json!("c"));
+        stop.cancel();
+    }
+}
+
+mod waypoints {
+    use super::*;
+    use tokio::sync::watch;
+    use tokio_util::sync::CancellationToken;
+    use weft_controller::state::ConfigStore;
+    use weft_controller::waypoint_deploy::{self, Settings};
+
+    const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/shop/deployments/wp";
+    const SERVICE: &str = "/api/v1/namespaces/shop/services/wp";
+    const ACCOUNT: &str = "/api/v1/namespaces/shop/serviceaccounts/wp";
+    const STATUS: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/wp";
+
+    fn object(fake: &Fake, path: &str) -> Option<Value> {
+        fake.objects.lock().expect("poisoned").get(path).cloned()
+    }
+
+    /// Waits (bounded) until `path` holds an object that satisfies `done`.
+    async fn until(fake: &Fake, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+        fake_api::wait_for(path, || object(fake, path).is_some_and(|o| done(&o))).await;
+        object(fake, path).expect("found")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_leader_deploys_each_waypoint_and_reports_it_on_the_gateway() {
+        let fake = Arc::new(Fake::default());
+        fake.put(
+            "/apis/gateway.networking.k8s.io/v1/gateways",
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                "metadata": {"name": "wp", "namespace": "shop", "uid": "gw-uid", "generation": 3, "resourceVersion": "1"},
+                "spec": {"gatewayClassName": "weft-waypoint",
+                         "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}}),
+        );
+        fake.put(
+            "/apis/gateway.networking.k8s.io/v1/gateways",
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                "metadata": {"name": "edge", "namespace": "shop", "uid": "edge-uid", "resourceVersion": "1"},
+                "spec": {"gatewayClassName": "some-ingress", "listeners": []}}),
+        );
+        let client = fake_api::serve(fake.clone()).await;
+        let (lead, leader) = watch::channel(false);
+        let store = ConfigStore::new();
+        let stop = CancellationToken::new();
+        let settings = Settings {
+            roots: "ROOT PEM".into(),
+            ..Settings::default()
+        };
+        waypoint_deploy::spawn(
+            client.clone(),
+            settings.clone(),
+            leader,
+            store.subscribe(),
+            stop.clone(),
+        );
+        // A follower writes nothing, however the config moves (watched
+        // for half a second).
+        store.set(weft_proto::model::Model::default());
+        let written = tokio::time::timeout(Duration::from_millis(500), async {
+            while object(&fake, DEPLOYMENT).is_none() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        assert!(written.await.is_err(), "a follower wrote");
+        lead.send_replace(true);
+
+        let deployment = until(&fake, DEPLOYMENT, |_| true).await;
+        let owner = &deployment["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], "Gateway");
+        assert_eq!(owner["uid"], "gw-uid");
+        assert_eq!(owner["controller"], true);
+        let pod = &deployment["spec"]["template"];
+        assert_eq!(
+            pod["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"],
+            "wp"
+        );
+        assert_eq!(pod["spec"]["serviceAccountName"], "wp");
+        let args = pod["spec"]["containers"][0]["args"].to_string();
+        assert!(args.contains("\"--name\",\"wp\",\"-n\",\"shop\""), "{args}");
+        let audience = &pod["spec"]["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]
+            ["audience"];
+        assert_eq!(audience, "weft-ca");
+        assert!(object(&fake, ACCOUNT).is_some(), "its ServiceAccount");
+        let svc = until(&fake, SERVICE, |_| true).await;
+        assert_eq!(svc["spec"]["ports"][0]["port"], 15008);
+        let bundle = until(
+            &fake,
+            "/api/v1/namespaces/shop/configmaps/weft-trust-bundle",
+            |_| true,
+        )
+        .await;
+        assert_eq!(bundle["data"]["root-cert.pem"], "ROOT PEM");
+        // Every made object parses as its Kubernetes type.
+        let _: k8s_openapi::api::apps::v1::Deployment =
+            serde_json::from_value(deployment.clone()).expect("a Deployment");
+        let _: k8s_openapi::api::core::v1::Service =
+            serde_json::from_value(svc).expect("a Service");
+
+        // The Gateway says it is accepted, and not yet programmed: no pod
+        // is available (the stand-in runs no kubelet).
+        let gw = until(&fake, STATUS, |g| !g["status"].is_null()).await;
+        let conditions = gw["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let get = |t: &str| {
+            conditions
+                .iter()
+                .find(|c| c["type"] == t)
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert_eq!(get("Accepted")["status"], "True");
+        assert_eq!(get("Programmed")["status"], "False");
+        assert_eq!(get("Programmed")["reason"], "Pending");
+        assert_eq!(get("Programmed")["observedGeneration"], 3);
+        assert!(
+            object(&fake, "/apis/apps/v1/namespaces/shop/deployments/edge").is_none(),
+            "another class's Gateway is not ours"
+        );
+        stop.cancel();
+    }
 }

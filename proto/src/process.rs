@@ -45,6 +45,17 @@ pub fn init_logging(format: LogFormat) {
 }
 
 /// Resolves on SIGTERM (how Kubernetes stops a pod) or Ctrl-C.
+/// The controller's address from a flag: `HOST:PORT` or, in a cluster, a
+/// Service name (`weft-controller.weft-system.svc:15012`), resolved once
+/// at start (the Service's address is stable). The error names the flag.
+pub async fn resolve_controller(flag: &str, addr: &str) -> Result<std::net::SocketAddr, String> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("{flag} {addr}: expected a resolvable HOST:PORT ({e})"))?
+        .next()
+        .ok_or_else(|| format!("{flag} {addr}: the name has no address"))
+}
+
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {

@@ -26,9 +26,10 @@ struct Args {
     service_account: Option<String>,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// The controller's CA and config stream.
+    /// The controller's CA and config stream: HOST:PORT, or its Service
+    /// name in a cluster (weft-controller.weft-system.svc:15012).
     #[arg(long, default_value = "127.0.0.1:15012")]
-    ca_addr: SocketAddr,
+    ca_addr: String,
     /// The mesh root certificate (PEM), to verify the controller.
     #[arg(long)]
     ca_root: PathBuf,
@@ -56,11 +57,18 @@ fn humantime_secs(s: &str) -> Result<Duration, String> {
 async fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
+    let ca_addr = match weft_proto::process::resolve_controller("--ca-addr", &args.ca_addr).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "weft-waypoint could not start");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = Config {
         key: format!("{}/{}", args.namespace, args.name),
         service_account: args.service_account.unwrap_or_else(|| args.name.clone()),
         trust_domain: args.trust_domain,
-        ca_addr: args.ca_addr,
+        ca_addr,
         ca_root: args.ca_root,
         token_file: args.token_file,
         listen: args.listen,

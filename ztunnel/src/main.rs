@@ -97,16 +97,9 @@ fn main() -> anyhow::Result<()> {
 async fn run(a: Args, control: tokio::runtime::Handle) -> anyhow::Result<()> {
     // HOST:PORT, a name in a cluster (weft-controller.weft-system.svc:15012);
     // resolved once at start, as the Service's address is stable.
-    let controller = tokio::net::lookup_host(&a.controller)
+    let controller = weft_proto::process::resolve_controller("--controller", &a.controller)
         .await
-        .with_context(|| {
-            format!(
-                "--controller {}: expected a resolvable HOST:PORT",
-                a.controller
-            )
-        })?
-        .next()
-        .with_context(|| format!("--controller {}: the name has no address", a.controller))?;
+        .map_err(anyhow::Error::msg)?;
     let bound = app::build(Config {
         node: a.node,
         trust_domain: a.trust_domain,

@@ -48,6 +48,8 @@ pub struct Fake {
     pub objects: Mutex<HashMap<String, Value>>,
     /// Every create asked: (path, the status answered).
     pub creates: Mutex<Vec<(String, u16)>>,
+    /// The last resourceVersion given to a single object.
+    pub versions: std::sync::atomic::AtomicU64,
 }
 
 impl Fake {
@@ -308,74 +310,154 @@ fn token_review(fake: &Fake, review: &Value) -> Value {
         "status": {"authenticated": !user.is_null(), "user": user, "audiences": audiences}})
 }
 
-/// Single objects: GET `/api/v1/namespaces/NS/KIND/NAME` (pods from the
-/// `/api/v1/pods` list), POST to `/api/v1/namespaces/NS/KIND` (409 when the
-/// name exists), PATCH (server-side apply: create or replace). Anything
-/// else is handed back for the list/watch handler.
+/// Single namespaced objects under any API group:
+/// `.../namespaces/NS/KIND[/NAME[/status]]`. GET (pods from the
+/// `/api/v1/pods` list; `404 NotFound`), POST (create; `409 AlreadyExists`),
+/// PUT (replace; `409 Conflict` unless the resourceVersion read is the one
+/// stored), PATCH (server-side apply: create or replace; on `/status`, the
+/// status alone). Every write moves the resourceVersion. Anything else is
+/// handed back for the list/watch handler.
 async fn object(fake: &Fake, req: Request, path: &str) -> Result<Response, Request> {
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let method = req.method().clone();
-    match (method.as_str(), parts.as_slice()) {
-        ("GET", ["api", "v1", "namespaces", ns, kind, name]) => {
-            let found = if *kind == "pods" {
-                let lists = fake.lists.lock().expect("poisoned");
-                lists.get("/api/v1/pods").and_then(|(_, items)| {
-                    items
-                        .iter()
-                        .find(|p| {
-                            p["metadata"]["namespace"] == *ns && p["metadata"]["name"] == *name
-                        })
-                        .cloned()
-                })
-            } else {
-                fake.objects.lock().expect("poisoned").get(path).cloned()
-            };
-            Ok(match found {
-                Some(o) => Response::new(Body::from(o.to_string())),
-                None => status(404, "NotFound", &format!("{kind} \"{name}\" not found")),
-            })
-        }
-        ("POST", ["api", "v1", "namespaces", _, _]) => {
-            let body = axum::body::to_bytes(req.into_body(), 1 << 20)
-                .await
-                .unwrap_or_default();
-            let mut o: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let Some(i) = parts
+        .iter()
+        .position(|p| *p == "namespaces")
+        .filter(|i| *i >= 2)
+    else {
+        return Err(req);
+    };
+    let rest = parts[i + 1..].to_vec();
+    let method = req.method().as_str().to_owned();
+    let status_of = rest.len() == 4 && rest[3] == "status";
+    // The object's own path (a `/status` write lands on the object).
+    let key = match rest.len() {
+        3 | 4 => format!("/{}", parts[..i + 4].join("/")),
+        _ => String::new(),
+    };
+    match (method.as_str(), rest.len()) {
+        ("GET", 3) => Ok(
+            match lookup(fake, path, &parts[..i].join("/"), rest[0], rest[1], rest[2]) {
+                Some(o) => ok(&o),
+                None => status(
+                    404,
+                    "NotFound",
+                    &format!("{} \"{}\" not found", rest[1], rest[2]),
+                ),
+            },
+        ),
+        ("POST", 2) => {
+            let o = body(req).await;
             let name = o["metadata"]["name"]
                 .as_str()
                 .unwrap_or_default()
                 .to_owned();
-            let at = format!("{path}/{name}");
-            let mut objects = fake.objects.lock().expect("poisoned");
-            let code = if objects.contains_key(&at) { 409 } else { 201 };
-            fake.creates
-                .lock()
-                .expect("poisoned")
-                .push((at.clone(), code));
-            if code == 409 {
-                return Ok(status(
-                    409,
-                    "AlreadyExists",
-                    &format!("\"{name}\" already exists"),
-                ));
-            }
-            o["metadata"]["resourceVersion"] = json!("1");
-            o["metadata"]["uid"] = json!(format!("uid-{name}"));
-            objects.insert(at, o.clone());
-            let mut r = Response::new(Body::from(o.to_string()));
-            *r.status_mut() = http::StatusCode::CREATED;
-            Ok(r)
+            Ok(create(fake, format!("{path}/{name}"), o))
         }
-        ("PATCH", ["api", "v1", "namespaces", _, _, _]) => {
-            let body = axum::body::to_bytes(req.into_body(), 1 << 20)
-                .await
-                .unwrap_or_default();
-            let o: Value = serde_json::from_slice(&body).unwrap_or_default();
-            fake.objects
-                .lock()
-                .expect("poisoned")
-                .insert(path.to_owned(), o.clone());
-            Ok(Response::new(Body::from(o.to_string())))
+        ("PUT", 3) => Ok(replace(fake, &key, body(req).await)),
+        ("PATCH", 3) | ("PATCH", 4) => {
+            let stored = lookup(fake, &key, &parts[..i].join("/"), rest[0], rest[1], rest[2]);
+            Ok(apply(fake, &key, stored, body(req).await, status_of))
         }
         _ => Err(req),
     }
+}
+
+async fn body(req: Request) -> Value {
+    let bytes = axum::body::to_bytes(req.into_body(), 1 << 20)
+        .await
+        .unwrap_or_default();
+    serde_json::from_slice(&bytes).unwrap_or_default()
+}
+
+fn ok(o: &Value) -> Response {
+    Response::new(Body::from(o.to_string()))
+}
+
+/// A single object: as written here, else from the cluster-wide list of
+/// its kind (where the tests put what the source watches).
+fn lookup(
+    fake: &Fake,
+    path: &str,
+    prefix: &str,
+    ns: &str,
+    kind: &str,
+    name: &str,
+) -> Option<Value> {
+    if let Some(o) = fake.objects.lock().expect("poisoned").get(path) {
+        return Some(o.clone());
+    }
+    let lists = fake.lists.lock().expect("poisoned");
+    lists
+        .get(&format!("/{prefix}/{kind}"))
+        .and_then(|(_, items)| {
+            items
+                .iter()
+                .find(|o| o["metadata"]["namespace"] == ns && o["metadata"]["name"] == name)
+                .cloned()
+        })
+}
+
+fn next_version(fake: &Fake) -> String {
+    let n = fake
+        .versions
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + 1;
+    n.to_string()
+}
+
+fn create(fake: &Fake, at: String, mut o: Value) -> Response {
+    let mut objects = fake.objects.lock().expect("poisoned");
+    let code = if objects.contains_key(&at) { 409 } else { 201 };
+    fake.creates
+        .lock()
+        .expect("poisoned")
+        .push((at.clone(), code));
+    if code == 409 {
+        return status(409, "AlreadyExists", "already exists");
+    }
+    o["metadata"]["resourceVersion"] = json!(next_version(fake));
+    o["metadata"]["uid"] = json!(format!("uid-{at}"));
+    objects.insert(at, o.clone());
+    let mut r = ok(&o);
+    *r.status_mut() = http::StatusCode::CREATED;
+    r
+}
+
+fn replace(fake: &Fake, at: &str, mut o: Value) -> Response {
+    let mut objects = fake.objects.lock().expect("poisoned");
+    let Some(stored) = objects.get(at) else {
+        return status(404, "NotFound", "not found");
+    };
+    if stored["metadata"]["resourceVersion"] != o["metadata"]["resourceVersion"] {
+        return status(
+            409,
+            "Conflict",
+            "the object has been modified; please apply your changes to the latest version and try again",
+        );
+    }
+    o["metadata"]["resourceVersion"] = json!(next_version(fake));
+    o["metadata"]["uid"] = stored["metadata"]["uid"].clone();
+    objects.insert(at.to_owned(), o.clone());
+    ok(&o)
+}
+
+fn apply(fake: &Fake, at: &str, stored: Option<Value>, o: Value, status_only: bool) -> Response {
+    let mut next = match (status_only, stored.as_ref()) {
+        (true, Some(stored)) => {
+            let mut s = stored.clone();
+            s["status"] = o["status"].clone();
+            s
+        }
+        (true, None) => return status(404, "NotFound", "not found"),
+        (false, stored) => {
+            let mut n = o;
+            n["metadata"]["uid"] =
+                stored.map_or(json!(format!("uid-{at}")), |s| s["metadata"]["uid"].clone());
+            n
+        }
+    };
+    next["metadata"]["resourceVersion"] = json!(next_version(fake));
+    let mut objects = fake.objects.lock().expect("poisoned");
+    objects.insert(at.to_owned(), next.clone());
+    ok(&next)
 }

@@ -1,0 +1,13 @@
+# weft-waypoint: docker build -f images/waypoint.Dockerfile -t ghcr.io/weft-mesh/weft-waypoint:0.1.0 .
+# (images/build.sh makes the same image offline with buildah.)
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --locked --profile dist -p weft-waypoint --bin weft-waypoint \
+ && strip --strip-debug target/dist/weft-waypoint
+
+# glibc and libgcc_s, nothing else; runs as nonroot (65532).
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/dist/weft-waypoint /usr/local/bin/weft-waypoint
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/weft-waypoint"]

@@ -342,8 +342,17 @@ pub async fn status(target: &Target) -> Result<String, CliError> {
 pub fn install() -> String {
     format!(
         "{}---\n{}",
-        weft_controller::source::crds::crd_yaml(),
+        include_str!("../../manifests/crds.yaml"),
         include_str!("../../manifests/weft.yaml")
+    )
+}
+
+/// `manifests/crds.yaml` as the Rust types generate it (a test keeps the
+/// committed file equal: `WEFT_WRITE_CRDS=1 cargo test -p weft-cli` rewrites it).
+pub fn crds_file() -> String {
+    format!(
+        "# Generated from controller/src/source/crds.rs; do not edit (a test checks it).\n{}",
+        weft_controller::source::crds::crd_yaml()
     )
 }
 
@@ -397,6 +406,7 @@ mod tests {
 #[cfg(test)]
 mod manifest_tests {
     use k8s_openapi::api::{apps, core, policy, rbac};
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use serde_json::Value;
 
     /// `doc` read as `T` and written back is `doc`: a misspelt or
@@ -406,6 +416,58 @@ mod manifest_tests {
             .unwrap_or_else(|e| panic!("{} does not parse: {e}", doc["metadata"]["name"]));
         let back = serde_json::to_value(&typed).expect("serialises");
         assert_eq!(&back, doc, "{} has fields its type lacks", doc["kind"]);
+    }
+
+    /// The committed CRDs are what the Rust types generate.
+    #[test]
+    fn committed_crds_match_the_rust_types() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crds.yaml");
+        let generated = super::crds_file();
+        if std::env::var_os("WEFT_WRITE_CRDS").is_some() {
+            std::fs::write(path, &generated).expect("write crds.yaml");
+        }
+        let committed = std::fs::read_to_string(path).expect("manifests/crds.yaml");
+        assert!(
+            committed == generated,
+            "manifests/crds.yaml differs from the Rust types; run WEFT_WRITE_CRDS=1 cargo test -p weft-cli committed_crds"
+        );
+    }
+
+    /// `kubectl kustomize manifests/` renders the files the kustomization
+    /// lists; `kubectl weft install` prints the same objects.
+    #[test]
+    fn the_kustomization_and_install_hold_the_same_objects() {
+        let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests"));
+        let k: Value = serde_saphyr::from_str(
+            &std::fs::read_to_string(dir.join("kustomization.yaml")).expect("kustomization"),
+        )
+        .expect("YAML");
+        assert_eq!(k["kind"], "Kustomization");
+        let key = |d: &Value| {
+            format!(
+                "{}/{}/{}",
+                d["kind"], d["metadata"]["namespace"], d["metadata"]["name"]
+            )
+        };
+        let mut listed: Vec<(String, Value)> = Vec::new();
+        for file in k["resources"].as_array().expect("resources") {
+            let text =
+                std::fs::read_to_string(dir.join(file.as_str().expect("a file"))).expect("read");
+            let docs: Vec<Value> = serde_saphyr::from_multiple(&text).expect("YAML");
+            listed.extend(docs.into_iter().map(|d| (key(&d), d)));
+        }
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&super::install()).expect("YAML");
+        let mut installed: Vec<(String, Value)> = docs.into_iter().map(|d| (key(&d), d)).collect();
+        listed.sort_by(|a, b| a.0.cmp(&b.0));
+        installed.sort_by(|a, b| a.0.cmp(&b.0));
+        let keys = |v: &[(String, Value)]| v.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        assert_eq!(keys(&listed), keys(&installed));
+        for ((key, a), (_, b)) in listed.iter().zip(&installed) {
+            assert!(
+                a == b,
+                "{key} differs between the kustomization and install"
+            );
+        }
     }
 
     #[test]
@@ -424,7 +486,7 @@ mod manifest_tests {
                 "Deployment" => round_trips::<apps::v1::Deployment>(doc),
                 "DaemonSet" => round_trips::<apps::v1::DaemonSet>(doc),
                 "PodDisruptionBudget" => round_trips::<policy::v1::PodDisruptionBudget>(doc),
-                "CustomResourceDefinition" => {}
+                "CustomResourceDefinition" => round_trips::<CustomResourceDefinition>(doc),
                 other => panic!("no check for kind {other}"),
             }
         }

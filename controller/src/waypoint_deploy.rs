@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::Gateway;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
@@ -89,6 +90,7 @@ pub async fn reconcile(client: &Client, s: &Settings) -> kube::Result<()> {
         Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
         Err(e) => return Err(e),
     };
+    install_class(client).await?;
     for gw in gateways
         .iter()
         .filter(|g| g.spec.gateway_class_name == WAYPOINT_CLASS)
@@ -99,6 +101,38 @@ pub async fn reconcile(client: &Client, s: &Settings) -> kube::Result<()> {
         }
         set_status(client, gw, programmed).await?;
     }
+    Ok(())
+}
+
+/// The name waypoint Gateways are programmed by.
+pub const CONTROLLER_NAME: &str = "weft.dev/waypoint-controller";
+
+/// The GatewayClass `weft-waypoint`, made here (the Gateway API may arrive
+/// after weft) and accepted.
+async fn install_class(client: &Client) -> kube::Result<()> {
+    let api = Api::<GatewayClass>::all(client.clone());
+    let class = json!({"apiVersion": GatewayClass::api_version(&()), "kind": GatewayClass::kind(&()),
+        "metadata": {"name": WAYPOINT_CLASS, "labels": {"app.kubernetes.io/managed-by": "weft"}},
+        "spec": {"controllerName": CONTROLLER_NAME,
+                 "description": "weft waypoints: the L7 hop for a namespace or service account"}});
+    let made = api
+        .patch(WAYPOINT_CLASS, &apply(), &Patch::Apply(class))
+        .await?;
+    let accepted = made
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.type_ == "Accepted" && c.status == "True");
+    if accepted {
+        return Ok(());
+    }
+    let status = json!({"apiVersion": GatewayClass::api_version(&()), "kind": GatewayClass::kind(&()),
+        "status": {"conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+            "message": "handled by weft", "observedGeneration": made.metadata.generation.unwrap_or(0),
+            "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string()}]}});
+    api.patch_status(WAYPOINT_CLASS, &apply(), &Patch::Apply(status))
+        .await?;
     Ok(())
 }
 

@@ -476,6 +476,15 @@ mod waypoints {
             object(&fake, "/apis/apps/v1/namespaces/shop/deployments/edge").is_none(),
             "another class's Gateway is not ours"
         );
+        // The class itself is installed and accepted.
+        let class_path = "/apis/gateway.networking.k8s.io/v1/gatewayclasses/weft-waypoint";
+        let class = until(&fake, class_path, |c| !c["status"].is_null()).await;
+        assert_eq!(
+            class["spec"]["controllerName"],
+            "weft.dev/waypoint-controller"
+        );
+        assert_eq!(class["status"]["conditions"][0]["type"], "Accepted");
+        assert_eq!(class["status"]["conditions"][0]["status"], "True");
         stop.cancel();
     }
 }

@@ -324,7 +324,7 @@ async fn object(fake: &Fake, req: Request, path: &str) -> Result<Response, Reque
         .position(|p| *p == "namespaces")
         .filter(|i| *i >= 2)
     else {
-        return Err(req);
+        return cluster_object(fake, req, &parts).await;
     };
     let rest = parts[i + 1..].to_vec();
     let method = req.method().as_str().to_owned();
@@ -357,6 +357,21 @@ async fn object(fake: &Fake, req: Request, path: &str) -> Result<Response, Reque
         ("PATCH", 3) | ("PATCH", 4) => {
             let stored = lookup(fake, &key, &parts[..i].join("/"), rest[0], rest[1], rest[2]);
             Ok(apply(fake, &key, stored, body(req).await, status_of))
+        }
+        _ => Err(req),
+    }
+}
+
+/// A cluster-scoped object under an API group
+/// (`/apis/GROUP/VERSION/KIND/NAME[/status]`): server-side apply only.
+async fn cluster_object(fake: &Fake, req: Request, parts: &[&str]) -> Result<Response, Request> {
+    let grouped = parts.first() == Some(&"apis");
+    match (req.method().as_str(), parts.len()) {
+        ("PATCH", 5 | 6) if grouped => {
+            let key = format!("/{}", parts[..5].join("/"));
+            let stored = fake.objects.lock().expect("poisoned").get(&key).cloned();
+            let status_only = parts.len() == 6 && parts[5] == "status";
+            Ok(apply(fake, &key, stored, body(req).await, status_only))
         }
         _ => Err(req),
     }

@@ -53,6 +53,20 @@ pub enum CliError {
     Unauthorized,
     #[error("the controller answered {status}: {body}")]
     Status { status: u16, body: String },
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl CliError {
+    /// The process exit code: 3 when the controller could not be reached
+    /// (try again, or fix --controller), 1 for anything it answered or
+    /// refused. (2 is a usage error, from the argument parser.)
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Unreachable { .. } | CliError::BadUrl(_) => 3,
+            _ => 1,
+        }
+    }
 }
 
 /// GET `path` from the REST API as JSON.
@@ -575,6 +589,89 @@ pub async fn waypoint_apply(target: &Target, spec: &WaypointSpec) -> Result<Stri
         waypoint_proxy_name(&format!("{ns}/{name}"))
     );
     Ok(out)
+}
+
+/// Removes a waypoint's Gateway (local mode), and the namespace's
+/// `weft.dev/use-waypoint` label when it names this waypoint; Services
+/// still bound to it are named (their traffic is refused until they are
+/// rebound: fail closed).
+pub async fn waypoint_delete(
+    target: &Target,
+    namespace: &str,
+    name: &str,
+) -> Result<String, CliError> {
+    let path = format!("/api/v1/objects/Gateway/{namespace}/{name}");
+    let answer = match request(target, http::Method::DELETE, &path, String::new()).await {
+        Err(CliError::Status { status: 404, .. }) => {
+            return Err(CliError::Refused(format!(
+                "no waypoint {namespace}/{name}; `kubectl weft waypoint list` shows the waypoints"
+            )));
+        }
+        other => other?,
+    };
+    let mut out = format!(
+        "waypoint {namespace}/{name} deleted (config version {})\n",
+        answer["version"]
+    );
+    let ns_path = format!("/api/v1/objects/Namespace/{namespace}");
+    if let Ok(mut ns) = get(target, &ns_path).await
+        && ns["metadata"]["labels"][USE_WAYPOINT] == name
+    {
+        if let Some(labels) = ns["metadata"]["labels"].as_object_mut() {
+            labels.remove(USE_WAYPOINT);
+        }
+        request(target, http::Method::PUT, &ns_path, ns.to_string()).await?;
+        out += &format!("namespace {namespace} no longer uses it\n");
+    }
+    let key = format!("{namespace}/{name}");
+    let listed = get(target, "/api/v1/waypoints").await?;
+    for b in listed["bindings"].as_array().into_iter().flatten() {
+        if b["waypoint"] == key.as_str() && b["kind"] == "Service" {
+            out += &format!(
+                "Service {} is still bound to it (label {USE_WAYPOINT}); its traffic is refused until you remove the label\n",
+                s(&b["name"])
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Waits (up to `timeout`) until waypoint `namespace/name` is connected to
+/// the controller with its config: `waypoint apply --wait`.
+pub async fn waypoint_wait(
+    target: &Target,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<String, CliError> {
+    let key = format!("{namespace}/{name}");
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut why = String::from("not listed yet");
+    loop {
+        let listed = get(target, "/api/v1/waypoints").await?;
+        let item = listed["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i["waypoint"] == key.as_str())
+            .cloned();
+        if let Some(item) = item {
+            if item["connected"] == true {
+                return Ok(format!("waypoint {key} is serving\n"));
+            }
+            why = match s(&item["reason"]) {
+                r if r.is_empty() || r == "-" => "no instance connected to the controller".into(),
+                r => r,
+            };
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(CliError::Refused(format!(
+                "waypoint {key} not serving after {}s: {why} (is weft-waypoint running for it?)",
+                timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Waypoints, and every Namespace and Service bound to one: whether the

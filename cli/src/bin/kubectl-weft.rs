@@ -89,9 +89,22 @@ enum WaypointAction {
         /// Also bind the namespace to it (label weft.dev/use-waypoint).
         #[arg(long)]
         enroll_namespace: bool,
+        /// Wait until the waypoint is serving (connected, config in hand).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
     },
     /// Waypoints, what is bound to each, and whether it is in effect.
     List,
+    /// Remove a waypoint (local mode), and its namespace binding.
+    Delete {
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "waypoint")]
+        name: String,
+    },
 }
 
 #[allow(clippy::print_stderr, clippy::print_stdout)]
@@ -119,7 +132,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     };
     match cli.command {
@@ -134,6 +147,8 @@ fn main() -> ExitCode {
                 name,
                 for_service_account,
                 enroll_namespace,
+                wait,
+                timeout,
             } => {
                 let spec = cli::WaypointSpec {
                     namespace,
@@ -141,9 +156,20 @@ fn main() -> ExitCode {
                     for_service_account,
                     enroll_namespace,
                 };
-                print(runtime().block_on(cli::waypoint_apply(&target, &spec)))
+                print(runtime().block_on(async {
+                    let mut out = cli::waypoint_apply(&target, &spec).await?;
+                    if wait {
+                        let timeout = std::time::Duration::from_secs(timeout);
+                        out += &cli::waypoint_wait(&target, &spec.namespace, &spec.name, timeout)
+                            .await?;
+                    }
+                    Ok(out)
+                }))
             }
             WaypointAction::List => print(runtime().block_on(cli::waypoint_list(&target, output))),
+            WaypointAction::Delete { namespace, name } => {
+                print(runtime().block_on(cli::waypoint_delete(&target, &namespace, &name)))
+            }
         },
         Command::Join { namespace } => {
             print(runtime().block_on(cli::set_membership(&target, &namespace, true)))

@@ -1,0 +1,155 @@
+//! `kubectl-weft` as a user runs it (the real binary) against a local-mode
+//! controller, with a real `weft-waypoint` served in-process: join, waypoint
+//! apply (with --wait, timing out and then succeeding), list in table and
+//! JSON, delete; workloads, certs, proxy-status; and the failures a user
+//! meets — a wrong flag (exit 2), a waypoint that does not exist and a
+//! --wait that runs out (exit 1), an unreachable controller (exit 3) —
+//! each with a message saying what to do.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use weft_controller::app::{self, Config};
+
+struct Run {
+    code: i32,
+    out: String,
+    err: String,
+}
+
+/// Runs `kubectl-weft ARGS` against `url` with the token in `token`.
+async fn weft(url: &str, token: &Path, args: &[&str]) -> Run {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-weft"));
+    cmd.args(["--controller", url, "--token-file"])
+        .arg(token)
+        .args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("joined")
+        .expect("kubectl-weft runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        out: String::from_utf8_lossy(&out.stdout).into_owned(),
+        err: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_weft_against_a_local_controller() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let controller = app::build(Config::local(data.clone()))
+        .await
+        .expect("controller");
+    let url = format!("http://{}", controller.rest_addr);
+    let token = data.join("api-token");
+
+    let r = weft(&url, &token, &["join", "shop"]).await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    let apply = [
+        "waypoint",
+        "apply",
+        "-n",
+        "shop",
+        "--name",
+        "wp",
+        "--for-service-account",
+        "api",
+    ];
+    let r = weft(&url, &token, &apply).await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.out.contains("waypoint shop/wp applied"), "{}", r.out);
+
+    // Nothing serves it yet: --wait runs out, saying so.
+    let r = weft(
+        &url,
+        &token,
+        &[&apply[..], &["--wait", "--timeout", "1"]].concat(),
+    )
+    .await;
+    assert_eq!(r.code, 1, "{}{}", r.out, r.err);
+    assert!(r.err.contains("not serving after 1s"), "{}", r.err);
+    let r = weft(&url, &token, &["waypoint", "list", "-o", "json"]).await;
+    let listed: Value = serde_json::from_str(&r.out).expect("JSON");
+    let item = &listed["items"][0];
+    assert_eq!(item["waypoint"], "shop/wp");
+    assert_eq!(item["connected"], false);
+
+    // A weft-waypoint for it: --wait returns once it is serving.
+    let root = dir.path().join("root.pem");
+    std::fs::write(&root, &controller.root_pem).expect("root");
+    let waypoint = weft_waypoint::app::build(weft_waypoint::app::Config {
+        key: "shop/wp".into(),
+        service_account: "wp".into(),
+        trust_domain: "cluster.local".into(),
+        ca_addr: controller.grpc_addr,
+        ca_root: root,
+        token_file: controller.nodes.ensure("waypoint.shop.wp").expect("token"),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        control: None,
+        drain_deadline: Duration::from_secs(1),
+        limits: Default::default(),
+    })
+    .await
+    .expect("waypoint");
+    let r = weft(
+        &url,
+        &token,
+        &[&apply[..], &["--wait", "--timeout", "20"]].concat(),
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}{}", r.out, r.err);
+    assert!(r.out.contains("waypoint shop/wp is serving"), "{}", r.out);
+    let r = weft(&url, &token, &["waypoint", "list"]).await;
+    let row = r
+        .out
+        .lines()
+        .find(|l| l.starts_with("shop/wp"))
+        .unwrap_or_default();
+    assert!(row.contains("api") && row.contains("true"), "{}", r.out);
+
+    // The other listings, as tables and as JSON.
+    let r = weft(&url, &token, &["proxy-status"]).await;
+    assert!(r.out.contains("waypoint.shop.wp"), "{}", r.out);
+    let r = weft(&url, &token, &["certs", "-o", "json"]).await;
+    let certs: Value = serde_json::from_str(&r.out).expect("JSON");
+    assert!(
+        certs
+            .to_string()
+            .contains("spiffe://cluster.local/ns/shop/sa/wp"),
+        "{certs}"
+    );
+    let r = weft(&url, &token, &["workloads", "-o", "yaml"]).await;
+    assert_eq!(r.code, 0, "{}", r.err);
+
+    // Delete: gone, and deleting again says there is no such waypoint.
+    let delete = ["waypoint", "delete", "-n", "shop", "--name", "wp"];
+    let r = weft(&url, &token, &delete).await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    let r = weft(&url, &token, &["waypoint", "list", "-o", "json"]).await;
+    assert!(!r.out.contains("shop/wp"), "{}", r.out);
+    let r = weft(&url, &token, &delete).await;
+    assert_eq!(r.code, 1);
+    assert!(
+        r.err.contains("no waypoint shop/wp") && r.err.contains("waypoint list"),
+        "{}",
+        r.err
+    );
+
+    // Usage errors are 2; an unreachable controller is 3, with what to do.
+    let r = weft(&url, &token, &["workloads", "--no-such-flag"]).await;
+    assert_eq!(r.code, 2, "{}", r.err);
+    let r = weft(&url, &token, &["workloads", "-o", "xml"]).await;
+    assert_eq!(r.code, 2, "{}", r.err);
+    let r = weft("http://127.0.0.1:1", &token, &["workloads"]).await;
+    assert_eq!(r.code, 3, "{}", r.err);
+    assert!(
+        r.err.contains("cannot reach the controller") && r.err.contains("--controller"),
+        "{}",
+        r.err
+    );
+
+    waypoint.shutdown().await;
+    controller.shutdown().await;
+}

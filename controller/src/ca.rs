@@ -71,7 +71,11 @@ pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
     /// `cert-chain.pem` (from the signing cert up), root excluded.
     chain: Vec<String>,
+    /// The root the chain ends at: the first in `root-cert.pem`.
     root: String,
+    /// Every root in `root-cert.pem`: the current one first, then any still
+    /// trusted during a rotation. What proxies are told to trust.
+    bundle: String,
     issuer_not_after: SystemTime,
     max_ttl: Duration,
     /// The latest certificate issued per identity (bounded by the
@@ -166,10 +170,12 @@ impl CertificateAuthority {
                 chain.insert(0, cert_der);
             }
         }
+        let bundle: String = pem_blocks(&root).iter().map(|d| to_pem(d)).collect();
         let ca = CertificateAuthority {
             issuer,
             chain: chain.iter().map(|d| to_pem(d)).collect(),
             root: to_pem(&root_der),
+            bundle,
             issuer_not_after,
             max_ttl,
             issued: Default::default(),
@@ -178,9 +184,10 @@ impl CertificateAuthority {
         Ok(ca)
     }
 
-    /// The root every workload trusts (PEM).
+    /// The roots every proxy trusts (PEM): the current root first, then
+    /// any `root-cert.pem` still lists during a rotation.
     pub fn root_pem(&self) -> &str {
-        &self.root
+        &self.bundle
     }
 
     /// Issues a leaf for `identity` to the key in `csr_pem`. Whatever else the

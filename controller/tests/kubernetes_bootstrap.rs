@@ -240,7 +240,7 @@ async fn proxies_authenticate_with_their_pods_service_account_tokens() {
     let roots = Arc::new(weft_proto::tls::TrustBundle::from_pem(&bound.root_pem).expect("root"));
     let (_rx, _stats) = weft_proto::xds::spawn(weft_proto::xds::XdsConfig {
         controller: bound.grpc_addr,
-        roots,
+        roots: roots.into(),
         controller_identity: bound.identity.clone(),
         credential: "za".into(),
         node: "whatever-it-claims".into(),

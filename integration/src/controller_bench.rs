@@ -120,7 +120,7 @@ pub async fn run(workloads: usize, services: usize, proxies: usize) -> anyhow::R
         let token = std::fs::read_to_string(mesh.controller.nodes.ensure(&node)?)?;
         let (rx, _) = xds::spawn(XdsConfig {
             controller: mesh.controller.grpc_addr,
-            roots: mesh.roots(),
+            roots: mesh.roots().into(),
             controller_identity: mesh.controller.identity.clone(),
             credential: token.as_str().into(),
             node,

@@ -237,7 +237,7 @@ async fn authenticated_reads_validated_writes_and_persistence() {
     let node_token = mesh.node("a").token;
     let (mut rx, _) = xds::spawn(XdsConfig {
         controller: mesh.controller.grpc_addr,
-        roots: mesh.roots(),
+        roots: mesh.roots().into(),
         controller_identity: mesh.controller.identity.clone(),
         credential: node_token.as_str().into(),
         node: "a".into(),

@@ -28,7 +28,7 @@ fn client(
 ) -> (watch::Receiver<Option<Arc<Model>>>, Arc<xds::XdsStats>) {
     xds::spawn(XdsConfig {
         controller: mesh.controller.grpc_addr,
-        roots: mesh.roots(),
+        roots: mesh.roots().into(),
         controller_identity: mesh.controller.identity.clone(),
         credential: token.into(),
         node: node.to_owned(),

@@ -21,6 +21,7 @@ use crate::credential::Credential;
 use crate::identity::Identity;
 use crate::pb::ca::IstioCertificateRequest;
 use crate::pb::ca::istio_certificate_service_client::IstioCertificateServiceClient;
+use crate::roots::Roots;
 use crate::tls::{self, CertState, CertWatch, TlsError, WorkloadCert};
 
 /// Metadata key a node uses to ask for a workload's identity (Istio's name).
@@ -66,6 +67,9 @@ pub struct CertConfig {
     /// What the issued leaf may carry: a workload's one URI SAN, or the
     /// controller's serving names too.
     pub leaf: tls::Leaf,
+    /// Mesh roots trusted beside each certificate's own (followed from the
+    /// proxy's `--ca-root`: both roots during a rotation).
+    pub roots: Option<Roots>,
 }
 
 impl Default for CertConfig {
@@ -75,6 +79,7 @@ impl Default for CertConfig {
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(150),
             leaf: tls::Leaf::Workload,
+            roots: None,
         }
     }
 }
@@ -213,6 +218,7 @@ async fn worker(
     stop: CancellationToken,
 ) {
     let mut failures: u32 = 0;
+    let mut roots = config.roots.clone();
     loop {
         let delay = match fetch(ca.as_ref(), &identity, &config).await {
             Ok(cert) => {
@@ -245,10 +251,36 @@ async fn worker(
                 backoff(&config, failures)
             }
         };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        // Until renewal: a change of the mesh roots re-publishes the
+        // certificate trusting them, without a new key.
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = &mut sleep => break,
+                Some(bundle) = changed(&mut roots) => {
+                    let cert = tx.borrow().cert().map(|c| c.with_extra_roots(&bundle));
+                    if let Some(cert) = cert {
+                        tx.send_replace(CertState::Available(Arc::new(cert)));
+                    }
+                }
+            }
         }
+    }
+}
+
+/// The next change of the followed roots; pending forever without any.
+async fn changed(roots: &mut Option<Roots>) -> Option<Arc<tls::TrustBundle>> {
+    match roots {
+        Some(r) => match r.changed().await {
+            Some(b) => Some(b),
+            None => {
+                *roots = None; // nothing follows the file any more
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
     }
 }
 
@@ -275,12 +307,11 @@ async fn fetch(
 ) -> Result<Arc<WorkloadCert>, CertError> {
     let (csr, key) = make_csr(identity)?;
     let chain = ca.sign(csr, identity, config.ttl).await?;
-    Ok(Arc::new(WorkloadCert::from_pem_chain_as(
-        identity,
-        key,
-        &chain,
-        config.leaf,
-    )?))
+    let cert = WorkloadCert::from_pem_chain_as(identity, key, &chain, config.leaf)?;
+    Ok(Arc::new(match &config.roots {
+        Some(roots) => cert.with_extra_roots(&roots.current()),
+        None => cert,
+    }))
 }
 
 /// A fresh ECDSA P-256 key and a CSR for `identity`. The key never leaves
@@ -310,11 +341,11 @@ impl GrpcCaClient {
     /// `roots`.
     pub fn new(
         addr: SocketAddr,
-        roots: Arc<tls::TrustBundle>,
+        roots: impl Into<Roots>,
         controller: Identity,
         credential: impl Into<Credential>,
     ) -> Self {
-        let tls = tls::controller_client_config(tls::Trust::Static(roots), controller);
+        let tls = tls::controller_client_config(tls::Trust::Followed(roots.into()), controller);
         let channel = crate::grpc::tls_channel(addr, tls);
         GrpcCaClient {
             client: IstioCertificateServiceClient::new(channel),

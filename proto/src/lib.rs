@@ -10,6 +10,7 @@ pub mod listen;
 pub mod model;
 pub mod process;
 pub mod resources;
+pub mod roots;
 pub mod routes;
 pub mod shards;
 pub mod telemetry;

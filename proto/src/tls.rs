@@ -133,6 +133,21 @@ impl TrustBundle {
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
     }
+
+    /// These roots and `other`'s, each once.
+    pub fn merged(&self, other: &TrustBundle) -> TrustBundle {
+        let mut out = TrustBundle {
+            anchors: self.anchors.clone(),
+            roots: self.roots.clone(),
+        };
+        for (der, anchor) in other.roots.iter().zip(&other.anchors) {
+            if !out.roots.contains(der) {
+                out.roots.push(der.clone());
+                out.anchors.push(anchor.clone());
+            }
+        }
+        out
+    }
 }
 
 impl fmt::Debug for TrustBundle {
@@ -214,6 +229,18 @@ impl WorkloadCert {
         &self.identity
     }
 
+    /// The same certificate, trusting `extra` roots beside its own (the
+    /// mesh roots the proxy follows: both roots during a rotation).
+    pub fn with_extra_roots(&self, extra: &TrustBundle) -> WorkloadCert {
+        WorkloadCert {
+            identity: self.identity.clone(),
+            certified: self.certified.clone(),
+            bundle: Arc::new(self.bundle.merged(extra)),
+            not_after: self.not_after,
+            serial: self.serial.clone(),
+        }
+    }
+
     pub fn not_after(&self) -> SystemTime {
         self.not_after
     }
@@ -283,8 +310,11 @@ pub fn fixed_cert(cert: Arc<WorkloadCert>) -> CertWatch {
 /// Where a verifier finds the roots to check a peer against.
 #[derive(Clone, Debug)]
 pub enum Trust {
-    /// Roots known up front (a bootstrap connection to the CA).
+    /// Roots known up front.
     Static(Arc<TrustBundle>),
+    /// The mesh roots as the proxy follows them (the controller's
+    /// connection: a rotated root is trusted once published).
+    Followed(crate::roots::Roots),
     /// The roots that came with our own current certificate, so a trust
     /// bundle change travels with certificate renewal.
     OwnCert(CertWatch),
@@ -294,6 +324,7 @@ impl Trust {
     fn bundle(&self) -> Result<Arc<TrustBundle>, PeerError> {
         match self {
             Trust::Static(b) => Ok(b.clone()),
+            Trust::Followed(r) => Ok(r.current()),
             Trust::OwnCert(w) => w
                 .borrow()
                 .cert()

@@ -28,12 +28,13 @@ use crate::pb::google::rpc::Status as RpcStatus;
 use crate::pb::xds::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::pb::xds::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node};
 use crate::resources;
-use crate::tls::{self, TrustBundle};
+use crate::roots::Roots;
+use crate::tls;
 
 #[derive(Debug, Clone)]
 pub struct XdsConfig {
     pub controller: SocketAddr,
-    pub roots: Arc<TrustBundle>,
+    pub roots: Roots,
     pub controller_identity: Identity,
     pub credential: Credential,
     pub node: String,
@@ -80,7 +81,7 @@ pub fn spawn(config: XdsConfig) -> (watch::Receiver<Option<Arc<Model>>>, Arc<Xds
 
 async fn run(config: XdsConfig, tx: watch::Sender<Option<Arc<Model>>>, stats: Arc<XdsStats>) {
     let tls = tls::controller_client_config(
-        tls::Trust::Static(config.roots.clone()),
+        tls::Trust::Followed(config.roots.clone()),
         config.controller_identity.clone(),
     );
     let channel = crate::grpc::tls_channel(config.controller, tls);

@@ -18,7 +18,7 @@ use weft_proto::hbone::server::{self, ServerStats};
 use weft_proto::identity::{self, Identity};
 use weft_proto::listen::Drain;
 use weft_proto::model::{Model, waypoint_proxy_name};
-use weft_proto::tls::TrustBundle;
+use weft_proto::roots::Roots;
 use weft_proto::xds::{self, XdsConfig};
 
 use crate::proxy::{Limits, Proxy, Tunnels};
@@ -91,11 +91,13 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             reason,
         })
     };
-    let roots = TrustBundle::from_pem(&read(&config.ca_root)?).map_err(|e| BuildError::Root {
-        path: config.ca_root.clone(),
-        reason: e.to_string(),
-    })?;
-    let roots = Arc::new(roots);
+    // Followed: a rotated root published beside the old one is trusted
+    // without a restart.
+    let roots =
+        Roots::follow(&config.ca_root, weft_proto::roots::POLL).map_err(|e| BuildError::Root {
+            path: config.ca_root.clone(),
+            reason: e.to_string(),
+        })?;
     // Read now so a missing mount fails the start; then at each use (a
     // projected ServiceAccount token is rotated by the kubelet).
     read(&config.token_file)?;
@@ -124,7 +126,11 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             controller.clone(),
             credential.clone(),
         );
-        let certs = CertManager::new(Arc::new(ca), CertConfig::default());
+        let settings = CertConfig {
+            roots: Some(roots.clone()),
+            ..CertConfig::default()
+        };
+        let certs = CertManager::new(Arc::new(ca), settings);
         let (pushed, _stats) = xds::spawn(XdsConfig {
             controller: config.ca_addr,
             roots,

@@ -21,7 +21,8 @@ use weft_proto::hbone::pool::{Pool, PoolSettings};
 use weft_proto::hbone::server::ServerStats;
 use weft_proto::listen::Drain;
 use weft_proto::model::{Model, ModelError};
-use weft_proto::tls::{CertState, TrustBundle};
+use weft_proto::roots::Roots;
+use weft_proto::tls::CertState;
 use weft_proto::xds::{self, XdsConfig};
 
 use crate::enroll::{self, Enroller};
@@ -229,7 +230,7 @@ async fn serve_control(
 async fn start_config(
     config: &Config,
     control: &tokio::runtime::Handle,
-    (roots, credential): (Arc<TrustBundle>, Credential),
+    (roots, credential): (Roots, Credential),
 ) -> Result<(Arc<watch::Sender<Arc<Model>>>, Arc<AtomicBool>), BuildError> {
     let model_tx = Arc::new(watch::channel(Arc::new(Model::default())).0);
     let config_ready = Arc::new(AtomicBool::new(false));
@@ -302,7 +303,11 @@ async fn adopt(enroller: &Enroller, pods: Vec<(PodSpec, [OwnedFd; 3])>) {
     }
 }
 
-fn new_node(config: &Config, model: &watch::Sender<Arc<Model>>, ca: GrpcCaClient) -> Arc<Node> {
+fn new_node(
+    config: &Config,
+    model: &watch::Sender<Arc<Model>>,
+    (ca, roots): (GrpcCaClient, Roots),
+) -> Arc<Node> {
     let control = config
         .control
         .clone()
@@ -316,7 +321,11 @@ fn new_node(config: &Config, model: &watch::Sender<Arc<Model>>, ca: GrpcCaClient
         model: model.subscribe(),
         certs: {
             let _on_control = control.enter();
-            CertManager::new(Arc::new(ca), CertConfig::default())
+            let certs = CertConfig {
+                roots: Some(roots),
+                ..CertConfig::default()
+            };
+            CertManager::new(Arc::new(ca), certs)
         },
         pool: Pool::with_dialer(PoolSettings::default(), Arc::new(PodDialer(pods.clone()))),
         pods,
@@ -352,11 +361,13 @@ async fn start_pods(
 }
 
 pub async fn build(config: Config) -> Result<Bound, BuildError> {
-    let roots = TrustBundle::from_pem(&read(&config.ca_root)?).map_err(|e| BuildError::Root {
-        path: config.ca_root.clone(),
-        reason: e.to_string(),
-    })?;
-    let roots = Arc::new(roots);
+    // Followed: a rotated root published beside the old one is trusted
+    // without a restart.
+    let roots =
+        Roots::follow(&config.ca_root, weft_proto::roots::POLL).map_err(|e| BuildError::Root {
+            path: config.ca_root.clone(),
+            reason: e.to_string(),
+        })?;
     // Read now so a missing mount fails the start; then at each use (a
     // projected ServiceAccount token is rotated by the kubelet).
     read(&config.token_file)?;
@@ -376,8 +387,9 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         path: config.state_dir.clone(),
         reason: source,
     })?;
-    let (model_tx, config_ready) = start_config(&config, &control, (roots, credential)).await?;
-    let node = new_node(&config, &model_tx, ca);
+    let (model_tx, config_ready) =
+        start_config(&config, &control, (roots.clone(), credential)).await?;
+    let node = new_node(&config, &model_tx, (ca, roots));
     let mut taken = take_over(&config.state_dir).await;
     let (drain, control_drain) = (Drain::new(), Drain::new());
     let hbone_stats = Arc::new(ServerStats::default());

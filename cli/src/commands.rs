@@ -484,6 +484,45 @@ mod manifest_tests {
         }
     }
 
+    /// The quick-start sample: the workload kinds parse as their
+    /// Kubernetes types, every kind weft reads parses as weft reads it
+    /// (the weft.dev ones through the Rust types their CRD schemas are
+    /// generated from), and the whole translates with no problem: the
+    /// Service bound to the waypoint, the route accepted.
+    #[test]
+    fn the_sample_application_is_valid() {
+        use weft_controller::source::{Objects, parse_object, translate::translate};
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../manifests/samples/shop.yaml"
+        );
+        let text = std::fs::read_to_string(path).expect("sample");
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&text).expect("YAML");
+        let mut objects = Objects::default();
+        for doc in &docs {
+            match doc["kind"].as_str().unwrap_or_default() {
+                "Deployment" => round_trips::<apps::v1::Deployment>(doc),
+                "ServiceAccount" => round_trips::<core::v1::ServiceAccount>(doc),
+                kind => {
+                    let object = parse_object(&doc.to_string())
+                        .unwrap_or_else(|e| panic!("{kind} {}: {e}", doc["metadata"]["name"]));
+                    objects.insert(object);
+                }
+            }
+        }
+        let out = translate(&objects, "cluster.local");
+        assert!(out.problems.is_empty(), "{:?}", out.problems);
+        let api = out
+            .specs
+            .services
+            .iter()
+            .find(|s| s.name == "api")
+            .expect("api");
+        assert_eq!(api.waypoint.as_deref(), Some("shop/waypoint"));
+        assert_eq!(out.routes.len(), 1, "the split route");
+        assert_eq!(out.specs.policies.len(), 1);
+    }
+
     #[test]
     fn every_manifest_is_a_valid_kubernetes_object() {
         let text = super::install();

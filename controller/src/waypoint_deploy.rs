@@ -140,11 +140,14 @@ fn apply() -> PatchParams {
     PatchParams::apply(MANAGER).force()
 }
 
-/// The Gateway as the owner of what is made for it.
+/// The Gateway as the owner of what is made for it (garbage-collected with
+/// it). No `blockOwnerDeletion`: where the OwnerReferencesPermission
+/// admission plugin runs, setting it needs delete rights on Gateways,
+/// which the controller has no use for.
 fn owner(gw: &Gateway) -> Value {
     json!([{"apiVersion": Gateway::api_version(&()), "kind": Gateway::kind(&()),
             "name": gw.name_any(), "uid": gw.uid().unwrap_or_default(),
-            "controller": true, "blockOwnerDeletion": true}])
+            "controller": true}])
 }
 
 /// Applies the waypoint's objects; its Service's address and whether a

@@ -24,6 +24,8 @@ pub struct Target {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
     Table,
+    /// A table with more columns.
+    Wide,
     Json,
     Yaml,
 }
@@ -31,7 +33,7 @@ pub enum Output {
 /// The API's answer as JSON or YAML; `None` for a table.
 fn structured(v: &Value, output: Output) -> Option<String> {
     match output {
-        Output::Table => None,
+        Output::Table | Output::Wide => None,
         Output::Json => Some(serde_json::to_string_pretty(v).unwrap_or_default() + "\n"),
         Output::Yaml => Some(serde_saphyr::to_string(v).unwrap_or_default()),
     }
@@ -181,15 +183,53 @@ fn s(v: &Value) -> String {
     }
 }
 
-/// A list endpoint as a table (one row per item) or as its JSON.
+/// Which namespace a listing shows: `-n NS`, or every one (`-A`, the
+/// default: in local mode there is no current namespace).
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    pub namespace: Option<String>,
+}
+
+impl Scope {
+    fn admits(&self, ns: &str) -> bool {
+        self.namespace.as_deref().is_none_or(|n| n == ns)
+    }
+
+    /// Refuses a namespace the controller does not know (a typo should
+    /// not look like an empty mesh).
+    async fn check(&self, target: &Target) -> Result<(), CliError> {
+        let Some(ns) = &self.namespace else {
+            return Ok(());
+        };
+        match get(target, &format!("/api/v1/objects/Namespace/{ns}")).await {
+            Err(CliError::Status { status: 404, .. }) => Err(CliError::Refused(format!(
+                "namespace {ns} is not known to the controller; `-A` lists every namespace"
+            ))),
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// `v`'s items narrowed to this scope, by the namespace `ns_of` reads.
+    fn narrow(&self, mut v: Value, ns_of: impl Fn(&Value) -> String) -> Value {
+        if let Some(items) = v["items"].as_array_mut() {
+            items.retain(|i| self.admits(&ns_of(i)));
+        }
+        v
+    }
+}
+
+/// A list endpoint as a table (one row per item) or as its JSON, narrowed
+/// to `scope` by the namespace `ns_of` reads from each item.
 async fn listing(
     target: &Target,
-    path: &str,
+    (path, scope, ns_of): (&str, &Scope, fn(&Value) -> String),
     output: Output,
     headers: &[&str],
     fields: &[&str],
 ) -> Result<String, CliError> {
+    scope.check(target).await?;
     let v = get(target, path).await?;
+    let v = scope.narrow(v, ns_of);
     if let Some(text) = structured(&v, output) {
         return Ok(text);
     }
@@ -202,27 +242,33 @@ async fn listing(
     Ok(table(headers, rows))
 }
 
-pub async fn workloads(target: &Target, output: Output) -> Result<String, CliError> {
+pub async fn workloads(target: &Target, scope: &Scope, output: Output) -> Result<String, CliError> {
+    let mut headers = vec![
+        "NAMESPACE",
+        "NAME",
+        "NODE",
+        "ADDRESSES",
+        "MESHED",
+        "IDENTITY",
+    ];
+    let mut fields = vec![
+        "namespace",
+        "name",
+        "node",
+        "addresses",
+        "meshed",
+        "identity",
+    ];
+    if output == Output::Wide {
+        headers.extend(["SERVICES", "WAYPOINT"]);
+        fields.extend(["services", "waypoint"]);
+    }
     listing(
         target,
-        "/api/v1/workloads",
+        ("/api/v1/workloads", scope, |i| s(&i["namespace"])),
         output,
-        &[
-            "NAMESPACE",
-            "NAME",
-            "NODE",
-            "ADDRESSES",
-            "MESHED",
-            "IDENTITY",
-        ],
-        &[
-            "namespace",
-            "name",
-            "node",
-            "addresses",
-            "meshed",
-            "identity",
-        ],
+        &headers,
+        &fields,
     )
     .await
 }
@@ -273,10 +319,16 @@ pub async fn set_membership(
 }
 
 /// Certificates the CA issued (the latest per identity, since it started).
-pub async fn certs(target: &Target, output: Output) -> Result<String, CliError> {
+pub async fn certs(target: &Target, scope: &Scope, output: Output) -> Result<String, CliError> {
+    // spiffe://<td>/ns/<namespace>/sa/<sa>
+    let ns_of = |i: &Value| {
+        let id = s(&i["identity"]);
+        let ns = id.split("/ns/").nth(1).and_then(|r| r.split('/').next());
+        ns.unwrap_or_default().to_owned()
+    };
     listing(
         target,
-        "/api/v1/certificates",
+        ("/api/v1/certificates", scope, ns_of),
         output,
         &["IDENTITY", "SERIAL", "NOT AFTER"],
         &["identity", "serial", "notAfter"],

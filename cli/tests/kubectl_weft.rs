@@ -122,6 +122,32 @@ async fn kubectl_weft_against_a_local_controller() {
     );
     let r = weft(&url, &token, &["workloads", "-o", "yaml"]).await;
     assert_eq!(r.code, 0, "{}", r.err);
+    // Namespaces as kubectl spells them: -n narrows, -A is everything, an
+    // unknown one is an error rather than an empty mesh.
+    let r = weft(&url, &token, &["certs", "-n", "shop", "-o", "json"]).await;
+    let scoped: Value = serde_json::from_str(&r.out).expect("JSON");
+    assert_eq!(
+        scoped["items"].as_array().map(Vec::len),
+        Some(1),
+        "{scoped}"
+    );
+    let r = weft(&url, &token, &["certs", "-A"]).await;
+    assert!(r.out.contains("/ns/shop/sa/wp"), "{}", r.out);
+    let r = weft(&url, &token, &["workloads", "-n", "shpo"]).await;
+    assert_eq!(r.code, 1);
+    assert!(
+        r.err.contains("namespace shpo is not known") && r.err.contains("-A"),
+        "{}",
+        r.err
+    );
+    let r = weft(&url, &token, &["workloads", "-o", "wide"]).await;
+    assert!(
+        r.out.starts_with("NAMESPACE") && r.out.contains("WAYPOINT"),
+        "{}",
+        r.out
+    );
+    let r = weft(&url, &token, &["completion", "bash"]).await;
+    assert!(r.code == 0 && r.out.contains("_kubectl__weft"), "{}", r.err);
 
     // Delete: gone, and deleting again says there is no such waypoint.
     let delete = ["waypoint", "delete", "-n", "shop", "--name", "wp"];

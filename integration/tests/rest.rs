@@ -270,9 +270,13 @@ async fn authenticated_reads_validated_writes_and_persistence() {
         controller: format!("http://{api}"),
         token_file: dir.path().join("api-token"),
     };
-    let table = weft_cli::commands::workloads(&target, weft_cli::commands::Output::Table)
-        .await
-        .expect("workloads");
+    let table = weft_cli::commands::workloads(
+        &target,
+        &Default::default(),
+        weft_cli::commands::Output::Table,
+    )
+    .await
+    .expect("workloads");
     assert!(table.starts_with("NAMESPACE  NAME"), "{table}");
     assert!(
         table.contains("spiffe://cluster.local/ns/default/sa/web"),
@@ -334,16 +338,24 @@ async fn authenticated_reads_validated_writes_and_persistence() {
     )
     .await;
     assert_eq!(status, 200);
-    let yaml = weft_cli::commands::workloads(&target, weft_cli::commands::Output::Yaml)
-        .await
-        .expect("workloads -o yaml");
+    let yaml = weft_cli::commands::workloads(
+        &target,
+        &Default::default(),
+        weft_cli::commands::Output::Yaml,
+    )
+    .await
+    .expect("workloads -o yaml");
     assert!(
         yaml.contains("identity: spiffe://cluster.local/ns/default/sa/web"),
         "{yaml}"
     );
-    let certs = weft_cli::commands::certs(&target, weft_cli::commands::Output::Table)
-        .await
-        .expect("certs");
+    let certs = weft_cli::commands::certs(
+        &target,
+        &Default::default(),
+        weft_cli::commands::Output::Table,
+    )
+    .await
+    .expect("certs");
     assert!(
         certs.starts_with("IDENTITY")
             && certs.contains("spiffe://cluster.local/ns/weft-system/sa/"),
@@ -355,17 +367,25 @@ async fn authenticated_reads_validated_writes_and_persistence() {
         token_file: wrong_file,
         ..target.clone()
     };
-    let err = weft_cli::commands::workloads(&wrong, weft_cli::commands::Output::Json)
-        .await
-        .expect_err("wrong token");
+    let err = weft_cli::commands::workloads(
+        &wrong,
+        &Default::default(),
+        weft_cli::commands::Output::Json,
+    )
+    .await
+    .expect_err("wrong token");
     assert!(err.to_string().contains("refused the token"), "{err}");
     let not_a_token = weft_cli::commands::Target {
         token_file: dir.path().join("config/pod.default.web.yaml"),
         ..target.clone()
     };
-    let err = weft_cli::commands::workloads(&not_a_token, weft_cli::commands::Output::Json)
-        .await
-        .expect_err("not a token");
+    let err = weft_cli::commands::workloads(
+        &not_a_token,
+        &Default::default(),
+        weft_cli::commands::Output::Json,
+    )
+    .await
+    .expect_err("not a token");
     assert!(err.to_string().contains("does not hold a token"), "{err}");
 
     // Nothing accepted is lost on restart.

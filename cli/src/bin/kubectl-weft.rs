@@ -37,8 +37,29 @@ struct Cli {
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Format {
     Table,
+    /// A table with more columns.
+    Wide,
     Json,
     Yaml,
+}
+
+/// Which namespace to list (kubectl's flags). Without either: every one.
+#[derive(clap::Args, Debug)]
+struct Namespaces {
+    /// Only this namespace.
+    #[arg(long, short = 'n', conflicts_with = "all_namespaces")]
+    namespace: Option<String>,
+    /// Every namespace (the default).
+    #[arg(long, short = 'A')]
+    all_namespaces: bool,
+}
+
+impl Namespaces {
+    fn scope(&self) -> cli::Scope {
+        cli::Scope {
+            namespace: self.namespace.clone(),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -60,9 +81,17 @@ enum Command {
     /// Connected proxies and their config versions.
     ProxyStatus,
     /// Workloads the mesh knows.
-    Workloads,
+    Workloads {
+        #[command(flatten)]
+        ns: Namespaces,
+    },
     /// Issued certificates.
-    Certs,
+    Certs {
+        #[command(flatten)]
+        ns: Namespaces,
+    },
+    /// Print a shell completion script: `source <(kubectl weft completion bash)`.
+    Completion { shell: clap_complete::Shell },
     /// Waypoints: the L7 hop for a namespace or a service account.
     Waypoint {
         #[command(subcommand)]
@@ -116,6 +145,7 @@ fn main() -> ExitCode {
     };
     let output = match cli.output {
         Format::Table => Output::Table,
+        Format::Wide => Output::Wide,
         Format::Json => Output::Json,
         Format::Yaml => Output::Yaml,
     };
@@ -136,10 +166,20 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Workloads => print(runtime().block_on(cli::workloads(&target, output))),
+        Command::Workloads { ns } => {
+            print(runtime().block_on(cli::workloads(&target, &ns.scope(), output)))
+        }
         Command::ProxyStatus => print(runtime().block_on(cli::proxy_status(&target, output))),
         Command::Status => print(runtime().block_on(cli::status(&target))),
-        Command::Certs => print(runtime().block_on(cli::certs(&target, output))),
+        Command::Certs { ns } => {
+            print(runtime().block_on(cli::certs(&target, &ns.scope(), output)))
+        }
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "kubectl-weft", &mut out);
+            print(Ok(String::from_utf8_lossy(&out).into_owned()))
+        }
         Command::Install => print(Ok(cli::install())),
         Command::Waypoint { action } => match action {
             WaypointAction::Apply {

@@ -4,5 +4,6 @@
 //! links the controller and the ztunnel; neither links it, and the
 //! controller links no data-plane code.
 
+pub mod cluster;
 pub mod commands;
 pub mod demo;

@@ -6,33 +6,22 @@
 //! --wait that runs out (exit 1), an unreachable controller (exit 3) —
 //! each with a message saying what to do.
 
+mod common;
+
+use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
+use common::{APPLY_WP, Run, kubectl_weft};
 use serde_json::Value;
 use weft_controller::app::{self, Config};
 
-struct Run {
-    code: i32,
-    out: String,
-    err: String,
-}
-
 /// Runs `kubectl-weft ARGS` against `url` with the token in `token`.
 async fn weft(url: &str, token: &Path, args: &[&str]) -> Run {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kubectl-weft"));
-    cmd.args(["--controller", url, "--token-file"])
-        .arg(token)
-        .args(args);
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .expect("joined")
-        .expect("kubectl-weft runs");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        out: String::from_utf8_lossy(&out.stdout).into_owned(),
-        err: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    let mut all: Vec<OsString> = vec!["--controller".into(), url.into(), "--token-file".into()];
+    all.push(token.into());
+    all.extend(args.iter().map(OsString::from));
+    kubectl_weft(all).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,16 +36,7 @@ async fn kubectl_weft_against_a_local_controller() {
 
     let r = weft(&url, &token, &["join", "shop"]).await;
     assert_eq!(r.code, 0, "{}", r.err);
-    let apply = [
-        "waypoint",
-        "apply",
-        "-n",
-        "shop",
-        "--name",
-        "wp",
-        "--for-service-account",
-        "api",
-    ];
+    let apply = APPLY_WP;
     let r = weft(&url, &token, &apply).await;
     assert_eq!(r.code, 0, "{}", r.err);
     assert!(r.out.contains("waypoint shop/wp applied"), "{}", r.out);

@@ -32,6 +32,23 @@ struct Cli {
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     output: Format,
+    /// Work on a cluster: join, leave and waypoint apply/delete write
+    /// Kubernetes objects with your kubeconfig's credentials. Implied by
+    /// --kubeconfig and --context.
+    #[arg(long, short = 'k', global = true)]
+    kubernetes: bool,
+    /// The kubeconfig to use (default: $KUBECONFIG, else ~/.kube/config).
+    #[arg(long, global = true)]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: its current one).
+    #[arg(long, global = true)]
+    context: Option<String>,
+}
+
+impl Cli {
+    fn in_cluster(&self) -> bool {
+        self.kubernetes || self.kubeconfig.is_some() || self.context.is_some()
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -106,25 +123,9 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum WaypointAction {
-    /// Write a waypoint's Gateway into the mesh's config (local mode).
-    Apply {
-        #[arg(long, short = 'n', default_value = "default")]
-        namespace: String,
-        #[arg(long, default_value = "waypoint")]
-        name: String,
-        /// Serve only this service account's workloads.
-        #[arg(long)]
-        for_service_account: Option<String>,
-        /// Also bind the namespace to it (label weft.dev/use-waypoint).
-        #[arg(long)]
-        enroll_namespace: bool,
-        /// Wait until the waypoint is serving (connected, config in hand).
-        #[arg(long)]
-        wait: bool,
-        /// How long --wait waits, in seconds.
-        #[arg(long, default_value_t = 60)]
-        timeout: u64,
-    },
+    /// Write a waypoint's Gateway (local mode: into the mesh's config; in a
+    /// cluster: the Gateway object).
+    Apply(ApplyArgs),
     /// Waypoints, what is bound to each, and whether it is in effect.
     List,
     /// Remove a waypoint (local mode), and its namespace binding.
@@ -134,6 +135,80 @@ enum WaypointAction {
         #[arg(long, default_value = "waypoint")]
         name: String,
     },
+}
+
+/// A command against a cluster: the ones that change the mesh write
+/// Kubernetes objects; reading the controller's state there is not built
+/// yet (docs/controller.md says why).
+async fn in_cluster(
+    command: Command,
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+) -> Result<String, cli::CliError> {
+    if let Command::Install = command {
+        return Ok(cli::install());
+    }
+    let cluster = || weft_cli::cluster::Cluster::connect(kubeconfig.clone(), context.clone());
+    match command {
+        Command::Join { namespace } => cluster().await?.set_membership(&namespace, true).await,
+        Command::Leave { namespace } => cluster().await?.set_membership(&namespace, false).await,
+        Command::Waypoint {
+            action: WaypointAction::Delete { namespace, name },
+        } => cluster().await?.waypoint_delete(&namespace, &name).await,
+        Command::Waypoint {
+            action: WaypointAction::Apply(args),
+        } => {
+            let c = cluster().await?;
+            let (spec, wait) = args.split();
+            let mut out = c.waypoint_apply(&spec).await?;
+            if let Some(timeout) = wait {
+                out += &c.waypoint_wait(&spec.namespace, &spec.name, timeout).await?;
+            }
+            Ok(out)
+        }
+        _ => Err(cli::CliError::Refused(
+            "in a cluster this command reads the controller's API, which kubectl weft cannot reach with your credentials yet; \
+             meanwhile use `kubectl -n weft-system port-forward svc/weft-controller 8080` with --controller http://127.0.0.1:8080 \
+             and --token-file holding a token the cluster accepts (`kubectl create token`), bound to the weft-viewer ClusterRole"
+                .into(),
+        )),
+    }
+}
+
+#[derive(clap::Args, Debug)]
+struct ApplyArgs {
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    #[arg(long, default_value = "waypoint")]
+    name: String,
+    /// Serve only this service account's workloads.
+    #[arg(long)]
+    for_service_account: Option<String>,
+    /// Also bind the namespace to it (label weft.dev/use-waypoint).
+    #[arg(long)]
+    enroll_namespace: bool,
+    /// Wait until the waypoint is serving (connected, config in hand).
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits, in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
+impl ApplyArgs {
+    /// The Gateway to write, and how long to wait for it (with --wait).
+    fn split(self) -> (cli::WaypointSpec, Option<std::time::Duration>) {
+        let spec = cli::WaypointSpec {
+            namespace: self.namespace,
+            name: self.name,
+            for_service_account: self.for_service_account,
+            enroll_namespace: self.enroll_namespace,
+        };
+        let wait = self
+            .wait
+            .then(|| std::time::Duration::from_secs(self.timeout));
+        (spec, wait)
+    }
 }
 
 #[allow(clippy::print_stderr, clippy::print_stdout)]
@@ -165,6 +240,10 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     };
+    if cli.in_cluster() {
+        let (kubeconfig, context) = (cli.kubeconfig.clone(), cli.context.clone());
+        return print(runtime().block_on(in_cluster(cli.command, kubeconfig, context)));
+    }
     match cli.command {
         Command::Workloads { ns } => {
             print(runtime().block_on(cli::workloads(&target, &ns.scope(), output)))
@@ -182,24 +261,11 @@ fn main() -> ExitCode {
         }
         Command::Install => print(Ok(cli::install())),
         Command::Waypoint { action } => match action {
-            WaypointAction::Apply {
-                namespace,
-                name,
-                for_service_account,
-                enroll_namespace,
-                wait,
-                timeout,
-            } => {
-                let spec = cli::WaypointSpec {
-                    namespace,
-                    name,
-                    for_service_account,
-                    enroll_namespace,
-                };
+            WaypointAction::Apply(args) => {
+                let (spec, wait) = args.split();
                 print(runtime().block_on(async {
                     let mut out = cli::waypoint_apply(&target, &spec).await?;
-                    if wait {
-                        let timeout = std::time::Duration::from_secs(timeout);
+                    if let Some(timeout) = wait {
                         out += &cli::waypoint_wait(&target, &spec.namespace, &spec.name, timeout)
                             .await?;
                     }

@@ -327,6 +327,9 @@ async fn object(fake: &Fake, req: Request, path: &str) -> Result<Response, Reque
         return cluster_object(fake, req, &parts).await;
     };
     let rest = parts[i + 1..].to_vec();
+    if rest.len() == 1 && parts[..i] == ["api", "v1"] {
+        return Ok(namespace_object(fake, req, rest[0]).await);
+    }
     let method = req.method().as_str().to_owned();
     let status_of = rest.len() == 4 && rest[3] == "status";
     // The object's own path (a `/status` write lands on the object).
@@ -354,9 +357,26 @@ async fn object(fake: &Fake, req: Request, path: &str) -> Result<Response, Reque
             Ok(create(fake, format!("{path}/{name}"), o))
         }
         ("PUT", 3) => Ok(replace(fake, &key, body(req).await)),
+        ("DELETE", 3) => Ok(match fake.objects.lock().expect("poisoned").remove(&key) {
+            Some(_) => ok(&json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})),
+            None => status(
+                404,
+                "NotFound",
+                &format!("{} \"{}\" not found", rest[1], rest[2]),
+            ),
+        }),
         ("PATCH", 3) | ("PATCH", 4) => {
             let stored = lookup(fake, &key, &parts[..i].join("/"), rest[0], rest[1], rest[2]);
-            Ok(apply(fake, &key, stored, body(req).await, status_of))
+            let merge = is_merge_patch(&req);
+            let patch = body(req).await;
+            Ok(match (merge, stored) {
+                (true, Some(mut o)) => {
+                    merge_patch(&mut o, &patch);
+                    apply(fake, &key, Some(o.clone()), o, false)
+                }
+                (true, None) => status(404, "NotFound", "not found"),
+                (false, stored) => apply(fake, &key, stored, patch, status_of),
+            })
         }
         _ => Err(req),
     }
@@ -374,6 +394,59 @@ async fn cluster_object(fake: &Fake, req: Request, parts: &[&str]) -> Result<Res
             Ok(apply(fake, &key, stored, body(req).await, status_only))
         }
         _ => Err(req),
+    }
+}
+
+fn is_merge_patch(req: &Request) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/merge-patch+json"))
+}
+
+/// RFC 7386: objects merge key by key, `null` deletes, anything else
+/// replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Some(fields) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let map = target.as_object_mut().expect("an object");
+    for (k, v) in fields {
+        if v.is_null() {
+            map.remove(k);
+        } else {
+            merge_patch(map.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+/// A Namespace (`/api/v1/namespaces/NAME`): GET, and merge patches, from
+/// and to the `/api/v1/namespaces` list the watchers read.
+async fn namespace_object(fake: &Fake, req: Request, name: &str) -> Response {
+    const LIST: &str = "/api/v1/namespaces";
+    let find = |fake: &Fake| {
+        let lists = fake.lists.lock().expect("poisoned");
+        lists.get(LIST).and_then(|(_, items)| {
+            items
+                .iter()
+                .find(|o| o["metadata"]["name"] == name)
+                .cloned()
+        })
+    };
+    let Some(mut ns) = find(fake) else {
+        return status(404, "NotFound", &format!("namespaces \"{name}\" not found"));
+    };
+    match req.method().as_str() {
+        "GET" => ok(&ns),
+        "PATCH" if is_merge_patch(&req) => {
+            merge_patch(&mut ns, &body(req).await);
+            fake.put(LIST, ns.clone());
+            ok(&ns)
+        }
+        _ => status(405, "MethodNotAllowed", "only GET and merge PATCH here"),
     }
 }
 
@@ -464,10 +537,20 @@ fn apply(fake: &Fake, at: &str, stored: Option<Value>, o: Value, status_only: bo
             s
         }
         (true, None) => return status(404, "NotFound", "not found"),
+        // The main resource: its status is a subresource, kept as it was.
         (false, stored) => {
             let mut n = o;
-            n["metadata"]["uid"] =
-                stored.map_or(json!(format!("uid-{at}")), |s| s["metadata"]["uid"].clone());
+            n["metadata"]["uid"] = stored
+                .as_ref()
+                .map_or(json!(format!("uid-{at}")), |s| s["metadata"]["uid"].clone());
+            match stored.map(|s| s["status"].clone()) {
+                Some(status) if !status.is_null() => n["status"] = status,
+                _ => {
+                    if let Some(m) = n.as_object_mut() {
+                        m.remove("status");
+                    }
+                }
+            }
             n
         }
     };

@@ -1,0 +1,189 @@
+//! `kubectl weft` against a cluster (`--kubeconfig`, `--context` or
+//! `--kubernetes`): the commands that change the mesh write Kubernetes
+//! objects with the user's own kubeconfig credentials — a Namespace label,
+//! a Gateway — so cluster RBAC decides who may, as with kubectl. The
+//! controller picks the change up from its watches.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gateway_api::gateways::Gateway;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use weft_controller::source::translate::{MESH_LABEL, USE_WAYPOINT};
+
+use crate::commands::{CliError, WaypointSpec, waypoint_gateway};
+
+const MANAGER: &str = "kubectl-weft";
+
+/// A kube error as the user should read it: the API's refusal (with the
+/// RBAC hint for 403), or the API server out of reach.
+fn kube_err(what: &str) -> impl FnOnce(kube::Error) -> CliError + '_ {
+    move |e| match e {
+        kube::Error::Api(s) if s.code == 403 => CliError::Refused(format!(
+            "{what}: forbidden by the cluster ({}); ask for RBAC on it",
+            s.message
+        )),
+        kube::Error::Api(s) => CliError::Refused(format!("{what}: {}", s.message)),
+        other => CliError::Unreachable {
+            url: "the Kubernetes API".into(),
+            reason: format!("{what}: {other}"),
+        },
+    }
+}
+
+pub struct Cluster {
+    client: Client,
+}
+
+impl Cluster {
+    /// The API server the kubeconfig names (default: `$KUBECONFIG`, else
+    /// `~/.kube/config`, its current context).
+    pub async fn connect(
+        kubeconfig: Option<PathBuf>,
+        context: Option<String>,
+    ) -> Result<Self, CliError> {
+        let access = weft_controller::app::KubeAccess {
+            kubeconfig,
+            context,
+            ..Default::default()
+        };
+        let client = weft_controller::source::kubernetes::client(&access)
+            .await
+            .map_err(|e| CliError::Unreachable {
+                url: "the Kubernetes API".into(),
+                reason: e.to_string(),
+            })?;
+        Ok(Cluster { client })
+    }
+
+    async fn namespace(&self, ns: &str) -> Result<Namespace, CliError> {
+        let found = Api::<Namespace>::all(self.client.clone())
+            .get_opt(ns)
+            .await
+            .map_err(kube_err("reading the namespace"))?;
+        found.ok_or_else(|| {
+            CliError::Refused(format!(
+                "namespace {ns} does not exist (kubectl get namespaces lists them)"
+            ))
+        })
+    }
+
+    async fn label(&self, ns: &str, key: &str, value: Option<&str>) -> Result<(), CliError> {
+        let patch = json!({"metadata": {"labels": {key: value}}});
+        Api::<Namespace>::all(self.client.clone())
+            .patch(ns, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+            .map_err(kube_err("labelling the namespace"))?;
+        Ok(())
+    }
+
+    /// `join` / `leave`: the namespace's `weft.dev/mesh` label.
+    pub async fn set_membership(&self, ns: &str, join: bool) -> Result<String, CliError> {
+        let current = self.namespace(ns).await?;
+        let labels = current.metadata.labels.unwrap_or_default();
+        let member = labels.get(MESH_LABEL).is_some_and(|v| v == "enabled");
+        if member == join {
+            let state = if join { "already in" } else { "not in" };
+            return Ok(format!("namespace {ns} is {state} the mesh\n"));
+        }
+        self.label(ns, MESH_LABEL, join.then_some("enabled"))
+            .await?;
+        let verb = if join { "joined" } else { "left" };
+        let hint = if join {
+            "; restart its pods to mesh them (kubectl rollout restart deploy -n NS)"
+        } else {
+            ""
+        };
+        Ok(format!("namespace {ns} {verb} the mesh{hint}\n"))
+    }
+
+    /// `waypoint apply`: the Gateway, server-side applied; the leader
+    /// deploys it.
+    pub async fn waypoint_apply(&self, spec: &WaypointSpec) -> Result<String, CliError> {
+        let (ns, name) = (&spec.namespace, &spec.name);
+        self.namespace(ns).await?;
+        Api::<Gateway>::namespaced(self.client.clone(), ns)
+            .patch(
+                name,
+                &PatchParams::apply(MANAGER),
+                &Patch::Apply(waypoint_gateway(spec)),
+            )
+            .await
+            .map_err(kube_err("applying the waypoint's Gateway"))?;
+        let mut out = format!("waypoint {ns}/{name} applied\n");
+        if spec.enroll_namespace {
+            self.label(ns, USE_WAYPOINT, Some(name)).await?;
+            out += &format!("namespace {ns} now uses it\n");
+        }
+        Ok(out)
+    }
+
+    /// `waypoint delete`: the Gateway (its Deployment and Service go with
+    /// it), and the namespace's binding when it names this waypoint.
+    pub async fn waypoint_delete(&self, ns: &str, name: &str) -> Result<String, CliError> {
+        let deleted = Api::<Gateway>::namespaced(self.client.clone(), ns)
+            .delete(name, &DeleteParams::default())
+            .await;
+        match deleted {
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                return Err(CliError::Refused(format!(
+                    "no waypoint {ns}/{name} (kubectl get gateways -n {ns} lists them)"
+                )));
+            }
+            other => {
+                other.map_err(kube_err("deleting the waypoint's Gateway"))?;
+            }
+        }
+        let mut out = format!("waypoint {ns}/{name} deleted\n");
+        let labels = self
+            .namespace(ns)
+            .await?
+            .metadata
+            .labels
+            .unwrap_or_default();
+        if labels.get(USE_WAYPOINT).is_some_and(|w| w == name) {
+            self.label(ns, USE_WAYPOINT, None).await?;
+            out += &format!("namespace {ns} no longer uses it\n");
+        }
+        Ok(out)
+    }
+
+    /// `waypoint apply --wait`: until the Gateway says `Programmed`.
+    pub async fn waypoint_wait(
+        &self,
+        ns: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<String, CliError> {
+        let api = Api::<Gateway>::namespaced(self.client.clone(), ns);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let gw = api
+                .get(name)
+                .await
+                .map_err(kube_err("reading the Gateway"))?;
+            let status = serde_json::to_value(&gw.status).unwrap_or(Value::Null);
+            let programmed = status["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"] == "Programmed");
+            if programmed.is_some_and(|c| c["status"] == "True") {
+                return Ok(format!("waypoint {ns}/{name} is programmed\n"));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let why = programmed
+                    .and_then(|c| c["message"].as_str())
+                    .unwrap_or("no status from the controller yet (is weft installed?)");
+                return Err(CliError::Refused(format!(
+                    "waypoint {ns}/{name} not programmed after {}s: {why}",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}

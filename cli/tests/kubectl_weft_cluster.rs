@@ -1,0 +1,137 @@
+//! `kubectl-weft --kubeconfig` (the real binary) against the stand-in API
+//! server the controller's tests use (no real one can run here; see
+//! `controller/tests/fake_api` for what it keeps faithful): join and leave
+//! label the Namespace, waypoint apply writes the Gateway (and the
+//! namespace binding), --wait follows the Gateway's `Programmed`
+//! condition, delete removes both; the failures say what to do.
+
+mod common;
+#[path = "../../controller/tests/fake_api/mod.rs"]
+mod fake_api;
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::sync::Arc;
+
+use common::{APPLY_WP, Run, kubectl_weft};
+use fake_api::{Fake, kubeconfig, listen};
+use serde_json::{Value, json};
+
+const NAMESPACES: &str = "/api/v1/namespaces";
+const GATEWAY: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/wp";
+
+async fn weft(config: &Path, args: &[&str]) -> Run {
+    let mut all: Vec<OsString> = vec!["--kubeconfig".into(), config.into()];
+    all.extend(args.iter().map(OsString::from));
+    kubectl_weft(all).await
+}
+
+fn namespace(fake: &Fake) -> Value {
+    let lists = fake.lists.lock().expect("poisoned");
+    let (_, items) = &lists[NAMESPACES];
+    items
+        .iter()
+        .find(|n| n["metadata"]["name"] == "shop")
+        .cloned()
+        .expect("shop")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_weft_writes_the_cluster_with_the_users_credentials() {
+    let fake = Arc::new(Fake::default());
+    fake.put(
+        NAMESPACES,
+        json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "shop", "labels": {"team": "payments"}, "resourceVersion": "1"}}),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = kubeconfig(dir.path(), listen(fake.clone()).await);
+
+    let r = weft(&config, &["join", "shop"]).await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(
+        r.out.contains("namespace shop joined the mesh"),
+        "{}",
+        r.out
+    );
+    let labels = namespace(&fake)["metadata"]["labels"].clone();
+    assert_eq!(
+        labels,
+        json!({"team": "payments", "weft.dev/mesh": "enabled"})
+    );
+    let r = weft(&config, &["join", "nosuch"]).await;
+    assert_eq!(r.code, 1);
+    assert!(
+        r.err.contains("namespace nosuch does not exist"),
+        "{}",
+        r.err
+    );
+
+    let apply = [&APPLY_WP[..], &["--enroll-namespace"]].concat();
+    let r = weft(&config, &apply).await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    let gw = fake.objects.lock().expect("poisoned")[GATEWAY].clone();
+    assert_eq!(gw["spec"]["gatewayClassName"], "weft-waypoint");
+    assert_eq!(
+        gw["metadata"]["labels"]["weft.dev/for-service-account"],
+        "api"
+    );
+    assert_eq!(
+        namespace(&fake)["metadata"]["labels"]["weft.dev/use-waypoint"],
+        "wp"
+    );
+
+    // --wait follows the Programmed condition the controller writes.
+    let r = weft(
+        &config,
+        &[&apply[..], &["--wait", "--timeout", "1"]].concat(),
+    )
+    .await;
+    assert_eq!(r.code, 1, "{}", r.out);
+    assert!(r.err.contains("not programmed after 1s"), "{}", r.err);
+    fake.objects
+        .lock()
+        .expect("poisoned")
+        .get_mut(GATEWAY)
+        .expect("gw")["status"] = json!({
+        "conditions": [{"type": "Programmed", "status": "True", "reason": "Programmed",
+            "message": "waypoint running", "lastTransitionTime": "2026-12-02T00:00:00Z"}]});
+    let r = weft(
+        &config,
+        &[&apply[..], &["--wait", "--timeout", "10"]].concat(),
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(
+        r.out.contains("waypoint shop/wp is programmed"),
+        "{}",
+        r.out
+    );
+
+    let delete = ["waypoint", "delete", "-n", "shop", "--name", "wp"];
+    let r = weft(&config, &delete).await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(!fake.objects.lock().expect("poisoned").contains_key(GATEWAY));
+    assert!(namespace(&fake)["metadata"]["labels"]["weft.dev/use-waypoint"].is_null());
+    let r = weft(&config, &delete).await;
+    assert_eq!(r.code, 1);
+    assert!(r.err.contains("no waypoint shop/wp"), "{}", r.err);
+
+    let r = weft(&config, &["leave", "shop"]).await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(
+        namespace(&fake)["metadata"]["labels"],
+        json!({"team": "payments"})
+    );
+
+    // What needs the controller's API says how to reach it meanwhile.
+    let r = weft(&config, &["workloads"]).await;
+    assert_eq!(r.code, 1);
+    assert!(r.err.contains("port-forward"), "{}", r.err);
+    // An API server out of reach: exit 3.
+    let gone_dir = dir.path().join("gone");
+    std::fs::create_dir_all(&gone_dir).expect("mkdir");
+    let gone = kubeconfig(&gone_dir, "127.0.0.1:1".parse().expect("addr"));
+    let r = weft(&gone, &["join", "shop"]).await;
+    assert_eq!(r.code, 3, "{}", r.err);
+}

@@ -151,6 +151,90 @@ impl Cluster {
         Ok(out)
     }
 
+    /// `status` in a cluster, from the objects weft runs as: controller
+    /// replicas and the leader (its Lease), ztunnels per node, and each
+    /// waypoint Gateway's `Programmed` condition.
+    pub async fn status(&self, ns: &str) -> Result<String, CliError> {
+        use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+        use k8s_openapi::api::coordination::v1::Lease;
+        let deploy = Api::<Deployment>::namespaced(self.client.clone(), ns)
+            .get_opt("weft-controller")
+            .await
+            .map_err(kube_err("reading the controller's Deployment"))?
+            .ok_or_else(|| {
+                CliError::Refused(format!(
+                    "weft is not installed in namespace {ns} (kubectl weft install | kubectl apply -f -)"
+                ))
+            })?;
+        let status = deploy.status.unwrap_or_default();
+        let wanted = deploy.spec.and_then(|s| s.replicas).unwrap_or(1);
+        let lease = Api::<Lease>::namespaced(self.client.clone(), ns)
+            .get_opt(weft_controller::leader::LEASE)
+            .await
+            .map_err(kube_err("reading the leader Lease"))?;
+        let leader = lease
+            .and_then(|l| l.spec?.holder_identity)
+            .unwrap_or_else(|| "none (no replica leads: waypoints are not deployed)".into());
+        let mut out = format!(
+            "controller  {}/{wanted} replicas ready, leader {leader}\n",
+            status.ready_replicas.unwrap_or(0)
+        );
+        let ds = Api::<DaemonSet>::namespaced(self.client.clone(), ns)
+            .get_opt("ztunnel")
+            .await
+            .map_err(kube_err("reading the ztunnel DaemonSet"))?;
+        let ds = ds.and_then(|d| d.status).unwrap_or_default();
+        out += &format!(
+            "ztunnel     {}/{} nodes ready\n",
+            ds.number_ready, ds.desired_number_scheduled
+        );
+        out += &self.waypoints_status().await?;
+        Ok(out)
+    }
+
+    async fn waypoints_status(&self) -> Result<String, CliError> {
+        let listed = Api::<Gateway>::all(self.client.clone())
+            .list(&Default::default())
+            .await;
+        let gateways = match listed {
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                return Ok("waypoints   none (the Gateway API is not installed)\n".into());
+            }
+            other => other.map_err(kube_err("listing Gateways"))?.items,
+        };
+        let mut out = String::new();
+        for gw in gateways
+            .iter()
+            .filter(|g| g.spec.gateway_class_name == "weft-waypoint")
+        {
+            let status = serde_json::to_value(&gw.status).unwrap_or(Value::Null);
+            let programmed = status["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"] == "Programmed")
+                .cloned()
+                .unwrap_or(Value::Null);
+            let state = match programmed["status"].as_str() {
+                Some("True") => "programmed".to_owned(),
+                _ => format!(
+                    "not programmed: {}",
+                    programmed["message"].as_str().unwrap_or("no status yet")
+                ),
+            };
+            let key = format!(
+                "{}/{}",
+                gw.metadata.namespace.as_deref().unwrap_or_default(),
+                gw.metadata.name.as_deref().unwrap_or_default()
+            );
+            out += &format!("waypoint    {key} {state}\n");
+        }
+        if out.is_empty() {
+            out = "waypoints   none\n".into();
+        }
+        Ok(out)
+    }
+
     /// `waypoint apply --wait`: until the Gateway says `Programmed`.
     pub async fn waypoint_wait(
         &self,

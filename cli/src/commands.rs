@@ -396,10 +396,46 @@ pub async fn status(target: &Target) -> Result<String, CliError> {
         })
         .count();
     let n = workloads["items"].as_array().map(Vec::len).unwrap_or(0);
-    Ok(format!(
+    let mut out = format!(
         "controller  {}\nconfig      version {current}, {n} workloads\nproxies     {connected} connected, {synced} on the current config\n",
         target.controller
-    ))
+    );
+    let sources = get(target, "/api/v1/sources").await?;
+    let problems = sources["problems"].as_array().cloned().unwrap_or_default();
+    out += &format!("problems    {}\n", problems.len());
+    for p in &problems {
+        out += &format!("  {}: {}\n", s(&p["object"]), s(&p["reason"]));
+    }
+    let certs = get(target, "/api/v1/certificates").await?;
+    let soon = expiring(&certs, SOON);
+    out += &format!("certificates {} expiring within an hour\n", soon.len());
+    for id in soon {
+        out += &format!("  {id}\n");
+    }
+    Ok(out)
+}
+
+/// "Expiring soon" for `status`: renewal starts at half a lifetime, so a
+/// certificate this close to its end has failed to renew for hours.
+const SOON: Duration = Duration::from_secs(3600);
+
+/// Identities whose latest certificate ends within `within`.
+fn expiring(certs: &Value, within: Duration) -> Vec<String> {
+    let limit = k8s_openapi::jiff::Timestamp::now()
+        .checked_add(k8s_openapi::jiff::SignedDuration::try_from(within).unwrap_or_default())
+        .unwrap_or(k8s_openapi::jiff::Timestamp::MAX);
+    certs["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| {
+            c["notAfter"]
+                .as_str()
+                .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+                .is_some_and(|t| t < limit)
+        })
+        .map(|c| s(&c["identity"]))
+        .collect()
 }
 
 /// The Kubernetes manifests (`kubectl weft install | kubectl apply -f -`):

@@ -89,6 +89,16 @@ async fn kubectl_weft_against_a_local_controller() {
         .unwrap_or_default();
     assert!(row.contains("api") && row.contains("true"), "{}", r.out);
 
+    // status: config, proxies, problems and certificates near their end.
+    let r = weft(&url, &token, &["status"]).await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.out.contains("problems    0"), "{}", r.out);
+    assert!(
+        r.out.contains("certificates 0 expiring within an hour"),
+        "{}",
+        r.out
+    );
+
     // The other listings, as tables and as JSON.
     let r = weft(&url, &token, &["proxy-status"]).await;
     assert!(r.out.contains("waypoint.shop.wp"), "{}", r.out);

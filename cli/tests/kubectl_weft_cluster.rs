@@ -124,6 +124,66 @@ async fn kubectl_weft_writes_the_cluster_with_the_users_credentials() {
         json!({"team": "payments"})
     );
 
+    // status: not installed yet, then replicas, the leader, ztunnels and
+    // waypoints as the cluster's objects say.
+    let r = weft(&config, &["status"]).await;
+    assert_eq!(r.code, 1);
+    assert!(
+        r.err.contains("weft is not installed") && r.err.contains("kubectl weft install"),
+        "{}",
+        r.err
+    );
+    let put = |path: &str, o: Value| {
+        fake.objects
+            .lock()
+            .expect("poisoned")
+            .insert(path.into(), o)
+    };
+    put(
+        "/apis/apps/v1/namespaces/weft-system/deployments/weft-controller",
+        json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "weft-controller", "namespace": "weft-system"},
+        "spec": {"replicas": 2, "selector": {}, "template": {}},
+        "status": {"readyReplicas": 2}}),
+    );
+    put(
+        "/apis/coordination.k8s.io/v1/namespaces/weft-system/leases/weft-controller",
+        json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "weft-controller", "namespace": "weft-system"},
+        "spec": {"holderIdentity": "weft-controller-7d9-abc"}}),
+    );
+    put(
+        "/apis/apps/v1/namespaces/weft-system/daemonsets/ztunnel",
+        json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "ztunnel", "namespace": "weft-system"},
+        "spec": {"selector": {}, "template": {}},
+        "status": {"desiredNumberScheduled": 3, "numberReady": 2, "currentNumberScheduled": 3, "numberMisscheduled": 0}}),
+    );
+    fake.put("/apis/gateway.networking.k8s.io/v1/gateways", json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "wp", "namespace": "shop", "resourceVersion": "1"},
+        "spec": {"gatewayClassName": "weft-waypoint", "listeners": []},
+        "status": {"conditions": [{"type": "Programmed", "status": "False", "reason": "Pending",
+            "message": "waiting for a waypoint pod to be available", "lastTransitionTime": "2026-12-02T00:00:00Z"}]}}));
+    let r = weft(&config, &["status"]).await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(
+        r.out
+            .contains("2/2 replicas ready, leader weft-controller-7d9-abc"),
+        "{}",
+        r.out
+    );
+    assert!(r.out.contains("2/3 nodes ready"), "{}", r.out);
+    assert!(
+        r.out
+            .contains("shop/wp not programmed: waiting for a waypoint pod"),
+        "{}",
+        r.out
+    );
+
     // What needs the controller's API says how to reach it meanwhile.
     let r = weft(&config, &["workloads"]).await;
     assert_eq!(r.code, 1);

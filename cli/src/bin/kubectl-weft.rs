@@ -150,6 +150,7 @@ async fn in_cluster(
     }
     let cluster = || weft_cli::cluster::Cluster::connect(kubeconfig.clone(), context.clone());
     match command {
+        Command::Status => cluster().await?.status("weft-system").await,
         Command::Join { namespace } => cluster().await?.set_membership(&namespace, true).await,
         Command::Leave { namespace } => cluster().await?.set_membership(&namespace, false).await,
         Command::Waypoint {

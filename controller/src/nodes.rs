@@ -143,7 +143,13 @@ impl Nodes {
         &self,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<Caller, tonic::Status> {
+        // Every refusal is logged with its reason and counted.
+        let counted = |reason: &'static str| {
+            metrics::counter!("weft_controller_auth_refusals_total", "reason" => reason)
+                .increment(1);
+        };
         let refuse = |why: &str| {
+            counted("unauthenticated");
             tracing::warn!(reason = why, "request refused: unauthenticated");
             tonic::Status::unauthenticated(why)
         };
@@ -164,13 +170,15 @@ impl Nodes {
         };
         kube.proxy(token).await.map_err(|r| {
             tracing::warn!(reason = %r, "request refused");
-            match r {
-                Refusal::Unauthenticated(_) => tonic::Status::unauthenticated(r.to_string()),
-                Refusal::Unavailable(_) => tonic::Status::unavailable(r.to_string()),
+            let (label, status): (_, fn(String) -> tonic::Status) = match r {
+                Refusal::Unauthenticated(_) => ("unauthenticated", tonic::Status::unauthenticated),
+                Refusal::Unavailable(_) => ("api_unreachable", tonic::Status::unavailable),
                 Refusal::NotAProxy(_) | Refusal::Forbidden { .. } => {
-                    tonic::Status::permission_denied(r.to_string())
+                    ("not_a_proxy", tonic::Status::permission_denied)
                 }
-            }
+            };
+            counted(label);
+            status(r.to_string())
         })
     }
 

@@ -236,6 +236,13 @@ async fn proxies_authenticate_with_their_pods_service_account_tokens() {
         "{why}"
     );
 
+    // Each refusal counted by its reason.
+    let metrics = weft_proto::process::prometheus().render();
+    for reason in ["unauthenticated", "not_a_proxy"] {
+        let line = format!("weft_controller_auth_refusals_total{{reason=\"{reason}\"}}");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+
     // The config stream: the same token makes the ztunnel node-a.
     let roots = Arc::new(weft_proto::tls::TrustBundle::from_pem(&bound.root_pem).expect("root"));
     let (_rx, _stats) = weft_proto::xds::spawn(weft_proto::xds::XdsConfig {

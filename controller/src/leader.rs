@@ -79,6 +79,7 @@ pub fn spawn(client: Client, e: Election, stop: CancellationToken) -> watch::Rec
             };
             if tx.send_replace(leads) != leads {
                 info!(me = e.me, leader = leads, "leadership changed");
+                metrics::gauge!("weft_controller_leader").set(f64::from(u8::from(leads)));
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -88,6 +89,7 @@ pub fn spawn(client: Client, e: Election, stop: CancellationToken) -> watch::Rec
         if *tx.borrow() {
             release(&api, &e).await;
             tx.send_replace(false);
+            metrics::gauge!("weft_controller_leader").set(0.0);
         }
     });
     rx

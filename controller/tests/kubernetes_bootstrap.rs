@@ -294,6 +294,7 @@ mod election {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn replicas_elect_one_leader_and_hand_over() {
+        weft_proto::process::prometheus(); // the recorder, as the controller installs it
         let fake = Arc::new(Fake::default());
         let client = fake_api::serve(fake.clone()).await;
         let (stop_a, stop_b) = (CancellationToken::new(), CancellationToken::new());
@@ -324,6 +325,8 @@ mod election {
             ("b", a, stop_b.clone(), "a")
         };
         assert_eq!(holder(&fake), json!(leader));
+        let metrics = weft_proto::process::prometheus().render();
+        assert!(metrics.contains("weft_controller_leader 1"), "{metrics}");
         // The leader stops: it gives the Lease up and the other leads.
         stop.cancel();
         until_leads(&mut follower, "the follower").await;

@@ -77,10 +77,12 @@ pub fn spawn(client: Client, e: Election, stop: CancellationToken) -> watch::Rec
                     *tx.borrow() && renewed.elapsed() < e.lease_duration
                 }
             };
-            if tx.send_replace(leads) != leads {
+            // The gauge first: whoever sees the change sees it counted.
+            if *tx.borrow() != leads {
                 info!(me = e.me, leader = leads, "leadership changed");
                 metrics::gauge!("weft_controller_leader").set(f64::from(u8::from(leads)));
             }
+            tx.send_replace(leads);
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(e.retry) => {}
@@ -88,8 +90,8 @@ pub fn spawn(client: Client, e: Election, stop: CancellationToken) -> watch::Rec
         }
         if *tx.borrow() {
             release(&api, &e).await;
-            tx.send_replace(false);
             metrics::gauge!("weft_controller_leader").set(0.0);
+            tx.send_replace(false);
         }
     });
     rx

@@ -14,7 +14,7 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 use weft_controller::source::translate::{MESH_LABEL, USE_WAYPOINT};
 
-use crate::commands::{CliError, WaypointSpec, waypoint_gateway};
+use crate::commands::{CliError, Output, WaypointSpec, s, structured, table, waypoint_gateway};
 
 const MANAGER: &str = "kubectl-weft";
 
@@ -192,29 +192,31 @@ impl Cluster {
         Ok(out)
     }
 
-    async fn waypoints_status(&self) -> Result<String, CliError> {
+    /// Every Gateway of class `weft-waypoint`; `None` without the Gateway API.
+    async fn waypoint_gateways(&self) -> Result<Option<Vec<Gateway>>, CliError> {
         let listed = Api::<Gateway>::all(self.client.clone())
             .list(&Default::default())
             .await;
-        let gateways = match listed {
-            Err(kube::Error::Api(s)) if s.code == 404 => {
-                return Ok("waypoints   none (the Gateway API is not installed)\n".into());
-            }
-            other => other.map_err(kube_err("listing Gateways"))?.items,
+        match listed {
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+            other => Ok(Some(
+                other
+                    .map_err(kube_err("listing Gateways"))?
+                    .items
+                    .into_iter()
+                    .filter(|g| g.spec.gateway_class_name == "weft-waypoint")
+                    .collect(),
+            )),
+        }
+    }
+
+    async fn waypoints_status(&self) -> Result<String, CliError> {
+        let Some(gateways) = self.waypoint_gateways().await? else {
+            return Ok("waypoints   none (the Gateway API is not installed)\n".into());
         };
         let mut out = String::new();
-        for gw in gateways
-            .iter()
-            .filter(|g| g.spec.gateway_class_name == "weft-waypoint")
-        {
-            let status = serde_json::to_value(&gw.status).unwrap_or(Value::Null);
-            let programmed = status["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|c| c["type"] == "Programmed")
-                .cloned()
-                .unwrap_or(Value::Null);
+        for gw in &gateways {
+            let programmed = programmed(gw);
             let state = match programmed["status"].as_str() {
                 Some("True") => "programmed".to_owned(),
                 _ => format!(
@@ -235,6 +237,88 @@ impl Cluster {
         Ok(out)
     }
 
+    /// `waypoint list` in a cluster: each waypoint Gateway, its scope, its
+    /// `Programmed` condition and address, and the Namespaces and Services
+    /// bound to one (by their `weft.dev/use-waypoint` label).
+    pub async fn waypoint_list(&self, output: Output) -> Result<String, CliError> {
+        use k8s_openapi::api::core::v1::Service;
+        let mut items = Vec::new();
+        for gw in self.waypoint_gateways().await?.unwrap_or_default() {
+            let v = serde_json::to_value(&gw).unwrap_or(Value::Null);
+            let programmed = programmed(&gw);
+            items.push(json!({
+                "waypoint": format!("{}/{}", s(&v["metadata"]["namespace"]), s(&v["metadata"]["name"])),
+                "forServiceAccount": v["metadata"]["labels"]["weft.dev/for-service-account"],
+                "programmed": programmed["status"], "reason": programmed["message"],
+                "addresses": v["status"]["addresses"].as_array().map(|a| a.iter().map(|x| x["value"].clone()).collect::<Vec<_>>()),
+            }));
+        }
+        let labelled = kube::api::ListParams::default().labels(USE_WAYPOINT);
+        let mut bindings = Vec::new();
+        for ns in Api::<Namespace>::all(self.client.clone())
+            .list(&labelled)
+            .await
+            .map_err(kube_err("listing Namespaces"))?
+        {
+            let name = ns.metadata.name.unwrap_or_default();
+            let to = ns
+                .metadata
+                .labels
+                .unwrap_or_default()
+                .remove(USE_WAYPOINT)
+                .unwrap_or_default();
+            bindings.push(
+                json!({"kind": "Namespace", "name": name, "waypoint": format!("{name}/{to}")}),
+            );
+        }
+        for svc in Api::<Service>::all(self.client.clone())
+            .list(&labelled)
+            .await
+            .map_err(kube_err("listing Services"))?
+        {
+            let ns = svc.metadata.namespace.unwrap_or_default();
+            let name = format!("{ns}/{}", svc.metadata.name.unwrap_or_default());
+            let to = svc
+                .metadata
+                .labels
+                .unwrap_or_default()
+                .remove(USE_WAYPOINT)
+                .unwrap_or_default();
+            bindings
+                .push(json!({"kind": "Service", "name": name, "waypoint": format!("{ns}/{to}")}));
+        }
+        let v = json!({"items": items, "bindings": bindings});
+        if let Some(text) = structured(&v, output) {
+            return Ok(text);
+        }
+        let rows = |key: &str, fields: &[&str]| -> Vec<Vec<String>> {
+            v[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|i| fields.iter().map(|f| s(&i[*f])).collect())
+                .collect()
+        };
+        let waypoints = table(
+            &["WAYPOINT", "FOR-SA", "PROGRAMMED", "ADDRESSES", "REASON"],
+            rows(
+                "items",
+                &[
+                    "waypoint",
+                    "forServiceAccount",
+                    "programmed",
+                    "addresses",
+                    "reason",
+                ],
+            ),
+        );
+        let bound = table(
+            &["KIND", "NAME", "WAYPOINT"],
+            rows("bindings", &["kind", "name", "waypoint"]),
+        );
+        Ok(format!("{waypoints}\n{bound}"))
+    }
+
     /// `waypoint apply --wait`: until the Gateway says `Programmed`.
     pub async fn waypoint_wait(
         &self,
@@ -249,18 +333,13 @@ impl Cluster {
                 .get(name)
                 .await
                 .map_err(kube_err("reading the Gateway"))?;
-            let status = serde_json::to_value(&gw.status).unwrap_or(Value::Null);
-            let programmed = status["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|c| c["type"] == "Programmed");
-            if programmed.is_some_and(|c| c["status"] == "True") {
+            let programmed = programmed(&gw);
+            if programmed["status"] == "True" {
                 return Ok(format!("waypoint {ns}/{name} is programmed\n"));
             }
             if tokio::time::Instant::now() >= deadline {
-                let why = programmed
-                    .and_then(|c| c["message"].as_str())
+                let why = programmed["message"]
+                    .as_str()
                     .unwrap_or("no status from the controller yet (is weft installed?)");
                 return Err(CliError::Refused(format!(
                     "waypoint {ns}/{name} not programmed after {}s: {why}",
@@ -270,4 +349,14 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+}
+
+/// A Gateway's `Programmed` condition (null when there is none yet).
+fn programmed(gw: &Gateway) -> Value {
+    let status = serde_json::to_value(&gw.status).unwrap_or(Value::Null);
+    let conditions = status["conditions"].as_array().cloned().unwrap_or_default();
+    conditions
+        .into_iter()
+        .find(|c| c["type"] == "Programmed")
+        .unwrap_or(Value::Null)
 }

@@ -31,7 +31,7 @@ pub enum Output {
 }
 
 /// The API's answer as JSON or YAML; `None` for a table.
-fn structured(v: &Value, output: Output) -> Option<String> {
+pub(crate) fn structured(v: &Value, output: Output) -> Option<String> {
     match output {
         Output::Table | Output::Wide => None,
         Output::Json => Some(serde_json::to_string_pretty(v).unwrap_or_default() + "\n"),
@@ -152,7 +152,7 @@ async fn request(
     })
 }
 
-fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, cell) in widths.iter_mut().zip(r) {
@@ -174,7 +174,7 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     out.join("\n") + "\n"
 }
 
-fn s(v: &Value) -> String {
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),

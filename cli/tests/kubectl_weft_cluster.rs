@@ -26,6 +26,10 @@ async fn weft(config: &Path, args: &[&str]) -> Run {
     kubectl_weft(all).await
 }
 
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap_or_default()
+}
+
 fn namespace(fake: &Fake) -> Value {
     let lists = fake.lists.lock().expect("poisoned");
     let (_, items) = &lists[NAMESPACES];
@@ -104,6 +108,50 @@ async fn kubectl_weft_writes_the_cluster_with_the_users_credentials() {
     assert_eq!(r.code, 0, "{}", r.err);
     assert!(
         r.out.contains("waypoint shop/wp is programmed"),
+        "{}",
+        r.out
+    );
+
+    // list: the waypoint with its scope and state, and what is bound to it
+    // (an unlabelled Service is not).
+    for (name, labels) in [
+        ("api", json!({"weft.dev/use-waypoint": "wp"})),
+        ("db", json!({})),
+    ] {
+        fake.put("/api/v1/services", json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "shop", "labels": labels, "resourceVersion": "1"},
+            "spec": {"ports": [{"port": 80}]}}));
+    }
+    let gateway = fake.objects.lock().expect("poisoned")[GATEWAY].clone();
+    fake.put("/apis/gateway.networking.k8s.io/v1/gateways", gateway);
+    let r = weft(&config, &["waypoint", "list", "-o", "json"]).await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    let listed: Value = serde_json::from_str(&r.out).expect("JSON");
+    assert_eq!(listed["items"][0]["waypoint"], "shop/wp");
+    assert_eq!(listed["items"][0]["forServiceAccount"], "api");
+    assert_eq!(listed["items"][0]["programmed"], "True");
+    let bound: Vec<String> = listed["bindings"]
+        .as_array()
+        .expect("bindings")
+        .iter()
+        .map(|b| {
+            format!(
+                "{} {} -> {}",
+                s(&b["kind"]),
+                s(&b["name"]),
+                s(&b["waypoint"])
+            )
+        })
+        .collect();
+    assert_eq!(
+        bound,
+        ["Namespace shop -> shop/wp", "Service shop/api -> shop/wp"]
+    );
+    let r = weft(&config, &["waypoint", "list"]).await;
+    assert!(
+        r.out
+            .lines()
+            .any(|l| l.starts_with("shop/wp") && l.contains("True")),
         "{}",
         r.out
     );

@@ -142,8 +142,8 @@ enum WaypointAction {
 /// yet (docs/controller.md says why).
 async fn in_cluster(
     command: Command,
-    kubeconfig: Option<PathBuf>,
-    context: Option<String>,
+    (kubeconfig, context): (Option<PathBuf>, Option<String>),
+    output: Output,
 ) -> Result<String, cli::CliError> {
     if let Command::Install = command {
         return Ok(cli::install());
@@ -151,6 +151,9 @@ async fn in_cluster(
     let cluster = || weft_cli::cluster::Cluster::connect(kubeconfig.clone(), context.clone());
     match command {
         Command::Status => cluster().await?.status("weft-system").await,
+        Command::Waypoint {
+            action: WaypointAction::List,
+        } => cluster().await?.waypoint_list(output).await,
         Command::Join { namespace } => cluster().await?.set_membership(&namespace, true).await,
         Command::Leave { namespace } => cluster().await?.set_membership(&namespace, false).await,
         Command::Waypoint {
@@ -243,7 +246,7 @@ fn main() -> ExitCode {
     };
     if cli.in_cluster() {
         let (kubeconfig, context) = (cli.kubeconfig.clone(), cli.context.clone());
-        return print(runtime().block_on(in_cluster(cli.command, kubeconfig, context)));
+        return print(runtime().block_on(in_cluster(cli.command, (kubeconfig, context), output)));
     }
     match cli.command {
         Command::Workloads { ns } => {

@@ -211,16 +211,40 @@ pub async fn api(State(fake): State<Arc<Fake>>, req: Request) -> Response {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         ));
     }
-    let (rv, items) = fake
+    let (rv, mut items) = fake
         .lists
         .lock()
         .expect("poisoned")
         .get(&path)
         .cloned()
         .unwrap_or_default();
+    items.retain(|o| selected(&query, o));
     let list = json!({"apiVersion": "v1", "kind": "List",
         "metadata": {"resourceVersion": rv.to_string()}, "items": items});
     Response::new(Body::from(list.to_string()))
+}
+
+/// Whether `o` matches the list's `labelSelector` (terms `key` and
+/// `key=value`, comma-separated, all required; none: everything).
+fn selected(query: &str, o: &Value) -> bool {
+    let Some(selector) = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("labelSelector="))
+    else {
+        return true;
+    };
+    let selector = selector
+        .replace("%2F", "/")
+        .replace("%3D", "=")
+        .replace("%2C", ",");
+    let labels = &o["metadata"]["labels"];
+    selector
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .all(|term| match term.split_once('=') {
+            Some((k, v)) => labels[k] == v,
+            None => !labels[term].is_null(),
+        })
 }
 
 /// Serves `fake` on loopback; its address.

@@ -718,6 +718,92 @@ pub async fn waypoint_apply(target: &Target, spec: &WaypointSpec) -> Result<Stri
     Ok(out)
 }
 
+/// A request to explain: `route explain SERVICE PORT ...`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RouteQuery {
+    /// The Service, namespace/name.
+    pub service: String,
+    pub port: u16,
+    #[arg(long, default_value = "/")]
+    pub path: String,
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// A request header, NAME:VALUE. Repeatable.
+    #[arg(long = "header", short = 'H')]
+    pub headers: Vec<String>,
+    /// The client's namespace (consumer routes); default: the Service's.
+    #[arg(long)]
+    pub from: Option<String>,
+}
+
+/// Percent-encodes a query value (everything but RFC 3986's unreserved).
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Which route and rule would serve a request through the Service's
+/// waypoint, decided by the controller with the matcher the waypoint runs;
+/// a request no rule serves is an error (exit 1) saying what happens.
+pub async fn route_explain(
+    target: &Target,
+    q: &RouteQuery,
+    output: Output,
+) -> Result<String, CliError> {
+    let mut query = format!(
+        "service={}&port={}&path={}&method={}",
+        encode(&q.service),
+        q.port,
+        encode(&q.path),
+        encode(&q.method)
+    );
+    for h in &q.headers {
+        query += &format!("&header={}", encode(h));
+    }
+    if let Some(ns) = &q.from {
+        query += &format!("&from={}", encode(ns));
+    }
+    let v = get(target, &format!("/api/v1/routes/explain?{query}")).await?;
+    if v["matched"] != true {
+        return Err(CliError::Refused(format!(
+            "{} {} on {}:{}: {}",
+            q.method,
+            q.path,
+            q.service,
+            q.port,
+            s(&v["reason"])
+        )));
+    }
+    if let Some(text) = structured(&v, output) {
+        return Ok(text);
+    }
+    let rows = v["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            vec![
+                format!("{}:{}", s(&b["service"]), s(&b["port"])),
+                s(&b["weight"]),
+                s(&b["invalid"]),
+            ]
+        })
+        .collect();
+    Ok(format!(
+        "route {} rule {} (waypoint {})\n{}",
+        s(&v["route"]),
+        s(&v["rule"]),
+        s(&v["waypoint"]),
+        table(&["BACKEND", "WEIGHT", "INVALID"], rows)
+    ))
+}
+
 /// Removes a waypoint's Gateway (local mode), and the namespace's
 /// `weft.dev/use-waypoint` label when it names this waypoint; Services
 /// still bound to it are named (their traffic is refused until they are

@@ -139,12 +139,78 @@ async fn kubectl_weft_against_a_local_controller() {
     let r = weft(&url, &token, &["completion", "bash"]).await;
     assert!(r.code == 0 && r.out.contains("_kubectl__weft"), "{}", r.err);
 
+    // route explain: the rule the waypoint's own matcher picks, on the
+    // config served now; a request no rule serves exits 1 saying why.
+    let routes = "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop, labels: {weft.dev/use-waypoint: wp}}\n\
+        spec: {selector: {app: api}, ports: [{port: 80}]}\n---\n\
+        apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: split, namespace: shop}\n\
+        spec:\n  parentRefs: [{group: '', kind: Service, name: api, port: 80}]\n  rules:\n\
+        \x20   - matches: [{path: {type: PathPrefix, value: /v2}}]\n      backendRefs: [{name: api, port: 80}]\n\
+        \x20   - matches: [{headers: [{name: x-canary, value: 'yes'}]}]\n      backendRefs: [{name: api, port: 80}]\n";
+    std::fs::write(data.join("config/routes.yaml"), routes).expect("routes");
+    let mut served = controller.config.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        served.wait_for(|s| !s.model.routes.is_empty()),
+    )
+    .await
+    .expect("the route served in time")
+    .expect("config");
+    let explain = ["route", "explain", "shop/api", "80"];
+    let r = weft(
+        &url,
+        &token,
+        &[&explain[..], &["--path", "/v2/items"]].concat(),
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(
+        r.out
+            .starts_with("route HTTPRoute/shop/split rule 0 (waypoint shop/wp)"),
+        "{}",
+        r.out
+    );
+    let r = weft(
+        &url,
+        &token,
+        &[&explain[..], &["--path", "/x", "-H", "x-canary: yes"]].concat(),
+    )
+    .await;
+    assert!(
+        r.out.starts_with("route HTTPRoute/shop/split rule 1"),
+        "{}{}",
+        r.out,
+        r.err
+    );
+    let r = weft(
+        &url,
+        &token,
+        &[&explain[..], &["--path", "/x", "-o", "json"]].concat(),
+    )
+    .await;
+    assert_eq!(r.code, 1);
+    assert!(
+        r.err.contains("no rule matches") && r.err.contains("404"),
+        "{}",
+        r.err
+    );
+
     // Delete: gone, and deleting again says there is no such waypoint.
     let delete = ["waypoint", "delete", "-n", "shop", "--name", "wp"];
     let r = weft(&url, &token, &delete).await;
     assert_eq!(r.code, 0, "{}", r.err);
+    assert!(
+        r.out.contains("Service shop/api is still bound to it"),
+        "{}",
+        r.out
+    );
     let r = weft(&url, &token, &["waypoint", "list", "-o", "json"]).await;
-    assert!(!r.out.contains("shop/wp"), "{}", r.out);
+    let listed: Value = serde_json::from_str(&r.out).expect("JSON");
+    // Still named by the Service bound to it: listed as undefined, its
+    // traffic refused (fail closed), and saying so.
+    assert_eq!(listed["items"][0]["defined"], false, "{}", r.out);
+    let reason = listed["items"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("no Gateway shop/wp"), "{reason}");
     let r = weft(&url, &token, &delete).await;
     assert_eq!(r.code, 1);
     assert!(

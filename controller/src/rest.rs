@@ -98,6 +98,7 @@ fn authed_routes() -> OpenApiRouter<Api> {
         .routes(routes!(get_one))
         .routes(routes!(waypoints))
         .routes(routes!(routes))
+        .routes(routes!(explain_route))
         .routes(routes!(certificates))
         .routes(routes!(sources))
         .routes(routes!(list_objects))
@@ -415,6 +416,67 @@ async fn routes(State(api): State<Api>) -> Json<Value> {
     Json(json!({"items": status.routes.iter().map(|r| json!({
         "route": r.key, "parents": r.parents, "rules": r.rules, "refused": r.refused,
     })).collect::<Vec<_>>()}))
+}
+
+/// Which rule of which route would serve a request, by the matcher the
+/// waypoint runs (`weft_proto::routes`) on the config served now.
+#[utoipa::path(get, path = "/api/v1/routes/explain", security(("bearer" = [])), params(
+    ("service" = String, Query, description = "namespace/name"), ("port" = u16, Query),
+    ("path" = Option<String>, Query), ("method" = Option<String>, Query),
+    ("from" = Option<String>, Query, description = "the client's namespace (consumer routes)"),
+    ("header" = Option<Vec<String>>, Query, description = "name:value, repeatable")),
+    responses((status = 200, description = "The deciding route and rule, or why none matches"), (status = 400, description = "a missing or malformed parameter"), (status = 401, description = "missing or wrong token")))]
+async fn explain_route(
+    State(api): State<Api>,
+    axum::extract::Query(params): axum::extract::Query<Vec<(String, String)>>,
+) -> Response {
+    let one = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let (Some(service), Some(Ok(port))) = (one("service"), one("port").map(str::parse::<u16>))
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "give service=NAMESPACE/NAME and port=N",
+        );
+    };
+    let mut headers = http::HeaderMap::new();
+    for (_, h) in params.iter().filter(|(n, _)| n == "header") {
+        let parsed = h.split_once(':').and_then(|(k, v)| {
+            let name = http::HeaderName::from_bytes(k.trim().as_bytes()).ok()?;
+            Some((name, http::HeaderValue::from_str(v.trim()).ok()?))
+        });
+        let Some((name, value)) = parsed else {
+            return error(StatusCode::BAD_REQUEST, "a header is name:value");
+        };
+        headers.append(name, value);
+    }
+    let (path, query) = match one("path").unwrap_or("/").split_once('?') {
+        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+        None => (one("path").unwrap_or("/").to_owned(), None),
+    };
+    let method = one("method").unwrap_or("GET").to_ascii_uppercase();
+    let from = one("from").unwrap_or_else(|| service.split('/').next().unwrap_or_default());
+    let model = api.config.current().model.clone();
+    let table = weft_proto::routes::RouteTable::build(&model, service, port, from);
+    let req = weft_proto::routes::Request {
+        method: &method,
+        path: &path,
+        query: query.as_deref(),
+        headers: &headers,
+    };
+    let waypoint = model.service(service).and_then(|s| s.waypoint.clone());
+    let answer = match table.select(&req) {
+        Some(sel) => json!({"matched": true, "route": sel.route.key, "rule": sel.rule,
+            "backends": sel.rule().backends.iter().map(|b| json!({
+                "service": b.service, "port": b.port, "weight": b.weight,
+                "invalid": (!b.invalid.is_empty()).then_some(&b.invalid)})).collect::<Vec<_>>(),
+            "waypoint": waypoint}),
+        None => json!({"matched": false, "waypoint": waypoint, "reason": if table.is_empty() {
+            "no route is attached to this Service port for this client: its traffic goes to the Service as it is"
+        } else {
+            "no rule matches: the waypoint answers 404 (NR)"
+        }}),
+    };
+    Json(answer).into_response()
 }
 
 #[utoipa::path(get, path = "/api/v1/certificates", security(("bearer" = [])), responses((status = 200, description = "Certificates issued since start: identity, serial, validity, with the config version"), (status = 401, description = "missing or wrong token")))]

@@ -107,6 +107,11 @@ enum Command {
         #[command(flatten)]
         ns: Namespaces,
     },
+    /// Routes: which rule would serve a request (the waypoint's own matcher).
+    Route {
+        #[command(subcommand)]
+        action: RouteAction,
+    },
     /// Print a shell completion script: `source <(kubectl weft completion bash)`.
     Completion { shell: clap_complete::Shell },
     /// Waypoints: the L7 hop for a namespace or a service account.
@@ -119,6 +124,13 @@ enum Command {
         #[arg(num_args = 3, value_names = ["SRC", "DST", "PORT"])]
         args: Vec<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum RouteAction {
+    /// Which route and rule serve METHOD PATH on SERVICE:PORT, and where
+    /// it goes; exit 1 when none does.
+    Explain(cli::RouteQuery),
 }
 
 #[derive(Subcommand, Debug)]
@@ -264,6 +276,9 @@ fn main() -> ExitCode {
             print(Ok(String::from_utf8_lossy(&out).into_owned()))
         }
         Command::Install => print(Ok(cli::install())),
+        Command::Route {
+            action: RouteAction::Explain(q),
+        } => print(runtime().block_on(cli::route_explain(&target, &q, output))),
         Command::Waypoint { action } => match action {
             WaypointAction::Apply(args) => {
                 let (spec, wait) = args.split();

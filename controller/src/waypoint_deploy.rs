@@ -4,7 +4,8 @@
 //! trust bundle ConfigMap its pods mount; the Gateway's status says whether
 //! it is `Accepted` and `Programmed`, and at which address, as Gateway API
 //! clients expect. Only the leader writes (crate::leader); it looks again
-//! whenever the served config moves and every 30 s. Everything is
+//! when the waypoints in the served config change (a Gateway, or its
+//! instances — not every pod's churn) and every 30 s. Everything is
 //! server-side applied, so a look that changes nothing writes nothing new.
 
 use std::sync::Arc;
@@ -63,20 +64,46 @@ pub fn spawn(
     stop: CancellationToken,
 ) {
     tokio::spawn(async move {
+        // The first tick is at once; then a pass every RESYNC mends drift.
+        let mut resync = tokio::time::interval(RESYNC);
+        let mut seen = None;
         loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = leader.changed() => if changed.is_err() { return },
+                _ = resync.tick() => {}
+                changed = config.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // Most versions are pod churn: only a change to the
+                    // waypoints (a Gateway, or its instances) needs a pass.
+                    let now = waypoints_of(&config.borrow_and_update());
+                    if seen.replace(now.clone()) == Some(now) {
+                        continue;
+                    }
+                }
+            }
             if *leader.borrow_and_update()
                 && let Err(e) = reconcile(&client, &settings).await
             {
                 warn!(error = %e, "waypoint deployments: will look again");
             }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = leader.changed() => {}
-                _ = config.changed() => {}
-                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
-            }
         }
     });
+}
+
+/// How often the leader looks again when nothing it watches has moved.
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// What a pass depends on in the served config: each waypoint and its
+/// ready instances (which decide `Programmed`).
+fn waypoints_of(snapshot: &Snapshot) -> Vec<(String, Vec<std::net::IpAddr>)> {
+    let waypoints = &snapshot.model.waypoints;
+    waypoints
+        .iter()
+        .map(|w| (w.key.clone(), w.addresses.clone()))
+        .collect()
 }
 
 /// One pass over every waypoint Gateway.

@@ -495,6 +495,31 @@ mod waypoints {
         );
         assert_eq!(class["status"]["conditions"][0]["type"], "Accepted");
         assert_eq!(class["status"]["conditions"][0]["status"], "True");
+
+        // Pod churn that leaves the waypoints as they were costs the API
+        // nothing (watched for half a second); a waypoint gaining an
+        // instance takes a pass.
+        let version =
+            || object(&fake, DEPLOYMENT).map(|d| d["metadata"]["resourceVersion"].clone());
+        let before = version();
+        let model =
+            |yaml: &str| weft_proto::model::Model::from_yaml(yaml, "cluster.local").expect("model");
+        store.set(model(
+            "workloads: [{name: web-1, serviceAccount: web, node: n, addresses: [10.1.0.5]}]\n",
+        ));
+        let rewritten = tokio::time::timeout(Duration::from_millis(500), async {
+            while version() == before {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        assert!(rewritten.await.is_err(), "pod churn rewrote the waypoint");
+        store.set(model(
+            "waypoints: [{name: wp, namespace: shop, serviceAccount: wp, addresses: [10.1.0.9]}]\n",
+        ));
+        until(&fake, DEPLOYMENT, |d| {
+            Some(d["metadata"]["resourceVersion"].clone()) != before
+        })
+        .await;
         stop.cancel();
     }
 }

@@ -70,6 +70,30 @@ impl Credential {
     }
 }
 
+/// Why a proxy cannot reach the controller with what it was given.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error(transparent)]
+    Roots(#[from] crate::roots::RootsError),
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+}
+
+/// What a proxy (ztunnel, waypoint) needs to talk to the controller,
+/// checked at start: the mesh roots in `ca_root`, followed (a rotated root
+/// is trusted without a restart), and the token in `token_file`, read now
+/// so a missing mount fails the start and then again at each use.
+/// Must be called inside a tokio runtime (the roots' follower runs there).
+pub fn controller_access(
+    ca_root: &std::path::Path,
+    token_file: &std::path::Path,
+) -> Result<(crate::roots::Roots, Credential), AccessError> {
+    let roots = crate::roots::Roots::follow(ca_root, crate::roots::POLL)?;
+    let credential = Credential::File(token_file.to_owned());
+    credential.bearer()?;
+    Ok((roots, credential))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,14 +11,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use weft_proto::certs::{CertConfig, CertManager, GrpcCaClient, wait_for_cert};
-use weft_proto::credential::Credential;
+use weft_proto::credential::controller_access;
 use weft_proto::hbone::H2Settings;
 use weft_proto::hbone::pool::{Pool, PoolSettings};
 use weft_proto::hbone::server::{self, ServerStats};
 use weft_proto::identity::{self, Identity};
 use weft_proto::listen::Drain;
 use weft_proto::model::{Model, waypoint_proxy_name};
-use weft_proto::roots::Roots;
 use weft_proto::xds::{self, XdsConfig};
 
 use crate::proxy::{Limits, Proxy, Tunnels};
@@ -46,13 +45,8 @@ pub struct Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("cannot read {path}: {reason}")]
-    Read {
-        path: PathBuf,
-        reason: std::io::Error,
-    },
-    #[error("root certificate {path}: {reason}")]
-    Root { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Access(#[from] weft_proto::credential::AccessError),
     #[error("waypoint {key}: {reason}")]
     Identity { key: String, reason: String },
     #[error("cannot listen on {addr}: {reason}")]
@@ -85,23 +79,7 @@ impl Bound {
 const FIRST_WAIT: Duration = Duration::from_secs(10);
 
 pub async fn build(config: Config) -> Result<Bound, BuildError> {
-    let read = |path: &PathBuf| {
-        std::fs::read_to_string(path).map_err(|reason| BuildError::Read {
-            path: path.clone(),
-            reason,
-        })
-    };
-    // Followed: a rotated root published beside the old one is trusted
-    // without a restart.
-    let roots =
-        Roots::follow(&config.ca_root, weft_proto::roots::POLL).map_err(|e| BuildError::Root {
-            path: config.ca_root.clone(),
-            reason: e.to_string(),
-        })?;
-    // Read now so a missing mount fails the start; then at each use (a
-    // projected ServiceAccount token is rotated by the kubelet).
-    read(&config.token_file)?;
-    let credential = Credential::File(config.token_file.clone());
+    let (roots, credential) = controller_access(&config.ca_root, &config.token_file)?;
     let bad = |reason: String| BuildError::Identity {
         key: config.key.clone(),
         reason,

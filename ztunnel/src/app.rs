@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use weft_proto::certs::{CertConfig, CertManager, GrpcCaClient};
-use weft_proto::credential::Credential;
+use weft_proto::credential::{Credential, controller_access};
 use weft_proto::hbone::pool::{Pool, PoolSettings};
 use weft_proto::hbone::server::ServerStats;
 use weft_proto::listen::Drain;
@@ -74,8 +74,8 @@ pub enum BuildError {
     },
     #[error("config {path}: {reason}")]
     Model { path: PathBuf, reason: ModelError },
-    #[error("root certificate {path}: {reason}")]
-    Root { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Access(#[from] weft_proto::credential::AccessError),
     #[error("trust domain: {0}")]
     TrustDomain(#[from] weft_proto::identity::IdentityError),
     #[error("enrollment socket {path}: {reason}")]
@@ -361,17 +361,7 @@ async fn start_pods(
 }
 
 pub async fn build(config: Config) -> Result<Bound, BuildError> {
-    // Followed: a rotated root published beside the old one is trusted
-    // without a restart.
-    let roots =
-        Roots::follow(&config.ca_root, weft_proto::roots::POLL).map_err(|e| BuildError::Root {
-            path: config.ca_root.clone(),
-            reason: e.to_string(),
-        })?;
-    // Read now so a missing mount fails the start; then at each use (a
-    // projected ServiceAccount token is rotated by the kubelet).
-    read(&config.token_file)?;
-    let credential = Credential::File(config.token_file.clone());
+    let (roots, credential) = controller_access(&config.ca_root, &config.token_file)?;
     let controller = weft_proto::identity::controller(&config.trust_domain)?;
     let ca = GrpcCaClient::new(
         config.ca_addr,

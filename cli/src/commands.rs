@@ -545,6 +545,26 @@ mod manifest_tests {
         )
         .expect("YAML");
         assert_eq!(k["kind"], "Kustomization");
+        // Every manifest in the directory is listed (samples are applied
+        // by hand), so a new file cannot be left out of either install.
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .expect("manifests/")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+            .collect();
+        files.sort();
+        let mut listed_files: Vec<String> = k["resources"]
+            .as_array()
+            .expect("resources")
+            .iter()
+            .map(|f| f.as_str().unwrap_or_default().to_owned())
+            .collect();
+        listed_files.sort();
+        assert_eq!(
+            listed_files, files,
+            "kustomization.yaml lists every manifest"
+        );
         let key = |d: &Value| {
             format!(
                 "{}/{}/{}",

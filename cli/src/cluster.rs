@@ -14,7 +14,9 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 use weft_controller::source::translate::{MESH_LABEL, USE_WAYPOINT};
 
-use crate::commands::{CliError, Output, WaypointSpec, s, structured, table, waypoint_gateway};
+use crate::commands::{
+    CliError, Output, Target, WaypointSpec, s, structured, table, waypoint_gateway,
+};
 
 const MANAGER: &str = "kubectl-weft";
 
@@ -50,13 +52,28 @@ impl Cluster {
             context,
             ..Default::default()
         };
-        let client = weft_controller::source::kubernetes::client(&access)
+        let unreachable = |reason: String| CliError::Unreachable {
+            url: "the Kubernetes API".into(),
+            reason,
+        };
+        let mut config = weft_controller::source::kubernetes::config(&access)
             .await
-            .map_err(|e| CliError::Unreachable {
-                url: "the Kubernetes API".into(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| unreachable(e.to_string()))?;
+        // A person is waiting: an API server's 503 is reported, not
+        // retried for minutes as a controller would.
+        config.default_retry = false;
+        let client = Client::try_from(config).map_err(|e| unreachable(e.to_string()))?;
         Ok(Cluster { client })
+    }
+
+    /// Reads of the controller's state, through the API server's
+    /// aggregated API, as the kubeconfig's user.
+    pub fn target(&self) -> Target {
+        Target {
+            controller: "the API server (api.weft.dev)".into(),
+            token_file: Default::default(),
+            cluster: Some(self.client.clone()),
+        }
     }
 
     async fn namespace(&self, ns: &str) -> Result<Namespace, CliError> {
@@ -189,6 +206,11 @@ impl Cluster {
             ds.number_ready, ds.desired_number_scheduled
         );
         out += &self.waypoints_status().await?;
+        // The controller's own view, when the aggregated API answers.
+        match crate::commands::controller_view(&self.target()).await {
+            Ok(view) => out += &view,
+            Err(e) => out += &format!("config      unknown: {e}\n"),
+        }
         Ok(out)
     }
 

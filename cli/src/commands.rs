@@ -13,13 +13,32 @@ use weft_controller::source::translate::{
 };
 use weft_proto::model::waypoint_proxy_name;
 
-/// Where the controller is and how to authenticate (local mode).
-#[derive(Debug, Clone)]
+/// Where the controller is and how to authenticate.
+#[derive(Clone)]
 pub struct Target {
-    /// `http://host:port`
+    /// `http://host:port` (local mode)
     pub controller: String,
     pub token_file: PathBuf,
+    /// In a cluster: the API server, which proxies reads to the
+    /// controller's aggregated API (`api.weft.dev`) for the kubeconfig's
+    /// user; `controller` and `token_file` are then unused.
+    pub cluster: Option<kube::Client>,
 }
+
+impl Target {
+    /// The controller at `controller` (`http://host:port`), with the token
+    /// in `token_file`.
+    pub fn local(controller: impl Into<String>, token_file: impl Into<PathBuf>) -> Self {
+        Target {
+            controller: controller.into(),
+            token_file: token_file.into(),
+            cluster: None,
+        }
+    }
+}
+
+/// The aggregated API's prefix for the REST API's `/api/v1/`.
+const AGGREGATED: &str = "/apis/api.weft.dev/v1alpha1/";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
@@ -83,6 +102,9 @@ async fn request(
     path: &str,
     body: String,
 ) -> Result<Value, CliError> {
+    if let Some(client) = &target.cluster {
+        return through_api_server(client, method, path).await;
+    }
     let authority = target
         .controller
         .strip_prefix("http://")
@@ -152,6 +174,70 @@ async fn request(
     })
 }
 
+/// A read of the controller's REST API, asked of the API server as the
+/// kubeconfig's user (who needs RBAC on `api.weft.dev`, as weft-viewer
+/// grants). Changes never go this way: they are Kubernetes objects.
+async fn through_api_server(
+    client: &kube::Client,
+    method: http::Method,
+    path: &str,
+) -> Result<Value, CliError> {
+    let Some(rest) = path
+        .strip_prefix("/api/v1/")
+        .filter(|_| method == http::Method::GET)
+    else {
+        return Err(CliError::Refused(
+            "in a cluster this change is made with Kubernetes objects (kubectl), not through the controller".into(),
+        ));
+    };
+    let req = http::Request::get(format!("{AGGREGATED}{rest}"))
+        .body(Vec::new())
+        .map_err(|e| CliError::Refused(e.to_string()))?;
+    let answer = tokio::time::timeout(Duration::from_secs(15), client.request_text(req)).await;
+    let text = match answer {
+        Err(_) => {
+            return Err(CliError::Unreachable {
+                url: "the Kubernetes API".into(),
+                reason: "no answer within 15 s".into(),
+            });
+        }
+        Ok(Ok(text)) => text,
+        Ok(Err(kube::Error::Api(s))) => return Err(aggregated_refusal(s.code, &s.message)),
+        Ok(Err(e)) => {
+            return Err(CliError::Unreachable {
+                url: "the Kubernetes API".into(),
+                reason: e.to_string(),
+            });
+        }
+    };
+    serde_json::from_str(&text).map_err(|e| CliError::Status {
+        status: 200,
+        body: format!("not JSON: {e}"),
+    })
+}
+
+/// What an error from the aggregated API means to the user.
+fn aggregated_refusal(code: u16, message: &str) -> CliError {
+    match code {
+        401 | 403 => CliError::Refused(format!(
+            "the cluster refused to let you read the mesh ({message}); bind the weft-viewer ClusterRole to your user"
+        )),
+        404 if message.contains("could not find the requested resource") => CliError::Refused(
+            "the API server does not serve api.weft.dev: install the APIService (kubectl weft install | kubectl apply -f -)".into(),
+        ),
+        503 => CliError::Unreachable {
+            url: "the controller, through the API server".into(),
+            reason: format!(
+                "{message}; check `kubectl get apiservice v1alpha1.api.weft.dev` and the weft-controller pods"
+            ),
+        },
+        _ => CliError::Status {
+            status: code,
+            body: message.to_owned(),
+        },
+    }
+}
+
 pub(crate) fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
@@ -201,6 +287,18 @@ impl Scope {
         let Some(ns) = &self.namespace else {
             return Ok(());
         };
+        if let Some(client) = &target.cluster {
+            let found = kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+                .get_opt(ns)
+                .await;
+            return match found {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err(CliError::Refused(format!(
+                    "namespace {ns} does not exist; `-A` lists every namespace"
+                ))),
+                Err(e) => Err(aggregated_refusal(0, &e.to_string())),
+            };
+        }
         match get(target, &format!("/api/v1/objects/Namespace/{ns}")).await {
             Err(CliError::Status { status: 404, .. }) => Err(CliError::Refused(format!(
                 "namespace {ns} is not known to the controller; `-A` lists every namespace"
@@ -379,6 +477,12 @@ pub async fn proxy_status(target: &Target, output: Output) -> Result<String, Cli
 
 /// The mesh at a glance.
 pub async fn status(target: &Target) -> Result<String, CliError> {
+    Ok(format!("controller  {}\n", target.controller) + &controller_view(target).await?)
+}
+
+/// What the controller knows: config, proxies in sync, problems and
+/// certificates near expiry.
+pub async fn controller_view(target: &Target) -> Result<String, CliError> {
     let workloads = get(target, "/api/v1/workloads").await?;
     let proxies = get(target, "/api/v1/proxies").await?;
     let current = proxies["configVersion"].as_u64().unwrap_or(0);
@@ -397,8 +501,7 @@ pub async fn status(target: &Target) -> Result<String, CliError> {
         .count();
     let n = workloads["items"].as_array().map(Vec::len).unwrap_or(0);
     let mut out = format!(
-        "controller  {}\nconfig      version {current}, {n} workloads\nproxies     {connected} connected, {synced} on the current config\n",
-        target.controller
+        "config      version {current}, {n} workloads\nproxies     {connected} connected, {synced} on the current config\n"
     );
     let sources = get(target, "/api/v1/sources").await?;
     let problems = sources["problems"].as_array().cloned().unwrap_or_default();
@@ -509,6 +612,7 @@ mod tests {
 mod manifest_tests {
     use k8s_openapi::api::{apps, core, policy, rbac};
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
     use serde_json::Value;
 
     /// `doc` read as `T` and written back is `doc`: a misspelt or
@@ -648,9 +752,45 @@ mod manifest_tests {
                 "DaemonSet" => round_trips::<apps::v1::DaemonSet>(doc),
                 "PodDisruptionBudget" => round_trips::<policy::v1::PodDisruptionBudget>(doc),
                 "CustomResourceDefinition" => round_trips::<CustomResourceDefinition>(doc),
+                "APIService" => round_trips::<APIService>(doc),
                 other => panic!("no check for kind {other}"),
             }
         }
+        // The APIService names what the controller serves, on a port of
+        // its Service that reaches the controller's aggregated port.
+        let find = |kind: &str, name: &str| {
+            docs.iter()
+                .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+                .unwrap_or_else(|| panic!("{kind} {name}"))
+        };
+        use weft_controller::aggregated::{API_SERVICE, GROUP, VERSION};
+        let api = find("APIService", API_SERVICE);
+        assert_eq!(
+            (&api["spec"]["group"], &api["spec"]["version"]),
+            (&GROUP.into(), &VERSION.into())
+        );
+        let svc = find(
+            "Service",
+            super::s(&api["spec"]["service"]["name"]).as_str(),
+        );
+        let port = svc["spec"]["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .find(|p| p["port"] == api["spec"]["service"]["port"])
+            .expect("the APIService's port on the Service");
+        let controller =
+            &find("Deployment", "weft-controller")["spec"]["template"]["spec"]["containers"][0];
+        let target = controller["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .find(|p| p["name"] == port["targetPort"])
+            .expect("the Service's target port on the controller");
+        assert_eq!(
+            target["containerPort"], 8443,
+            "the controller's --aggregated-addr default"
+        );
         // The ztunnel runs as the account whose tokens make a node, with
         // a projected token for the CA's audience.
         let ds = docs

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::{APPLY_WP, Run, kubectl_weft};
-use fake_api::{Fake, kubeconfig, listen};
+use fake_api::{Fake, kubeconfig, kubeconfig_as, listen};
 use serde_json::{Value, json};
 
 const NAMESPACES: &str = "/api/v1/namespaces";
@@ -232,14 +232,127 @@ async fn kubectl_weft_writes_the_cluster_with_the_users_credentials() {
         r.out
     );
 
-    // What needs the controller's API says how to reach it meanwhile.
+    // Reads of the controller's state while its APIService is not
+    // available: the API server's 503, and where to look (exit 3).
     let r = weft(&config, &["workloads"]).await;
-    assert_eq!(r.code, 1);
-    assert!(r.err.contains("port-forward"), "{}", r.err);
+    assert_eq!(r.code, 3, "{}", r.err);
+    assert!(
+        r.err.contains("apiservice v1alpha1.api.weft.dev"),
+        "{}",
+        r.err
+    );
     // An API server out of reach: exit 3.
     let gone_dir = dir.path().join("gone");
     std::fs::create_dir_all(&gone_dir).expect("mkdir");
     let gone = kubeconfig(&gone_dir, "127.0.0.1:1".parse().expect("addr"));
     let r = weft(&gone, &["join", "shop"]).await;
     assert_eq!(r.code, 3, "{}", r.err);
+}
+
+/// Reads of the controller's state in a cluster go through the API
+/// server (the stand-in plays kube-aggregator: it authenticates the
+/// kubeconfig's token and proxies under its front-proxy certificate) to a
+/// controller in Kubernetes mode: no port-forward, no token but the user's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_weft_reads_the_controller_through_the_api_server() {
+    use fake_api::{API_SERVICE, FRONT_PROXY_SETTINGS, FrontProxy};
+    let fake = Arc::new(Fake::default());
+    fake.put(
+        NAMESPACES,
+        json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "shop", "labels": {"weft.dev/mesh": "enabled"}, "resourceVersion": "1"}}),
+    );
+    fake.put(
+        "/api/v1/pods",
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "api-1", "namespace": "shop", "uid": "u1", "resourceVersion": "1"},
+            "spec": {"nodeName": "node-a", "serviceAccountName": "api", "containers": [{"name": "c", "image": "c"}]},
+            "status": {"phase": "Running", "podIP": "10.1.0.7", "conditions": [{"type": "Ready", "status": "True"}]}}),
+    );
+    let front = Arc::new(FrontProxy::default());
+    let apiservice = json!({"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+        "metadata": {"name": "v1alpha1.api.weft.dev"},
+        "spec": {"group": "api.weft.dev", "version": "v1alpha1", "groupPriorityMinimum": 1000, "versionPriority": 15,
+            "service": {"namespace": "weft-system", "name": "weft-controller", "port": 8443}}});
+    for (path, o) in [
+        (API_SERVICE, apiservice),
+        (FRONT_PROXY_SETTINGS, front.settings()),
+    ] {
+        fake.objects
+            .lock()
+            .expect("poisoned")
+            .insert(path.into(), o);
+    }
+    let addr = listen(fake.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let access = weft_controller::app::KubeAccess {
+        kubeconfig: Some(kubeconfig(dir.path(), addr)),
+        ..Default::default()
+    };
+    let bound = weft_controller::app::build(weft_controller::app::Config {
+        source: weft_controller::app::SourceConfig::Kubernetes(access),
+        ..weft_controller::app::Config::local(dir.path().join("data"))
+    })
+    .await
+    .expect("controller");
+    let served = bound.aggregated_addr.expect("aggregated API");
+    *fake.aggregated.lock().expect("poisoned") = Some((served, front.clone()));
+    fake_api::wait_for("the pod in the controller's config", || {
+        !bound.config.current().model.workloads.is_empty()
+    })
+    .await;
+
+    let users = tempfile::tempdir().expect("tempdir");
+    let (alice_dir, bob_dir) = (users.path().join("alice"), users.path().join("bob"));
+    std::fs::create_dir_all(&alice_dir).expect("mkdir");
+    std::fs::create_dir_all(&bob_dir).expect("mkdir");
+    let alice = kubeconfig_as(&alice_dir, addr, Some("alice-token"));
+    let bob = kubeconfig_as(&bob_dir, addr, Some("bob-token"));
+
+    let r = weft(&alice, &["workloads", "-o", "json"]).await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    let v: Value = serde_json::from_str(&r.out).expect("JSON");
+    let names: Vec<&str> = v["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|w| s(&w["name"]))
+        .collect();
+    assert_eq!(names, ["api-1"], "{}", r.out);
+    let r = weft(&alice, &["workloads", "-n", "shop"]).await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(
+        r.out.contains("api-1") && r.out.contains("node-a"),
+        "{}",
+        r.out
+    );
+    let r = weft(&alice, &["workloads", "-n", "nowhere"]).await;
+    assert_eq!(r.code, 1, "{}", r.out);
+    assert!(
+        r.err.contains("namespace nowhere does not exist"),
+        "{}",
+        r.err
+    );
+    for command in [&["proxy-status"][..], &["certs", "-o", "json"]] {
+        let r = weft(&alice, command).await;
+        assert_eq!(r.code, 0, "{command:?}: {}", r.err);
+    }
+    // The mesh at a glance includes the controller's own view.
+    fake.objects.lock().expect("poisoned").insert(
+        "/apis/apps/v1/namespaces/weft-system/deployments/weft-controller".into(),
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "weft-controller", "namespace": "weft-system"},
+            "spec": {"replicas": 1, "selector": {}, "template": {}}, "status": {"readyReplicas": 1}}),
+    );
+    let r = weft(&alice, &["status"]).await;
+    assert!(r.out.contains("config      version"), "{}{}", r.out, r.err);
+
+    // bob's token is valid, but RBAC does not let him read the mesh.
+    let r = weft(&bob, &["workloads"]).await;
+    assert_eq!(r.code, 1, "{}", r.out);
+    assert!(r.err.contains("weft-viewer"), "{}", r.err);
+    // No credentials at all: the API server's 401.
+    let r = weft(&kubeconfig(dir.path(), addr), &["workloads"]).await;
+    assert_eq!(r.code, 1, "{}", r.out);
+    bound.shutdown().await;
 }

@@ -94,6 +94,8 @@ pub struct KubeAccess {
     pub replica: String,
     /// The image of the waypoint Deployments the leader makes.
     pub waypoint_image: String,
+    /// The aggregated API's HTTPS port (`APIService v1alpha1.api.weft.dev`).
+    pub aggregated_addr: SocketAddr,
 }
 
 impl Default for KubeAccess {
@@ -105,6 +107,7 @@ impl Default for KubeAccess {
             proxy_tokens: Default::default(),
             replica: "weft-controller".into(),
             waypoint_image: crate::waypoint_deploy::Settings::default().image,
+            aggregated_addr: ([127, 0, 0, 1], 0).into(),
         }
     }
 }
@@ -148,6 +151,8 @@ pub struct Bound {
     pub proxies: Proxies,
     pub rest_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The aggregated API (Kubernetes mode).
+    pub aggregated_addr: Option<SocketAddr>,
     /// Bearer token for the REST API.
     pub api_token: String,
     /// The local directory source (local mode).
@@ -195,6 +200,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         crate::kube_ca::publish_trust_bundle(client, &access.namespace, roots)
             .await
             .map_err(|e| BuildError::Kubernetes(e.to_string()))?;
+        crate::aggregated::publish_ca_bundle(client, roots).await;
         nodes.accept_kubernetes_tokens(crate::kube_auth::ProxyReviewer::new(
             client.clone(),
             access.proxy_tokens.clone(),
@@ -221,7 +227,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let cert = certs.watch(&identity);
     wait_for_cert(cert.clone(), &identity, Duration::from_secs(10)).await?;
     let tls = tls::server_config(
-        cert,
+        cert.clone(),
         ClientAuth::Optional {
             trust_domain: config.trust_domain.clone(),
         },
@@ -284,18 +290,28 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     });
     let api_token = rest::load_or_create_token(&config.data_dir)?;
     let (rest_listener, rest_addr) = bind(config.rest_addr).await?;
+    let reviewer = kube_client
+        .clone()
+        .map(|c| Arc::new(crate::kube_auth::Reviewer::new(c)));
     let api = rest::Api {
         config: store.clone(),
         proxies: proxies.clone(),
         ca: ca.clone(),
         local: local.clone(),
         sources: sources.clone(),
-        auth: match kube_client {
-            Some(client) => {
-                rest::Auth::Kubernetes(Arc::new(crate::kube_auth::Reviewer::new(client)))
-            }
+        auth: match &reviewer {
+            Some(reviewer) => rest::Auth::Kubernetes(reviewer.clone()),
             None => rest::Auth::Token(api_token.clone().into()),
         },
+    };
+    let aggregated_addr = match (&config.source, kube_client, reviewer) {
+        (SourceConfig::Kubernetes(access), Some(client), Some(reviewer)) => {
+            let (listener, addr) = bind(access.aggregated_addr).await?;
+            let (api, cert) = (api.clone(), cert.clone());
+            crate::aggregated::start(listener, api, reviewer, client, cert, shutdown.clone()).await;
+            Some(addr)
+        }
+        _ => None,
     };
     tokio::spawn(rest::serve(rest_listener, api, shutdown.clone()));
     let (metrics_listener, metrics_addr) = bind(config.metrics_addr).await?;
@@ -311,6 +327,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         proxies,
         rest_addr,
         metrics_addr,
+        aggregated_addr,
         api_token,
         local,
         sources,

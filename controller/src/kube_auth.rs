@@ -144,6 +144,7 @@ pub struct Reviewer {
     client: Client,
     timeout: Duration,
     cache: Cache<Result<(), Refusal>>,
+    users: Cache<Result<(), Refusal>>,
 }
 
 impl Reviewer {
@@ -152,6 +153,7 @@ impl Reviewer {
             client,
             timeout: Duration::from_secs(5),
             cache: Cache::new(),
+            users: Cache::new(),
         }
     }
 
@@ -172,15 +174,27 @@ impl Reviewer {
     }
 
     async fn ask(&self, token: &str, verb: &str) -> Result<(), Refusal> {
+        let user = review(&self.client, token, &[]).await?;
+        self.access(&user, verb).await
+    }
+
+    /// Whether `user` (authenticated by someone else: the API server's
+    /// front proxy) may `verb` `weft.dev/api`; cached like a token's answer.
+    pub async fn authorize(&self, user: &UserInfo, verb: &str) -> Result<(), Refusal> {
+        let key = (&user.username, &user.groups, &user.uid, &user.extra, verb);
+        answer(&self.users, key, self.timeout, self.access(user, verb)).await
+    }
+
+    async fn access(&self, user: &UserInfo, verb: &str) -> Result<(), Refusal> {
         use k8s_openapi::api::authorization::v1::{
             ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
         };
-        let user = review(&self.client, token, &[]).await?;
         let access = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: user.username.clone(),
                 groups: user.groups.clone(),
                 uid: user.uid.clone(),
+                extra: user.extra.clone(),
                 resource_attributes: Some(ResourceAttributes {
                     group: Some("weft.dev".into()),
                     resource: Some("api".into()),
@@ -201,7 +215,7 @@ impl Reviewer {
             Ok(())
         } else {
             Err(Refusal::Forbidden {
-                user: user.username.unwrap_or_default(),
+                user: user.username.clone().unwrap_or_default(),
                 verb: verb.to_owned(),
             })
         }

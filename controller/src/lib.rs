@@ -2,6 +2,7 @@
 //! xDS), the Kubernetes and local-directory sources, and the REST API. The
 //! control plane: it links the shared crate, never the data plane.
 
+pub mod aggregated;
 pub mod app;
 pub mod ca;
 pub mod ca_server;

@@ -74,6 +74,11 @@ struct Args {
     /// Gateways of class weft-waypoint.
     #[arg(long, default_value_t = weft_controller::waypoint_deploy::Settings::default().image)]
     waypoint_image: String,
+    /// With --kubernetes: the aggregated API's HTTPS listen address
+    /// (APIService v1alpha1.api.weft.dev; only the API server's front
+    /// proxy is admitted).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    aggregated_addr: SocketAddr,
     /// REST API listen address.
     #[arg(long, default_value = "0.0.0.0:8080")]
     rest_addr: SocketAddr,
@@ -155,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
                 },
                 replica: args.pod_name,
                 waypoint_image: args.waypoint_image,
+                aggregated_addr: args.aggregated_addr,
             })
         } else {
             SourceConfig::Local(args.config_dir)

@@ -523,3 +523,139 @@ mod waypoints {
         stop.cancel();
     }
 }
+
+/// `kubectl weft` reads the controller through the API server: the
+/// aggregated API admits the front proxy alone and serves the reads to the
+/// user it vouches for, if RBAC lets that user read the mesh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aggregated_api_serves_the_user_the_front_proxy_vouches_for() {
+    use fake_api::{API_SERVICE, FRONT_PROXY_SETTINGS, FrontProxy, tls_get};
+    let fake = Arc::new(Fake::default());
+    let addr = listen(fake.clone()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    // The APIService as the manifests install it (no caBundle), and the
+    // front proxy's settings as the API server publishes them.
+    let front = Arc::new(FrontProxy::default());
+    let objects = [
+        (
+            API_SERVICE,
+            json!({"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+            "metadata": {"name": "v1alpha1.api.weft.dev"},
+            "spec": {"group": "api.weft.dev", "version": "v1alpha1", "groupPriorityMinimum": 1000,
+                "versionPriority": 15, "service": {"namespace": "weft-system", "name": "weft-controller", "port": 8443}}}),
+        ),
+        (FRONT_PROXY_SETTINGS, front.settings()),
+    ];
+    for (path, o) in objects {
+        fake.objects
+            .lock()
+            .expect("poisoned")
+            .insert(path.into(), o);
+    }
+    let bound = controller(addr, dir.path()).await.expect("controller");
+    let served = bound
+        .aggregated_addr
+        .expect("aggregated API in Kubernetes mode");
+
+    // Every replica writes the mesh root into the APIService's caBundle.
+    let bundle = fake.objects.lock().expect("poisoned")[API_SERVICE]["spec"]["caBundle"].clone();
+    let bundle: k8s_openapi::ByteString = serde_json::from_value(bundle).expect("caBundle");
+    assert_eq!(String::from_utf8(bundle.0).expect("PEM"), bound.root_pem);
+    assert_eq!(
+        fake.objects.lock().expect("poisoned")[API_SERVICE]["spec"]["group"],
+        "api.weft.dev"
+    );
+
+    let proxy = front.client(Some("front-proxy-client"), &bound.root_pem);
+    let get = |client, path: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        tls_get(client, served, path, headers)
+    };
+    let alice = &[
+        ("X-Remote-User", "alice"),
+        ("X-Remote-Group", "system:authenticated"),
+    ];
+    // The listener follows the settings it read at start.
+    let (code, discovery) = get(proxy.clone(), "/apis/api.weft.dev/v1alpha1", alice)
+        .await
+        .expect("discovery");
+    assert_eq!(code, 200, "{discovery}");
+    assert_eq!(discovery["kind"], "APIResourceList");
+    assert!(
+        discovery["resources"]
+            .as_array()
+            .expect("resources")
+            .iter()
+            .any(|r| r["name"] == "workloads")
+    );
+    let (code, workloads) = get(
+        proxy.clone(),
+        "/apis/api.weft.dev/v1alpha1/workloads",
+        alice,
+    )
+    .await
+    .expect("workloads");
+    assert_eq!(code, 200, "{workloads}");
+    assert!(workloads["items"].is_array(), "{workloads}");
+    let (code, certs) = get(
+        proxy.clone(),
+        "/apis/api.weft.dev/v1alpha1/certificates",
+        alice,
+    )
+    .await
+    .expect("certs");
+    assert_eq!(code, 200, "{certs}");
+
+    // bob is authenticated but RBAC does not let him read the mesh.
+    let (code, denied) = get(
+        proxy.clone(),
+        "/apis/api.weft.dev/v1alpha1/workloads",
+        &[("X-Remote-User", "bob")],
+    )
+    .await
+    .expect("bob");
+    assert_eq!(
+        (code, denied["reason"].as_str()),
+        (403, Some("Forbidden")),
+        "{denied}"
+    );
+    assert!(
+        denied["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("weft-viewer"),
+        "{denied}"
+    );
+    // The front proxy named nobody.
+    let (code, _) = get(proxy.clone(), "/apis/api.weft.dev/v1alpha1/workloads", &[])
+        .await
+        .expect("anonymous");
+    assert_eq!(code, 401);
+    // Writes are not served here (they go to the Kubernetes API).
+    let (code, _) = get(proxy.clone(), "/apis/api.weft.dev/v1alpha1/objects", alice)
+        .await
+        .expect("objects");
+    assert_ne!(code, 200);
+
+    // Headers mean nothing without the front proxy's certificate: another
+    // CA's client, the right CA under a name not allowed, no certificate.
+    let stranger = FrontProxy::default().client(Some("front-proxy-client"), &bound.root_pem);
+    let wrong_name = front.client(Some("mallory"), &bound.root_pem);
+    let none = front.client(None, &bound.root_pem);
+    for (who, client) in [
+        ("another CA", stranger),
+        ("a name not allowed", wrong_name),
+        ("no certificate", none),
+    ] {
+        let answer = get(client, "/apis/api.weft.dev/v1alpha1/workloads", alice).await;
+        assert!(answer.is_err(), "{who}: served {answer:?}");
+    }
+    // Nor on the REST port, which wants a token.
+    let tcp = tokio::net::TcpStream::connect(bound.rest_addr)
+        .await
+        .expect("REST port");
+    let rest = fake_api::get_over(tcp, "/api/v1/workloads", alice)
+        .await
+        .expect("REST");
+    assert_eq!(rest.0, 401);
+    bound.shutdown().await;
+}

@@ -266,10 +266,8 @@ async fn authenticated_reads_validated_writes_and_persistence() {
     );
 
     // kubectl weft, reading the same API.
-    let target = weft_cli::commands::Target {
-        controller: format!("http://{api}"),
-        token_file: dir.path().join("api-token"),
-    };
+    let target =
+        weft_cli::commands::Target::local(format!("http://{api}"), dir.path().join("api-token"));
     let table = weft_cli::commands::workloads(
         &target,
         &Default::default(),

@@ -355,12 +355,23 @@ pub fn server_config(cert: CertWatch, client_auth: ClientAuth) -> Arc<ServerConf
         trust_domain,
         mandatory,
     });
+    server_config_verifying(cert, verifier, ALPN_H2)
+}
+
+/// Server config presenting `cert` (renewed like any certificate here) to
+/// clients `verifier` judges: for a listener whose clients are not mesh
+/// workloads (the Kubernetes API server's front proxy).
+pub fn server_config_verifying(
+    cert: CertWatch,
+    verifier: Arc<dyn ClientCertVerifier>,
+    alpn: &[u8],
+) -> Arc<ServerConfig> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("aws-lc-rs provider supports TLS 1.3")
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(Resolver(cert)));
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Arc::new(config)

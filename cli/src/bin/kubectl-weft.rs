@@ -150,8 +150,8 @@ enum WaypointAction {
 }
 
 /// A command against a cluster: the ones that change the mesh write
-/// Kubernetes objects; reading the controller's state there is not built
-/// yet (docs/controller.md says why).
+/// Kubernetes objects; reads of the controller's state go through the API
+/// server's aggregated API (`api.weft.dev`), both as the kubeconfig's user.
 async fn in_cluster(
     command: Command,
     (kubeconfig, context): (Option<PathBuf>, Option<String>),
@@ -178,16 +178,29 @@ async fn in_cluster(
             let (spec, wait) = args.split();
             let mut out = c.waypoint_apply(&spec).await?;
             if let Some(timeout) = wait {
-                out += &c.waypoint_wait(&spec.namespace, &spec.name, timeout).await?;
+                out += &c
+                    .waypoint_wait(&spec.namespace, &spec.name, timeout)
+                    .await?;
             }
             Ok(out)
         }
-        _ => Err(cli::CliError::Refused(
-            "in a cluster this command reads the controller's API, which kubectl weft cannot reach with your credentials yet; \
-             meanwhile use `kubectl -n weft-system port-forward svc/weft-controller 8080` with --controller http://127.0.0.1:8080 \
-             and --token-file holding a token the cluster accepts (`kubectl create token`), bound to the weft-viewer ClusterRole"
-                .into(),
-        )),
+        // Reads of the controller's state: through the aggregated API.
+        Command::Workloads { ns } => {
+            cli::workloads(&cluster().await?.target(), &ns.scope(), output).await
+        }
+        Command::Certs { ns } => cli::certs(&cluster().await?.target(), &ns.scope(), output).await,
+        Command::ProxyStatus => cli::proxy_status(&cluster().await?.target(), output).await,
+        Command::Route {
+            action: RouteAction::Explain(q),
+        } => cli::route_explain(&cluster().await?.target(), &q, output).await,
+        other => Err(cli::CliError::Refused(format!(
+            "`{}` does not run against a cluster",
+            format!("{other:?}")
+                .split([' ', '{'])
+                .next()
+                .unwrap_or("command")
+                .to_lowercase()
+        ))),
     }
 }
 
@@ -230,10 +243,7 @@ impl ApplyArgs {
 #[allow(clippy::print_stderr, clippy::print_stdout)]
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let target = Target {
-        controller: cli.controller.clone(),
-        token_file: cli.token_file.clone(),
-    };
+    let target = Target::local(cli.controller.clone(), cli.token_file.clone());
     let output = match cli.output {
         Format::Table => Output::Table,
         Format::Wide => Output::Wide,

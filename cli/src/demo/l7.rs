@@ -81,10 +81,10 @@ pub async fn set_up(
     dir: &Path,
 ) -> anyhow::Result<Waypoint> {
     std::fs::write(config_dir.join("l7.yaml"), l7_yaml(waypoint_pod))?;
-    let target = Target {
-        controller: format!("http://{}", ctl.rest_addr),
-        token_file: dir.join("controller/api-token"),
-    };
+    let target = Target::local(
+        format!("http://{}", ctl.rest_addr),
+        dir.join("controller/api-token"),
+    );
     let spec = WaypointSpec {
         namespace: "default".into(),
         name: "waypoint".into(),

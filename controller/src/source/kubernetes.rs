@@ -120,13 +120,25 @@ where
 /// A client for the API `access` names: with neither a kubeconfig nor a
 /// context, in-cluster config else `KUBECONFIG` (kube's default).
 pub async fn client(access: &crate::app::KubeAccess) -> Result<Client, KubeAccessError> {
+    Ok(Client::try_from(config(access).await?)?)
+}
+
+/// The client settings [`client`] uses, for a caller that tunes them.
+pub async fn config(access: &crate::app::KubeAccess) -> Result<kube::Config, KubeAccessError> {
     use kube::config::{KubeConfigOptions, Kubeconfig};
     let options = KubeConfigOptions {
         context: access.context.clone(),
         ..Default::default()
     };
-    let config = match (&access.kubeconfig, &access.context) {
-        (None, None) => return Ok(Client::try_default().await?),
+    match (&access.kubeconfig, &access.context) {
+        (None, None) => {
+            return kube::Config::infer()
+                .await
+                .map_err(|e| KubeAccessError::Kubeconfig {
+                    path: "in-cluster or $KUBECONFIG".into(),
+                    reason: e.to_string(),
+                });
+        }
         (Some(path), _) => {
             let file = Kubeconfig::read_from(path).map_err(|e| KubeAccessError::Kubeconfig {
                 path: path.display().to_string(),
@@ -142,8 +154,7 @@ pub async fn client(access: &crate::app::KubeAccess) -> Result<Client, KubeAcces
             .as_ref()
             .map_or("$KUBECONFIG".into(), |p| p.display().to_string()),
         reason: e.to_string(),
-    })?;
-    Ok(Client::try_from(config)?)
+    })
 }
 
 /// Why the Kubernetes API could not be reached.

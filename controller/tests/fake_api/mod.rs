@@ -8,7 +8,14 @@
 //! for the kinds of a group that is not installed, TokenReview (audiences,
 //! and the bound pod in `user.extra` as projected tokens carry it),
 //! SubjectAccessReview, single-object GET with `404 NotFound`, create with
-//! `409 AlreadyExists`, and server-side apply.
+//! `409 AlreadyExists`, and server-side apply. It also aggregates
+//! `api.weft.dev` as kube-aggregator does: the caller's bearer token
+//! authenticated by TokenReview, the request proxied over TLS to the
+//! controller under a front-proxy client certificate (verifying the
+//! controller against the APIService's `caBundle`), the user in
+//! `X-Remote-User`/`X-Remote-Group`. (It does not check RBAC on the
+//! aggregated resources first, as the real one does: the controller's own
+//! check is what the tests watch.)
 
 #![allow(dead_code)] // each test binary uses a part
 
@@ -50,6 +57,199 @@ pub struct Fake {
     pub creates: Mutex<Vec<(String, u16)>>,
     /// The last resourceVersion given to a single object.
     pub versions: std::sync::atomic::AtomicU64,
+    /// Where `api.weft.dev` is served (the APIService's Service) and the
+    /// front proxy that reaches it.
+    pub aggregated: Mutex<Option<(std::net::SocketAddr, Arc<FrontProxy>)>>,
+}
+
+pub const API_SERVICE: &str = "/apis/apiregistration.k8s.io/v1/apiservices/v1alpha1.api.weft.dev";
+pub const FRONT_PROXY_SETTINGS: &str =
+    "/api/v1/namespaces/kube-system/configmaps/extension-apiserver-authentication";
+
+/// The API server's front proxy: a request-header CA and the client
+/// certificate it signed (CN `front-proxy-client`, as kubeadm makes it).
+pub struct FrontProxy {
+    pub ca_pem: String,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Default for FrontProxy {
+    fn default() -> Self {
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "front-proxy-ca");
+        let ca = params.self_signed(&ca_key).expect("ca");
+        FrontProxy {
+            ca_pem: ca.pem(),
+            ca,
+            ca_key,
+        }
+    }
+}
+
+impl FrontProxy {
+    /// A client presenting a certificate for `cn` from this CA (none:
+    /// no certificate), trusting `roots` (PEM) for the server.
+    pub fn client(&self, cn: Option<&str>, roots: &str) -> Arc<rustls::ClientConfig> {
+        let mut store = rustls::RootCertStore::empty();
+        for c in pem::parse_many(roots).expect("roots PEM") {
+            store
+                .add(rustls::pki_types::CertificateDer::from(c.into_contents()))
+                .expect("root");
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(weft_proto::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls 1.3")
+            .with_root_certificates(store);
+        let Some(cn) = cn else {
+            return Arc::new(builder.with_no_client_auth());
+        };
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let issuer = rcgen::Issuer::from_ca_cert_der(self.ca.der(), &self.ca_key).expect("issuer");
+        let cert = params.signed_by(&key, &issuer).expect("client cert");
+        let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der");
+        let config = builder
+            .with_client_auth_cert(vec![cert.der().clone()], der)
+            .expect("client auth");
+        Arc::new(config)
+    }
+
+    /// The ConfigMap `kube-system/extension-apiserver-authentication`.
+    pub fn settings(&self) -> Value {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "extension-apiserver-authentication", "namespace": "kube-system"},
+            "data": {"requestheader-client-ca-file": self.ca_pem,
+                "requestheader-allowed-names": "[\"front-proxy-client\"]",
+                "requestheader-username-headers": "[\"X-Remote-User\"]",
+                "requestheader-group-headers": "[\"X-Remote-Group\"]",
+                "requestheader-extra-headers-prefix": "[\"X-Remote-Extra-\"]"}})
+    }
+}
+
+/// One HTTP/1.1 GET over TLS with `client` to `addr` (server name
+/// `weft-controller.weft-system.svc`), with `headers`: the status and body.
+pub async fn tls_get(
+    client: Arc<rustls::ClientConfig>,
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, Value), String> {
+    let tls = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = rustls::pki_types::ServerName::try_from("weft-controller.weft-system.svc")
+            .expect("name");
+        tokio_rustls::TlsConnector::from(client)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))
+    };
+    let tls = tokio::time::timeout(Duration::from_secs(10), tls)
+        .await
+        .map_err(|_| "no handshake in 10 s".to_owned())??;
+    get_over(tls, path, headers).await
+}
+
+/// One HTTP/1.1 GET over `io`: the status and the body as JSON (null if
+/// it is not), within 10 s.
+pub async fn get_over<IO>(
+    io: IO,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, Value), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let exchange = async {
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let mut req = http::Request::get(path).header("host", "weft-controller.weft-system.svc");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = sender
+            .send_request(req.body(String::new()).expect("request"))
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let status = resp.status().as_u16();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .map_err(|_| "no answer in 10 s".to_owned())?
+}
+
+/// kube-aggregator's part: authenticate, then proxy to the APIService.
+async fn aggregate(fake: &Fake, req: Request) -> Response {
+    let Some((addr, proxy)) = fake.aggregated.lock().expect("poisoned").clone() else {
+        return status(503, "ServiceUnavailable", "the APIService is not available");
+    };
+    let token = req
+        .headers()
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let review = token_review(fake, &json!({"spec": {"token": token}}));
+    let user = &review["status"]["user"];
+    let Some(name) = user["username"].as_str() else {
+        return status(401, "Unauthorized", "Unauthorized");
+    };
+    let groups: Vec<String> = user["groups"]
+        .as_array()
+        .map(|g| {
+            g.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut headers = vec![("X-Remote-User", name)];
+    headers.extend(groups.iter().map(|g| ("X-Remote-Group", g.as_str())));
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let bundle = fake
+        .objects
+        .lock()
+        .expect("poisoned")
+        .get(API_SERVICE)
+        .map(|o| o["spec"]["caBundle"].clone());
+    let Some(Ok(roots)) = bundle.map(serde_json::from_value::<k8s_openapi::ByteString>) else {
+        return status(503, "ServiceUnavailable", "the APIService has no caBundle");
+    };
+    let roots = String::from_utf8_lossy(&roots.0).into_owned();
+    let client = proxy.client(Some("front-proxy-client"), &roots);
+    match tls_get(client, addr, path, &headers).await {
+        Ok((code, body)) => {
+            let mut r = Response::new(Body::from(body.to_string()));
+            *r.status_mut() = http::StatusCode::from_u16(code).expect("status");
+            r
+        }
+        Err(e) => status(
+            503,
+            "ServiceUnavailable",
+            &format!("error trying to reach service: {e}"),
+        ),
+    }
 }
 
 impl Fake {
@@ -140,6 +340,9 @@ pub async fn api(State(fake): State<Arc<Fake>>, req: Request) -> Response {
     if discovery {
         fake.discoveries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    if group == "api.weft.dev" {
+        return aggregate(&fake, req).await;
     }
     if fake.absent.lock().expect("poisoned").contains(group) {
         return status(
@@ -267,11 +470,21 @@ pub async fn serve(fake: Arc<Fake>) -> kube::Client {
 
 /// A kubeconfig in `dir` naming the fake at `addr`, as `--kubeconfig` takes.
 pub fn kubeconfig(dir: &std::path::Path, addr: std::net::SocketAddr) -> std::path::PathBuf {
+    kubeconfig_as(dir, addr, None)
+}
+
+/// [`kubeconfig`] for a user with a bearer token.
+pub fn kubeconfig_as(
+    dir: &std::path::Path,
+    addr: std::net::SocketAddr,
+    token: Option<&str>,
+) -> std::path::PathBuf {
     let path = dir.join("kubeconfig");
+    let user = token.map_or("{}".to_owned(), |t| format!("{{token: {t}}}"));
     let text = format!(
         "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
          clusters: [{{name: fake, cluster: {{server: \"http://{addr}\"}}}}]\n\
-         users: [{{name: tester, user: {{}}}}]\n\
+         users: [{{name: tester, user: {user}}}]\n\
          contexts: [{{name: fake, context: {{cluster: fake, user: tester}}}}]\n"
     );
     std::fs::write(&path, text).expect("kubeconfig");
@@ -561,9 +774,13 @@ fn apply(fake: &Fake, at: &str, stored: Option<Value>, o: Value, status_only: bo
             s
         }
         (true, None) => return status(404, "NotFound", "not found"),
-        // The main resource: its status is a subresource, kept as it was.
+        // The main resource: the applied fields merge into what others
+        // wrote (lists replaced whole; unlike the real one, fields this
+        // manager stops applying are not pruned); its status is a
+        // subresource, kept as it was.
         (false, stored) => {
-            let mut n = o;
+            let mut n = stored.cloned().unwrap_or(json!({}));
+            merge_patch(&mut n, &o);
             n["metadata"]["uid"] = stored
                 .as_ref()
                 .map_or(json!(format!("uid-{at}")), |s| s["metadata"]["uid"].clone());

@@ -46,6 +46,9 @@ pub struct Config {
     pub server_ips: Vec<std::net::IpAddr>,
     /// Proxies' first syncs served at once (`xds::FIRST_SYNCS_AT_ONCE`).
     pub first_syncs: usize,
+    /// How often the CA's material is looked at again (the CA directory,
+    /// and in Kubernetes the Secret): a rotation step needs no restart.
+    pub ca_follow: Duration,
 }
 
 impl Config {
@@ -64,6 +67,7 @@ impl Config {
             server_names: Vec::new(),
             server_ips: Vec::new(),
             first_syncs: crate::xds::FIRST_SYNCS_AT_ONCE,
+            ca_follow: Duration::from_secs(30),
         }
     }
 }
@@ -197,10 +201,10 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     let nodes = Arc::new(Nodes::load(&config.data_dir.join("nodes"))?);
     if let (Some(client), SourceConfig::Kubernetes(access)) = (&kube, &config.source) {
         let roots = ca.root_pem();
-        crate::kube_ca::publish_trust_bundle(client, &access.namespace, roots)
+        crate::kube_ca::publish_trust_bundle(client, &access.namespace, &roots)
             .await
             .map_err(|e| BuildError::Kubernetes(e.to_string()))?;
-        crate::aggregated::publish_ca_bundle(client, roots).await;
+        crate::aggregated::publish_ca_bundle(client, &roots).await;
         nodes.accept_kubernetes_tokens(crate::kube_auth::ProxyReviewer::new(
             client.clone(),
             access.proxy_tokens.clone(),
@@ -235,6 +239,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
 
     let (listener, grpc_addr) = bind(config.grpc_addr).await?;
     let shutdown = CancellationToken::new();
+    follow_ca(ca.clone(), &config, kube.clone(), shutdown.clone());
     let (incoming, accepting) = tls_incoming::incoming(listener, tls, shutdown.clone());
     let service = CaService::new(ca.clone(), nodes.clone(), config.trust_domain.clone());
     let store = ConfigStore::new();
@@ -319,7 +324,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     info!(grpc = %grpc_addr, rest = %rest_addr, metrics = %metrics_addr, identity = %identity, "controller ready");
     Ok(Bound {
         grpc_addr,
-        root_pem: ca.root_pem().to_owned(),
+        root_pem: ca.root_pem(),
         ca,
         nodes,
         identity,
@@ -335,6 +340,53 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         server,
         accepting,
     })
+}
+
+/// Looks at the CA's material every `config.ca_follow`: in Kubernetes a
+/// changed Secret is brought into the CA directory first; changed material
+/// signs from then on and its roots are published (trust bundle, the
+/// aggregated API's caBundle). Every replica does the same, so they agree.
+fn follow_ca(
+    ca: Arc<CertificateAuthority>,
+    config: &Config,
+    kube: Option<kube::Client>,
+    stop: CancellationToken,
+) {
+    let namespace = match &config.source {
+        SourceConfig::Kubernetes(access) => access.namespace.clone(),
+        SourceConfig::Local(_) => String::new(),
+    };
+    let (dir, every) = (config.data_dir.join("ca"), config.ca_follow);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Some(client) = &kube
+                && let Err(e) = crate::kube_ca::pull(client, &namespace, &dir).await
+            {
+                tracing::warn!(error = %e, "CA Secret not taken; the current CA keeps signing");
+                continue;
+            }
+            match ca.reload() {
+                Ok(false) => {}
+                Ok(true) => {
+                    let Some(client) = &kube else { continue };
+                    let roots = ca.root_pem();
+                    if let Err(e) =
+                        crate::kube_ca::publish_trust_bundle(client, &namespace, &roots).await
+                    {
+                        tracing::warn!(error = %e, "trust bundle not published; will try again");
+                    }
+                    crate::aggregated::publish_ca_bundle(client, &roots).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "CA material not taken; the current CA keeps signing")
+                }
+            }
+        }
+    });
 }
 
 /// The API writes only the elected replica makes: waypoint Deployments and
@@ -354,7 +406,7 @@ fn start_leader_work(
     let settings = crate::waypoint_deploy::Settings {
         image: access.waypoint_image.clone(),
         controller: format!("weft-controller.{}.svc:15012", access.namespace),
-        roots: ca.root_pem().to_owned(),
+        roots: ca.roots(),
     };
     crate::waypoint_deploy::spawn(
         client.clone(),

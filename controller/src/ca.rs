@@ -15,6 +15,7 @@ use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rand::RngCore;
@@ -66,8 +67,22 @@ pub enum CaError {
     Sign(String),
 }
 
-/// Signs workload certificates.
+/// Signs workload certificates. The signing material can be replaced while
+/// running ([`CertificateAuthority::reload`]): a rotation step is an edit
+/// of the CA directory (or the Secret), not a restart.
 pub struct CertificateAuthority {
+    dir: PathBuf,
+    signer: std::sync::RwLock<Arc<Signer>>,
+    /// The roots proxies are told to trust, for those that follow them.
+    roots: tokio::sync::watch::Sender<String>,
+    max_ttl: Duration,
+    /// The latest certificate issued per identity (bounded by the
+    /// identities placed on nodes), for the REST API.
+    issued: std::sync::Mutex<std::collections::BTreeMap<String, Issued>>,
+}
+
+/// One set of signing material, as loaded from the CA directory.
+struct Signer {
     issuer: Issuer<'static, KeyPair>,
     /// `cert-chain.pem` (from the signing cert up), root excluded.
     chain: Vec<String>,
@@ -76,11 +91,16 @@ pub struct CertificateAuthority {
     /// Every root in `root-cert.pem`: the current one first, then any still
     /// trusted during a rotation. What proxies are told to trust.
     bundle: String,
+    /// The signing certificate (PEM): with `bundle` and `chain`, what
+    /// tells one set of material from another.
+    cert: String,
     issuer_not_after: SystemTime,
-    max_ttl: Duration,
-    /// The latest certificate issued per identity (bounded by the
-    /// identities placed on nodes), for the REST API.
-    issued: std::sync::Mutex<std::collections::BTreeMap<String, Issued>>,
+}
+
+impl Signer {
+    fn same(&self, other: &Signer) -> bool {
+        (&self.cert, &self.chain, &self.bundle) == (&other.cert, &other.chain, &other.bundle)
+    }
 }
 
 /// A certificate the CA issued.
@@ -125,6 +145,44 @@ impl CertificateAuthority {
     }
 
     fn load(dir: &Path, max_ttl: Duration) -> Result<Self, CaError> {
+        let signer = Signer::load(dir)?;
+        info!(dir = %dir.display(), intermediate = !signer.chain.is_empty(), "CA loaded");
+        Ok(CertificateAuthority {
+            dir: dir.to_owned(),
+            roots: tokio::sync::watch::Sender::new(signer.bundle.clone()),
+            signer: std::sync::RwLock::new(Arc::new(signer)),
+            max_ttl,
+            issued: Default::default(),
+        })
+    }
+
+    /// Loads the CA directory again; the new material signs from now on if
+    /// it differs (`Ok(true)`). Material that does not load leaves the
+    /// current one signing.
+    pub fn reload(&self) -> Result<bool, CaError> {
+        let fresh = Signer::load(&self.dir)?;
+        let mut signer = self.signer.write().expect("poisoned");
+        if signer.same(&fresh) {
+            return Ok(false);
+        }
+        info!(dir = %self.dir.display(), intermediate = !fresh.chain.is_empty(), "CA material replaced");
+        self.roots.send_replace(fresh.bundle.clone());
+        *signer = Arc::new(fresh);
+        Ok(true)
+    }
+
+    /// Whether `dir` holds material that would load.
+    pub fn check(dir: &Path) -> Result<(), CaError> {
+        Signer::load(dir).map(|_| ())
+    }
+
+    fn current(&self) -> Arc<Signer> {
+        self.signer.read().expect("poisoned").clone()
+    }
+}
+
+impl Signer {
+    fn load(dir: &Path) -> Result<Self, CaError> {
         let key_path = dir.join(CA_KEY);
         check_key_permissions(&key_path)?;
         let key_pem = read(&key_path)?;
@@ -171,23 +229,27 @@ impl CertificateAuthority {
             }
         }
         let bundle: String = pem_blocks(&root).iter().map(|d| to_pem(d)).collect();
-        let ca = CertificateAuthority {
+        Ok(Signer {
             issuer,
             chain: chain.iter().map(|d| to_pem(d)).collect(),
             root: to_pem(&root_der),
             bundle,
+            cert: cert_pem,
             issuer_not_after,
-            max_ttl,
-            issued: Default::default(),
-        };
-        info!(dir = %dir.display(), intermediate = !ca.chain.is_empty(), "CA loaded");
-        Ok(ca)
+        })
     }
+}
 
+impl CertificateAuthority {
     /// The roots every proxy trusts (PEM): the current root first, then
     /// any `root-cert.pem` still lists during a rotation.
-    pub fn root_pem(&self) -> &str {
-        &self.bundle
+    pub fn root_pem(&self) -> String {
+        self.current().bundle.clone()
+    }
+
+    /// [`Self::root_pem`], followed.
+    pub fn roots(&self) -> tokio::sync::watch::Receiver<String> {
+        self.roots.subscribe()
     }
 
     /// Issues a leaf for `identity` to the key in `csr_pem`. Whatever else the
@@ -245,7 +307,8 @@ impl CertificateAuthority {
         } else {
             ttl.min(self.max_ttl)
         };
-        let not_after = (now + ttl).min(self.issuer_not_after);
+        let signer = self.current();
+        let not_after = (now + ttl).min(signer.issuer_not_after);
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         let uri = rcgen::string::Ia5String::try_from(identity.to_string())
@@ -268,7 +331,7 @@ impl CertificateAuthority {
         params.not_after = OffsetDateTime::from(not_after);
         params.use_authority_key_identifier_extension = true;
         let leaf = params
-            .signed_by(&csr.public_key, &self.issuer)
+            .signed_by(&csr.public_key, &signer.issuer)
             .map_err(|e| CaError::Sign(e.to_string()))?;
         self.issued.lock().expect("poisoned").insert(
             identity.to_string(),
@@ -279,10 +342,10 @@ impl CertificateAuthority {
             },
         );
         metrics::counter!("weft_controller_certificates_issued_total").increment(1);
-        let mut out = Vec::with_capacity(self.chain.len() + 2);
+        let mut out = Vec::with_capacity(signer.chain.len() + 2);
         out.push(leaf.pem());
-        out.extend(self.chain.iter().cloned());
-        out.push(self.root.clone());
+        out.extend(signer.chain.iter().cloned());
+        out.push(signer.root.clone());
         Ok(out)
     }
 }

@@ -90,6 +90,33 @@ pub async fn sync(
     }
 }
 
+/// Brings a changed Secret into `dir` (a rotation step made by editing the
+/// Secret); `Ok(true)` when the files changed. Material that would not
+/// load is refused and the files are left as they are. A Secret that is
+/// gone changes nothing: a new root is never made while running.
+pub async fn pull(client: &Client, namespace: &str, dir: &Path) -> Result<bool, KubeCaError> {
+    let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
+    let read = api_err(format!("reading Secret {namespace}/{SECRET}"));
+    let Some(secret) = secrets.get_opt(SECRET).await.map_err(read)? else {
+        return Ok(false);
+    };
+    let data = secret.data.clone().unwrap_or_default();
+    let unchanged = CA_FILES.iter().all(|f| {
+        let on_disk = std::fs::read(dir.join(f)).ok();
+        data.get(*f).map(|b| &b.0) == on_disk.as_ref()
+    });
+    if unchanged {
+        return Ok(false);
+    }
+    let staging = dir.with_extension("next");
+    write_files(&secret, namespace, &staging)?;
+    let checked = CertificateAuthority::check(&staging);
+    let _ = std::fs::remove_dir_all(&staging);
+    checked?;
+    write_files(&secret, namespace, dir)?;
+    Ok(true)
+}
+
 /// Writes the Secret's four files into `dir` (the key 0600).
 fn write_files(secret: &Secret, namespace: &str, dir: &Path) -> Result<(), KubeCaError> {
     let data = secret.data.clone().unwrap_or_default();

@@ -170,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
         server_names: args.server_names,
         server_ips: args.server_ips,
         first_syncs: args.first_syncs,
+        ca_follow: Duration::from_secs(30),
     })
     .await
     .context("controller failed to start")?;

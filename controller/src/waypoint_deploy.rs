@@ -38,8 +38,9 @@ pub struct Settings {
     pub image: String,
     /// The controller as the waypoint dials it.
     pub controller: String,
-    /// The mesh root(s), PEM: the trust bundle put beside each waypoint.
-    pub roots: String,
+    /// The mesh root(s), PEM, followed: the trust bundle put beside each
+    /// waypoint.
+    pub roots: watch::Receiver<String>,
 }
 
 impl Default for Settings {
@@ -50,7 +51,7 @@ impl Default for Settings {
                 env!("CARGO_PKG_VERSION")
             ),
             controller: "weft-controller.weft-system.svc:15012".into(),
-            roots: String::new(),
+            roots: watch::channel(String::new()).1,
         }
     }
 }
@@ -67,11 +68,14 @@ pub fn spawn(
         // The first tick is at once; then a pass every RESYNC mends drift.
         let mut resync = tokio::time::interval(RESYNC);
         let mut seen = None;
+        let mut roots = settings.roots.clone();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 changed = leader.changed() => if changed.is_err() { return },
                 _ = resync.tick() => {}
+                // A rotation: every waypoint's trust bundle follows.
+                Ok(()) = roots.changed() => {}
                 changed = config.changed() => {
                     if changed.is_err() {
                         return;
@@ -192,7 +196,7 @@ async fn program(client: &Client, s: &Settings, gw: &Gateway) -> kube::Result<(S
         .await?;
     let bundle = json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": TRUST_BUNDLE, "namespace": ns, "labels": {"app.kubernetes.io/part-of": "weft"}},
-        "data": {BUNDLE_KEY: s.roots}});
+        "data": {BUNDLE_KEY: *s.roots.borrow()}});
     Api::<ConfigMap>::namespaced(client.clone(), &ns)
         .patch(TRUST_BUNDLE, &apply(), &Patch::Apply(bundle))
         .await?;

@@ -28,6 +28,7 @@ async fn controller(fake: std::net::SocketAddr, dir: &Path) -> Result<Bound, app
     };
     app::build(Config {
         source: SourceConfig::Kubernetes(access),
+        ca_follow: Duration::from_millis(50),
         ..Config::local(dir.join("data"))
     })
     .await
@@ -101,6 +102,19 @@ async fn the_ca_lives_in_a_secret_made_once() {
     );
 }
 
+/// Namespace `shop`, in the mesh, with pod api-1 and the ztunnel on node-a.
+fn meshed_shop(fake: &Fake) {
+    fake.put(
+        "/api/v1/namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "shop", "labels": {"weft.dev/mesh": "enabled"}, "resourceVersion": "1"}}),
+    );
+    let za = ("weft-system", "ztunnel-a", "u-za", "ztunnel");
+    for (ns, name, uid, sa) in [("shop", "api-1", "u-api", "api"), za] {
+        fake.put("/api/v1/pods", pod(ns, name, uid, sa, "node-a", json!({})));
+    }
+}
+
 fn pod(ns: &str, name: &str, uid: &str, sa: &str, node: &str, labels: Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": labels, "resourceVersion": "1"},
@@ -127,26 +141,13 @@ fn refused(r: Result<Vec<String>, CertError>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_authenticate_with_their_pods_service_account_tokens() {
     let fake = Arc::new(Fake::default());
-    fake.put(
-        "/api/v1/namespaces",
-        json!({"apiVersion": "v1", "kind": "Namespace",
-            "metadata": {"name": "shop", "labels": {"weft.dev/mesh": "enabled"}, "resourceVersion": "1"}}),
-    );
+    meshed_shop(&fake);
     let gw = json!({"gateway.networking.k8s.io/gateway-name": "wp"});
     for p in [
-        pod("shop", "api-1", "u-api", "api", "node-a", json!({})),
         pod("shop", "db-1", "u-db", "db", "node-b", json!({})),
         pod("shop", "wp-1", "u-wp", "wp", "node-b", gw.clone()),
         // Labelled as the waypoint, running as another account.
         pod("shop", "wp-2", "u-wp2", "db", "node-b", gw),
-        pod(
-            "weft-system",
-            "ztunnel-a",
-            "u-za",
-            "ztunnel",
-            "node-a",
-            json!({}),
-        ),
     ] {
         fake.put("/api/v1/pods", p);
     }
@@ -411,7 +412,7 @@ mod waypoints {
         let store = ConfigStore::new();
         let stop = CancellationToken::new();
         let settings = Settings {
-            roots: "ROOT PEM".into(),
+            roots: tokio::sync::watch::channel("ROOT PEM".to_owned()).1,
             ..Settings::default()
         };
         waypoint_deploy::spawn(
@@ -657,5 +658,143 @@ async fn the_aggregated_api_serves_the_user_the_front_proxy_vouches_for() {
         .await
         .expect("REST");
     assert_eq!(rest.0, 401);
+    bound.shutdown().await;
+}
+
+/// A CA made with rcgen: (certificate, key) PEM; signed by `parent` if given.
+fn make_ca(
+    cn: &str,
+    parent: Option<(&rcgen::Certificate, &rcgen::KeyPair)>,
+) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let cert = match parent {
+        None => params.self_signed(&key).expect("root"),
+        Some((pc, pk)) => {
+            let issuer = rcgen::Issuer::from_ca_cert_der(pc.der(), pk).expect("issuer");
+            params.signed_by(&key, &issuer).expect("intermediate")
+        }
+    };
+    (cert, key)
+}
+
+fn secret_data(files: [(&str, String); 4]) -> Value {
+    let data: serde_json::Map<String, Value> = files
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.to_owned(),
+                serde_json::to_value(k8s_openapi::ByteString(v.into_bytes())).expect("b64"),
+            )
+        })
+        .collect();
+    Value::Object(data)
+}
+
+/// A rotation step is an edit of Secret weft-ca, taken without a restart:
+/// the new intermediate signs from then on, both roots are published, and
+/// material that would not load is refused while the current CA signs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_follows_its_secret_without_a_restart() {
+    let fake = Arc::new(Fake::default());
+    meshed_shop(&fake);
+    fake.projected_token(
+        "za",
+        ("weft-system", "ztunnel-a", "u-za"),
+        "ztunnel",
+        &["weft-ca"],
+    );
+    let addr = listen(fake.clone()).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let bound = controller(addr, dir.path()).await.expect("controller");
+    let old_root = bound.root_pem.clone();
+    let api = Identity::new("cluster.local", "shop", "api").expect("identity");
+    fake_api::wait_for("api-1 placed on node-a", || {
+        bound.nodes.entitled("node-a", &api)
+    })
+    .await;
+
+    // The new root, an intermediate under it; both roots trusted, the new one first.
+    let (root, root_key) = make_ca("root-2", None);
+    let (inter, inter_key) = make_ca("intermediate-2", Some((&root, &root_key)));
+    let bundle = format!("{}{}", root.pem(), old_root);
+    let data = secret_data([
+        ("ca-cert.pem", inter.pem()),
+        ("ca-key.pem", inter_key.serialize_pem()),
+        ("root-cert.pem", bundle.clone()),
+        ("cert-chain.pem", format!("{}{}", inter.pem(), root.pem())),
+    ]);
+    fake.objects
+        .lock()
+        .expect("poisoned")
+        .get_mut(SECRET)
+        .expect("the Secret")["data"] = data;
+    fake_api::wait_for("the new roots taken", || {
+        bound.ca.root_pem().starts_with(&root.pem())
+    })
+    .await;
+    assert!(
+        bound.ca.root_pem().contains(&old_root),
+        "the old root stays trusted"
+    );
+    let chain = ask(&bound, "za", &api)
+        .await
+        .expect("a certificate after the rotation");
+    assert_eq!(
+        chain[1..],
+        [inter.pem(), root.pem()],
+        "signed by the new intermediate"
+    );
+    let published = |path: &str, field: &str| -> String {
+        let objects = fake.objects.lock().expect("poisoned");
+        match objects.get(path).map(|o| o["data"][field].clone()) {
+            Some(Value::String(s)) => s,
+            _ => String::new(),
+        }
+    };
+    fake_api::wait_for("the trust bundle republished", || {
+        published(BUNDLE, "root-cert.pem").starts_with(&root.pem())
+    })
+    .await;
+
+    // Material that does not load (a key that is not the certificate's):
+    // refused, the files and the signer unchanged.
+    let (_, stranger) = make_ca("stranger", None);
+    let mut bad = fake.objects.lock().expect("poisoned")[SECRET]["data"].clone();
+    bad["ca-key.pem"] = serde_json::to_value(k8s_openapi::ByteString(
+        stranger.serialize_pem().into_bytes(),
+    ))
+    .expect("b64");
+    let reads = || {
+        fake.gets
+            .lock()
+            .expect("poisoned")
+            .get(SECRET)
+            .copied()
+            .unwrap_or(0)
+    };
+    let before = reads();
+    fake.objects
+        .lock()
+        .expect("poisoned")
+        .get_mut(SECRET)
+        .expect("the Secret")["data"] = bad;
+    fake_api::wait_for("two more looks at the Secret", || reads() >= before + 2).await;
+    let chain = ask(&bound, "za", &api).await.expect("still signing");
+    assert_eq!(chain[1], inter.pem(), "the current CA signs on");
+    let key_on_disk = std::fs::read_to_string(dir.path().join("data/ca/ca-key.pem")).expect("key");
+    assert_eq!(
+        key_on_disk,
+        inter_key.serialize_pem(),
+        "the bad key was not written"
+    );
     bound.shutdown().await;
 }

@@ -47,6 +47,8 @@ pub struct Fake {
     pub absent: Mutex<std::collections::HashSet<String>>,
     /// Every path listed or watched, with how often.
     pub requested: Mutex<HashMap<String, usize>>,
+    /// Every single object read (GET), with how often.
+    pub gets: Mutex<HashMap<String, usize>>,
     pub discoveries: std::sync::atomic::AtomicUsize,
     /// Projected ServiceAccount tokens: token → (its audiences, the user a
     /// TokenReview reports, `extra` naming the bound pod).
@@ -574,6 +576,14 @@ async fn object(fake: &Fake, req: Request, path: &str) -> Result<Response, Reque
         3 | 4 => format!("/{}", parts[..i + 4].join("/")),
         _ => String::new(),
     };
+    if method == "GET" && rest.len() == 3 {
+        *fake
+            .gets
+            .lock()
+            .expect("poisoned")
+            .entry(key.clone())
+            .or_default() += 1;
+    }
     match (method.as_str(), rest.len()) {
         ("GET", 3) => Ok(
             match lookup(fake, path, &parts[..i].join("/"), rest[0], rest[1], rest[2]) {

@@ -613,7 +613,9 @@ mod manifest_tests {
     use k8s_openapi::api::{apps, core, policy, rbac};
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
-    use serde_json::Value;
+    use serde_json::{Value, json};
+
+    use super::s;
 
     /// `doc` read as `T` and written back is `doc`: a misspelt or
     /// misplaced field (which the API server would drop or refuse) fails.
@@ -735,6 +737,107 @@ mod manifest_tests {
         assert_eq!(out.specs.policies.len(), 1);
     }
 
+    /// What the API server would refuse in `v` under a CRD's structural
+    /// schema with strict field validation (kubectl's default): a wrong
+    /// type, a missing required field, a value outside an enum, an unknown
+    /// field. (CEL rules and formats are not checked.)
+    fn schema_errors(schema: &Value, v: &Value, at: &str, out: &mut Vec<String>) {
+        let fail = |out: &mut Vec<String>, what: String| out.push(format!("{at}: {what}"));
+        match (schema["type"].as_str(), v) {
+            (_, Value::Null) if schema["nullable"] == true => {}
+            (Some("object"), Value::Object(fields)) => {
+                for name in schema["required"].as_array().into_iter().flatten() {
+                    if !fields.contains_key(name.as_str().unwrap_or_default()) {
+                        fail(out, format!("missing required field {name}"));
+                    }
+                }
+                for (k, x) in fields {
+                    let path = format!("{at}.{k}");
+                    match schema["properties"].get(k) {
+                        Some(field) => schema_errors(field, x, &path, out),
+                        None if schema["additionalProperties"].is_object() => {
+                            schema_errors(&schema["additionalProperties"], x, &path, out)
+                        }
+                        None if schema["x-kubernetes-preserve-unknown-fields"] == true => {}
+                        None if at.is_empty()
+                            && ["apiVersion", "kind", "metadata"].contains(&k.as_str()) => {}
+                        None => fail(out, format!("unknown field {k}")),
+                    }
+                }
+            }
+            (Some("array"), Value::Array(items)) => {
+                for (i, x) in items.iter().enumerate() {
+                    schema_errors(&schema["items"], x, &format!("{at}[{i}]"), out);
+                }
+            }
+            (Some("string"), Value::String(text)) => {
+                if let Some(allowed) = schema["enum"].as_array()
+                    && !allowed.iter().any(|a| a == text)
+                {
+                    fail(out, format!("{text:?} is not one of {allowed:?}"));
+                }
+            }
+            (Some("integer"), Value::Number(n)) if n.is_i64() || n.is_u64() => {}
+            (Some("number"), Value::Number(_)) | (Some("boolean"), Value::Bool(_)) => {}
+            // int-or-string, anyOf: left to the parser.
+            (None, _) => {}
+            (Some(ty), other) => fail(out, format!("expected {ty}, got {other}")),
+        }
+    }
+
+    /// Every weft.dev object in the samples validates against the schema in
+    /// the committed CRDs, as the API server would check it.
+    #[test]
+    fn the_samples_validate_against_the_committed_crds() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests");
+        let crds: Vec<Value> = serde_saphyr::from_multiple(
+            &std::fs::read_to_string(format!("{dir}/crds.yaml")).expect("crds.yaml"),
+        )
+        .expect("YAML");
+        let schema_of = |doc: &Value| {
+            let (group, version) = s(&doc["apiVersion"])
+                .split_once('/')
+                .map(|(g, v)| (g.to_owned(), v.to_owned()))?;
+            let crd = crds.iter().find(|c| {
+                c["spec"]["group"] == group.as_str() && c["spec"]["names"]["kind"] == doc["kind"]
+            })?;
+            let versions = crd["spec"]["versions"].as_array()?;
+            let v = versions.iter().find(|v| v["name"] == version.as_str())?;
+            Some(v["schema"]["openAPIV3Schema"].clone())
+        };
+        let text = std::fs::read_to_string(format!("{dir}/samples/shop.yaml")).expect("sample");
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&text).expect("YAML");
+        let mut checked = 0;
+        for doc in docs
+            .iter()
+            .filter(|d| s(&d["apiVersion"]).starts_with("weft.dev/"))
+        {
+            let schema = schema_of(doc).unwrap_or_else(|| panic!("no CRD serves {}", doc["kind"]));
+            let mut errors = Vec::new();
+            schema_errors(&schema, doc, "", &mut errors);
+            assert!(
+                errors.is_empty(),
+                "{} {}: {errors:?}",
+                doc["kind"],
+                doc["metadata"]["name"]
+            );
+            // The check can fail: a typo'd field, a wrong type, a bad enum.
+            for (path, bad) in [
+                ("rulez", json!([])),
+                ("rules", json!("all")),
+                ("action", json!("PERMIT")),
+            ] {
+                let mut typo = doc.clone();
+                typo["spec"][path] = bad;
+                let mut errors = Vec::new();
+                schema_errors(&schema, &typo, "", &mut errors);
+                assert!(!errors.is_empty(), "spec.{path} accepted");
+            }
+            checked += 1;
+        }
+        assert!(checked > 0, "the sample holds weft.dev objects");
+    }
+
     #[test]
     fn every_manifest_is_a_valid_kubernetes_object() {
         let text = super::install();
@@ -769,10 +872,7 @@ mod manifest_tests {
             (&api["spec"]["group"], &api["spec"]["version"]),
             (&GROUP.into(), &VERSION.into())
         );
-        let svc = find(
-            "Service",
-            super::s(&api["spec"]["service"]["name"]).as_str(),
-        );
+        let svc = find("Service", s(&api["spec"]["service"]["name"]).as_str());
         let port = svc["spec"]["ports"]
             .as_array()
             .expect("ports")

@@ -62,12 +62,42 @@ fn routes_by_waypoint(model: &Model) -> HashMap<String, HashSet<String>> {
     by_waypoint(model, routes)
 }
 
+/// A backend policy goes to the waypoint serving its Service, and to every
+/// waypoint with a route that sends requests to that Service (in its own
+/// namespace or, by ReferenceGrant, another): that waypoint balances them.
 fn backends_by_waypoint(model: &Model) -> HashMap<String, HashSet<String>> {
     let backends = model
         .backends
         .iter()
         .map(|b| (&b.key, vec![b.spec.service.as_str()]));
-    by_waypoint(model, backends)
+    let mut out = by_waypoint(model, backends);
+    let mut routing_to: HashMap<&str, HashSet<String>> = HashMap::new();
+    for r in &model.routes {
+        let waypoints: Vec<String> = r
+            .spec
+            .parents
+            .iter()
+            .filter_map(|p| model.service(&p.service)?.waypoint.as_deref())
+            .map(waypoint_proxy_name)
+            .collect();
+        let targets = r.spec.rules.iter().flat_map(|rule| &rule.backends);
+        for b in targets {
+            routing_to
+                .entry(b.service.as_str())
+                .or_default()
+                .extend(waypoints.iter().cloned());
+        }
+    }
+    for b in &model.backends {
+        for w in routing_to
+            .get(b.spec.service.as_str())
+            .into_iter()
+            .flatten()
+        {
+            out.entry(w.clone()).or_default().insert(b.key.clone());
+        }
+    }
+    out
 }
 
 /// Waypoint proxy name → the names of resources that concern one of the
@@ -211,5 +241,64 @@ impl Proxies {
 impl Default for ConfigStore {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{Objects, parse_documents, translate::translate};
+
+    /// A waypoint routing to a Service it does not serve (here, across
+    /// namespaces by ReferenceGrant) receives that Service's BackendPolicy;
+    /// a waypoint that does not route there does not.
+    #[test]
+    fn backend_policies_reach_the_waypoints_that_route_to_them() {
+        let yaml = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop}
+spec: {gatewayClassName: weft-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: shop-routes, namespace: billing}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: "", kind: Service}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: BackendPolicy
+metadata: {name: ledger-lb, namespace: billing}
+spec: {targetRef: {kind: Service, name: ledger}, loadBalancer: Random}
+"#;
+        let shop = include_str!("../tests/k8s/shop.yaml").replace(
+            "    name: api\n    namespace: shop\n    resourceVersion: \"1081\"",
+            "    name: api\n    namespace: shop\n    labels: {weft.dev/use-waypoint: wp}\n    resourceVersion: \"1081\"",
+        );
+        let mut objects = Objects::default();
+        let billing = include_str!("../tests/k8s/other-ns.yaml");
+        let route = include_str!("../tests/k8s/route-to-ledger.yaml");
+        for y in [shop.as_str(), billing, route, yaml] {
+            for o in parse_documents(y).expect("valid YAML") {
+                objects.insert(o);
+            }
+        }
+        let t = translate(&objects, "cluster.local");
+        let model = Model::from_specs(t.specs, "cluster.local").expect("model");
+        let route = model
+            .routes
+            .iter()
+            .find(|r| r.spec.name == "to-ledger")
+            .expect("route");
+        assert_eq!(route.spec.rules[0].backends[0].invalid, "", "granted");
+        let selected = selected(&model);
+        let sent = &selected[resources::BACKEND];
+        let to_wp = sent
+            .get(&waypoint_proxy_name("shop/wp"))
+            .cloned()
+            .unwrap_or_default();
+        assert!(to_wp.iter().any(|k| k.contains("ledger-lb")), "{sent:?}");
+        assert_eq!(sent.len(), 1, "no other waypoint gets it: {sent:?}");
     }
 }

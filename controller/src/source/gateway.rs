@@ -32,6 +32,23 @@ use super::translate::{
     namespace_of, placement, pod_ready,
 };
 
+/// `ReferenceGrant` as every Gateway API release serves it (v1beta1; v1
+/// only in recent ones): in the namespace of what is referred to, it lets
+/// routes of the namespaces it names send traffic there.
+#[derive(kube::CustomResource, serde::Serialize, serde::Deserialize, Clone, Debug, Default)]
+#[kube(
+    group = "gateway.networking.k8s.io",
+    version = "v1beta1",
+    kind = "ReferenceGrant",
+    plural = "referencegrants",
+    namespaced,
+    schema = "disabled"
+)]
+pub struct ReferenceGrantSpec {
+    pub from: Vec<gateway_api::referencegrants::ReferenceGrantFrom>,
+    pub to: Vec<gateway_api::referencegrants::ReferenceGrantTo>,
+}
+
 /// Label Gateway API controllers put on the pods of a Gateway.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
@@ -415,7 +432,7 @@ fn rule(
         .as_array()
         .into_iter()
         .flatten()
-        .map(|b| backend(namespace, b, objects))
+        .map(|b| backend((kind, namespace), b, objects))
         .collect::<Result<_, _>>()?;
     let timeouts = &r["timeouts"];
     // `retry` is experimental through Gateway API v1.6, standard from v1.7.
@@ -498,7 +515,35 @@ fn route_match(kind: &str, m: &Value) -> Result<pb::RouteMatch, String> {
     Ok(out)
 }
 
-fn backend(namespace: &str, b: &Value, objects: &Objects) -> Result<pb::RouteBackend, String> {
+/// Whether a ReferenceGrant in the backend Service's namespace lets
+/// `route_kind` routes of `from` send traffic to it (Gateway API: a
+/// reference across namespaces needs the consent of the one referred to).
+fn granted(objects: &Objects, (route_kind, from): (&str, &str), service: &str) -> bool {
+    let (to_ns, name) = service.split_once('/').unwrap_or(("", service));
+    objects
+        .reference_grants
+        .values()
+        .filter(|g| g.metadata.namespace.as_deref() == Some(to_ns))
+        .any(|g| {
+            let from_ok = g.spec.from.iter().any(|f| {
+                f.group == "gateway.networking.k8s.io"
+                    && f.kind == route_kind
+                    && f.namespace == from
+            });
+            let to_ok = g.spec.to.iter().any(|t| {
+                t.group.is_empty()
+                    && t.kind == "Service"
+                    && t.name.as_deref().is_none_or(|n| n == name)
+            });
+            from_ok && to_ok
+        })
+}
+
+fn backend(
+    (route_kind, namespace): (&str, &str),
+    b: &Value,
+    objects: &Objects,
+) -> Result<pb::RouteBackend, String> {
     let service = format!(
         "{}/{}",
         b["namespace"].as_str().unwrap_or(namespace),
@@ -509,8 +554,12 @@ fn backend(namespace: &str, b: &Value, objects: &Objects) -> Result<pb::RouteBac
     // An unusable backend keeps its weight: its share of requests gets 500.
     let invalid = if kind != "Service" || !(group.is_empty() || group == "core") {
         format!("backend kind {group}/{kind} is not supported")
-    } else if namespace_of(&service) != namespace {
-        format!("backend {service} is in another namespace (ReferenceGrant is not supported yet)")
+    } else if namespace_of(&service) != namespace
+        && !granted(objects, (route_kind, namespace), &service)
+    {
+        format!(
+            "backend {service} is in another namespace and no ReferenceGrant there lets {route_kind}s of {namespace} refer to it"
+        )
     } else if !objects.services.contains_key(&service) {
         format!("backend Service {service} does not exist")
     } else if b["port"].is_null() {

@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 use weft_proto::model::Model;
 
 use super::crds::{AuthorizationPolicy, BackendPolicy, FaultInjection};
+use super::gateway::ReferenceGrant;
 use super::translate::{apply_pods, apply_slices, translate};
 use super::{Objects, SourceStatus};
 use crate::state::ConfigStore;
@@ -43,6 +44,8 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 /// The Gateway API: most clusters do not have it, so its kinds are watched
 /// only while discovery lists them, and forgotten when it stops.
 const GATEWAY_API: &str = "gateway.networking.k8s.io/v1";
+/// ReferenceGrant: served at v1beta1 by every Gateway API release.
+const GATEWAY_API_BETA: &str = "gateway.networking.k8s.io/v1beta1";
 /// How often discovery is asked whether optional kinds came or went.
 pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -69,6 +72,7 @@ struct Stores {
     gateways: Optional<Gateway>,
     http_routes: Optional<HttpRoute>,
     grpc_routes: Optional<GrpcRoute>,
+    reference_grants: Optional<ReferenceGrant>,
 }
 
 /// A kind watched only while the API server serves it.
@@ -202,6 +206,7 @@ pub fn start_with_discovery(
         gateways: Optional::new(),
         http_routes: Optional::new(),
         grpc_routes: Optional::new(),
+        reference_grants: Optional::new(),
     });
     tokio::spawn(discover(stores.clone(), w.clone(), interval));
     let (tx, status) = watch::channel(Arc::new(SourceStatus {
@@ -233,36 +238,44 @@ pub fn start_with_discovery(
 async fn discover(stores: Arc<Stores>, w: Watch, interval: Duration) {
     let mut backoff = interval;
     loop {
-        let served: Option<HashSet<String>> = match w
-            .client
-            .list_api_group_resources(GATEWAY_API)
-            .await
-        {
-            Ok(list) => Some(list.resources.into_iter().map(|r| r.name).collect()),
-            Err(kube::Error::Api(s)) if s.code == 404 => Some(HashSet::new()),
-            Err(e) => {
-                debug!(error = %e, "discovery of {GATEWAY_API} failed; keeping what is watched");
-                None
-            }
-        };
-        if let Some(served) = served {
+        let (served, grants) = tokio::join!(served(&w, GATEWAY_API), served(&w, GATEWAY_API_BETA));
+        let mut forgot = false;
+        if let Some(served) = &served {
             let has = |k: &str| served.contains(k);
-            let forgot = [
-                stores.gateways.sync(has(&Gateway::plural(&())), &w),
-                stores.http_routes.sync(has(&HttpRoute::plural(&())), &w),
-                stores.grpc_routes.sync(has(&GrpcRoute::plural(&())), &w),
-            ];
-            if forgot.contains(&true) {
-                w.pending.lock().expect("poisoned").other = true;
-                w.changed.notify_one();
-            }
-            backoff = interval;
-        } else {
-            backoff = (backoff * 2).min(interval * 6);
+            forgot |= stores.gateways.sync(has(&Gateway::plural(&())), &w);
+            forgot |= stores.http_routes.sync(has(&HttpRoute::plural(&())), &w);
+            forgot |= stores.grpc_routes.sync(has(&GrpcRoute::plural(&())), &w);
         }
+        if let Some(grants) = &grants {
+            let has = grants.contains(&*ReferenceGrant::plural(&()));
+            forgot |= stores.reference_grants.sync(has, &w);
+        }
+        if forgot {
+            w.pending.lock().expect("poisoned").other = true;
+            w.changed.notify_one();
+        }
+        // An unanswered question changes nothing; ask again later.
+        backoff = if served.is_some() && grants.is_some() {
+            interval
+        } else {
+            (backoff * 2).min(interval * 6)
+        };
         tokio::select! {
             _ = w.shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
+        }
+    }
+}
+
+/// The resources discovery lists for `group_version` (none when the API
+/// server does not serve it); `None` when it could not answer.
+async fn served(w: &Watch, group_version: &str) -> Option<HashSet<String>> {
+    match w.client.list_api_group_resources(group_version).await {
+        Ok(list) => Some(list.resources.into_iter().map(|r| r.name).collect()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Some(HashSet::new()),
+        Err(e) => {
+            debug!(error = %e, "discovery of {group_version} failed; keeping what is watched");
+            None
         }
     }
 }
@@ -431,6 +444,7 @@ impl Stores {
             authorization_policies: map(self.authorization_policies.state()),
             backend_policies: map(self.backend_policies.state()),
             fault_injections: map(self.fault_injections.state()),
+            reference_grants: map(self.reference_grants.state()),
             ..Objects::default()
         }
     }
@@ -537,5 +551,6 @@ pub fn watched() -> Vec<(String, String)> {
         r::<AuthorizationPolicy>(),
         r::<BackendPolicy>(),
         r::<FaultInjection>(),
+        r::<ReferenceGrant>(),
     ]
 }

@@ -37,10 +37,11 @@ pub enum Object {
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
     BackendPolicy(Arc<BackendPolicy>),
     FaultInjection(Arc<FaultInjection>),
+    ReferenceGrant(Arc<gateway::ReferenceGrant>),
 }
 
 /// (apiVersion, kind) of every kind weft reads.
-pub const KINDS: [(&str, &str); 12] = [
+pub const KINDS: [(&str, &str); 14] = [
     ("v1", "Namespace"),
     ("v1", "Pod"),
     ("v1", "Service"),
@@ -53,6 +54,9 @@ pub const KINDS: [(&str, &str); 12] = [
     ("weft.dev/v1alpha1", "AuthorizationPolicy"),
     ("weft.dev/v1alpha1", "BackendPolicy"),
     ("weft.dev/v1alpha1", "FaultInjection"),
+    // Served at v1beta1 by every Gateway API release, at v1 by recent ones.
+    ("gateway.networking.k8s.io/v1beta1", "ReferenceGrant"),
+    ("gateway.networking.k8s.io/v1", "ReferenceGrant"),
 ];
 
 impl Object {
@@ -70,6 +74,7 @@ impl Object {
             Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Object::BackendPolicy(_) => "BackendPolicy",
             Object::FaultInjection(_) => "FaultInjection",
+            Object::ReferenceGrant(_) => "ReferenceGrant",
         }
     }
 
@@ -87,6 +92,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => &o.metadata,
             Object::BackendPolicy(o) => &o.metadata,
             Object::FaultInjection(o) => &o.metadata,
+            Object::ReferenceGrant(o) => &o.metadata,
         }
     }
 
@@ -161,6 +167,7 @@ impl Object {
             "GRPCRoute" => Object::GrpcRoute(typed(doc, &what)?),
             "AuthorizationPolicy" => Object::AuthorizationPolicy(typed(doc, &what)?),
             "BackendPolicy" => Object::BackendPolicy(typed(doc, &what)?),
+            "ReferenceGrant" => Object::ReferenceGrant(typed(doc, &what)?),
             _ => Object::FaultInjection(typed(doc, &what)?),
         };
         let round_trip = object.to_value();
@@ -185,6 +192,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => serde_json::to_value(&**o),
             Object::BackendPolicy(o) => serde_json::to_value(&**o),
             Object::FaultInjection(o) => serde_json::to_value(&**o),
+            Object::ReferenceGrant(o) => serde_json::to_value(&**o),
         };
         v.unwrap_or(Value::Null)
     }
@@ -362,6 +370,7 @@ pub struct Objects {
     pub authorization_policies: BTreeMap<String, Arc<AuthorizationPolicy>>,
     pub backend_policies: BTreeMap<String, Arc<BackendPolicy>>,
     pub fault_injections: BTreeMap<String, Arc<FaultInjection>>,
+    pub reference_grants: BTreeMap<String, Arc<gateway::ReferenceGrant>>,
 }
 
 impl Objects {
@@ -382,6 +391,7 @@ impl Objects {
             Object::AuthorizationPolicy(o) => self.authorization_policies.insert(key, o).is_some(),
             Object::BackendPolicy(o) => self.backend_policies.insert(key, o).is_some(),
             Object::FaultInjection(o) => self.fault_injections.insert(key, o).is_some(),
+            Object::ReferenceGrant(o) => self.reference_grants.insert(key, o).is_some(),
         }
     }
 }

@@ -1235,6 +1235,61 @@ spec: {targetRef: {kind: Service, name: api}, loadBalancer: LeastRequest}
         Model::from_specs(t.specs, TD).expect("the served routes build a model");
     }
 
+    /// A backend in another namespace is used only when a ReferenceGrant
+    /// in its namespace lets the route's kind and namespace refer to it;
+    /// otherwise its share of requests gets 500 (it stays, marked invalid).
+    #[test]
+    fn cross_namespace_backends_need_a_reference_grant() {
+        let route = include_str!("../../tests/k8s/route-to-ledger.yaml");
+        let grant = |from_kind: &str, from_ns: &str, to_name: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\n\
+                 metadata: {{name: g, namespace: billing}}\nspec:\n  \
+                 from: [{{group: gateway.networking.k8s.io, kind: {from_kind}, namespace: {from_ns}}}]\n  \
+                 to: [{{group: \"\", kind: Service{to_name}}}]\n"
+            )
+        };
+        let invalid = |extra: &str| -> String {
+            let t = translate(&objects(&[SHOP, BILLING, route, extra]), TD);
+            let r = t
+                .specs
+                .routes
+                .iter()
+                .find(|r| r.name == "to-ledger")
+                .expect("compiled");
+            r.rules[0].backends[0].invalid.clone()
+        };
+        let refused = invalid("");
+        assert!(refused.contains("no ReferenceGrant"), "{refused}");
+        assert_eq!(
+            invalid(&grant("HTTPRoute", "shop", "")),
+            "",
+            "granted to every Service"
+        );
+        assert_eq!(
+            invalid(&grant("HTTPRoute", "shop", ", name: ledger")),
+            "",
+            "granted by name"
+        );
+        for (kind, ns, name) in [
+            ("GRPCRoute", "shop", ""),
+            ("HTTPRoute", "web", ""),
+            ("HTTPRoute", "shop", ", name: journal"),
+        ] {
+            assert!(
+                !invalid(&grant(kind, ns, name)).is_empty(),
+                "{kind} {ns} {name}"
+            );
+        }
+        // A grant in the route's own namespace grants nothing.
+        let misplaced =
+            grant("HTTPRoute", "shop", "").replace("namespace: billing", "namespace: shop");
+        assert!(!invalid(&misplaced).is_empty());
+        // The v1 spelling reads the same.
+        let v1 = grant("HTTPRoute", "shop", "").replace("v1beta1", "v1");
+        assert_eq!(invalid(&v1), "");
+    }
+
     #[test]
     fn a_reused_ip_is_reported_not_fatal() {
         let twin = SHOP.replace(

@@ -339,6 +339,19 @@ pub async fn api(State(fake): State<Arc<Fake>>, req: Request) -> Response {
         .and_then(|p| p.split('/').next())
         .unwrap_or_default();
     let discovery = path == format!("/apis/{GATEWAY_GROUP}/v1");
+    if path == format!("/apis/{GATEWAY_GROUP}/v1beta1")
+        && !fake
+            .absent
+            .lock()
+            .expect("poisoned")
+            .contains(GATEWAY_GROUP)
+    {
+        let list = json!({"kind": "APIResourceList", "apiVersion": "v1",
+            "groupVersion": format!("{GATEWAY_GROUP}/v1beta1"), "resources": [
+                {"name": "referencegrants", "singularName": "", "namespaced": true,
+                 "kind": "ReferenceGrant", "verbs": ["get", "list", "watch"]}]});
+        return Response::new(Body::from(list.to_string()));
+    }
     if discovery {
         fake.discoveries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -49,7 +49,28 @@ fn selected(model: &Model) -> HashMap<&'static str, HashMap<String, HashSet<Stri
         (resources::AUTHORIZATION, policies_by_node(model)),
         (resources::ROUTE, routes_by_waypoint(model)),
         (resources::BACKEND, backends_by_waypoint(model)),
+        (
+            resources::REQUEST_POLICY,
+            request_policies_by_waypoint(model),
+        ),
     ])
+}
+
+/// An L7 policy goes to the waypoints serving the Services it targets, and
+/// to the waypoints it targets by their Gateway.
+fn request_policies_by_waypoint(model: &Model) -> HashMap<String, HashSet<String>> {
+    let by_service = model
+        .request_policies
+        .iter()
+        .map(|p| (&p.key, p.spec.services.iter().map(String::as_str).collect()));
+    let mut out = by_waypoint(model, by_service);
+    for p in &model.request_policies {
+        for w in &p.spec.waypoints {
+            let proxy = waypoint_proxy_name(w);
+            out.entry(proxy).or_default().insert(p.key.clone());
+        }
+    }
+    out
 }
 
 /// A waypoint receives the routes attached to, and the backend policies

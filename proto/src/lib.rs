@@ -9,6 +9,7 @@ pub mod identity;
 pub mod listen;
 pub mod model;
 pub mod process;
+pub mod request_policy;
 pub mod resources;
 pub mod roots;
 pub mod routes;

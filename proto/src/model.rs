@@ -66,6 +66,9 @@ pub struct Specs {
     /// Backend policies, as the controller reads them.
     #[serde(skip)]
     pub backends: Vec<pb::Backend>,
+    /// AuthorizationPolicies attached by targetRefs, for waypoints.
+    #[serde(skip)]
+    pub request_policies: Vec<pb::RequestPolicy>,
 }
 
 fn default_ns() -> String {
@@ -419,6 +422,7 @@ pub struct Model {
     pub waypoints: Vec<Arc<Waypoint>>,
     pub routes: Vec<Arc<Route>>,
     pub backends: Vec<Arc<Backend>>,
+    pub request_policies: Vec<Arc<crate::request_policy::RequestPolicy>>,
     by_ip: Shards<IpAddr, Arc<Workload>>,
     by_vip: Shards<IpAddr, Arc<Service>>,
     // "<namespace>/<name>" → object: the per-connection lookups are O(1)
@@ -728,10 +732,20 @@ fn build(doc: Specs, trust_domain: &str) -> Result<Model, ModelError> {
             backend(b, &object).map(Arc::new)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let request_policies = doc
+        .request_policies
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let object = name("requestPolicies", i, &p.namespace, &p.name);
+            crate::request_policy::compile(p, &object).map(Arc::new)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut model = Model::assemble(workloads, services.iter(), policies)?;
     model.waypoints = waypoints;
     model.routes = routes;
     model.backends = backends;
+    model.request_policies = request_policies;
     Ok(model)
 }
 
@@ -819,6 +833,7 @@ pub struct Changes {
     pub waypoints: Vec<(String, Option<Arc<Waypoint>>)>,
     pub routes: Vec<(String, Option<Arc<Route>>)>,
     pub backends: Vec<(String, Option<Arc<Backend>>)>,
+    pub request_policies: Vec<(String, Option<Arc<crate::request_policy::RequestPolicy>>)>,
 }
 
 /// Keys as a set when there are many, a list when there are few (the
@@ -962,6 +977,9 @@ impl Model {
         replace_by_key(&mut m.waypoints, changes.waypoints, |w| &w.key)?;
         replace_by_key(&mut m.routes, changes.routes, |r| &r.key)?;
         replace_by_key(&mut m.backends, changes.backends, |b| &b.key)?;
+        replace_by_key(&mut m.request_policies, changes.request_policies, |p| {
+            &p.key
+        })?;
         Ok(m)
     }
 }

@@ -50,7 +50,7 @@ fn new_path(
     })
 }
 
-fn with_path(uri: &Uri, path: &str) -> Uri {
+pub fn with_path(uri: &Uri, path: &str) -> Uri {
     let pq = match uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path.to_owned(),

@@ -372,6 +372,7 @@ impl Proxy {
             c.xfcc.get_or_insert_with(make).clone()
         });
         req.headers_mut().insert("x-forwarded-client-cert", xfcc);
+        self.authorize(&model, &mut req, ctx)?;
         self.route(&model, &req, ctx)?;
         let selected = ctx.route.clone();
         let rule = selected.as_ref().map(|s| s.rule());
@@ -409,6 +410,65 @@ impl Proxy {
             filters::modify_headers(resp.headers_mut(), m);
         }
         Ok(resp)
+    }
+
+    /// `authorize`: the path normalised (what policies judge, routes
+    /// match and the application receives; one that cannot be is refused
+    /// 400 `DPE`), then the L7 policies of the destination judged with the
+    /// client's verified identity: refused 403 `DENY`.
+    fn authorize(
+        &self,
+        model: &Model,
+        req: &mut Request<Incoming>,
+        ctx: &Ctx<'_>,
+    ) -> Result<(), Refusal> {
+        use weft_proto::request_policy::{self as rp, judge};
+        let path = rp::normalize_path(req.uri().path())
+            .map_err(|e| refuse(StatusCode::BAD_REQUEST, "DPE", e.to_string()))?;
+        if path != req.uri().path() {
+            *req.uri_mut() = filters::with_path(req.uri(), &path);
+        }
+        if model.request_policies.is_empty() {
+            return Ok(());
+        }
+        let client = ctx.client;
+        let (services, port): (Vec<&str>, u16) = match &client.target {
+            Target::Service { key, port } => (vec![key.as_str()], *port),
+            Target::Workload { addr, .. } => {
+                let backs = model.workload_by_ip(addr.ip()).map(|w| &w.services[..]);
+                (
+                    backs
+                        .unwrap_or_default()
+                        .iter()
+                        .map(String::as_str)
+                        .collect(),
+                    addr.port(),
+                )
+            }
+        };
+        let host = rp::normalize_host(&host_of(req));
+        let applicable = model
+            .request_policies
+            .iter()
+            .filter(|p| p.applies(&services, &self.key))
+            .map(|p| &**p);
+        let decision = judge(
+            applicable,
+            &rp::Request {
+                identity: Some(&client.identity),
+                ip: client.addr.ip(),
+                port,
+                method: req.method().as_str(),
+                path: &path,
+                host: &host,
+                headers: req.headers(),
+            },
+        );
+        if decision.allowed {
+            Ok(())
+        } else {
+            Err(refuse(StatusCode::FORBIDDEN, "DENY", decision.reason))
+        }
     }
 
     /// Runs `f` on `client`'s cache for `model` (emptied when the config

@@ -30,14 +30,31 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
-    /// Workloads in the policy's namespace it applies to; absent: all of them.
+    /// Workloads in the policy's namespace it applies to, at L4 in their
+    /// ztunnel; absent (and no `targetRefs`): all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
+    /// What a waypoint enforces it for, on each request with the client's
+    /// verified identity: Services (`group: ""`, `kind: Service`) or a
+    /// waypoint's Gateway (`group: gateway.networking.k8s.io`, `kind:
+    /// Gateway`: everything it serves), in the policy's namespace. Not
+    /// together with `selector`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<PolicyTargetRef>,
     pub action: PolicyAction,
     /// A connection matches when any rule matches; a rule matches when every
     /// field it sets matches.
     #[serde(default)]
     pub rules: Vec<PolicyRule>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyTargetRef {
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
+    pub name: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
@@ -86,16 +103,19 @@ pub struct PolicyRule {
     /// Destination (target) ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<u16>,
-    /// L7, enforced by a waypoint: HTTP methods.
+    /// L7 (at a waypoint, with `targetRefs`): HTTP methods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
-    /// L7: request paths (exact, or a prefix ending in `*`).
+    /// L7: request paths, after normalisation: exact, `prefix*`, `*suffix`
+    /// or `*`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
-    /// L7: Host / :authority values.
+    /// L7: Host / :authority values (no port, any case; `*.suffix`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,
-    /// L7: request headers that must be present with these values.
+    /// L7: request headers that must be present with these values (exact,
+    /// `prefix*`, `*suffix`, `*`); a header sent more than once must match
+    /// on every value for an ALLOW, on any for a DENY.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
 }

@@ -33,8 +33,9 @@ use weft_proto::model::{
 };
 
 use super::Objects;
-use super::crds::{AuthorizationPolicy, PolicyAction};
+use super::crds::{AuthorizationPolicy, PolicyAction, PolicyRule};
 use super::gateway::{Bindings, is_waypoint_pod, waypoints_and_routes};
+use weft_proto::pb::weft::v1 as pb;
 
 /// Namespace and pod label that joins (`enabled`) or leaves (`disabled`).
 pub const MESH_LABEL: &str = "weft.dev/mesh";
@@ -517,6 +518,11 @@ pub fn translate(objects: &Objects, trust_domain: &str) -> Translation {
     }
 
     for (key, policy) in &objects.authorization_policies {
+        if !policy.spec.target_refs.is_empty() {
+            let spec = request_policy(key, policy, trust_domain, objects, &mut out);
+            out.specs.request_policies.extend(spec);
+            continue;
+        }
         let spec = match policy_spec(key, policy, trust_domain) {
             Ok(spec) => spec,
             Err(reason) => {
@@ -675,16 +681,7 @@ fn policy_spec(
     };
     let mut rules = Vec::new();
     for (i, r) in policy.spec.rules.iter().enumerate() {
-        for p in &r.principals {
-            let id: Identity = p
-                .parse()
-                .map_err(|e| format!("rules[{i}].principals: {e}"))?;
-            if id.trust_domain() != trust_domain {
-                return Err(format!(
-                    "rules[{i}].principals: {p} is not in trust domain {trust_domain}"
-                ));
-            }
-        }
+        check_principals(i, r, trust_domain)?;
         for b in &r.ip_blocks {
             Cidr::parse(b).map_err(|e| format!("rules[{i}].ipBlocks: {e}"))?;
         }
@@ -707,6 +704,142 @@ fn policy_spec(
         selector: selector(policy)?,
         rules,
     })
+}
+
+/// An AuthorizationPolicy attached by `targetRefs`: what the waypoints
+/// serving its targets judge each request by. One that cannot be read
+/// denies every request to the targets it names until fixed (deny on
+/// doubt); one naming no target it can use applies nowhere (reported).
+fn request_policy(
+    key: &str,
+    policy: &AuthorizationPolicy,
+    trust_domain: &str,
+    objects: &Objects,
+    out: &mut Translation,
+) -> Option<pb::RequestPolicy> {
+    let id = format!("AuthorizationPolicy {key}");
+    let namespace = namespace_of(key);
+    let mut spec = pb::RequestPolicy {
+        name: name_of(key).to_owned(),
+        namespace: namespace.to_owned(),
+        action: match policy.spec.action {
+            PolicyAction::Allow => pb::Action::Allow,
+            PolicyAction::Deny => pb::Action::Deny,
+        } as i32,
+        ..Default::default()
+    };
+    let mut problems = Vec::new();
+    for t in &policy.spec.target_refs {
+        let target = format!("{namespace}/{}", t.name);
+        match (t.group.as_str(), t.kind.as_str()) {
+            ("" | "core", "Service") => {
+                if !objects.services.contains_key(&target) {
+                    out.warn(
+                        id.clone(),
+                        format!("targetRefs: Service {target} does not exist"),
+                    );
+                }
+                spec.services.push(target);
+            }
+            ("gateway.networking.k8s.io", "Gateway") => {
+                let waypoint = objects.gateways.get(&target);
+                if waypoint.is_none_or(|g| g.spec.gateway_class_name != WAYPOINT_CLASS) {
+                    out.warn(
+                        id.clone(),
+                        format!("targetRefs: {target} is not a Gateway of class {WAYPOINT_CLASS}"),
+                    );
+                }
+                spec.waypoints.push(target);
+            }
+            (g, k) => problems.push(format!(
+                "targetRefs: {g}/{k} is not supported (Service or Gateway)"
+            )),
+        }
+    }
+    if policy.spec.selector.is_some() {
+        problems.push("selector and targetRefs together: a policy is for workloads (L4) or for what a waypoint serves (L7), not both".into());
+    }
+    match request_rules(&policy.spec.rules, trust_domain) {
+        Ok(rules) if problems.is_empty() => spec.rules = rules,
+        Ok(_) => {}
+        Err(e) => problems.push(e),
+    }
+    if !problems.is_empty() {
+        out.refuse(
+            id,
+            format!(
+                "{}; it denies every request to its targets until fixed",
+                problems.join("; ")
+            ),
+        );
+        spec.action = pb::Action::Deny as i32;
+        spec.rules = vec![pb::RequestRule::default()];
+    }
+    (!(spec.services.is_empty() && spec.waypoints.is_empty())).then_some(spec)
+}
+
+/// Every principal of rule `i` is a SPIFFE ID of this trust domain.
+fn check_principals(i: usize, r: &PolicyRule, trust_domain: &str) -> Result<(), String> {
+    for p in &r.principals {
+        let id: Identity = p
+            .parse()
+            .map_err(|e| format!("rules[{i}].principals: {e}"))?;
+        if id.trust_domain() != trust_domain {
+            return Err(format!(
+                "rules[{i}].principals: {p} is not in trust domain {trust_domain}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn request_rules(rules: &[PolicyRule], trust_domain: &str) -> Result<Vec<pb::RequestRule>, String> {
+    rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            check_principals(i, r, trust_domain)?;
+            let source_ips = r
+                .ip_blocks
+                .iter()
+                .map(|b| {
+                    let c = Cidr::parse(b).map_err(|e| format!("rules[{i}].ipBlocks: {e}"))?;
+                    let address = match c.addr() {
+                        std::net::IpAddr::V4(a) => a.octets().to_vec(),
+                        std::net::IpAddr::V6(a) => a.octets().to_vec(),
+                    };
+                    Ok(pb::Cidr {
+                        address,
+                        prefix_len: u32::from(c.prefix()),
+                    })
+                })
+                .collect::<Result<_, String>>()?;
+            if let Some(p) = r
+                .paths
+                .iter()
+                .find(|p| !(p.starts_with('/') || p.starts_with('*')))
+            {
+                return Err(format!("rules[{i}].paths: {p:?} must start with / or *"));
+            }
+            Ok(pb::RequestRule {
+                principals: r.principals.clone(),
+                namespaces: r.namespaces.clone(),
+                source_ips,
+                ports: r.ports.iter().map(|p| u32::from(*p)).collect(),
+                methods: r.methods.clone(),
+                paths: r.paths.clone(),
+                hosts: r.hosts.clone(),
+                headers: r
+                    .headers
+                    .iter()
+                    .map(|(name, value)| pb::NameValue {
+                        name: name.clone(),
+                        value: value.clone(),
+                    })
+                    .collect(),
+            })
+        })
+        .collect()
 }
 
 /// The policy's selector as label equalities. `Err` when it uses an
@@ -1233,6 +1366,62 @@ spec: {targetRef: {kind: Service, name: api}, loadBalancer: LeastRequest}
         assert!(t.problems.iter().any(|p| p.reason.contains("shop/nope")));
         assert!(t.specs.routes.iter().all(|r| r.name != "bad-regex"));
         Model::from_specs(t.specs, TD).expect("the served routes build a model");
+    }
+
+    /// `targetRefs` make a policy the waypoint's (L7, never sent to a
+    /// ztunnel); one the waypoint could not read denies every request to
+    /// its targets.
+    #[test]
+    fn target_refs_make_request_policies_and_doubt_denies() {
+        let good = r#"
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: l7, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Service, name: api}, {group: gateway.networking.k8s.io, kind: Gateway, name: wp}]
+  action: ALLOW
+  rules: [{methods: [GET], paths: [/items/*], principals: ["spiffe://cluster.local/ns/shop/sa/web"]}]
+"#;
+        let t = translate(&objects(&[SHOP, good]), TD);
+        assert!(
+            t.specs.policies.iter().all(|p| p.name != "l7"),
+            "not an L4 policy"
+        );
+        let p = &t.specs.request_policies[0];
+        assert_eq!(
+            (p.services.as_slice(), p.waypoints.as_slice()),
+            (&["shop/api".to_owned()][..], &["shop/wp".to_owned()][..])
+        );
+        assert_eq!(p.rules[0].paths, ["/items/*"]);
+        assert!(
+            t.problems
+                .iter()
+                .any(|p| p.reason.contains("not a Gateway of class")),
+            "{:?}",
+            t.problems
+        );
+        for bad in [
+            good.replace("sa/web", "sa/web\", \"spiffe://elsewhere/ns/a/sa/b"),
+            good.replace(
+                "action: ALLOW",
+                "action: ALLOW\n  selector: {matchLabels: {app: api}}",
+            ),
+            good.replace("paths: [/items/*]", "paths: [items]"),
+        ] {
+            let t = translate(&objects(&[SHOP, &bad]), TD);
+            let p = &t.specs.request_policies[0];
+            assert_eq!(p.action, pb::Action::Deny as i32, "{bad}");
+            assert_eq!(
+                p.rules,
+                [pb::RequestRule::default()],
+                "denies every request"
+            );
+            assert!(
+                t.problems
+                    .iter()
+                    .any(|p| p.refused && p.object == "AuthorizationPolicy shop/l7")
+            );
+        }
     }
 
     /// A backend in another namespace is used only when a ReferenceGrant

@@ -10,6 +10,7 @@ use crate::model::{
     RuleSpec, Service, ServiceDef, ServiceSpec, Waypoint, WaypointSpec, Workload, WorkloadSpec,
 };
 use crate::pb::weft::v1 as pb;
+use crate::request_policy::RequestPolicy;
 
 fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
     match ip {
@@ -400,5 +401,41 @@ impl Kind for BackendKind {
 
     fn changes(changes: &mut Changes) -> &mut Vec<(String, Option<Arc<Backend>>)> {
         &mut changes.backends
+    }
+}
+
+/// `weft.v1.RequestPolicy`: an AuthorizationPolicy attached by targetRefs,
+/// only to the waypoints serving its targets (they judge each request).
+pub struct RequestPolicyKind;
+
+impl Kind for RequestPolicyKind {
+    const TYPE_URL: &'static str = "type.googleapis.com/weft.v1.RequestPolicy";
+    const AUDIENCE: Audience = Audience::SelectedNodes;
+    type Message = pb::RequestPolicy;
+    type Stored = RequestPolicy;
+    type Object = RequestPolicy;
+
+    fn stored(model: &Model) -> &[Arc<RequestPolicy>] {
+        &model.request_policies
+    }
+
+    fn key(p: &RequestPolicy) -> &str {
+        &p.key
+    }
+
+    fn encode(p: &RequestPolicy) -> pb::RequestPolicy {
+        p.spec.clone()
+    }
+
+    fn decode(
+        name: &str,
+        p: pb::RequestPolicy,
+        _trust_domain: &str,
+    ) -> Result<RequestPolicy, ModelError> {
+        crate::request_policy::compile(p, name)
+    }
+
+    fn changes(changes: &mut Changes) -> &mut Vec<(String, Option<Arc<RequestPolicy>>)> {
+        &mut changes.request_policies
     }
 }

@@ -18,7 +18,8 @@ use crate::model::{Changes, Model, ModelError};
 
 mod kinds;
 pub use kinds::{
-    AuthorizationKind, BackendKind, RouteKind, ServiceKind, WaypointKind, WorkloadKind,
+    AuthorizationKind, BackendKind, RequestPolicyKind, RouteKind, ServiceKind, WaypointKind,
+    WorkloadKind,
 };
 
 pub const WORKLOAD: &str = WorkloadKind::TYPE_URL;
@@ -27,22 +28,24 @@ pub const AUTHORIZATION: &str = AuthorizationKind::TYPE_URL;
 pub const WAYPOINT: &str = WaypointKind::TYPE_URL;
 pub const ROUTE: &str = RouteKind::TYPE_URL;
 pub const BACKEND: &str = BackendKind::TYPE_URL;
+pub const REQUEST_POLICY: &str = RequestPolicyKind::TYPE_URL;
 
 /// Every kind weft serves, and the generic operations on it.
-pub static KINDS: [KindDef; 6] = [
+pub static KINDS: [KindDef; 7] = [
     KindDef::of::<WorkloadKind>(),
     KindDef::of::<ServiceKind>(),
     KindDef::of::<AuthorizationKind>(),
     KindDef::of::<WaypointKind>(),
     KindDef::of::<RouteKind>(),
     KindDef::of::<BackendKind>(),
+    KindDef::of::<RequestPolicyKind>(),
 ];
 
 /// Every type a ztunnel subscribes to.
 pub const ZTUNNEL_TYPES: [&str; 4] = [WORKLOAD, SERVICE, AUTHORIZATION, WAYPOINT];
 
-/// Every type a waypoint subscribes to (L7 policy comes with issue #13).
-pub const WAYPOINT_TYPES: [&str; 5] = [WORKLOAD, SERVICE, WAYPOINT, ROUTE, BACKEND];
+/// Every type a waypoint subscribes to.
+pub const WAYPOINT_TYPES: [&str; 6] = [WORKLOAD, SERVICE, WAYPOINT, ROUTE, BACKEND, REQUEST_POLICY];
 
 /// The kind served under `type_url`; `None` for a type weft does not
 /// serve, which both ends refuse rather than read as another kind.

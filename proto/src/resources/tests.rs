@@ -138,6 +138,29 @@ fn model(yaml: &str) -> Model {
             Arc::new(crate::model::backend(spec, name).expect("valid"))
         })
         .collect();
+    // L7 policies too: `(name, denied path)`.
+    let policies: &[(&str, &str)] = match yaml {
+        BEFORE => &[("p", "/a"), ("old", "/old")],
+        AFTER => &[("p", "/b"), ("new", "/new")],
+        _ => &[],
+    };
+    m.request_policies = policies
+        .iter()
+        .map(|(name, path)| {
+            let spec = pb::RequestPolicy {
+                name: (*name).into(),
+                namespace: "default".into(),
+                action: pb::Action::Deny as i32,
+                services: vec!["default/api".into()],
+                rules: vec![pb::RequestRule {
+                    paths: vec![(*path).into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            Arc::new(crate::request_policy::compile(spec, name).expect("valid"))
+        })
+        .collect();
     m
 }
 

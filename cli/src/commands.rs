@@ -1064,6 +1064,93 @@ pub async fn route_explain(
     ))
 }
 
+/// `kubectl weft policy check SRC DST PORT`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PolicyQuery {
+    /// The client workload, namespace/name.
+    pub src: String,
+    /// A Service or workload, namespace/name.
+    pub dst: String,
+    pub port: u16,
+    #[arg(long, default_value = "/")]
+    pub path: String,
+    #[arg(long, default_value = "GET")]
+    pub method: String,
+    /// The Host the client sends (default: the destination's name).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// A request header, NAME:VALUE. Repeatable.
+    #[arg(long = "header", short = 'H')]
+    pub headers: Vec<String>,
+}
+
+/// Which policy and rule decide whether SRC reaches DST, at L7 (the
+/// waypoint) and L4 (each endpoint's ztunnel), decided by the controller
+/// with the proxies' own code; a denial is an error (exit 1).
+pub async fn policy_check(
+    target: &Target,
+    q: &PolicyQuery,
+    output: Output,
+) -> Result<String, CliError> {
+    let mut query = format!(
+        "from={}&to={}&port={}&path={}&method={}",
+        encode(&q.src),
+        encode(&q.dst),
+        q.port,
+        encode(&q.path),
+        encode(&q.method)
+    );
+    for h in &q.headers {
+        query += &format!("&header={}", encode(h));
+    }
+    if let Some(host) = &q.host {
+        query += &format!("&host={}", encode(host));
+    }
+    let v = get(target, &format!("/api/v1/policies/check?{query}")).await?;
+    let text = structured(&v, output).unwrap_or_else(|| {
+        let mut rows = vec![match v["l7"]["applies"] == true {
+            true => vec![
+                "L7".into(),
+                format!("waypoint {}", s(&v["waypoint"])),
+                verdict(&v["l7"]),
+                s(&v["l7"]["reason"]),
+            ],
+            false => vec!["L7".into(), "-".into(), "-".into(), s(&v["l7"]["reason"])],
+        }];
+        for d in v["l4"].as_array().into_iter().flatten() {
+            rows.push(vec![
+                "L4".into(),
+                format!(
+                    "{} (from {}, port {})",
+                    s(&d["workload"]),
+                    s(&d["as"]),
+                    s(&d["port"])
+                ),
+                verdict(d),
+                s(&d["reason"]),
+            ]);
+        }
+        table(&["LAYER", "WHERE", "DECISION", "WHY"], rows)
+    });
+    if v["allowed"] == true {
+        Ok(text)
+    } else {
+        Err(CliError::Refused(format!(
+            "{} may not reach {}:{}\n{text}",
+            q.src, q.dst, q.port
+        )))
+    }
+}
+
+fn verdict(d: &Value) -> String {
+    if d["allowed"] == true {
+        "ALLOW"
+    } else {
+        "DENY"
+    }
+    .into()
+}
+
 /// Removes a waypoint's Gateway (local mode), and the namespace's
 /// `weft.dev/use-waypoint` label when it names this waypoint; Services
 /// still bound to it are named (their traffic is refused until they are

@@ -195,6 +195,79 @@ async fn kubectl_weft_against_a_local_controller() {
         r.err
     );
 
+    // policy check: the deciding policy and rule at L7 (the waypoint, as
+    // the client) and L4 (api's ztunnel, as the waypoint); exit 0 / 1.
+    let pod = |name: &str, sa: &str, ip: &str, app: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{app: {app}}}}}\n\
+             spec: {{serviceAccountName: {sa}, nodeName: node-a, containers: [{{name: c, image: c}}]}}\n\
+             status: {{phase: Running, podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}\n---\n"
+        )
+    };
+    let policy = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n---\n"
+        )
+    };
+    let td = "spiffe://cluster.local/ns/shop/sa";
+    let policies = [
+        pod("web", "web", "10.244.1.5", "web"),
+        pod("api-1", "api", "10.244.1.6", "api"),
+        policy("api-from-waypoint", &format!("{{selector: {{matchLabels: {{app: api}}}}, action: ALLOW, rules: [{{principals: ['{td}/wp']}}]}}")),
+        policy("web-only", &format!("{{targetRefs: [{{group: '', kind: Service, name: api}}], action: ALLOW, rules: [{{principals: ['{td}/web']}}]}}")),
+        policy("no-admin", "{targetRefs: [{group: '', kind: Service, name: api}], action: DENY, rules: [{paths: ['/admin/*']}]}"),
+    ]
+    .concat();
+    std::fs::write(data.join("config/policies.yaml"), policies).expect("policies");
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        served.wait_for(|s| s.model.request_policies.len() == 2 && !s.model.policies.is_empty()),
+    )
+    .await
+    .expect("in time")
+    .expect("served");
+    let check = ["policy", "check", "shop/web", "shop/api", "80"];
+    let r = weft(&url, &token, &[&check[..], &["--path", "/items"]].concat()).await;
+    assert_eq!(r.code, 0, "{}{}", r.out, r.err);
+    assert!(
+        r.out.contains("ALLOW policy shop/web-only rule 0"),
+        "{}",
+        r.out
+    );
+    assert!(
+        r.out.contains("ALLOW policy shop/api-from-waypoint"),
+        "{}",
+        r.out
+    );
+    let r = weft(
+        &url,
+        &token,
+        &[&check[..], &["--path", "/x/../admin/users"]].concat(),
+    )
+    .await;
+    assert_eq!(r.code, 1, "{}{}", r.out, r.err);
+    assert!(
+        r.err.contains("DENY policy shop/no-admin rule 0"),
+        "{}",
+        r.err
+    );
+    let r = weft(
+        &url,
+        &token,
+        &[
+            "policy",
+            "check",
+            "shop/api-1",
+            "shop/api",
+            "80",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 1, "api is not web: {}{}", r.out, r.err);
+    assert!(r.err.contains("no ALLOW policy matched"), "{}", r.err);
+
     // Delete: gone, and deleting again says there is no such waypoint.
     let delete = ["waypoint", "delete", "-n", "shop", "--name", "wp"];
     let r = weft(&url, &token, &delete).await;

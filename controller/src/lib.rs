@@ -10,6 +10,7 @@ pub mod kube_auth;
 pub mod kube_ca;
 pub mod leader;
 pub mod nodes;
+pub mod policy_check;
 pub mod rest;
 pub mod source;
 pub mod state;

@@ -105,6 +105,7 @@ fn authed_routes() -> OpenApiRouter<Api> {
         .routes(routes!(waypoints))
         .routes(routes!(routes))
         .routes(routes!(explain_route))
+        .routes(routes!(check_policy))
         .routes(routes!(certificates))
         .routes(routes!(sources))
         .routes(routes!(list_objects))
@@ -447,17 +448,10 @@ async fn explain_route(
             "give service=NAMESPACE/NAME and port=N",
         );
     };
-    let mut headers = http::HeaderMap::new();
-    for (_, h) in params.iter().filter(|(n, _)| n == "header") {
-        let parsed = h.split_once(':').and_then(|(k, v)| {
-            let name = http::HeaderName::from_bytes(k.trim().as_bytes()).ok()?;
-            Some((name, http::HeaderValue::from_str(v.trim()).ok()?))
-        });
-        let Some((name, value)) = parsed else {
-            return error(StatusCode::BAD_REQUEST, "a header is name:value");
-        };
-        headers.append(name, value);
-    }
+    let headers = match parse_headers(&params) {
+        Ok(h) => h,
+        Err(e) => return *e,
+    };
     let (path, query) = match one("path").unwrap_or("/").split_once('?') {
         Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
         None => (one("path").unwrap_or("/").to_owned(), None),
@@ -486,6 +480,69 @@ async fn explain_route(
         }}),
     };
     Json(answer).into_response()
+}
+
+/// Whether `from` may reach `to` on `port` (with an HTTP request shaped by
+/// `path`, `method`, `header`), by the code the proxies run, on the config
+/// served now: at L7 in the destination's waypoint (with the client's
+/// identity) and at L4 in each endpoint's ztunnel (with the waypoint's
+/// identity when one is in the way, else the client's).
+#[utoipa::path(get, path = "/api/v1/policies/check", security(("bearer" = [])), params(
+    ("from" = String, Query, description = "the client workload, namespace/name"),
+    ("to" = String, Query, description = "a Service or workload, namespace/name"), ("port" = u16, Query),
+    ("path" = Option<String>, Query), ("method" = Option<String>, Query), ("host" = Option<String>, Query),
+    ("header" = Option<Vec<String>>, Query, description = "name:value, repeatable")),
+    responses((status = 200, description = "The decision at each layer, with the deciding policy and rule"), (status = 400, description = "a missing or unknown parameter"), (status = 401, description = "missing or wrong token")))]
+async fn check_policy(
+    State(api): State<Api>,
+    axum::extract::Query(params): axum::extract::Query<Vec<(String, String)>>,
+) -> Response {
+    let one = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let (Some(from), Some(to), Some(Ok(port))) =
+        (one("from"), one("to"), one("port").map(str::parse::<u16>))
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "give from=NAMESPACE/NAME, to=NAMESPACE/NAME and port=N",
+        );
+    };
+    let headers = match parse_headers(&params) {
+        Ok(h) => h,
+        Err(e) => return *e,
+    };
+    let model = api.config.current().model.clone();
+    let request = crate::policy_check::Request {
+        from,
+        to,
+        port,
+        headers: &headers,
+        path: one("path").unwrap_or("/"),
+        method: one("method").unwrap_or("GET"),
+        host: one("host"),
+    };
+    match crate::policy_check::check(&model, &request) {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, &e),
+    }
+}
+
+/// The repeatable `header=name:value` parameters.
+fn parse_headers(params: &[(String, String)]) -> Result<http::HeaderMap, Box<Response>> {
+    let mut headers = http::HeaderMap::new();
+    for (_, h) in params.iter().filter(|(n, _)| n == "header") {
+        let parsed = h.split_once(':').and_then(|(k, v)| {
+            let name = http::HeaderName::from_bytes(k.trim().as_bytes()).ok()?;
+            Some((name, http::HeaderValue::from_str(v.trim()).ok()?))
+        });
+        let Some((name, value)) = parsed else {
+            return Err(Box::new(error(
+                StatusCode::BAD_REQUEST,
+                "a header is name:value",
+            )));
+        };
+        headers.append(name, value);
+    }
+    Ok(headers)
 }
 
 #[utoipa::path(get, path = "/api/v1/certificates", security(("bearer" = [])), responses((status = 200, description = "Certificates issued since start: identity, serial, validity, with the config version"), (status = 401, description = "missing or wrong token")))]

@@ -523,6 +523,22 @@ impl Model {
     }
 }
 
+impl Model {
+    /// For an explanation of an allowed connection: the ALLOW policy that
+    /// matched (`None` when no ALLOW policy applies to `dst`).
+    pub fn allowing_policy(&self, dst: &Workload, src: Source<'_>, port: u16) -> Option<&str> {
+        self.policies
+            .iter()
+            .filter(|p| {
+                p.action == Action::Allow
+                    && p.namespace == dst.namespace
+                    && p.selector.iter().all(|(k, v)| dst.labels.get(k) == Some(v))
+            })
+            .find(|p| p.rules.iter().any(|r| rule_matches(r, src, port)))
+            .map(|p| p.key.as_str())
+    }
+}
+
 fn rule_matches(rule: &Rule, src: Source<'_>, port: u16) -> bool {
     let principal =
         rule.principals.is_empty() || src.identity.is_some_and(|id| rule.principals.contains(id));

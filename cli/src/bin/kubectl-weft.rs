@@ -119,11 +119,19 @@ enum Command {
         #[command(subcommand)]
         action: WaypointAction,
     },
-    /// Explain whether SRC may reach DST on PORT.
+    /// Authorization: which policy decides, at L7 and L4.
     Policy {
-        #[arg(num_args = 3, value_names = ["SRC", "DST", "PORT"])]
-        args: Vec<String>,
+        #[command(subcommand)]
+        action: PolicyAction,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyAction {
+    /// Whether SRC (namespace/name) may reach DST (a Service or workload)
+    /// on PORT, and which policy and rule decide at each layer; exit 1
+    /// when denied.
+    Check(cli::PolicyQuery),
 }
 
 #[derive(Subcommand, Debug)]
@@ -193,6 +201,9 @@ async fn in_cluster(
         Command::Route {
             action: RouteAction::Explain(q),
         } => cli::route_explain(&cluster().await?.target(), &q, output).await,
+        Command::Policy {
+            action: PolicyAction::Check(q),
+        } => cli::policy_check(&cluster().await?.target(), &q, output).await,
         other => Err(cli::CliError::Refused(format!(
             "`{}` does not run against a cluster",
             format!("{other:?}")
@@ -289,6 +300,9 @@ fn main() -> ExitCode {
         Command::Route {
             action: RouteAction::Explain(q),
         } => print(runtime().block_on(cli::route_explain(&target, &q, output))),
+        Command::Policy {
+            action: PolicyAction::Check(q),
+        } => print(runtime().block_on(cli::policy_check(&target, &q, output))),
         Command::Waypoint { action } => match action {
             WaypointAction::Apply(args) => {
                 let (spec, wait) = args.split();
@@ -324,17 +338,6 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
-        }
-        other => {
-            eprintln!(
-                "`{}` is not built yet; `demo`, `install`, `join`, `leave`, `status`, `proxy-status`, `workloads`, `certs` and `waypoint` work today.",
-                format!("{other:?}")
-                    .split([' ', '{'])
-                    .next()
-                    .unwrap_or("command")
-                    .to_lowercase()
-            );
-            ExitCode::from(2)
         }
     }
 }

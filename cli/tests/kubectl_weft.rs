@@ -70,6 +70,8 @@ async fn kubectl_weft_against_a_local_controller() {
         control: None,
         drain_deadline: Duration::from_secs(1),
         limits: Default::default(),
+        metrics: None,
+        trace_sampling: 0.0,
     })
     .await
     .expect("waypoint");

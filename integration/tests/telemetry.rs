@@ -3,8 +3,6 @@
 //! (Debian's `prometheus` package; CI installs it), and every weft series
 //! declared with its help text.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use weft_cli::demo::mesh::{ZtunnelOptions, start_ztunnel};
@@ -64,29 +62,9 @@ async fn every_metrics_endpoint_parses_and_says_what_it_counts() {
                 "{who}: {name} has no help text"
             );
         }
-        let promtool = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn();
-        let Ok(mut promtool) = promtool else {
-            eprintln!("skipped promtool: not installed (apt-get install prometheus; CI has it)");
-            continue;
-        };
-        promtool
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(text.as_bytes())
-            .expect("feed promtool");
-        let out = promtool.wait_with_output().expect("promtool");
-        assert!(
-            out.status.success(),
-            "{who}: promtool check metrics:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if let Err(e) = weft_integration::promtool_check(&text) {
+            panic!("{who}: promtool check metrics:\n{e}");
+        }
     }
     zt.shutdown().await;
 }

@@ -69,6 +69,11 @@ async fn app(pod: &PodNs, hits: Hits) {
                         if let Some(v) = h.to_ascii_lowercase().strip_prefix("x-weft-route:") {
                             route = v.trim().to_owned();
                         }
+                        // The trace context it was sent, for the tests to follow.
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("traceparent:") {
+                            let seen = format!("traceparent {}", v.trim());
+                            *hits.lock().expect("hits").entry(seen).or_default() += 1;
+                        }
                     }
                     let first = path.split('/').nth(1).unwrap_or("").to_owned();
                     *hits.lock().expect("hits").entry(first.clone()).or_default() += 1;
@@ -1114,6 +1119,92 @@ async fn l7_policy_judges_normalised_requests_by_the_verified_identity() {
     assert_eq!(status, 200, "{text}");
     let (status, _) = c.curl(&["--path-as-is", &url("/x/../admin")]).await;
     assert_eq!(status, 403, "DENY still wins");
+    drop(c);
+    wp.stop().await;
+}
+
+/// GET `path` on `addr` from inside the pod at `netns`: the body.
+async fn get_in(netns: std::path::PathBuf, addr: SocketAddr, path: &str) -> String {
+    let mut s = dial_from(netns, addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("send");
+    let mut out = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut out);
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).to_string();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+/// Request telemetry at the waypoint: the caller's trace is continued
+/// (same trace id, a new span) and one is started when absent; the
+/// request metrics carry the source, destination, code and flags, and the
+/// waypoint's /metrics passes promtool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_traced_and_measured() {
+    require_root!();
+    let (c, wp) = Cluster::start().await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = format!("traceparent: 00-{trace}-00f067aa0ba902b7-01");
+    let (status, text) = c.curl(&["-H", &parent, &url("/mirror/a")]).await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = c.curl(&[&url("/mirror/b")]).await;
+    assert_eq!(status, 200, "{text}");
+    let (status, _) = c.curl(&[&url("/down")]).await;
+    assert_eq!(status, 503);
+    let seen: Vec<String> = c
+        .hits_v1
+        .lock()
+        .expect("hits")
+        .keys()
+        .filter_map(|k| k.strip_prefix("traceparent ").map(str::to_owned))
+        .collect();
+    let continued: Vec<&String> = seen.iter().filter(|t| t.contains(trace)).collect();
+    assert_eq!(continued.len(), 1, "{seen:?}");
+    assert!(
+        !continued[0].contains("00f067aa0ba902b7"),
+        "a new span: {seen:?}"
+    );
+    assert!(continued[0].ends_with("-01"), "sampled as the caller said");
+    assert!(
+        seen.iter().any(|t| !t.contains(trace)),
+        "a trace started: {seen:?}"
+    );
+
+    let metrics = wp.metrics_addr.expect("metrics served");
+    let text = get_in(c.waypoint_pod.path.clone(), metrics, "/metrics").await;
+    let client = format!("source_principal=\"spiffe://{TD}/ns/default/sa/client\"");
+    let requests: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("weft_requests_total{"))
+        .collect();
+    let has = |parts: &[&str]| requests.iter().any(|l| parts.iter().all(|p| l.contains(p)));
+    assert!(
+        has(&[
+            &client,
+            "source_workload=\"client\"",
+            "destination_service=\"default/api-v1\"",
+            "response_code=\"200\"",
+            "response_flags=\"-\""
+        ]),
+        "{requests:#?}"
+    );
+    assert!(
+        has(&[&client, "response_code=\"503\"", "response_flags=\"URX\""]),
+        "{requests:#?}"
+    );
+    assert!(
+        text.contains("weft_request_duration_seconds_bucket{"),
+        "a histogram"
+    );
+    assert!(text.contains("# HELP weft_requests_total "));
+    if let Err(e) = weft_integration::promtool_check(&text) {
+        panic!("promtool check metrics:\n{e}");
+    }
     drop(c);
     wp.stop().await;
 }

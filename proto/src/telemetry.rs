@@ -9,7 +9,18 @@
 //! recorded straight into the registry.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use http::StatusCode;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::listen::{Drain, accept_each};
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
@@ -52,6 +63,53 @@ impl ByLabel {
             export_counter(name, &[(label, value)], *n);
         }
     }
+}
+
+/// GET path → (status, content type, body).
+pub type Handler = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send + Sync>;
+
+/// A small HTTP/1.1 server: GET path → (status, content type, body).
+pub async fn serve_http(listener: TcpListener, handler: Handler, drain: Drain) {
+    accept_each(listener, drain, "http", move |tcp, _peer| {
+        let handler = handler.clone();
+        async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let (status, content_type, body) = handler(req.uri().path());
+                let resp = Response::builder()
+                    .status(status)
+                    .header("content-type", content_type)
+                    .body(body)
+                    .unwrap_or_default();
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .max_buf_size(64 * 1024)
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(TokioIo::new(tcp), service);
+            if let Err(e) = conn.await {
+                debug!(error = %e, "admin HTTP connection error");
+            }
+        }
+    })
+    .await;
+}
+
+/// `/metrics`: the registry, with the per-instance counts `export`
+/// derives into it first.
+pub fn metrics_handler(export: impl Fn() + Send + Sync + 'static) -> Handler {
+    Arc::new(move |path: &str| match path {
+        "/metrics" => {
+            export();
+            let text = crate::process::prometheus().render();
+            (StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /metrics\n".to_owned(),
+        ),
+    })
 }
 
 /// (name, unit, help) of every counter.
@@ -236,6 +294,36 @@ const COUNTERS: &[(&str, Unit, &str)] = &[
         Unit::Bytes,
         "Bytes the source side sent on proxied connections.",
     ),
+    (
+        "weft_requests_total",
+        Unit::Count,
+        "HTTP and gRPC requests a waypoint answered, by source, destination, response code, gRPC status and response flags.",
+    ),
+    (
+        "weft_request_bytes_total",
+        Unit::Bytes,
+        "Request body bytes declared by Content-Length, by the request labels.",
+    ),
+    (
+        "weft_response_bytes_total",
+        Unit::Bytes,
+        "Response body bytes a waypoint sent to its clients, by the request labels.",
+    ),
+    (
+        "weft_waypoint_connection_errors_total",
+        Unit::Count,
+        "Client connections a waypoint closed on a protocol error or a limit.",
+    ),
+    (
+        "weft_waypoint_tunnels_refused_total",
+        Unit::Count,
+        "Tunnels a waypoint refused: a destination it does not serve.",
+    ),
+    (
+        "weft_waypoint_retries_total",
+        Unit::Count,
+        "Requests a waypoint tried again (route retry or connect failure).",
+    ),
 ];
 
 /// (name, unit, help) of every gauge.
@@ -268,11 +356,18 @@ const GAUGES: &[(&str, Unit, &str)] = &[
 ];
 
 /// (name, unit, help) of every histogram.
-const HISTOGRAMS: &[(&str, Unit, &str)] = &[(
-    "weft_controller_push_latency_seconds",
-    Unit::Seconds,
-    "From a config change, or a subscription, to the proxy's ACK.",
-)];
+const HISTOGRAMS: &[(&str, Unit, &str)] = &[
+    (
+        "weft_controller_push_latency_seconds",
+        Unit::Seconds,
+        "From a config change, or a subscription, to the proxy's ACK.",
+    ),
+    (
+        "weft_request_duration_seconds",
+        Unit::Seconds,
+        "From a request's head to the end of its answer, at the waypoint, by the request labels.",
+    ),
+];
 
 /// Declares every metric to the installed recorder.
 pub fn describe() {

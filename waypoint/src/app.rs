@@ -41,6 +41,10 @@ pub struct Config {
     pub control: Option<tokio::runtime::Handle>,
     pub drain_deadline: Duration,
     pub limits: Limits,
+    /// Prometheus `/metrics` (SPEC: 15020); `None`: not served.
+    pub metrics: Option<SocketAddr>,
+    /// The share of new traces sampled (a caller's decision is kept).
+    pub trace_sampling: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +63,7 @@ pub enum BuildError {
 /// A running waypoint.
 pub struct Bound {
     pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
     pub identity: Identity,
     pub proxy: Arc<Proxy>,
     pub hbone_stats: Arc<ServerStats>,
@@ -140,15 +145,21 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         identity.clone(),
         cert.clone(),
     );
-    let proxy = Arc::new(Proxy::new(
+    let mut proxy = Proxy::new(
         config.key.clone(),
         identity.clone(),
         model,
         Arc::new(upstreams),
         config.limits.clone(),
-    ));
+    );
+    proxy.trace_sampling = config.trace_sampling;
+    let proxy = Arc::new(proxy);
     let hbone_stats = Arc::new(ServerStats::default());
     let drain = Drain::new();
+    let metrics_addr = match config.metrics {
+        Some(addr) => Some(serve_metrics(addr, &proxy, &hbone_stats, &drain).await?),
+        None => None,
+    };
     drain.spawn(server::serve(
         listener,
         (cert, config.trust_domain.clone()),
@@ -160,6 +171,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     info!(waypoint = config.key, %identity, %addr, "waypoint serving HBONE");
     Ok(Bound {
         addr,
+        metrics_addr,
         identity,
         proxy,
         hbone_stats,
@@ -167,6 +179,45 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         drain,
         deadline: config.drain_deadline,
     })
+}
+
+/// `/metrics` on `addr`: the request metrics as recorded, and the
+/// waypoint's per-instance counts derived at each scrape.
+async fn serve_metrics(
+    addr: SocketAddr,
+    proxy: &Arc<Proxy>,
+    hbone: &Arc<ServerStats>,
+    drain: &Drain,
+) -> Result<SocketAddr, BuildError> {
+    let bind_err = |reason| BuildError::Bind { addr, reason };
+    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+    let bound = listener.local_addr().map_err(bind_err)?;
+    weft_proto::process::prometheus();
+    let (proxy, hbone) = (proxy.clone(), hbone.clone());
+    let export = move || {
+        use std::sync::atomic::Ordering::Relaxed;
+        use weft_proto::telemetry::export_counter;
+        let s = &proxy.stats;
+        export_counter(
+            "weft_waypoint_connection_errors_total",
+            &[],
+            s.connection_errors.load(Relaxed),
+        );
+        export_counter(
+            "weft_waypoint_tunnels_refused_total",
+            &[],
+            s.tunnels_refused.load(Relaxed),
+        );
+        export_counter("weft_waypoint_retries_total", &[], s.retries.load(Relaxed));
+        hbone.export();
+    };
+    let handler = weft_proto::telemetry::metrics_handler(export);
+    drain.spawn(weft_proto::telemetry::serve_http(
+        listener,
+        handler,
+        drain.clone(),
+    ));
+    Ok(bound)
 }
 
 /// The model, following the config stream (waiting a moment for the first

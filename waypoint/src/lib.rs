@@ -14,9 +14,11 @@
 //! - [`sniff`]: HTTP or opaque TCP, declared or judged by the first bytes.
 //! - [`filters`]: Gateway API filters (headers, redirect, rewrite, faults).
 //! - [`upstream`]: HTTP to an endpoint over HBONE, connections reused.
+//! - [`telemetry`]: one record per request (log line, metrics), traces.
 
 pub mod app;
 pub mod filters;
 pub mod proxy;
 pub mod sniff;
+pub mod telemetry;
 pub mod upstream;

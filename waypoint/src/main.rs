@@ -42,6 +42,13 @@ struct Args {
     /// How long open tunnels may finish after SIGTERM.
     #[arg(long, default_value = "30s", value_parser = humantime_secs)]
     drain_deadline: Duration,
+    /// Prometheus /metrics listen address.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// The share of requests without a trace context that start a sampled
+    /// trace (0 to 1; a caller's sampling decision is always kept).
+    #[arg(long, default_value_t = 0.01)]
+    trace_sampling: f64,
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
 }
@@ -75,6 +82,8 @@ async fn main() -> ExitCode {
         control: None,
         drain_deadline: args.drain_deadline,
         limits: Default::default(),
+        metrics: Some(args.metrics_addr),
+        trace_sampling: args.trace_sampling,
     };
     let bound = match app::build(config).await {
         Ok(b) => b,

@@ -15,7 +15,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -26,7 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rand::Rng;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::warn;
 use weft_proto::hbone::server::{Handler, InboundConnect};
 use weft_proto::identity::Identity;
 use weft_proto::model::Model;
@@ -36,6 +36,7 @@ use weft_proto::telemetry::ByLabel;
 
 use crate::filters;
 use crate::sniff::{self, Protocol};
+use crate::telemetry::{Counted, Record, SourceLabels, Trace};
 use crate::upstream::{Body, Endpoint, Upstreams};
 
 /// Largest request body kept to be sent again on a retry; a larger one
@@ -85,6 +86,7 @@ struct ConnCache {
     /// (Service, port) → its ready endpoints.
     endpoints: Vec<(String, u16, Arc<[Endpoint]>)>,
     xfcc: Option<HeaderValue>,
+    source: Option<Arc<SourceLabels>>,
 }
 
 /// Counts of what the waypoint did, for `/metrics` and tests.
@@ -137,6 +139,8 @@ pub struct Proxy {
     pub upstreams: Arc<Upstreams>,
     pub stats: Stats,
     pub limits: Limits,
+    /// The share of new traces sampled (a caller's decision is kept).
+    pub trace_sampling: f64,
     /// Route tables compiled for the model they were made from.
     tables: Mutex<Tables>,
 }
@@ -166,7 +170,6 @@ fn refuse(status: StatusCode, flag: &'static str, reason: impl Into<String>) -> 
 /// A request on its way through the phases.
 struct Ctx<'a> {
     client: &'a Client,
-    started: Instant,
     route: Option<Selected>,
     response_headers: Vec<pb::HeaderModifier>,
     /// The Service and port the request went to.
@@ -296,6 +299,7 @@ impl Proxy {
             model,
             upstreams,
             limits,
+            trace_sampling: 0.01,
             stats: Stats::default(),
             tables: Mutex::default(),
         }
@@ -331,29 +335,64 @@ impl Proxy {
         }
     }
 
-    /// One request, every phase; always an answer.
-    pub async fn serve(&self, req: Request<Incoming>, client: &Client) -> Response<Body> {
+    /// One request, every phase; always an answer, whose body writes the
+    /// request's record (log line, metrics) when it ends.
+    pub async fn serve(&self, mut req: Request<Incoming>, client: &Client) -> Response<Body> {
+        let trace = Trace::continue_or_start(req.headers_mut(), self.trace_sampling);
+        let mut record = self.record(&req, client, trace);
         let mut ctx = Ctx {
             client,
-            started: Instant::now(),
             route: None,
             response_headers: Vec::new(),
             backend: (String::new(), 0),
             flag: "-",
         };
-        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
         let resp = match self.phases(req, &mut ctx).await {
             Ok(resp) => resp,
             Err(r) => {
                 ctx.flag = r.flag;
-                warn!(%method, path, client = %client.identity, status = r.status.as_u16(), response_flags = r.flag, reason = r.reason, "request refused");
+                warn!(method = %record.method, path = %record.path, client = %client.identity, status = r.status.as_u16(), response_flags = r.flag, reason = r.reason, trace_id = %record.trace.trace_id, "request refused");
                 status_response(r.status, &r.reason)
             }
         };
         self.stats.requests.add(ctx.flag);
-        let route = ctx.route.as_ref().map_or("-", |s| s.route.key.as_str());
-        info!(%method, path, client = %client.identity, status = resp.status().as_u16(), route, backend = %format_args!("{}:{}", ctx.backend.0, ctx.backend.1), response_flags = ctx.flag, duration_ms = ctx.started.elapsed().as_millis() as u64, "request");
-        resp
+        record.flag = ctx.flag;
+        record.status = resp.status().as_u16();
+        record.route = ctx
+            .route
+            .as_ref()
+            .map_or("-".into(), |s| s.route.key.clone());
+        if !ctx.backend.0.is_empty() {
+            record.destination_service = ctx.backend.0.clone();
+        }
+        // A trailers-only gRPC answer carries its status in the head.
+        record.grpc_status = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        resp.map(|body| Counted::new(body, record).boxed())
+    }
+
+    /// The request's record, as far as its head tells.
+    fn record(&self, req: &Request<Incoming>, client: &Client, trace: Trace) -> Record {
+        let model = self.model.borrow().clone();
+        let source = self.cached(&model, client, |c| {
+            c.source
+                .get_or_insert_with(|| Arc::new(source_labels(&model, client)))
+                .clone()
+        });
+        let protocol = if is_grpc(req) {
+            "grpc"
+        } else if req.version() == http::Version::HTTP_2 {
+            "http2"
+        } else {
+            "http"
+        };
+        let declared = req.headers().get(http::header::CONTENT_LENGTH);
+        let bytes = declared.and_then(|v| v.to_str().ok()?.parse().ok());
+        let head = (req.method().to_string(), req.uri().path().to_owned());
+        Record::new(head, source, trace, bytes.unwrap_or(0), protocol)
     }
 
     async fn phases(
@@ -977,6 +1016,21 @@ fn matched_prefix<'r>(route: Option<&'r Selected>, path: &str) -> Option<&'r str
         .map(|p| p.value.as_str())
         .filter(|p| path.starts_with(p.trim_end_matches('/')))
         .max_by_key(|p| p.len())
+}
+
+/// The client as metrics label it: its verified identity, and the
+/// workload at its address when that workload runs as that identity.
+fn source_labels(model: &Model, client: &Client) -> SourceLabels {
+    let id = &client.identity;
+    let workload = model
+        .workload_by_ip(client.addr.ip())
+        .filter(|w| w.identity == *id)
+        .map_or_else(|| "unknown".to_owned(), |w| w.name.clone());
+    SourceLabels {
+        principal: id.to_string(),
+        workload,
+        namespace: id.namespace().to_owned(),
+    }
 }
 
 fn host_of(req: &Request<Incoming>) -> String {

@@ -416,7 +416,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     };
     let metrics = serve(
         (config.metrics_addr, handed("metrics")),
-        metrics_handler(export),
+        telemetry::metrics_handler(export),
     )
     .await?;
     let ready = serve(
@@ -474,23 +474,6 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         control_drain,
         deadline: config.drain_deadline,
         _offer: offer.drop_guard(),
-    })
-}
-
-/// `/metrics`: the registry, with the per-instance counts `export`
-/// derives into it first.
-fn metrics_handler(export: impl Fn() + Send + Sync + 'static) -> telemetry::Handler {
-    Arc::new(move |path: &str| match path {
-        "/metrics" => {
-            export();
-            let text = telemetry::prometheus().render();
-            (StatusCode::OK, "text/plain; version=0.0.4", text)
-        }
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "try /metrics\n".to_owned(),
-        ),
     })
 }
 

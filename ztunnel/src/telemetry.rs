@@ -1,20 +1,12 @@
 //! Metrics (labels follow Istio's standard TCP metrics so dashboards port)
 //! and the admin, metrics and readiness HTTP endpoints.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use std::time::Instant;
-use tokio::net::TcpListener;
-use tracing::{debug, info};
-use weft_proto::hbone::Transferred;
 
-use weft_proto::listen::{Drain, accept_each};
+use tokio::net::TcpListener;
+use tracing::info;
+use weft_proto::hbone::Transferred;
 
 pub use weft_proto::process::prometheus;
 
@@ -163,35 +155,7 @@ impl Drop for ConnRecord {
     }
 }
 
-/// GET path → (status, content type, body).
-pub type Handler = Arc<dyn Fn(&str) -> (StatusCode, &'static str, String) + Send + Sync>;
-
-/// A small HTTP/1.1 server: GET path → (status, content type, body).
-pub async fn serve_http(listener: TcpListener, handler: Handler, drain: Drain) {
-    accept_each(listener, drain, "http", move |tcp, _peer| {
-        let handler = handler.clone();
-        async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let (status, content_type, body) = handler(req.uri().path());
-                let resp = Response::builder()
-                    .status(status)
-                    .header("content-type", content_type)
-                    .body(body)
-                    .unwrap_or_default();
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .max_buf_size(64 * 1024)
-                .header_read_timeout(std::time::Duration::from_secs(5))
-                .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(TokioIo::new(tcp), service);
-            if let Err(e) = conn.await {
-                debug!(error = %e, "admin HTTP connection error");
-            }
-        }
-    })
-    .await;
-}
+pub use weft_proto::telemetry::{Handler, metrics_handler, serve_http};
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
     let l = TcpListener::bind(addr).await?;

@@ -22,6 +22,8 @@ use super::topology::PodNs;
 pub struct Waypoint {
     pub proxy: Arc<Proxy>,
     pub addr: SocketAddr,
+    /// `/metrics`, inside the waypoint's pod.
+    pub metrics_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -82,6 +84,9 @@ pub async fn start_waypoint_with(
         control: Some(tokio::runtime::Handle::current()),
         drain_deadline: Duration::from_secs(1),
         limits,
+        metrics: Some("127.0.0.1:0".parse()?),
+        // Every request traced, so a test can follow one.
+        trace_sampling: 1.0,
     };
     let (ready_tx, ready_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -89,7 +94,7 @@ pub async fn start_waypoint_with(
     let thread = std::thread::Builder::new()
         .name(format!("waypoint-{}", pod.name))
         .spawn(move || run_in(&netns, config, ready_tx, stop_rx))?;
-    let (proxy, addr) = ready_rx
+    let (proxy, addr, metrics_addr) = ready_rx
         .await
         .map_err(|_| anyhow!("the waypoint thread ended before it was ready"))?
         .map_err(|e| anyhow!(e))
@@ -97,12 +102,15 @@ pub async fn start_waypoint_with(
     Ok(Waypoint {
         proxy,
         addr,
+        metrics_addr,
         stop: Some(stop_tx),
         thread: Some(thread),
     })
 }
 
-type Ready = oneshot::Sender<Result<(Arc<Proxy>, SocketAddr), String>>;
+/// The running waypoint's proxy, HBONE address and metrics address.
+type Started = (Arc<Proxy>, SocketAddr, Option<SocketAddr>);
+type Ready = oneshot::Sender<Result<Started, String>>;
 
 /// The waypoint's thread: enter the namespace, then serve until stopped.
 fn run_in(netns: &Path, config: Config, ready: Ready, stop: oneshot::Receiver<()>) {
@@ -123,7 +131,7 @@ fn run_in(netns: &Path, config: Config, ready: Ready, stop: oneshot::Receiver<()
     runtime.block_on(async move {
         match app::build(config).await {
             Ok(bound) => {
-                let _ = ready.send(Ok((bound.proxy.clone(), bound.addr)));
+                let _ = ready.send(Ok((bound.proxy.clone(), bound.addr, bound.metrics_addr)));
                 let _ = stop.await;
                 bound.shutdown().await;
             }

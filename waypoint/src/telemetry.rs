@@ -1,0 +1,286 @@
+//! Request telemetry: one [`Record`] per request, written once — the
+//! access-log line and the request metrics — when the response body ends,
+//! or when it is dropped unfinished (a request cut short still logs, with
+//! flag `DC` if nothing else went wrong). Trace context (W3C
+//! `traceparent`) is continued or started here and sent on.
+//!
+//! Metric labels follow Istio's standard request metrics where they have
+//! one (`reporter`, `source_*`, `destination_service`, `response_code`,
+//! `grpc_response_status`, `response_flags`, `request_protocol`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use hyper::body::{Body as _, Frame, SizeHint};
+use rand::Rng;
+use tracing::info;
+
+use crate::upstream::{Body, BoxError};
+
+/// Who is calling, as the metrics label them (resolved once per connection).
+#[derive(Debug, Clone)]
+pub struct SourceLabels {
+    pub principal: String,
+    pub workload: String,
+    pub namespace: String,
+}
+
+/// W3C trace context for one request at this hop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trace {
+    pub trace_id: String,
+    /// This hop's span (the parent of the upstream's).
+    pub span_id: String,
+    pub parent_id: Option<String>,
+    pub sampled: bool,
+}
+
+fn hex(bytes: usize) -> String {
+    let mut rng = rand::rng();
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.random::<u8>()))
+        .collect()
+}
+
+impl Trace {
+    /// Continues the caller's trace (a valid `traceparent`), or starts
+    /// one sampled with probability `ratio`; then sets `traceparent` to
+    /// this hop's span for the upstream.
+    pub fn continue_or_start(headers: &mut HeaderMap, ratio: f64) -> Trace {
+        let parent = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_traceparent);
+        let trace = match parent {
+            Some((trace_id, parent_id, sampled)) => Trace {
+                trace_id,
+                span_id: hex(8),
+                parent_id: Some(parent_id),
+                sampled,
+            },
+            None => Trace {
+                trace_id: hex(16),
+                span_id: hex(8),
+                parent_id: None,
+                sampled: rand::rng().random_bool(ratio.clamp(0.0, 1.0)),
+            },
+        };
+        let value = format!(
+            "00-{}-{}-{}",
+            trace.trace_id,
+            trace.span_id,
+            if trace.sampled { "01" } else { "00" }
+        );
+        if let Ok(v) = value.parse() {
+            headers.insert("traceparent", v);
+        }
+        trace
+    }
+}
+
+/// `00-<32 hex>-<16 hex>-<2 hex>`, not all-zero ids: (trace id, parent
+/// span id, sampled).
+fn parse_traceparent(v: &str) -> Option<(String, String, bool)> {
+    let parts: Vec<&str> = v.trim().split('-').collect();
+    let [version, trace, span, flags] = parts[..] else {
+        return None;
+    };
+    let is_hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let valid = is_hex(version, 2)
+        && version != "ff"
+        && is_hex(trace, 32)
+        && is_hex(span, 16)
+        && is_hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && span.bytes().any(|b| b != b'0');
+    let sampled = u8::from_str_radix(flags, 16).ok()? & 1 == 1;
+    valid.then(|| (trace.to_owned(), span.to_owned(), sampled))
+}
+
+/// Everything one request's log line and metrics say.
+#[derive(Debug)]
+pub struct Record {
+    pub started: Instant,
+    pub method: String,
+    pub path: String,
+    pub source: Arc<SourceLabels>,
+    pub trace: Trace,
+    pub request_bytes: u64,
+    pub protocol: &'static str,
+    pub route: String,
+    pub destination_service: String,
+    pub status: u16,
+    pub grpc_status: Option<String>,
+    pub flag: &'static str,
+    pub response_bytes: u64,
+    finished: bool,
+}
+
+impl Record {
+    pub fn new(
+        (method, path): (String, String),
+        source: Arc<SourceLabels>,
+        trace: Trace,
+        request_bytes: u64,
+        protocol: &'static str,
+    ) -> Record {
+        Record {
+            started: Instant::now(),
+            method,
+            path,
+            source,
+            trace,
+            request_bytes,
+            protocol,
+            route: "-".into(),
+            destination_service: "unknown".into(),
+            status: 0,
+            grpc_status: None,
+            flag: "-",
+            response_bytes: 0,
+            finished: false,
+        }
+    }
+
+    fn write(&self) {
+        let secs = self.started.elapsed().as_secs_f64();
+        let grpc = self.grpc_status.clone().unwrap_or_else(|| "-".into());
+        let s = &self.source;
+        let labels = vec![
+            ("reporter", "waypoint".to_owned()),
+            ("source_workload", s.workload.clone()),
+            ("source_workload_namespace", s.namespace.clone()),
+            ("source_principal", s.principal.clone()),
+            ("destination_service", self.destination_service.clone()),
+            ("request_protocol", self.protocol.to_owned()),
+            ("response_code", self.status.to_string()),
+            ("grpc_response_status", grpc.clone()),
+            ("response_flags", self.flag.to_owned()),
+        ];
+        metrics::counter!("weft_requests_total", &labels).increment(1);
+        metrics::histogram!("weft_request_duration_seconds", &labels).record(secs);
+        metrics::counter!("weft_request_bytes_total", &labels).increment(self.request_bytes);
+        metrics::counter!("weft_response_bytes_total", &labels).increment(self.response_bytes);
+        info!(
+            method = %self.method, path = %self.path, client = %s.principal,
+            status = self.status, grpc_status = %grpc, route = %self.route,
+            backend = %self.destination_service, response_flags = self.flag,
+            request_bytes = self.request_bytes, response_bytes = self.response_bytes,
+            duration_ms = (secs * 1000.0) as u64, trace_id = %self.trace.trace_id,
+            span_id = %self.trace.span_id, "request"
+        );
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        if !self.finished && self.flag == "-" {
+            self.flag = "DC"; // the client went away before the answer ended
+        }
+        self.write();
+    }
+}
+
+/// A response body that counts what it carries and writes its request's
+/// record when it ends (or is dropped).
+pub struct Counted {
+    inner: Body,
+    record: Option<Record>,
+}
+
+impl Counted {
+    pub fn new(inner: Body, mut record: Record) -> Counted {
+        if inner.is_end_stream() {
+            record.finished = true;
+        }
+        Counted {
+            inner,
+            record: Some(record),
+        }
+    }
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let Some(record) = this.record.as_mut() else {
+            return polled;
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    record.response_bytes += data.len() as u64;
+                }
+                if let Some(t) = frame.trailers_ref()
+                    && let Some(g) = t.get("grpc-status").and_then(|v| v.to_str().ok())
+                {
+                    record.grpc_status = Some(g.to_owned());
+                }
+            }
+            Poll::Ready(Some(Err(_))) => record.flag = "UC",
+            Poll::Ready(None) => record.finished = true,
+            Poll::Pending => {}
+        }
+        if (this.inner.is_end_stream() || matches!(polled, Poll::Ready(None)))
+            && let Some(mut r) = this.record.take()
+        {
+            r.finished = true; // written as it drops
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traces_continue_or_start() {
+        let mut h = HeaderMap::new();
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        h.insert("traceparent", parent.parse().expect("value"));
+        let t = Trace::continue_or_start(&mut h, 0.0);
+        assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.parent_id.as_deref(), Some("00f067aa0ba902b7"));
+        assert!(t.sampled, "the caller's decision is kept");
+        let sent = h["traceparent"].to_str().expect("ascii").to_owned();
+        assert_eq!(sent, format!("00-{}-{}-01", t.trace_id, t.span_id));
+        assert_ne!(t.span_id, "00f067aa0ba902b7");
+        for bad in [
+            "junk",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("traceparent", bad.parse().expect("value"));
+            let t = Trace::continue_or_start(&mut h, 1.0);
+            assert!(
+                t.parent_id.is_none() && t.sampled,
+                "{bad}: a new sampled trace"
+            );
+        }
+    }
+}

@@ -81,7 +81,8 @@ async fn app(pod: &PodNs, hits: Hits) {
                         "flaky" if flaky.fetch_add(1, Ordering::Relaxed) % 2 == 0 => {
                             "503 Service Unavailable"
                         }
-                        "down" => "503 Service Unavailable",
+                        // api-v1 alone is sick here (api-v2 answers 200).
+                        "down" | "sick" => "503 Service Unavailable",
                         "slow" => {
                             tokio::time::sleep(Duration::from_secs(2)).await;
                             "200 OK"
@@ -325,6 +326,8 @@ spec:
     - matches: [{path: {type: PathPrefix, value: /mirror}}]
       filters: [{type: RequestMirror, requestMirror: {backendRef: {name: api-v2, port: 80}}}]
       backendRefs: [{name: api-v1, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /sick}}]
+      backendRefs: [{name: api, port: 80}]
     - matches: [{path: {type: PathPrefix, value: /old}}]
       filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}}]
     - backendRefs: [{name: api-v1, port: 80, weight: 90}, {name: api-v2, port: 80, weight: 10}]
@@ -1205,6 +1208,93 @@ async fn requests_are_traced_and_measured() {
     if let Err(e) = weft_integration::promtool_check(&text) {
         panic!("promtool check metrics:\n{e}");
     }
+    drop(c);
+    wp.stop().await;
+}
+
+const RESILIENCE: &str = r#"
+apiVersion: weft.dev/v1alpha1
+kind: BackendPolicy
+metadata: {name: v1-limits, namespace: default}
+spec:
+  targetRef: {kind: Service, name: api-v1}
+  limits: {maxRequests: 1, maxPendingRequests: 0}
+---
+apiVersion: weft.dev/v1alpha1
+kind: BackendPolicy
+metadata: {name: api-outliers, namespace: default}
+spec:
+  targetRef: {kind: Service, name: api}
+  outlierDetection: {consecutive5xx: 2, baseEjectionTime: 60s, maxEjectionPercent: 50}
+"#;
+
+/// BackendPolicy at the waypoint: a circuit breaker opens at its limit
+/// (503 `UO` at once, counted) and closes as requests finish; an endpoint
+/// answering 5xx in a row is ejected and gets no traffic while its peer,
+/// healthy, serves everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breakers_open_and_outliers_are_ejected() {
+    require_root!();
+    let (c, wp) = Cluster::start().await;
+    std::fs::write(c.mesh.config_dir().join("resilience.yaml"), RESILIENCE).expect("written");
+    let mut model = wp.proxy.model.clone();
+    let reached = async {
+        while model.borrow_and_update().backends.len() < 2 {
+            model.changed().await.expect("config stream");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), reached)
+        .await
+        .expect("policies arrive");
+
+    // Six at once to api-v1 (each held 500 ms by /slow's timeout): one
+    // slot, no room to wait.
+    let slow = url("/slow");
+    let args: [&str; 1] = [&slow];
+    let (a, b, c3, d, e, f) = tokio::join!(
+        c.curl(&args),
+        c.curl(&args),
+        c.curl(&args),
+        c.curl(&args),
+        c.curl(&args),
+        c.curl(&args)
+    );
+    let answers = [a, b, c3, d, e, f];
+    let open = answers
+        .iter()
+        .filter(|(s, t)| *s == 503 && t.contains("circuit open"))
+        .count();
+    let timed_out = answers.iter().filter(|(s, _)| *s == 504).count();
+    assert!(open >= 3 && timed_out >= 1, "{answers:#?}");
+    assert!(wp.proxy.stats.requests.get("UO") >= open as u64);
+    let (status, text) = c.curl(&[&url("/mirror/after")]).await;
+    assert_eq!(status, 200, "closed again: {text}");
+
+    // api-v1 answers /sick with 503, api-v2 with 200; round robin puts
+    // both in turn until api-v1 is ejected after its second failure.
+    let sick_v1 = || {
+        c.hits_v1
+            .lock()
+            .expect("hits")
+            .get("sick")
+            .copied()
+            .unwrap_or(0)
+    };
+    let mut failures = 0;
+    for i in 0..10 {
+        let (status, _) = c.curl(&[&url(&format!("/sick/{i}"))]).await;
+        failures += usize::from(status == 503);
+    }
+    assert!(
+        (2..=3).contains(&failures),
+        "ejected after two failures: {failures}"
+    );
+    let before = sick_v1();
+    for i in 0..10 {
+        let (status, text) = c.curl(&[&url(&format!("/sick/again{i}"))]).await;
+        assert_eq!(status, 200, "only the healthy endpoint serves: {text}");
+    }
+    assert_eq!(sick_v1(), before, "the ejected endpoint got no traffic");
     drop(c);
     wp.stop().await;
 }

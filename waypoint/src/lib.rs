@@ -15,10 +15,12 @@
 //! - [`filters`]: Gateway API filters (headers, redirect, rewrite, faults).
 //! - [`upstream`]: HTTP to an endpoint over HBONE, connections reused.
 //! - [`telemetry`]: one record per request (log line, metrics), traces.
+//! - [`resilience`]: circuit breaking and outlier detection per Service.
 
 pub mod app;
 pub mod filters;
 pub mod proxy;
+pub mod resilience;
 pub mod sniff;
 pub mod telemetry;
 pub mod upstream;

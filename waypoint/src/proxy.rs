@@ -35,6 +35,7 @@ use weft_proto::routes::{self, RouteTable, Selected};
 use weft_proto::telemetry::ByLabel;
 
 use crate::filters;
+use crate::resilience::Resilience;
 use crate::sniff::{self, Protocol};
 use crate::telemetry::{Counted, Record, SourceLabels, Trace};
 use crate::upstream::{Body, Endpoint, Upstreams};
@@ -141,6 +142,8 @@ pub struct Proxy {
     pub limits: Limits,
     /// The share of new traces sampled (a caller's decision is kept).
     pub trace_sampling: f64,
+    /// Circuit breakers and endpoint health, per Service.
+    pub resilience: Resilience,
     /// Route tables compiled for the model they were made from.
     tables: Mutex<Tables>,
 }
@@ -300,6 +303,7 @@ impl Proxy {
             upstreams,
             limits,
             trace_sampling: 0.01,
+            resilience: Resilience::default(),
             stats: Stats::default(),
             tables: Mutex::default(),
         }
@@ -427,7 +431,12 @@ impl Proxy {
         strip_hop_by_hop(req.headers_mut(), upgrade);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let timeout = rule.map_or(0, |r| r.request_timeout_ms);
-        let upstream = self.upstream(req, (&chosen.endpoints, chosen.first), rule, ctx);
+        let tries = Tries {
+            endpoints: &chosen.endpoints,
+            all: &chosen.all,
+            first: chosen.first,
+        };
+        let upstream = self.upstream(req, tries, rule, ctx);
         let mut resp = match timeout {
             0 => upstream.await?,
             ms => tokio::time::timeout(Duration::from_millis(ms), upstream)
@@ -698,8 +707,10 @@ impl Proxy {
                         addr: *addr,
                         identity: identity.clone(),
                     };
+                    let one: Arc<[Endpoint]> = Arc::from([ep]);
                     return Ok(Chosen {
-                        endpoints: Arc::from([ep]),
+                        endpoints: one.clone(),
+                        all: one,
                         first: 0,
                         filters: &[],
                     });
@@ -727,10 +738,18 @@ impl Proxy {
             let reason = format!("no ready endpoint for {service}:{port}");
             refuse(StatusCode::SERVICE_UNAVAILABLE, "UH", reason)
         })?;
-        let first = self.balance(model, service, &eps);
+        let outliers = model
+            .backend(service)
+            .is_some_and(|b| b.spec.outlier_detection.is_some());
+        let healthy = match outliers {
+            true => self.resilience.healthy(&eps),
+            false => eps.clone(),
+        };
+        let first = self.balance(model, service, &healthy);
         Ok(Chosen {
             first,
-            endpoints: eps,
+            endpoints: healthy,
+            all: eps,
             filters,
         })
     }
@@ -760,18 +779,38 @@ impl Proxy {
     }
 
     /// `upstream`: sends to an endpoint (round robin from a random start),
-    /// retrying as the rule says (a kept body only), and on another
-    /// endpoint whenever nothing reached the application (bounded).
+    /// within the Service's limits, retrying as the rule says (a kept body
+    /// only), and on another endpoint whenever nothing reached the
+    /// application (bounded); each answer feeds outlier detection.
     async fn upstream(
         &self,
         req: Request<Incoming>,
-        (endpoints, first): (&[Endpoint], usize),
+        at: Tries<'_>,
         rule: Option<&pb::RouteRule>,
         ctx: &mut Ctx<'_>,
     ) -> Result<Response<Body>, Refusal> {
+        let policy = self.model.borrow().backend(&ctx.backend.0).cloned();
+        let spec = policy.as_ref().map(|p| &p.spec);
+        let limits = spec.and_then(|s| s.limits.as_ref());
         let retry = rule.and_then(|r| r.retry.clone()).unwrap_or_default();
         let per_try = rule.map_or(0, |r| r.backend_timeout_ms);
+        let connect_ms = match (per_try, spec.map_or(0, |s| s.connect_timeout_ms)) {
+            (0, c) | (c, 0) => c,
+            (a, b) => a.min(b),
+        };
         let h2 = req.version() == http::Version::HTTP_2;
+        let service = ctx.backend.0.clone();
+        let _admitted = self
+            .resilience
+            .admit(&service, limits, !h2)
+            .await
+            .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, "UO", e))?;
+        let report = |ep: &Endpoint, failed| {
+            let rules = spec.and_then(|s| s.outlier_detection.as_ref());
+            if self.resilience.report(ep.addr, failed, (rules, at.all)) {
+                warn!(endpoint = %ep.addr, service, "endpoint ejected: consecutive failures (outlier detection)");
+            }
+        };
         let attempts = retry.attempts.max(1) as usize;
         let mut body = Replay::new(req, attempts > 1).await?;
         let mut last = Err(refuse(
@@ -779,17 +818,23 @@ impl Proxy {
             "UH",
             "no endpoint answered",
         ));
-        let (mut tries, mut i) = (0, 0);
-        while tries < attempts && i < attempts + endpoints.len() {
-            let ep = &endpoints[(first + i) % endpoints.len()];
+        let (mut tries, mut i, mut _retrying) = (0, 0, None);
+        while tries < attempts && i < attempts + at.endpoints.len() {
+            let ep = &at.endpoints[(at.first + i) % at.endpoints.len()];
             i += 1;
             if i > 1 {
+                // Past maxRetries the last answer stands.
+                let Some(slot) = self.resilience.retry(&service, limits) else {
+                    break;
+                };
+                _retrying = Some(slot);
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(retry.backoff_ms)).await;
             }
-            let sender = match bounded(per_try, self.upstreams.connect(ep, h2)).await {
+            let sender = match bounded(connect_ms, self.upstreams.connect(ep, h2)).await {
                 Ok(Ok(sender)) => sender,
                 Ok(Err(e)) => {
+                    report(ep, true);
                     last = Err(refuse(
                         StatusCode::SERVICE_UNAVAILABLE,
                         e.flag(),
@@ -798,6 +843,7 @@ impl Proxy {
                     continue; // nothing was sent: another endpoint may take it
                 }
                 Err(t) => {
+                    report(ep, true);
                     last = Err(t);
                     continue;
                 }
@@ -807,15 +853,14 @@ impl Proxy {
             let _busy = self.upstreams.busy(ep.addr);
             match bounded(per_try, self.upstreams.send(sender, req)).await {
                 Ok(Ok(resp)) => {
+                    report(ep, resp.status().is_server_error());
                     let code = u32::from(resp.status().as_u16());
                     let again =
                         retry.codes.contains(&code) && tries < attempts && body.replayable();
                     if !again {
-                        ctx.flag = if retry.codes.contains(&code) && tries > 1 {
-                            "URX"
-                        } else {
-                            ctx.flag
-                        };
+                        if retry.codes.contains(&code) && tries > 1 {
+                            ctx.flag = "URX";
+                        }
                         return Ok(resp.map(|b| b.map_err(Into::into).boxed()));
                     }
                     last = Ok(resp.map(|b| b.map_err(Into::into).boxed()));
@@ -838,6 +883,14 @@ impl Proxy {
         }
         last
     }
+}
+
+/// Where a request may go: the endpoints to try from `first`, and all of
+/// the Service's ready ones.
+struct Tries<'a> {
+    endpoints: &'a [Endpoint],
+    all: &'a [Endpoint],
+    first: usize,
 }
 
 /// `f` within `ms` (0: unbounded); over time is 504 `UT`.
@@ -959,7 +1012,10 @@ fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::O
 /// Where a request goes: endpoints, the one to try first, and the
 /// backendRef's own filters.
 struct Chosen<'r> {
+    /// Where to try, ejected outliers left out.
     endpoints: Arc<[Endpoint]>,
+    /// Every ready endpoint (what outlier detection's share is of).
+    all: Arc<[Endpoint]>,
     first: usize,
     filters: &'r [pb::RouteFilter],
 }
@@ -1102,6 +1158,7 @@ mod tests {
             namespace: "default".into(),
             service: "default/api".into(),
             load_balancer: lb as i32,
+            ..Default::default()
         };
         model.backends = vec![Arc::new(
             weft_proto::model::backend(spec, "p").expect("valid"),

@@ -147,6 +147,9 @@ pub struct BackendPolicySpec {
     pub limits: Option<Limits>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
+    /// e.g. `2s`: how long a connection to an endpoint may take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
@@ -160,18 +163,29 @@ pub struct TargetRef {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Limits {
+    /// HTTP/1.1 exchanges in flight to the Service (each holds one
+    /// upstream connection).
     pub max_connections: Option<u32>,
+    /// Requests that may wait once `maxRequests` are in flight; past it,
+    /// 503 `UO` at once.
     pub max_pending_requests: Option<u32>,
+    /// Requests in flight to the Service.
     pub max_requests: Option<u32>,
+    /// Retries in flight to the Service.
     pub max_retries: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetection {
+    /// Consecutive 5xx answers (or connect failures) that eject an endpoint.
     pub consecutive5xx: u32,
-    /// e.g. `30s`.
+    /// e.g. `30s`: the first ejection; the n-th lasts n times as long.
     pub base_ejection_time: String,
+    /// At most this share of the endpoints ejected at once (default 10;
+    /// one endpoint always stays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<u32>,
 }
 
 /// A fault an HTTPRoute's `ExtensionRef` filter injects.

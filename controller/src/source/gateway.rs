@@ -220,9 +220,8 @@ pub fn waypoints_and_routes(objects: &Objects, out: &mut Translation) {
     backends(objects, out);
 }
 
-/// BackendPolicy.weft.dev → each Service's load balancing at the
-/// waypoint. Limits and outlier detection are read but not enforced yet
-/// (issue #13): said so, not silently ignored.
+/// BackendPolicy.weft.dev → each Service's load balancing, circuit
+/// breaking, outlier detection and connect timeout at the waypoint.
 fn backends(objects: &Objects, out: &mut Translation) {
     use pb::backend::LoadBalancer;
     for (key, bp) in &objects.backend_policies {
@@ -252,18 +251,53 @@ fn backends(objects: &Objects, out: &mut Translation) {
                 continue;
             }
         };
-        if bp.spec.limits.is_some() || bp.spec.outlier_detection.is_some() {
-            out.problems.push(super::translate::Problem {
-                object: id.clone(),
-                reason: "limits and outlierDetection are not enforced yet".into(),
-                refused: false,
-            });
-        }
+        let outlier = match bp
+            .spec
+            .outlier_detection
+            .as_ref()
+            .map(outlier_detection)
+            .transpose()
+        {
+            Ok(o) => o,
+            Err(reason) => {
+                out.problems.push(super::translate::Problem {
+                    object: id,
+                    reason,
+                    refused: true,
+                });
+                continue;
+            }
+        };
+        let connect = bp
+            .spec
+            .connect_timeout
+            .as_ref()
+            .map(|t| duration_ms(&Value::String(t.clone())));
+        let connect_timeout_ms = match connect.transpose() {
+            Ok(ms) => ms.unwrap_or(0),
+            Err(e) => {
+                out.problems.push(super::translate::Problem {
+                    object: id,
+                    reason: format!("connectTimeout: {e}"),
+                    refused: true,
+                });
+                continue;
+            }
+        };
+        let limits = bp.spec.limits.as_ref().map(|l| pb::BackendLimits {
+            max_connections: l.max_connections.unwrap_or(0),
+            max_pending_requests: l.max_pending_requests.unwrap_or(0),
+            max_requests: l.max_requests.unwrap_or(0),
+            max_retries: l.max_retries.unwrap_or(0),
+        });
         out.specs.backends.push(pb::Backend {
             name: name.to_owned(),
             namespace: namespace.to_owned(),
             service: format!("{namespace}/{}", t.name),
             load_balancer: lb as i32,
+            limits,
+            outlier_detection: outlier,
+            connect_timeout_ms,
         });
     }
 }
@@ -573,6 +607,22 @@ fn backend(
         weight: b["weight"].as_u64().unwrap_or(1) as u32,
         invalid,
         filters: filters(namespace, &b["filters"], objects)?,
+    })
+}
+
+fn outlier_detection(o: &super::crds::OutlierDetection) -> Result<pb::OutlierDetection, String> {
+    let base = duration_ms(&Value::String(o.base_ejection_time.clone()))
+        .map_err(|e| format!("outlierDetection.baseEjectionTime: {e}"))?;
+    let percent = o.max_ejection_percent.unwrap_or(10);
+    if percent > 100 {
+        return Err(format!(
+            "outlierDetection.maxEjectionPercent {percent} is over 100"
+        ));
+    }
+    Ok(pb::OutlierDetection {
+        consecutive_5xx: o.consecutive5xx,
+        base_ejection_ms: base,
+        max_ejection_percent: percent,
     })
 }
 

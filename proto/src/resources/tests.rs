@@ -134,6 +134,7 @@ fn model(yaml: &str) -> Model {
                 namespace: "default".into(),
                 service: "default/api".into(),
                 load_balancer: *lb,
+                ..Default::default()
             };
             Arc::new(crate::model::backend(spec, name).expect("valid"))
         })

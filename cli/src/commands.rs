@@ -576,7 +576,8 @@ mod tests {
                 .iter()
                 .filter(|k| **k == "CustomResourceDefinition")
                 .count(),
-            3
+            4,
+            "AuthorizationPolicy, BackendPolicy, FaultInjection, RateLimit"
         );
         let role = docs
             .iter()

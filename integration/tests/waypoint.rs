@@ -326,11 +326,19 @@ spec:
     - matches: [{path: {type: PathPrefix, value: /mirror}}]
       filters: [{type: RequestMirror, requestMirror: {backendRef: {name: api-v2, port: 80}}}]
       backendRefs: [{name: api-v1, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /limited}}]
+      filters: [{type: ExtensionRef, extensionRef: {group: weft.dev, kind: RateLimit, name: five-a-minute}}]
+      backendRefs: [{name: api-v1, port: 80}]
     - matches: [{path: {type: PathPrefix, value: /sick}}]
       backendRefs: [{name: api, port: 80}]
     - matches: [{path: {type: PathPrefix, value: /old}}]
       filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}}]
     - backendRefs: [{name: api-v1, port: 80, weight: 90}, {name: api-v2, port: 80, weight: 10}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: RateLimit
+metadata: {name: five-a-minute, namespace: default}
+spec: {requests: 5, interval: 1m}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
@@ -1295,6 +1303,41 @@ async fn circuit_breakers_open_and_outliers_are_ejected() {
         assert_eq!(status, 200, "only the healthy endpoint serves: {text}");
     }
     assert_eq!(sick_v1(), before, "the ejected endpoint got no traffic");
+    drop(c);
+    wp.stop().await;
+}
+
+/// A RateLimit by ExtensionRef: a burst over it gets 429 with
+/// `retry-after` for what is over (the budget refills at 5 a minute, so
+/// at most one more gets through while the burst lasts), counted; other
+/// routes are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_past_the_budget() {
+    require_root!();
+    let (c, wp) = Cluster::start().await;
+    let mut limited = 0;
+    for i in 0..20 {
+        let (status, text) = c.curl(&[&url(&format!("/limited/{i}"))]).await;
+        match status {
+            200 => {}
+            429 => {
+                limited += 1;
+                let retry_after = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("retry-after: "))
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                assert!(retry_after.is_some_and(|s| (1..=12).contains(&s)), "{text}");
+            }
+            other => panic!("{other}: {text}"),
+        }
+    }
+    assert!(
+        (14..=15).contains(&limited),
+        "5 allowed (+1 if the refill came): {limited} limited"
+    );
+    assert_eq!(wp.proxy.stats.requests.get("RL"), limited as u64);
+    let (status, text) = c.curl(&[&url("/mirror/free")]).await;
+    assert_eq!(status, 200, "other routes are not limited: {text}");
     drop(c);
     wp.stop().await;
 }

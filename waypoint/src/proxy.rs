@@ -35,7 +35,7 @@ use weft_proto::routes::{self, RouteTable, Selected};
 use weft_proto::telemetry::ByLabel;
 
 use crate::filters;
-use crate::resilience::Resilience;
+use crate::resilience::{Buckets, Resilience};
 use crate::sniff::{self, Protocol};
 use crate::telemetry::{Counted, Record, SourceLabels, Trace};
 use crate::upstream::{Body, Endpoint, Upstreams};
@@ -144,6 +144,8 @@ pub struct Proxy {
     pub trace_sampling: f64,
     /// Circuit breakers and endpoint health, per Service.
     pub resilience: Resilience,
+    /// Rate limits' token buckets.
+    pub buckets: Buckets,
     /// Route tables compiled for the model they were made from.
     tables: Mutex<Tables>,
 }
@@ -304,6 +306,7 @@ impl Proxy {
             limits,
             trace_sampling: 0.01,
             resilience: Resilience::default(),
+            buckets: Buckets::default(),
             stats: Stats::default(),
             tables: Mutex::default(),
         }
@@ -624,6 +627,20 @@ impl Proxy {
                     }
                 }
                 Filter::Mirror(m) => self.mirror(m, req),
+                Filter::RateLimit(rl) => {
+                    let source = ctx.client.identity.to_string();
+                    if let Err(wait) = self.buckets.take(rl, &source) {
+                        ctx.flag = "RL";
+                        let mut resp = status_response(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            &format!("rate limited by {}", rl.key),
+                        );
+                        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                        resp.headers_mut()
+                            .insert(http::header::RETRY_AFTER, secs.into());
+                        return Ok(Some(resp));
+                    }
+                }
             }
         }
         Ok(None)

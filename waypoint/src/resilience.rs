@@ -12,6 +12,9 @@
 //!   `baseEjectionTime` × the number of times it has been ejected; at most
 //!   `maxEjectionPercent` of the endpoints (at least one, never all) are
 //!   out at once. Ejected endpoints are skipped until their time is up.
+//! - **Rate limits** (`RateLimit.weft.dev` by `ExtensionRef`): a token
+//!   bucket per limit (per client identity with `perSource`), kept by this
+//!   instance; an empty bucket answers 429 with `retry-after`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -219,6 +222,61 @@ async fn take(
         .map_err(|_| "circuit closed for good".to_owned())
 }
 
+/// Token buckets, one per rate limit (and client, with `perSource`).
+#[derive(Debug, Default)]
+pub struct Buckets(Mutex<HashMap<(String, String), Bucket>>);
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Buckets kept at most: past it, those full again are forgotten (a new
+/// one starts full: nothing is given away).
+const MAX_BUCKETS: usize = 65_536;
+
+impl Buckets {
+    /// Takes a token for a request from `source`; when none is left, how
+    /// long until one is.
+    pub fn take(&self, rl: &pb::RateLimit, source: &str) -> Result<(), Duration> {
+        let key = (
+            rl.key.clone(),
+            if rl.per_source {
+                source.to_owned()
+            } else {
+                String::new()
+            },
+        );
+        let per_ms = f64::from(rl.requests) / rl.interval_ms.max(1) as f64;
+        let burst = f64::from(rl.burst.max(1));
+        let now = Instant::now();
+        let refilled = |b: &Bucket| {
+            (b.tokens + now.duration_since(b.at).as_secs_f64() * 1000.0 * per_ms).min(burst)
+        };
+        let mut buckets = self.0.lock().expect("poisoned");
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&key) {
+            buckets.retain(|_, b| refilled(b) < burst);
+            if buckets.len() >= MAX_BUCKETS {
+                return Err(Duration::from_secs(1)); // deny on doubt
+            }
+        }
+        let b = buckets.entry(key).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        b.tokens = refilled(b);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            return Ok(());
+        }
+        Err(Duration::from_millis(
+            ((1.0 - b.tokens) / per_ms).ceil() as u64
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,6 +311,29 @@ mod tests {
         assert!(r.retry("s", Some(&limits)).is_none(), "maxRetries");
         drop(retry);
         assert!(r.retry("s", Some(&limits)).is_some());
+    }
+
+    #[test]
+    fn buckets_allow_the_burst_then_the_rate() {
+        let b = Buckets::default();
+        let rl = pb::RateLimit {
+            key: "shop/rl".into(),
+            requests: 1,
+            interval_ms: 60_000,
+            burst: 3,
+            per_source: true,
+        };
+        let taken: Vec<bool> = (0..5).map(|_| b.take(&rl, "a").is_ok()).collect();
+        assert_eq!(taken, [true, true, true, false, false]);
+        let wait = b.take(&rl, "a").expect_err("empty");
+        assert!(
+            wait > Duration::from_secs(50) && wait <= Duration::from_secs(60),
+            "{wait:?}"
+        );
+        assert!(
+            b.take(&rl, "b").is_ok(),
+            "another source has its own budget"
+        );
     }
 
     #[test]

@@ -220,6 +220,38 @@ pub struct Abort {
     pub percentage: f64,
 }
 
+/// A local rate limit an HTTPRoute's `ExtensionRef` filter applies (on a
+/// rule: its requests; on a backendRef: the requests sent to that
+/// backend), kept by each waypoint instance: over it, 429 with
+/// `retry-after`.
+///
+/// ```yaml
+/// apiVersion: weft.dev/v1alpha1
+/// kind: RateLimit
+/// metadata: {name: ten-per-second, namespace: shop}
+/// spec: {requests: 10, interval: 1s, burst: 20, perSource: true}
+/// ```
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]
+#[kube(
+    group = "weft.dev",
+    version = "v1alpha1",
+    kind = "RateLimit",
+    namespaced
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// Requests allowed per `interval`, on average.
+    pub requests: u32,
+    /// e.g. `1s`, `1m`.
+    pub interval: String,
+    /// Requests allowed at once after a quiet spell (default `requests`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// One budget per client identity rather than one for everyone.
+    #[serde(default)]
+    pub per_source: bool,
+}
+
 /// The CRD manifests, as `kubectl weft install` prints them.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
@@ -227,6 +259,7 @@ pub fn crd_yaml() -> String {
         AuthorizationPolicy::crd(),
         BackendPolicy::crd(),
         FaultInjection::crd(),
+        RateLimit::crd(),
     ]
     .iter()
     .map(|crd| serde_saphyr::to_string(crd).unwrap_or_default())

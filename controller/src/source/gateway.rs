@@ -712,7 +712,7 @@ fn filters(
                     percent,
                 })
             }
-            "ExtensionRef" => Filter::Fault(fault(namespace, &f["extensionRef"], objects)?),
+            "ExtensionRef" => extension(namespace, &f["extensionRef"], objects)?,
             other => return Err(format!("filter {other:?} is not supported yet")),
         };
         out.push(pb::RouteFilter {
@@ -722,18 +722,49 @@ fn filters(
     Ok(out)
 }
 
-/// An `ExtensionRef` to a `FaultInjection.weft.dev` in the route's namespace.
-fn fault(namespace: &str, r: &Value, objects: &Objects) -> Result<pb::Fault, String> {
+/// An `ExtensionRef` filter: a `FaultInjection.weft.dev` or a
+/// `RateLimit.weft.dev` in the route's namespace.
+fn extension(
+    namespace: &str,
+    r: &Value,
+    objects: &Objects,
+) -> Result<pb::route_filter::Filter, String> {
+    use pb::route_filter::Filter;
     let (group, kind, name) = (str_of(&r["group"]), str_of(&r["kind"]), str_of(&r["name"]));
-    if (group, kind) != ("weft.dev", "FaultInjection") {
+    let key = format!("{namespace}/{name}");
+    match (group, kind) {
+        ("weft.dev", "FaultInjection") => Ok(Filter::Fault(fault(&key, objects)?)),
+        ("weft.dev", "RateLimit") => Ok(Filter::RateLimit(rate_limit(&key, objects)?)),
+        _ => Err(format!(
+            "extensionRef {group}/{kind} is not supported (weft.dev/FaultInjection and weft.dev/RateLimit are)"
+        )),
+    }
+}
+
+fn rate_limit(key: &str, objects: &Objects) -> Result<pb::RateLimit, String> {
+    let r = objects
+        .rate_limits
+        .get(key)
+        .ok_or_else(|| format!("RateLimit {key} does not exist"))?;
+    let interval_ms = duration_ms(&Value::String(r.spec.interval.clone()))?;
+    if interval_ms == 0 || r.spec.requests == 0 {
         return Err(format!(
-            "extensionRef {group}/{kind} is not supported (weft.dev/FaultInjection is)"
+            "RateLimit {key}: requests and interval must be above zero"
         ));
     }
-    let key = format!("{namespace}/{name}");
+    Ok(pb::RateLimit {
+        key: key.to_owned(),
+        requests: r.spec.requests,
+        interval_ms,
+        burst: r.spec.burst.unwrap_or(r.spec.requests).max(1),
+        per_source: r.spec.per_source,
+    })
+}
+
+fn fault(key: &str, objects: &Objects) -> Result<pb::Fault, String> {
     let f = objects
         .fault_injections
-        .get(&key)
+        .get(key)
         .ok_or_else(|| format!("FaultInjection {key} does not exist"))?;
     let percent = |p: f64| p.clamp(0.0, 100.0).round() as u32;
     let mut out = pb::Fault::default();

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use weft_proto::model::Model;
 
-use super::crds::{AuthorizationPolicy, BackendPolicy, FaultInjection};
+use super::crds::{AuthorizationPolicy, BackendPolicy, FaultInjection, RateLimit};
 use super::gateway::ReferenceGrant;
 use super::translate::{apply_pods, apply_slices, translate};
 use super::{Objects, SourceStatus};
@@ -69,6 +69,7 @@ struct Stores {
     authorization_policies: Store<AuthorizationPolicy>,
     backend_policies: Store<BackendPolicy>,
     fault_injections: Store<FaultInjection>,
+    rate_limits: Store<RateLimit>,
     gateways: Optional<Gateway>,
     http_routes: Optional<HttpRoute>,
     grpc_routes: Optional<GrpcRoute>,
@@ -203,6 +204,7 @@ pub fn start_with_discovery(
         authorization_policies: w.watch_as(KeyedBy::No, never()),
         backend_policies: w.watch_as(KeyedBy::No, never()),
         fault_injections: w.watch_as(KeyedBy::No, never()),
+        rate_limits: w.watch_as(KeyedBy::No, never()),
         gateways: Optional::new(),
         http_routes: Optional::new(),
         grpc_routes: Optional::new(),
@@ -444,6 +446,7 @@ impl Stores {
             authorization_policies: map(self.authorization_policies.state()),
             backend_policies: map(self.backend_policies.state()),
             fault_injections: map(self.fault_injections.state()),
+            rate_limits: map(self.rate_limits.state()),
             reference_grants: map(self.reference_grants.state()),
             ..Objects::default()
         }
@@ -551,6 +554,7 @@ pub fn watched() -> Vec<(String, String)> {
         r::<AuthorizationPolicy>(),
         r::<BackendPolicy>(),
         r::<FaultInjection>(),
+        r::<RateLimit>(),
         r::<ReferenceGrant>(),
     ]
 }

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 
-use crds::{AuthorizationPolicy, BackendPolicy, FaultInjection};
+use crds::{AuthorizationPolicy, BackendPolicy, FaultInjection, RateLimit};
 
 /// One Kubernetes object weft reads, shared: sources, snapshots and the
 /// translation pass it around without copying it.
@@ -37,11 +37,12 @@ pub enum Object {
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
     BackendPolicy(Arc<BackendPolicy>),
     FaultInjection(Arc<FaultInjection>),
+    RateLimit(Arc<RateLimit>),
     ReferenceGrant(Arc<gateway::ReferenceGrant>),
 }
 
 /// (apiVersion, kind) of every kind weft reads.
-pub const KINDS: [(&str, &str); 14] = [
+pub const KINDS: [(&str, &str); 15] = [
     ("v1", "Namespace"),
     ("v1", "Pod"),
     ("v1", "Service"),
@@ -54,6 +55,7 @@ pub const KINDS: [(&str, &str); 14] = [
     ("weft.dev/v1alpha1", "AuthorizationPolicy"),
     ("weft.dev/v1alpha1", "BackendPolicy"),
     ("weft.dev/v1alpha1", "FaultInjection"),
+    ("weft.dev/v1alpha1", "RateLimit"),
     // Served at v1beta1 by every Gateway API release, at v1 by recent ones.
     ("gateway.networking.k8s.io/v1beta1", "ReferenceGrant"),
     ("gateway.networking.k8s.io/v1", "ReferenceGrant"),
@@ -74,6 +76,7 @@ impl Object {
             Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Object::BackendPolicy(_) => "BackendPolicy",
             Object::FaultInjection(_) => "FaultInjection",
+            Object::RateLimit(_) => "RateLimit",
             Object::ReferenceGrant(_) => "ReferenceGrant",
         }
     }
@@ -92,6 +95,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => &o.metadata,
             Object::BackendPolicy(o) => &o.metadata,
             Object::FaultInjection(o) => &o.metadata,
+            Object::RateLimit(o) => &o.metadata,
             Object::ReferenceGrant(o) => &o.metadata,
         }
     }
@@ -168,6 +172,7 @@ impl Object {
             "AuthorizationPolicy" => Object::AuthorizationPolicy(typed(doc, &what)?),
             "BackendPolicy" => Object::BackendPolicy(typed(doc, &what)?),
             "ReferenceGrant" => Object::ReferenceGrant(typed(doc, &what)?),
+            "RateLimit" => Object::RateLimit(typed(doc, &what)?),
             _ => Object::FaultInjection(typed(doc, &what)?),
         };
         let round_trip = object.to_value();
@@ -192,6 +197,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => serde_json::to_value(&**o),
             Object::BackendPolicy(o) => serde_json::to_value(&**o),
             Object::FaultInjection(o) => serde_json::to_value(&**o),
+            Object::RateLimit(o) => serde_json::to_value(&**o),
             Object::ReferenceGrant(o) => serde_json::to_value(&**o),
         };
         v.unwrap_or(Value::Null)
@@ -370,6 +376,7 @@ pub struct Objects {
     pub authorization_policies: BTreeMap<String, Arc<AuthorizationPolicy>>,
     pub backend_policies: BTreeMap<String, Arc<BackendPolicy>>,
     pub fault_injections: BTreeMap<String, Arc<FaultInjection>>,
+    pub rate_limits: BTreeMap<String, Arc<RateLimit>>,
     pub reference_grants: BTreeMap<String, Arc<gateway::ReferenceGrant>>,
 }
 
@@ -391,6 +398,7 @@ impl Objects {
             Object::AuthorizationPolicy(o) => self.authorization_policies.insert(key, o).is_some(),
             Object::BackendPolicy(o) => self.backend_policies.insert(key, o).is_some(),
             Object::FaultInjection(o) => self.fault_injections.insert(key, o).is_some(),
+            Object::RateLimit(o) => self.rate_limits.insert(key, o).is_some(),
             Object::ReferenceGrant(o) => self.reference_grants.insert(key, o).is_some(),
         }
     }

@@ -399,7 +399,13 @@ impl Proxy {
         let declared = req.headers().get(http::header::CONTENT_LENGTH);
         let bytes = declared.and_then(|v| v.to_str().ok()?.parse().ok());
         let head = (req.method().to_string(), req.uri().path().to_owned());
-        Record::new(head, source, trace, bytes.unwrap_or(0), protocol)
+        let mut record = Record::new(head, source, trace, bytes.unwrap_or(0), protocol);
+        // Until a backend is chosen (and if none is: a refusal), the
+        // Service the client asked for.
+        if let Target::Service { key, .. } = &client.target {
+            record.destination_service = key.clone();
+        }
+        record
     }
 
     async fn phases(

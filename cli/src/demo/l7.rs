@@ -1,7 +1,10 @@
 //! The demo's second act: a waypoint for the `api` service account, as a
 //! user adds one — `kubectl weft waypoint apply`, a label on the Service,
 //! an HTTPRoute — then what it does: a 90/10 split, a header route, a retry
-//! that hides a failing backend, an injected delay and an abort.
+//! that hides a failing backend, an injected delay and an abort; then the
+//! same waypoint guarding api: an L7 DENY however the path is spelled, a
+//! circuit breaker opening under a burst, a rate limit, an endpoint
+//! ejected for failing, and the waypoint's request metrics.
 
 #![allow(clippy::print_stdout)]
 
@@ -66,7 +69,39 @@ spec:
     - matches: [{{path: {{type: PathPrefix, value: /abort}}}}]
       filters: [{{type: ExtensionRef, extensionRef: {{group: weft.dev, kind: FaultInjection, name: half-down}}}}]
       backendRefs: [{{name: api, port: 80}}]
+    - matches: [{{path: {{type: PathPrefix, value: /hold}}}}]
+      backendRefs: [{{name: api-v1, port: 80}}]
+    - matches: [{{path: {{type: PathPrefix, value: /limited}}}}]
+      filters: [{{type: ExtensionRef, extensionRef: {{group: weft.dev, kind: RateLimit, name: ten-a-minute}}}}]
+      backendRefs: [{{name: api-v1, port: 80}}]
+    - matches: [{{path: {{type: PathPrefix, value: /sick}}}}]
+      backendRefs: [{{name: api, port: 80}}]
     - backendRefs: [{{name: api-v1, port: 80, weight: 90}}, {{name: api-v2, port: 80, weight: 10}}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: no-admin, namespace: default}}
+spec:
+  targetRefs: [{{group: "", kind: Service, name: api}}]
+  action: DENY
+  rules: [{{paths: [/admin, /admin/*]}}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: BackendPolicy
+metadata: {{name: api-v1-limits, namespace: default}}
+spec: {{targetRef: {{kind: Service, name: api-v1}}, limits: {{maxRequests: 2, maxPendingRequests: 0}}}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: BackendPolicy
+metadata: {{name: api-outliers, namespace: default}}
+spec:
+  targetRef: {{kind: Service, name: api}}
+  outlierDetection: {{consecutive5xx: 3, baseEjectionTime: 30s, maxEjectionPercent: 50}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: RateLimit
+metadata: {{name: ten-a-minute, namespace: default}}
+spec: {{requests: 10, interval: 1m}}
 "#,
         ip = waypoint.ip
     )
@@ -274,4 +309,116 @@ pub async fn run(web: &PodNs, wp: &Waypoint) -> Vec<Check> {
         format!("a 50% abort answers 503 to about half ({aborted} of 40)"),
     ));
     checks
+}
+
+/// The act's third part: what the waypoint enforces, and its metrics.
+pub async fn guard(web: &PodNs, wp: &Waypoint) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let get = |seen: &BTreeMap<String, usize>, k: &str| seen.get(k).copied().unwrap_or(0);
+    let stats = &wp.proxy.stats.requests;
+    let denied = stats.get("DENY");
+    let mut admin = BTreeMap::new();
+    for path in [
+        "/admin/users",
+        "/%61dmin/users",
+        "/x/../admin/users",
+        "//admin",
+    ] {
+        *admin
+            .entry(format!("{path} → {}", status_of(web, path).await))
+            .or_default() += 1;
+    }
+    show("L7 DENY", &admin);
+    let users = status_of(web, "/users").await;
+    println!("             /users → {users} (policy default/no-admin denies /admin and /admin/*)");
+    checks.push(check(
+        admin.keys().all(|k| k.ends_with("403")) && users == 200 && stats.get("DENY") - denied == 4,
+        "an L7 DENY holds however the path is spelled (4 × 403, counted), other paths pass",
+    ));
+
+    let open = stats.get("UO");
+    let burst = burst(web, "/hold").await;
+    show("breaker", &burst);
+    println!("             8 at once to api-v1 (maxRequests 2, no room to wait; each held 300 ms)");
+    checks.push(check(
+        get(&burst, "503") >= 4
+            && get(&burst, "api-1") >= 2
+            && stats.get("UO") - open == get(&burst, "503") as u64,
+        "a circuit breaker opens under a burst (503 UO past 2 in flight) and closes after",
+    ));
+
+    let limited = tally(web, "/limited", "", 15).await;
+    show("rate limit", &limited);
+    checks.push(check(
+        (10..=11).contains(&get(&limited, "api-1"))
+            && get(&limited, "429") + get(&limited, "api-1") == 15,
+        "a rate limit of 10 a minute answers the rest of a burst of 15 with 429",
+    ));
+
+    let first = tally(web, "/sick", "", 8).await;
+    let then = tally(web, "/sick", "", 8).await;
+    show("outlier", &first);
+    show("  then", &then);
+    checks.push(check(
+        (3..=4).contains(&get(&first, "503")) && get(&then, "api-2") == 8,
+        "an endpoint failing 3 times in a row is ejected; its peer serves the rest",
+    ));
+    print_metrics();
+    checks
+}
+
+async fn status_of(pod: &PodNs, path: &str) -> u16 {
+    let vip: SocketAddr = format!("{VIP}:80").parse().expect("static address");
+    request(pod, vip, path, "").await.map_or(0, |(s, _)| s)
+}
+
+/// Eight requests at once; the answers counted as [`tally`] does.
+async fn burst(pod: &PodNs, path: &str) -> BTreeMap<String, usize> {
+    let vip: SocketAddr = format!("{VIP}:80").parse().expect("static address");
+    let one = || request(pod, vip, path, "");
+    let all = tokio::join!(one(), one(), one(), one(), one(), one(), one(), one());
+    let mut seen = BTreeMap::new();
+    for r in [all.0, all.1, all.2, all.3, all.4, all.5, all.6, all.7] {
+        let key = match r {
+            Ok((200, body)) => body,
+            Ok((status, _)) => status.to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        *seen.entry(key).or_default() += 1;
+    }
+    seen
+}
+
+/// The waypoint's request counts for api's Services, from its metrics.
+fn print_metrics() {
+    let text = weft_proto::process::prometheus().render();
+    let label = |line: &str, name: &str| {
+        let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+        line[start..].split('"').next().map(str::to_owned)
+    };
+    let mut rows: BTreeMap<(String, String, String), f64> = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("weft_requests_total{"))
+    {
+        let (Some(service), Some(code), Some(flags)) = (
+            label(line, "destination_service"),
+            label(line, "response_code"),
+            label(line, "response_flags"),
+        ) else {
+            continue;
+        };
+        let n: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        *rows.entry((service, code, flags)).or_default() += n;
+    }
+    println!(
+        "\nwaypoint metrics  weft_requests_total by destination_service, response_code, response_flags"
+    );
+    for ((service, code, flags), n) in rows {
+        println!("             {service:<16} {code}  {flags:<5} {n}");
+    }
 }

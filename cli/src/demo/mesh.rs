@@ -286,6 +286,10 @@ async fn demo(keep: bool, verdict: Verdict) -> anyhow::Result<()> {
     );
     let wp = super::l7::set_up(&ctl, &config_dir, &waypoint_pod, data.path()).await?;
     checks.extend(super::l7::run(pod("web"), &wp).await);
+    println!(
+        "\nL7 policy    the same waypoint enforcing: authorization, a circuit breaker, a rate limit, outlier detection"
+    );
+    checks.extend(super::l7::guard(pod("web"), &wp).await);
 
     let version = ctl.config.current().version;
     let proxies = ctl.proxies.all();
@@ -504,7 +508,8 @@ async fn weft_cni_add(pod: &PodNs, socket: &Path) -> anyhow::Result<()> {
 }
 
 /// A tiny HTTP server on :8080 in the pod, answering with the pod's name;
-/// `/flaky` fails (503) every other time.
+/// `/flaky` fails (503) every other time, `/hold` answers after 300 ms,
+/// and `/sick` fails on api-1 only.
 async fn serve_http(pod: &PodNs) -> anyhow::Result<()> {
     let listener = pod.listen("0.0.0.0:8080".parse()?).await?;
     let name: Arc<str> = pod.name.clone().into();
@@ -515,8 +520,13 @@ async fn serve_http(pod: &PodNs) -> anyhow::Result<()> {
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 let n = s.read(&mut buf).await.unwrap_or(0);
-                let fails = buf[..n].starts_with(b"GET /flaky")
-                    && flaky.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0;
+                let asked = |p: &[u8]| buf[..n].starts_with(p);
+                if asked(b"GET /hold") {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                let fails = (asked(b"GET /flaky")
+                    && flaky.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0)
+                    || (asked(b"GET /sick") && &*name == "api-1");
                 let status = if fails {
                     "503 Service Unavailable"
                 } else {

@@ -1009,6 +1009,18 @@ fn encode(v: &str) -> String {
         .collect()
 }
 
+/// `name=value&...` (values encoded, absent ones left out), then a
+/// `header=` for each `NAME:VALUE`.
+fn query_string(pairs: &[(&str, Option<&String>)], headers: &[String]) -> String {
+    let given = pairs
+        .iter()
+        .filter_map(|(k, v)| Some((*k, v.as_ref()?.as_str())));
+    let all = given.chain(headers.iter().map(|h| ("header", h.as_str())));
+    all.map(|(k, v)| format!("{k}={}", encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 /// Which route and rule would serve a request through the Service's
 /// waypoint, decided by the controller with the matcher the waypoint runs;
 /// a request no rule serves is an error (exit 1) saying what happens.
@@ -1017,19 +1029,15 @@ pub async fn route_explain(
     q: &RouteQuery,
     output: Output,
 ) -> Result<String, CliError> {
-    let mut query = format!(
-        "service={}&port={}&path={}&method={}",
-        encode(&q.service),
-        q.port,
-        encode(&q.path),
-        encode(&q.method)
-    );
-    for h in &q.headers {
-        query += &format!("&header={}", encode(h));
-    }
-    if let Some(ns) = &q.from {
-        query += &format!("&from={}", encode(ns));
-    }
+    let port = q.port.to_string();
+    let pairs = [
+        ("service", Some(&q.service)),
+        ("port", Some(&port)),
+        ("path", Some(&q.path)),
+        ("method", Some(&q.method)),
+        ("from", q.from.as_ref()),
+    ];
+    let query = query_string(&pairs, &q.headers);
     let v = get(target, &format!("/api/v1/routes/explain?{query}")).await?;
     if v["matched"] != true {
         return Err(CliError::Refused(format!(
@@ -1093,20 +1101,16 @@ pub async fn policy_check(
     q: &PolicyQuery,
     output: Output,
 ) -> Result<String, CliError> {
-    let mut query = format!(
-        "from={}&to={}&port={}&path={}&method={}",
-        encode(&q.src),
-        encode(&q.dst),
-        q.port,
-        encode(&q.path),
-        encode(&q.method)
-    );
-    for h in &q.headers {
-        query += &format!("&header={}", encode(h));
-    }
-    if let Some(host) = &q.host {
-        query += &format!("&host={}", encode(host));
-    }
+    let port = q.port.to_string();
+    let pairs = [
+        ("from", Some(&q.src)),
+        ("to", Some(&q.dst)),
+        ("port", Some(&port)),
+        ("path", Some(&q.path)),
+        ("method", Some(&q.method)),
+        ("host", q.host.as_ref()),
+    ];
+    let query = query_string(&pairs, &q.headers);
     let v = get(target, &format!("/api/v1/policies/check?{query}")).await?;
     let text = structured(&v, output).unwrap_or_else(|| {
         let mut rows = vec![match v["l7"]["applies"] == true {

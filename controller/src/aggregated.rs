@@ -307,9 +307,12 @@ pub async fn start(
     shutdown: CancellationToken,
 ) {
     let current = follow(client, cert, shutdown.clone()).await;
+    // Built once; each connection only adds the settings it was admitted
+    // under (which headers name the user).
+    let app = router(api, reviewer);
     let handle = move |tcp: TcpStream, peer: SocketAddr| {
         let current = current.borrow().clone();
-        let (api, reviewer) = (api.clone(), reviewer.clone());
+        let app = app.clone();
         async move {
             let Some(current) = current else {
                 return refuse("front_proxy_unknown", peer, &"no front-proxy settings yet");
@@ -324,7 +327,11 @@ pub async fn start(
             if !leaf.is_some_and(|l| current.proxy.admits(l)) {
                 return refuse("front_proxy_name", peer, &"certificate name not allowed");
             }
-            let app = router(api, reviewer, current.proxy);
+            let proxy = current.proxy;
+            let app = app.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(proxy.clone());
+                req
+            });
             let service = TowerToHyperService::new(app);
             let served = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), service)
@@ -346,14 +353,12 @@ pub async fn start(
 struct Served {
     rest: Router,
     reviewer: Arc<Reviewer>,
-    proxy: Arc<FrontProxy>,
 }
 
-fn router(api: rest::Api, reviewer: Arc<Reviewer>, proxy: Arc<FrontProxy>) -> Router {
+fn router(api: rest::Api, reviewer: Arc<Reviewer>) -> Router {
     let served = Served {
         rest: rest::router(api),
         reviewer,
-        proxy,
     };
     let prefix = format!("/apis/{GROUP}/{VERSION}");
     Router::new()
@@ -393,8 +398,12 @@ async fn group() -> Json<serde_json::Value> {
 
 /// `/apis/api.weft.dev/v1alpha1/<path>` is the REST API's
 /// `/api/v1/<path>`, for the user the front proxy vouches for.
-async fn read(State(served): State<Served>, mut req: Request) -> Response {
-    let Some(user) = served.proxy.user(req.headers()) else {
+async fn read(
+    State(served): State<Served>,
+    axum::Extension(proxy): axum::Extension<Arc<FrontProxy>>,
+    mut req: Request,
+) -> Response {
+    let Some(user) = proxy.user(req.headers()) else {
         metrics::counter!("weft_controller_rest_refusals_total", "reason" => "unauthenticated")
             .increment(1);
         return status(

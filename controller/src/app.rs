@@ -200,11 +200,9 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
     )?);
     let nodes = Arc::new(Nodes::load(&config.data_dir.join("nodes"))?);
     if let (Some(client), SourceConfig::Kubernetes(access)) = (&kube, &config.source) {
-        let roots = ca.root_pem();
-        crate::kube_ca::publish_trust_bundle(client, &access.namespace, &roots)
+        publish_roots(client, &access.namespace, &ca.root_pem())
             .await
             .map_err(|e| BuildError::Kubernetes(e.to_string()))?;
-        crate::aggregated::publish_ca_bundle(client, &roots).await;
         nodes.accept_kubernetes_tokens(crate::kube_auth::ProxyReviewer::new(
             client.clone(),
             access.proxy_tokens.clone(),
@@ -358,6 +356,7 @@ fn follow_ca(
     };
     let (dir, every) = (config.data_dir.join("ca"), config.ca_follow);
     tokio::spawn(async move {
+        let mut unpublished = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -369,24 +368,35 @@ fn follow_ca(
                 tracing::warn!(error = %e, "CA Secret not taken; the current CA keeps signing");
                 continue;
             }
+            // Changed roots are owed to the API until it takes them: a
+            // failed publish is tried again at the next look, though the
+            // material has not changed since.
             match ca.reload() {
-                Ok(false) => {}
-                Ok(true) => {
-                    let Some(client) = &kube else { continue };
-                    let roots = ca.root_pem();
-                    if let Err(e) =
-                        crate::kube_ca::publish_trust_bundle(client, &namespace, &roots).await
-                    {
-                        tracing::warn!(error = %e, "trust bundle not published; will try again");
-                    }
-                    crate::aggregated::publish_ca_bundle(client, &roots).await;
-                }
+                Ok(changed) => unpublished |= changed,
                 Err(e) => {
                     tracing::warn!(error = %e, "CA material not taken; the current CA keeps signing")
                 }
             }
+            if let (true, Some(client)) = (unpublished, &kube) {
+                match publish_roots(client, &namespace, &ca.root_pem()).await {
+                    Ok(()) => unpublished = false,
+                    Err(e) => tracing::warn!(error = %e, "roots not published; will try again"),
+                }
+            }
         }
     });
+}
+
+/// Publishes the roots in a cluster: the trust bundle ConfigMap (proxies
+/// follow it) and the aggregated API's caBundle.
+async fn publish_roots(
+    client: &kube::Client,
+    namespace: &str,
+    roots: &str,
+) -> Result<(), crate::kube_ca::KubeCaError> {
+    crate::kube_ca::publish_trust_bundle(client, namespace, roots).await?;
+    crate::aggregated::publish_ca_bundle(client, roots).await;
+    Ok(())
 }
 
 /// The API writes only the elected replica makes: waypoint Deployments and

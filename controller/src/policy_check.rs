@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use weft_proto::model::{Decision, Model, Source, Workload};
-use weft_proto::request_policy::{self as rp, judge};
+use weft_proto::request_policy as rp;
 
 /// What to check.
 pub struct Request<'a> {
@@ -113,13 +113,9 @@ fn layer7(
     let default_host = r.to.split('/').nth(1).unwrap_or(r.to);
     let host = rp::normalize_host(r.host.unwrap_or(default_host));
     let services: Vec<&str> = services.iter().map(String::as_str).collect();
-    let applicable = model
-        .request_policies
-        .iter()
-        .filter(|p| p.applies(&services, waypoint))
-        .map(|p| &**p);
-    let d = judge(
-        applicable,
+    let d = rp::judge_at(
+        &model.request_policies,
+        (&services, waypoint),
         &rp::Request {
             identity: Some(&src.identity),
             ip: src
@@ -221,10 +217,7 @@ spec:
 
         // With a waypoint: L7 judges web; api's ztunnel then sees the
         // waypoint, which the L4 policy does not name.
-        let bound = shop.replace(
-            "    name: api\n    namespace: shop\n    resourceVersion: \"1081\"",
-            "    name: api\n    namespace: shop\n    labels: {weft.dev/use-waypoint: wp}\n    resourceVersion: \"1081\"",
-        );
+        let bound = crate::source::fixtures::shop_bound_to("wp");
         let m = model(&[&bound, L4, WAYPOINT]);
         let v = ask(&m, WEB, "/x/../admin/users");
         assert_eq!(v["l7"]["allowed"], false, "{v}");

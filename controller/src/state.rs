@@ -293,10 +293,7 @@ kind: BackendPolicy
 metadata: {name: ledger-lb, namespace: billing}
 spec: {targetRef: {kind: Service, name: ledger}, loadBalancer: Random}
 "#;
-        let shop = include_str!("../tests/k8s/shop.yaml").replace(
-            "    name: api\n    namespace: shop\n    resourceVersion: \"1081\"",
-            "    name: api\n    namespace: shop\n    labels: {weft.dev/use-waypoint: wp}\n    resourceVersion: \"1081\"",
-        );
+        let shop = crate::source::fixtures::shop_bound_to("wp");
         let mut objects = Objects::default();
         let billing = include_str!("../tests/k8s/other-ns.yaml");
         let route = include_str!("../tests/k8s/route-to-ledger.yaml");

@@ -631,11 +631,15 @@ async fn the_aggregated_api_serves_the_user_the_front_proxy_vouches_for() {
         .await
         .expect("anonymous");
     assert_eq!(code, 401);
-    // Writes are not served here (they go to the Kubernetes API).
-    let (code, _) = get(proxy.clone(), "/apis/api.weft.dev/v1alpha1/objects", alice)
-        .await
-        .expect("objects");
-    assert_ne!(code, 200);
+    // Writes are not served here (they go to the Kubernetes API): a PUT
+    // or DELETE of a config object is refused by method, for alice too.
+    for method in [http::Method::PUT, http::Method::DELETE] {
+        let path = "/apis/api.weft.dev/v1alpha1/objects/Namespace/shop";
+        let (code, _) = fake_api::tls_request(proxy.clone(), served, (method.clone(), path), alice)
+            .await
+            .expect("answered");
+        assert_eq!(code, 405, "{method}");
+    }
 
     // Headers mean nothing without the front proxy's certificate: another
     // CA's client, the right CA under a name not allowed, no certificate.

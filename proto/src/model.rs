@@ -328,6 +328,23 @@ impl PartialEq for Route {
     }
 }
 
+/// An address as the config stream carries it (4 or 16 bytes).
+pub fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// An address from the config stream; `None` unless 4 or 16 bytes.
+pub fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => None,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
     addr: IpAddr,
@@ -357,6 +374,20 @@ impl Cidr {
 
     pub fn addr(&self) -> IpAddr {
         self.addr
+    }
+
+    /// As the config stream carries it.
+    pub fn to_pb(&self) -> pb::Cidr {
+        pb::Cidr {
+            address: ip_bytes(&self.addr),
+            prefix_len: u32::from(self.prefix),
+        }
+    }
+
+    /// From the config stream: 4 or 16 address bytes and a prefix that fits.
+    pub fn from_pb(c: &pb::Cidr) -> Result<Self, String> {
+        let addr = ip_from(&c.address).ok_or("a CIDR address is not 4 or 16 bytes")?;
+        Cidr::parse(&format!("{addr}/{}", c.prefix_len))
     }
 
     pub fn prefix(&self) -> u8 {

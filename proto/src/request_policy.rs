@@ -120,15 +120,7 @@ fn rule(r: &pb::RequestRule) -> Result<Rule, String> {
     let cidrs = r
         .source_ips
         .iter()
-        .map(|c| {
-            let ip = match c.address.len() {
-                4 => <[u8; 4]>::try_from(&c.address[..]).map(IpAddr::from).ok(),
-                16 => <[u8; 16]>::try_from(&c.address[..]).map(IpAddr::from).ok(),
-                _ => None,
-            };
-            let ip = ip.ok_or("a source IP is not 4 or 16 bytes")?;
-            Cidr::parse(&format!("{ip}/{}", c.prefix_len))
-        })
+        .map(Cidr::from_pb)
         .collect::<Result<_, _>>()?;
     let ports = r
         .ports
@@ -288,6 +280,21 @@ pub fn judge<'p>(
         rule: None,
         reason: "no ALLOW policy matched".into(),
     }
+}
+
+/// [`judge`] with the policies of `policies` that apply to a request for
+/// `services` arriving at `waypoint` (what the waypoint runs, and what
+/// `kubectl weft policy check` asks of the controller).
+pub fn judge_at(
+    policies: &[std::sync::Arc<RequestPolicy>],
+    (services, waypoint): (&[&str], &str),
+    req: &Request<'_>,
+) -> Decision {
+    let applicable = policies
+        .iter()
+        .filter(|p| p.applies(services, waypoint))
+        .map(|p| &**p);
+    judge(applicable, req)
 }
 
 /// Why a path cannot be judged.

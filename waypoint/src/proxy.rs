@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tracing::warn;
 use weft_proto::hbone::server::{Handler, InboundConnect};
 use weft_proto::identity::Identity;
-use weft_proto::model::Model;
+use weft_proto::model::{Backend, Model};
 use weft_proto::pb::weft::v1 as pb;
 use weft_proto::routes::{self, RouteTable, Selected};
 use weft_proto::telemetry::ByLabel;
@@ -346,7 +346,9 @@ impl Proxy {
     /// request's record (log line, metrics) when it ends.
     pub async fn serve(&self, mut req: Request<Incoming>, client: &Client) -> Response<Body> {
         let trace = Trace::continue_or_start(req.headers_mut(), self.trace_sampling);
-        let mut record = self.record(&req, client, trace);
+        // One config version for the whole request, its record included.
+        let model = self.model.borrow().clone();
+        let mut record = self.record(&model, &req, client, trace);
         let mut ctx = Ctx {
             client,
             route: None,
@@ -354,7 +356,7 @@ impl Proxy {
             backend: (String::new(), 0),
             flag: "-",
         };
-        let resp = match self.phases(req, &mut ctx).await {
+        let resp = match self.phases(&model, req, &mut ctx).await {
             Ok(resp) => resp,
             Err(r) => {
                 ctx.flag = r.flag;
@@ -382,11 +384,16 @@ impl Proxy {
     }
 
     /// The request's record, as far as its head tells.
-    fn record(&self, req: &Request<Incoming>, client: &Client, trace: Trace) -> Record {
-        let model = self.model.borrow().clone();
-        let source = self.cached(&model, client, |c| {
+    fn record(
+        &self,
+        model: &Arc<Model>,
+        req: &Request<Incoming>,
+        client: &Client,
+        trace: Trace,
+    ) -> Record {
+        let source = self.cached(model, client, |c| {
             c.source
-                .get_or_insert_with(|| Arc::new(source_labels(&model, client)))
+                .get_or_insert_with(|| Arc::new(source_labels(model, client)))
                 .clone()
         });
         let protocol = if is_grpc(req) {
@@ -410,13 +417,13 @@ impl Proxy {
 
     async fn phases(
         &self,
+        model: &Arc<Model>,
         mut req: Request<Incoming>,
         ctx: &mut Ctx<'_>,
     ) -> Result<Response<Body>, Refusal> {
-        let model = self.model.borrow().clone();
         // Who called, as the handshake verified it: a client's own
         // x-forwarded-client-cert is never passed on.
-        let xfcc = self.cached(&model, ctx.client, |c| {
+        let xfcc = self.cached(model, ctx.client, |c| {
             let make = || {
                 let v = format!("By={};URI={}", self.identity, ctx.client.identity);
                 HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static(""))
@@ -424,15 +431,15 @@ impl Proxy {
             c.xfcc.get_or_insert_with(make).clone()
         });
         req.headers_mut().insert("x-forwarded-client-cert", xfcc);
-        self.authorize(&model, &mut req, ctx)?;
-        self.route(&model, &req, ctx)?;
+        self.authorize(model, &mut req, ctx)?;
+        self.route(model, &req, ctx)?;
         let selected = ctx.route.clone();
         let rule = selected.as_ref().map(|s| s.rule());
         let filters = rule.map_or(&[][..], |r| &r.filters[..]);
         if let Some(resp) = self.filters(filters, &mut req, ctx).await? {
             return Ok(resp);
         }
-        let chosen = self.backend(&model, rule, ctx)?;
+        let chosen = self.backend(model, rule, ctx)?;
         if let Some(resp) = self.filters(chosen.filters, &mut req, ctx).await? {
             return Ok(resp);
         }
@@ -443,6 +450,7 @@ impl Proxy {
         let tries = Tries {
             endpoints: &chosen.endpoints,
             all: &chosen.all,
+            policy: chosen.policy.as_deref(),
             first: chosen.first,
         };
         let upstream = self.upstream(req, tries, rule, ctx);
@@ -479,7 +487,7 @@ impl Proxy {
         req: &mut Request<Incoming>,
         ctx: &Ctx<'_>,
     ) -> Result<(), Refusal> {
-        use weft_proto::request_policy::{self as rp, judge};
+        use weft_proto::request_policy as rp;
         let path = rp::normalize_path(req.uri().path())
             .map_err(|e| refuse(StatusCode::BAD_REQUEST, "DPE", e.to_string()))?;
         if path != req.uri().path() {
@@ -504,13 +512,9 @@ impl Proxy {
             }
         };
         let host = rp::normalize_host(&host_of(req));
-        let applicable = model
-            .request_policies
-            .iter()
-            .filter(|p| p.applies(&services, &self.key))
-            .map(|p| &**p);
-        let decision = judge(
-            applicable,
+        let decision = rp::judge_at(
+            &model.request_policies,
+            (&services, &self.key),
             &rp::Request {
                 identity: Some(&client.identity),
                 ip: client.addr.ip(),
@@ -634,8 +638,7 @@ impl Proxy {
                 }
                 Filter::Mirror(m) => self.mirror(m, req),
                 Filter::RateLimit(rl) => {
-                    let source = ctx.client.identity.to_string();
-                    if let Err(wait) = self.buckets.take(rl, &source) {
+                    if let Err(wait) = self.buckets.take(rl, &ctx.client.identity) {
                         ctx.flag = "RL";
                         let mut resp = status_response(
                             StatusCode::TOO_MANY_REQUESTS,
@@ -734,6 +737,7 @@ impl Proxy {
                     return Ok(Chosen {
                         endpoints: one.clone(),
                         all: one,
+                        policy: None,
                         first: 0,
                         filters: &[],
                     });
@@ -761,18 +765,21 @@ impl Proxy {
             let reason = format!("no ready endpoint for {service}:{port}");
             refuse(StatusCode::SERVICE_UNAVAILABLE, "UH", reason)
         })?;
-        let outliers = model
-            .backend(service)
+        // The Service's BackendPolicy, looked up once for every phase after.
+        let policy = model.backend(service).cloned();
+        let outliers = policy
+            .as_ref()
             .is_some_and(|b| b.spec.outlier_detection.is_some());
         let healthy = match outliers {
             true => self.resilience.healthy(&eps),
             false => eps.clone(),
         };
-        let first = self.balance(model, service, &healthy);
+        let first = self.balance(model, (service, policy.as_deref()), &healthy);
         Ok(Chosen {
             first,
             endpoints: healthy,
             all: eps,
+            policy,
             filters,
         })
     }
@@ -780,11 +787,15 @@ impl Proxy {
     /// The endpoint a request to `service` tries first, by its backend
     /// policy: round robin (default), least request (the less loaded of
     /// two picked at random) or random.
-    fn balance(&self, model: &Model, service: &str, eps: &[Endpoint]) -> usize {
+    fn balance(
+        &self,
+        model: &Model,
+        (service, policy): (&str, Option<&Backend>),
+        eps: &[Endpoint],
+    ) -> usize {
         use pb::backend::LoadBalancer;
         let n = eps.len();
-        let lb = model
-            .backend(service)
+        let lb = policy
             .and_then(|b| LoadBalancer::try_from(b.spec.load_balancer).ok())
             .unwrap_or(LoadBalancer::RoundRobin);
         let mut rng = rand::rng();
@@ -812,8 +823,7 @@ impl Proxy {
         rule: Option<&pb::RouteRule>,
         ctx: &mut Ctx<'_>,
     ) -> Result<Response<Body>, Refusal> {
-        let policy = self.model.borrow().backend(&ctx.backend.0).cloned();
-        let spec = policy.as_ref().map(|p| &p.spec);
+        let spec = at.policy.map(|p| &p.spec);
         let limits = spec.and_then(|s| s.limits.as_ref());
         let retry = rule.and_then(|r| r.retry.clone()).unwrap_or_default();
         let per_try = rule.map_or(0, |r| r.backend_timeout_ms);
@@ -913,6 +923,7 @@ impl Proxy {
 struct Tries<'a> {
     endpoints: &'a [Endpoint],
     all: &'a [Endpoint],
+    policy: Option<&'a Backend>,
     first: usize,
 }
 
@@ -1039,6 +1050,8 @@ struct Chosen<'r> {
     endpoints: Arc<[Endpoint]>,
     /// Every ready endpoint (what outlier detection's share is of).
     all: Arc<[Endpoint]>,
+    /// The Service's BackendPolicy.
+    policy: Option<Arc<Backend>>,
     first: usize,
     filters: &'r [pb::RouteFilter],
 }
@@ -1207,21 +1220,37 @@ mod tests {
         let (p, model) = proxy(LoadBalancer::RoundRobin);
         let eps = endpoints(&model, "default/api", 80).expect("endpoints");
         let picks: Vec<usize> = (0..4)
-            .map(|_| p.balance(&model, "default/api", &eps))
+            .map(|_| {
+                p.balance(
+                    &model,
+                    ("default/api", model.backend("default/api").map(|b| &**b)),
+                    &eps,
+                )
+            })
             .collect();
         assert_eq!(picks, [0, 1, 0, 1]);
 
         // Least request: the endpoint with a request in flight is avoided.
         let (p, model) = proxy(LoadBalancer::LeastRequest);
         let _busy = p.upstreams.busy(eps[0].addr);
-        assert!((0..50).all(|_| p.balance(&model, "default/api", &eps) == 1));
+        assert!((0..50).all(|_| p.balance(
+            &model,
+            ("default/api", model.backend("default/api").map(|b| &**b)),
+            &eps
+        ) == 1));
         drop(_busy);
         assert_eq!(p.upstreams.in_flight(eps[0].addr), 0);
 
         // Random: both, over 200 draws (each misses all with p = 2^-200).
         let (p, model) = proxy(LoadBalancer::Random);
         let seen: std::collections::HashSet<usize> = (0..200)
-            .map(|_| p.balance(&model, "default/api", &eps))
+            .map(|_| {
+                p.balance(
+                    &model,
+                    ("default/api", model.backend("default/api").map(|b| &**b)),
+                    &eps,
+                )
+            })
             .collect();
         assert_eq!(seen.len(), 2);
     }

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use weft_proto::identity::Identity;
 use weft_proto::pb::weft::v1 as pb;
 
 use crate::upstream::Endpoint;
@@ -239,15 +240,13 @@ const MAX_BUCKETS: usize = 65_536;
 impl Buckets {
     /// Takes a token for a request from `source`; when none is left, how
     /// long until one is.
-    pub fn take(&self, rl: &pb::RateLimit, source: &str) -> Result<(), Duration> {
-        let key = (
-            rl.key.clone(),
-            if rl.per_source {
-                source.to_owned()
-            } else {
-                String::new()
-            },
-        );
+    pub fn take(&self, rl: &pb::RateLimit, source: &Identity) -> Result<(), Duration> {
+        let who = if rl.per_source {
+            source.to_string()
+        } else {
+            String::new()
+        };
+        let key = (rl.key.clone(), who);
         let per_ms = f64::from(rl.requests) / rl.interval_ms.max(1) as f64;
         let burst = f64::from(rl.burst.max(1));
         let now = Instant::now();
@@ -323,15 +322,17 @@ mod tests {
             burst: 3,
             per_source: true,
         };
-        let taken: Vec<bool> = (0..5).map(|_| b.take(&rl, "a").is_ok()).collect();
+        let a: Identity = "spiffe://cluster.local/ns/shop/sa/a".parse().expect("id");
+        let other: Identity = "spiffe://cluster.local/ns/shop/sa/b".parse().expect("id");
+        let taken: Vec<bool> = (0..5).map(|_| b.take(&rl, &a).is_ok()).collect();
         assert_eq!(taken, [true, true, true, false, false]);
-        let wait = b.take(&rl, "a").expect_err("empty");
+        let wait = b.take(&rl, &a).expect_err("empty");
         assert!(
             wait > Duration::from_secs(50) && wait <= Duration::from_secs(60),
             "{wait:?}"
         );
         assert!(
-            b.take(&rl, "b").is_ok(),
+            b.take(&rl, &other).is_ok(),
             "another source has its own budget"
         );
     }

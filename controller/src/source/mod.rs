@@ -427,3 +427,18 @@ impl SourceStatus {
         }
     }
 }
+
+/// Test fixtures the source, state and policy-check tests share.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    /// `tests/k8s/shop.yaml` with Service `shop/api` bound to `waypoint`.
+    pub fn shop_bound_to(waypoint: &str) -> String {
+        let shop = include_str!("../../tests/k8s/shop.yaml");
+        let bound = shop.replace(
+            "    name: api\n    namespace: shop\n    resourceVersion: \"1081\"",
+            &format!("    name: api\n    namespace: shop\n    labels: {{weft.dev/use-waypoint: {waypoint}}}\n    resourceVersion: \"1081\""),
+        );
+        assert_ne!(bound, shop, "the fixture still has Service shop/api");
+        bound
+    }
+}

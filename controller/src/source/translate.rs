@@ -804,14 +804,7 @@ fn request_rules(rules: &[PolicyRule], trust_domain: &str) -> Result<Vec<pb::Req
                 .iter()
                 .map(|b| {
                     let c = Cidr::parse(b).map_err(|e| format!("rules[{i}].ipBlocks: {e}"))?;
-                    let address = match c.addr() {
-                        std::net::IpAddr::V4(a) => a.octets().to_vec(),
-                        std::net::IpAddr::V6(a) => a.octets().to_vec(),
-                    };
-                    Ok(pb::Cidr {
-                        address,
-                        prefix_len: u32::from(c.prefix()),
-                    })
+                    Ok(c.to_pb())
                 })
                 .collect::<Result<_, String>>()?;
             if let Some(p) = r
@@ -1281,11 +1274,7 @@ kind: BackendPolicy
 metadata: {name: api-lb, namespace: shop}
 spec: {targetRef: {kind: Service, name: api}, loadBalancer: LeastRequest}
 "#;
-        let labelled = SHOP.replace(
-            "    name: api\n    namespace: shop\n    resourceVersion: \"1081\"",
-            "    name: api\n    namespace: shop\n    labels: {weft.dev/use-waypoint: shop-waypoint}\n    resourceVersion: \"1081\"",
-        );
-        assert_ne!(labelled, SHOP);
+        let labelled = crate::source::fixtures::shop_bound_to("shop-waypoint");
         let t = translate(&objects(&[&labelled, yaml]), TD);
         assert_eq!(
             t.waypoints,

@@ -145,6 +145,16 @@ pub async fn tls_get(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<(u16, Value), String> {
+    tls_request(client, addr, (http::Method::GET, path), headers).await
+}
+
+/// [`tls_get`] with any method (an empty body).
+pub async fn tls_request(
+    client: Arc<rustls::ClientConfig>,
+    addr: std::net::SocketAddr,
+    (method, path): (http::Method, &str),
+    headers: &[(&str, &str)],
+) -> Result<(u16, Value), String> {
     let tls = async {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
@@ -159,7 +169,7 @@ pub async fn tls_get(
     let tls = tokio::time::timeout(Duration::from_secs(10), tls)
         .await
         .map_err(|_| "no handshake in 10 s".to_owned())??;
-    get_over(tls, path, headers).await
+    request_over(tls, (method, path), headers).await
 }
 
 /// One HTTP/1.1 GET over `io`: the status and the body as JSON (null if
@@ -172,13 +182,28 @@ pub async fn get_over<IO>(
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    request_over(io, (http::Method::GET, path), headers).await
+}
+
+/// [`get_over`] with any method (an empty body).
+pub async fn request_over<IO>(
+    io: IO,
+    (method, path): (http::Method, &str),
+    headers: &[(&str, &str)],
+) -> Result<(u16, Value), String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let exchange = async {
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
                 .await
                 .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
-        let mut req = http::Request::get(path).header("host", "weft-controller.weft-system.svc");
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "weft-controller.weft-system.svc");
         for (k, v) in headers {
             req = req.header(*k, *v);
         }

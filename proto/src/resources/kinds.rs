@@ -1,33 +1,17 @@
 //! The kinds weft serves today: workloads, services and L4 authorization
 //! policies, each one [`Kind`] definition.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::{Audience, Kind, bad};
 use crate::model::{
-    self, Action, Backend, Changes, Model, ModelError, Policy, PolicySpec, PortSpec, Route,
+    self, Action, Backend, Changes, Cidr, Model, ModelError, Policy, PolicySpec, PortSpec, Route,
     RuleSpec, Service, ServiceDef, ServiceSpec, Waypoint, WaypointSpec, Workload, WorkloadSpec,
+    ip_bytes, ip_from,
 };
 use crate::pb::weft::v1 as pb;
 use crate::request_policy::RequestPolicy;
-
-fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
-    match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
-    }
-}
-
-fn ip_from(bytes: &[u8]) -> Option<IpAddr> {
-    match bytes.len() {
-        4 => Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?))),
-        16 => Some(IpAddr::V6(Ipv6Addr::from(
-            <[u8; 16]>::try_from(bytes).ok()?,
-        ))),
-        _ => None,
-    }
-}
 
 fn ips(name: &str, addrs: &[Vec<u8>]) -> Result<Vec<IpAddr>, ModelError> {
     addrs
@@ -230,14 +214,7 @@ fn encode_policy(p: &Policy) -> pb::Authorization {
                 matches: vec![pb::Match {
                     principals: r.principals.iter().map(|i| i.to_string()).collect(),
                     namespaces: r.namespaces.clone(),
-                    source_ips: r
-                        .ip_blocks
-                        .iter()
-                        .map(|c| pb::Cidr {
-                            address: ip_bytes(&c.addr()),
-                            prefix_len: u32::from(c.prefix()),
-                        })
-                        .collect(),
+                    source_ips: r.ip_blocks.iter().map(Cidr::to_pb).collect(),
                     destination_ports: r.ports.iter().map(|p| u32::from(*p)).collect(),
                     ..Default::default()
                 }],

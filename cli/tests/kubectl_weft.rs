@@ -72,6 +72,7 @@ async fn kubectl_weft_against_a_local_controller() {
         limits: Default::default(),
         metrics: None,
         trace_sampling: 0.0,
+        otlp_endpoint: None,
     })
     .await
     .expect("waypoint");

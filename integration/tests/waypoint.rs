@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use weft_cli::demo::mesh::ZtunnelOptions;
-use weft_cli::demo::waypoint::{Waypoint, start_waypoint, start_waypoint_with};
+use weft_cli::demo::waypoint::{Waypoint, WaypointOptions, start_waypoint, start_waypoint_with};
 use weft_integration::netns::{PodNs, Topology, is_root};
 use weft_integration::{Mesh, enroll};
 use weft_proto::hbone::pool::{ConnectRequest, Dialer, Pool, PoolKey, PoolSettings};
@@ -367,10 +367,18 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> (Cluster, Waypoint) {
-        Self::start_limited(Limits::default()).await
+        Self::start_with(WaypointOptions::default()).await
     }
 
     async fn start_limited(limits: Limits) -> (Cluster, Waypoint) {
+        let options = WaypointOptions {
+            limits,
+            ..Default::default()
+        };
+        Self::start_with(options).await
+    }
+
+    async fn start_with(options: WaypointOptions) -> (Cluster, Waypoint) {
         let mut topo = Topology::new();
         let mesh = Mesh::start().await;
         let a = topo.node("a", "10.244.1.0/24").expect("topology");
@@ -420,15 +428,15 @@ impl Cluster {
             .await
             .expect("controller serves the config");
         let dir = topo.dir.path().to_owned();
-        let options = ZtunnelOptions {
+        let zt_options = ZtunnelOptions {
             drain_deadline: Duration::from_secs(1),
             ..ZtunnelOptions::default()
         };
         let zt_a = mesh
-            .ztunnel_pushed("node-a", &dir.join("zt-a"), options)
+            .ztunnel_pushed("node-a", &dir.join("zt-a"), zt_options)
             .await;
         let zt_b = mesh
-            .ztunnel_pushed("node-b", &dir.join("zt-b"), options)
+            .ztunnel_pushed("node-b", &dir.join("zt-b"), zt_options)
             .await;
         for (zt, pod) in [(&zt_a, &client), (&zt_b, &api_v1), (&zt_b, &api_v2)] {
             enroll(zt, pod).await;
@@ -445,7 +453,7 @@ impl Cluster {
             ("default/waypoint", "waypoint"),
             &waypoint_pod,
             &dir.join("wp"),
-            limits,
+            options,
         )
         .await
         .expect("waypoint starts");
@@ -1158,7 +1166,12 @@ async fn get_in(netns: std::path::PathBuf, addr: SocketAddr, path: &str) -> Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_traced_and_measured() {
     require_root!();
-    let (c, wp) = Cluster::start().await;
+    let (collector, spans) = otlp_receiver().await;
+    let options = WaypointOptions {
+        otlp_endpoint: Some(format!("http://{collector}")),
+        ..Default::default()
+    };
+    let (c, wp) = Cluster::start_with(options).await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let parent = format!("traceparent: 00-{trace}-00f067aa0ba902b7-01");
     let (status, text) = c.curl(&["-H", &parent, &url("/mirror/a")]).await;
@@ -1217,7 +1230,78 @@ async fn requests_are_traced_and_measured() {
         panic!("promtool check metrics:\n{e}");
     }
     drop(c);
+    // Stopping sends the last batch of spans.
     wp.stop().await;
+    let spans = spans.lock().expect("spans").clone();
+    assert_eq!(spans.len(), 3, "one span per request: {spans:#?}");
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mine = spans
+        .iter()
+        .find(|s| hex(&s.trace_id) == trace)
+        .expect("the caller's trace has the waypoint's span");
+    assert_eq!(hex(&mine.parent_span_id), "00f067aa0ba902b7");
+    assert!(
+        continued[0].contains(&hex(&mine.span_id)),
+        "the backend's parent is the exported span: {continued:?}"
+    );
+    assert_eq!(mine.kind, 2, "SERVER");
+    let code = |s: &SpanPb| {
+        s.attributes
+            .iter()
+            .find(|a| a.key == "http.response.status_code")
+            .and_then(|a| a.value.clone()?.value)
+    };
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    assert_eq!(code(mine), Some(Value::IntValue(200)));
+    let failed = spans
+        .iter()
+        .find(|s| code(s) == Some(Value::IntValue(503)))
+        .expect("the failed request's span");
+    assert_eq!(failed.status.as_ref().map(|s| s.code), Some(2), "ERROR");
+    assert!(failed.parent_span_id.is_empty(), "a trace started here");
+    for s in &seen {
+        let exported = spans.iter().any(|x| s.contains(&hex(&x.span_id)));
+        assert!(exported, "{s}: every request sent on has its span");
+    }
+}
+
+type SpanPb = opentelemetry_proto::tonic::trace::v1::Span;
+
+/// An OTLP trace collector on loopback (tonic, the OTLP/gRPC trace
+/// service): the spans it receives.
+async fn otlp_receiver() -> (SocketAddr, Arc<std::sync::Mutex<Vec<SpanPb>>>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    struct Collector(Arc<std::sync::Mutex<Vec<SpanPb>>>);
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let spans = req.into_inner().resource_spans.into_iter();
+            let spans = spans.flat_map(|r| r.scope_spans).flat_map(|s| s.spans);
+            self.0.lock().expect("spans").extend(spans);
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("collector listens");
+    let addr = listener.local_addr().expect("addr");
+    let spans = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let service = TraceServiceServer::new(Collector(spans.clone()));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(incoming),
+    );
+    (addr, spans)
 }
 
 const RESILIENCE: &str = r#"

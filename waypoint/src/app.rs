@@ -21,6 +21,7 @@ use weft_proto::model::{Model, waypoint_proxy_name};
 use weft_proto::xds::{self, XdsConfig};
 
 use crate::proxy::{Limits, Proxy, Tunnels};
+use crate::telemetry::Spans;
 use crate::upstream::Upstreams;
 
 #[derive(Debug, Clone)]
@@ -45,6 +46,9 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// The share of new traces sampled (a caller's decision is kept).
     pub trace_sampling: f64,
+    /// An OTLP/gRPC collector for sampled requests' spans
+    /// (`http://HOST:4317`); `None`: spans are not exported.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +57,8 @@ pub enum BuildError {
     Access(#[from] weft_proto::credential::AccessError),
     #[error("waypoint {key}: {reason}")]
     Identity { key: String, reason: String },
+    #[error(transparent)]
+    Spans(#[from] crate::telemetry::SpansError),
     #[error("cannot listen on {addr}: {reason}")]
     Bind {
         addr: SocketAddr,
@@ -69,6 +75,7 @@ pub struct Bound {
     pub hbone_stats: Arc<ServerStats>,
     /// Renews the waypoint's certificate for as long as it runs.
     pub certs: CertManager,
+    spans: Option<Spans>,
     drain: Drain,
     deadline: Duration,
 }
@@ -76,7 +83,12 @@ pub struct Bound {
 impl Bound {
     /// Stops accepting; open tunnels finish up to the drain deadline.
     pub async fn shutdown(self) -> usize {
-        self.drain.drain(self.deadline).await
+        let open = self.drain.drain(self.deadline).await;
+        if let Some(spans) = self.spans {
+            // The last batch goes out before the process ends.
+            let _ = tokio::task::spawn_blocking(move || spans.shutdown()).await;
+        }
+        open
     }
 }
 
@@ -101,8 +113,13 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         .control
         .clone()
         .unwrap_or_else(tokio::runtime::Handle::current);
-    let (certs, pushed) = {
+    let (certs, pushed, spans) = {
         let _on_control = control.enter();
+        let spans = config
+            .otlp_endpoint
+            .as_deref()
+            .map(|e| Spans::export_to(e, &config.key))
+            .transpose()?;
         let ca = GrpcCaClient::new(
             config.ca_addr,
             roots.clone(),
@@ -123,7 +140,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
             trust_domain: config.trust_domain.clone(),
             types: &weft_proto::resources::WAYPOINT_TYPES,
         });
-        (certs, pushed)
+        (certs, pushed, spans)
     };
     let cert = certs.watch(&identity);
     let model = follow(pushed).await;
@@ -153,6 +170,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         config.limits.clone(),
     );
     proxy.trace_sampling = config.trace_sampling;
+    proxy.spans = spans.clone();
     let proxy = Arc::new(proxy);
     let hbone_stats = Arc::new(ServerStats::default());
     let drain = Drain::new();
@@ -176,6 +194,7 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         proxy,
         hbone_stats,
         certs,
+        spans,
         drain,
         deadline: config.drain_deadline,
     })

@@ -49,6 +49,10 @@ struct Args {
     /// trace (0 to 1; a caller's sampling decision is always kept).
     #[arg(long, default_value_t = 0.01)]
     trace_sampling: f64,
+    /// Export sampled requests' spans to this OTLP/gRPC collector
+    /// (http://HOST:4317); not set: no spans are exported.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
 }
@@ -84,6 +88,7 @@ async fn main() -> ExitCode {
         limits: Default::default(),
         metrics: Some(args.metrics_addr),
         trace_sampling: args.trace_sampling,
+        otlp_endpoint: args.otlp_endpoint,
     };
     let bound = match app::build(config).await {
         Ok(b) => b,

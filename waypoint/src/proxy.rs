@@ -37,7 +37,7 @@ use weft_proto::telemetry::ByLabel;
 use crate::filters;
 use crate::resilience::{Buckets, Resilience};
 use crate::sniff::{self, Protocol};
-use crate::telemetry::{Counted, Record, SourceLabels, Trace};
+use crate::telemetry::{Counted, Record, SourceLabels, Spans, Trace};
 use crate::upstream::{Body, Endpoint, Upstreams};
 
 /// Largest request body kept to be sent again on a retry; a larger one
@@ -142,6 +142,8 @@ pub struct Proxy {
     pub limits: Limits,
     /// The share of new traces sampled (a caller's decision is kept).
     pub trace_sampling: f64,
+    /// Where sampled requests' spans go (`None`: not exported).
+    pub spans: Option<Spans>,
     /// Circuit breakers and endpoint health, per Service.
     pub resilience: Resilience,
     /// Rate limits' token buckets.
@@ -305,6 +307,7 @@ impl Proxy {
             upstreams,
             limits,
             trace_sampling: 0.01,
+            spans: None,
             resilience: Resilience::default(),
             buckets: Buckets::default(),
             stats: Stats::default(),
@@ -345,10 +348,18 @@ impl Proxy {
     /// One request, every phase; always an answer, whose body writes the
     /// request's record (log line, metrics) when it ends.
     pub async fn serve(&self, mut req: Request<Incoming>, client: &Client) -> Response<Body> {
-        let trace = Trace::continue_or_start(req.headers_mut(), self.trace_sampling);
+        let mut trace = Trace::continue_or_start(req.headers_mut(), self.trace_sampling);
+        let span = match &self.spans {
+            Some(spans) if trace.sampled => {
+                let method = req.method().clone();
+                Some(spans.start(&mut trace, req.headers_mut(), method.as_str()))
+            }
+            _ => None,
+        };
         // One config version for the whole request, its record included.
         let model = self.model.borrow().clone();
         let mut record = self.record(&model, &req, client, trace);
+        record.span = span;
         let mut ctx = Ctx {
             client,
             route: None,

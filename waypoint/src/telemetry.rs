@@ -16,8 +16,15 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::HeaderMap;
 use hyper::body::{Body as _, Frame, SizeHint};
+use opentelemetry::trace::{
+    Span as _, SpanContext, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId,
+    TraceState, Tracer as _,
+};
+use opentelemetry::{KeyValue, SpanId};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, Span};
 use rand::Rng;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::upstream::{Body, BoxError};
 
@@ -51,11 +58,17 @@ impl Trace {
     /// one sampled with probability `ratio`; then sets `traceparent` to
     /// this hop's span for the upstream.
     pub fn continue_or_start(headers: &mut HeaderMap, ratio: f64) -> Trace {
+        let trace = Trace::decide(headers, ratio);
+        trace.send_on(headers);
+        trace
+    }
+
+    fn decide(headers: &HeaderMap, ratio: f64) -> Trace {
         let parent = headers
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_traceparent);
-        let trace = match parent {
+        match parent {
             Some((trace_id, parent_id, sampled)) => Trace {
                 trace_id,
                 span_id: hex(8),
@@ -68,18 +81,127 @@ impl Trace {
                 parent_id: None,
                 sampled: rand::rng().random_bool(ratio.clamp(0.0, 1.0)),
             },
-        };
-        let value = format!(
-            "00-{}-{}-{}",
-            trace.trace_id,
-            trace.span_id,
-            if trace.sampled { "01" } else { "00" }
-        );
+        }
+    }
+
+    /// `traceparent` for the upstream: this hop's span as its parent.
+    fn send_on(&self, headers: &mut HeaderMap) {
+        let flags = if self.sampled { "01" } else { "00" };
+        let value = format!("00-{}-{}-{flags}", self.trace_id, self.span_id);
         if let Ok(v) = value.parse() {
             headers.insert("traceparent", v);
         }
-        trace
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot export spans to {endpoint}: {reason} (give an OTLP/gRPC collector as http://HOST:4317)"
+)]
+pub struct SpansError {
+    endpoint: String,
+    reason: String,
+}
+
+/// Request spans exported over OTLP/gRPC: one SERVER span per sampled
+/// request, in batches from the SDK's own thread (its queue is bounded:
+/// when the collector is slow, spans are dropped, never requests).
+#[derive(Clone)]
+pub struct Spans {
+    tracer: SdkTracer,
+    provider: SdkTracerProvider,
+}
+
+impl std::fmt::Debug for Spans {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Spans")
+    }
+}
+
+impl Spans {
+    /// Spans to the collector at `endpoint`, as service `weft-waypoint`
+    /// with the waypoint's key. Needs a tokio runtime: the gRPC channel's
+    /// task runs on it.
+    pub fn export_to(endpoint: &str, waypoint: &str) -> Result<Spans, SpansError> {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .build()
+            .map_err(|e| SpansError {
+                endpoint: endpoint.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let resource = opentelemetry_sdk::Resource::builder_empty()
+            .with_service_name("weft-waypoint")
+            .with_attribute(KeyValue::new("weft.waypoint", waypoint.to_owned()))
+            .build();
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build();
+        use opentelemetry::trace::TracerProvider as _;
+        let tracer = provider.tracer("weft-waypoint");
+        Ok(Spans { tracer, provider })
+    }
+
+    /// Starts this hop's span in `trace` (sampled), and makes its ids the
+    /// ones sent upstream.
+    pub fn start(&self, trace: &mut Trace, headers: &mut HeaderMap, method: &str) -> Span {
+        let parent = trace.parent_id.as_deref().and_then(|p| {
+            let context = SpanContext::new(
+                TraceId::from_hex(&trace.trace_id).ok()?,
+                SpanId::from_hex(p).ok()?,
+                TraceFlags::SAMPLED,
+                true,
+                TraceState::default(),
+            );
+            Some(opentelemetry::Context::new().with_remote_span_context(context))
+        });
+        let span = self
+            .tracer
+            .span_builder(method.to_owned())
+            .with_kind(SpanKind::Server)
+            .start_with_context(&self.tracer, &parent.unwrap_or_default());
+        let ids = span.span_context();
+        trace.trace_id = ids.trace_id().to_string();
+        trace.span_id = ids.span_id().to_string();
+        trace.send_on(headers);
+        span
+    }
+
+    /// Sends what is queued and stops the exporter (blocks: call it off
+    /// the data path).
+    pub fn shutdown(&self) {
+        if let Err(e) = self.provider.shutdown() {
+            warn!(error = %e, "spans not all exported at shutdown");
+        }
+    }
+}
+
+/// Ends a request's span with what its record knows (OpenTelemetry HTTP
+/// server conventions; weft's own fields under `weft.`).
+fn end_span(mut span: Span, r: &Record) {
+    if r.route != "-" {
+        span.update_name(format!("{} {}", r.method, r.route));
+    }
+    let mut attributes = vec![
+        KeyValue::new("http.request.method", r.method.clone()),
+        KeyValue::new("url.path", r.path.clone()),
+        KeyValue::new("http.response.status_code", i64::from(r.status)),
+        KeyValue::new("http.route", r.route.clone()),
+        KeyValue::new("network.protocol.name", r.protocol),
+        KeyValue::new("weft.response_flags", r.flag),
+        KeyValue::new("weft.destination_service", r.destination_service.clone()),
+        KeyValue::new("weft.source_principal", r.source.principal.clone()),
+    ];
+    if let Some(g) = &r.grpc_status {
+        attributes.push(KeyValue::new("rpc.grpc.status_code", g.clone()));
+    }
+    span.set_attributes(attributes);
+    if r.status >= 500 {
+        span.set_status(Status::error(r.flag));
+    }
+    span.end();
 }
 
 /// `00-<32 hex>-<16 hex>-<2 hex>`, not all-zero ids: (trace id, parent
@@ -121,6 +243,8 @@ pub struct Record {
     pub grpc_status: Option<String>,
     pub flag: &'static str,
     pub response_bytes: u64,
+    /// The exported span of a sampled request (when spans are exported).
+    pub span: Option<Span>,
     finished: bool,
 }
 
@@ -146,11 +270,15 @@ impl Record {
             grpc_status: None,
             flag: "-",
             response_bytes: 0,
+            span: None,
             finished: false,
         }
     }
 
-    fn write(&self) {
+    fn write(&mut self) {
+        if let Some(span) = self.span.take() {
+            end_span(span, self);
+        }
         let secs = self.started.elapsed().as_secs_f64();
         let grpc = self.grpc_status.clone().unwrap_or_else(|| "-".into());
         let s = &self.source;
@@ -256,6 +384,17 @@ impl hyper::body::Body for Counted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_collector_address_that_is_no_url_is_refused() {
+        let e = Spans::export_to("not a url", "ns/wp").expect_err("refused");
+        assert!(e.to_string().contains("http://HOST:4317"), "{e}");
+        let spans = Spans::export_to("http://127.0.0.1:4317", "ns/wp").expect("lazy");
+        // No collector there: nothing waits on it.
+        tokio::task::spawn_blocking(move || spans.shutdown())
+            .await
+            .expect("shut down");
+    }
 
     #[test]
     fn traces_continue_or_start() {

@@ -59,16 +59,25 @@ pub async fn start_waypoint(
     pod: &PodNs,
     dir: &Path,
 ) -> anyhow::Result<Waypoint> {
-    start_waypoint_with(ctl, (key, service_account), pod, dir, Limits::default()).await
+    let options = WaypointOptions::default();
+    start_waypoint_with(ctl, (key, service_account), pod, dir, options).await
 }
 
-/// [`start_waypoint`] with its own limits.
+/// What a test may set on a waypoint beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct WaypointOptions {
+    pub limits: Limits,
+    /// An OTLP/gRPC collector for its spans (reached from the host namespace).
+    pub otlp_endpoint: Option<String>,
+}
+
+/// [`start_waypoint`] with its own limits and span export.
 pub async fn start_waypoint_with(
     ctl: &Controller,
     (key, service_account): (&str, &str),
     pod: &PodNs,
     dir: &Path,
-    limits: Limits,
+    options: WaypointOptions,
 ) -> anyhow::Result<Waypoint> {
     std::fs::create_dir_all(dir)?;
     let root = dir.join("root-cert.pem");
@@ -83,10 +92,11 @@ pub async fn start_waypoint_with(
         listen: "0.0.0.0:15008".parse()?,
         control: Some(tokio::runtime::Handle::current()),
         drain_deadline: Duration::from_secs(1),
-        limits,
+        limits: options.limits,
         metrics: Some("127.0.0.1:0".parse()?),
         // Every request traced, so a test can follow one.
         trace_sampling: 1.0,
+        otlp_endpoint: options.otlp_endpoint,
     };
     let (ready_tx, ready_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

@@ -18,7 +18,9 @@ use tokio::sync::watch;
 use weft_proto::identity::Identity;
 use weft_proto::model::{Model, route};
 use weft_proto::pb::weft::v1 as pb;
+use weft_proto::request_policy::compile;
 use weft_waypoint::proxy::{Client, Limits, Proxy, Target};
+use weft_waypoint::telemetry::Spans;
 use weft_waypoint::upstream::Upstreams;
 
 use crate::{median, proc_status_kib};
@@ -72,6 +74,16 @@ fn nginx(dir: &Path, name: &str, server: &str) -> anyhow::Result<Nginx> {
     Ok(Nginx(child))
 }
 
+/// The one backend every bench route sends to.
+fn to_api() -> pb::RouteBackend {
+    pb::RouteBackend {
+        service: "default/api".into(),
+        port: 80,
+        weight: 1,
+        ..Default::default()
+    }
+}
+
 /// The engine's config: the backend as a Service with one endpoint, and a
 /// route with three rules in front of it.
 fn model(backend_port: u16) -> anyhow::Result<Model> {
@@ -80,12 +92,6 @@ fn model(backend_port: u16) -> anyhow::Result<Model> {
          services: [{{name: api, addresses: [10.255.0.1], ports: [{{port: 80, targetPort: {backend_port}}}]}}]\n"
     );
     let mut m = Model::from_yaml(&yaml, "cluster.local")?;
-    let to_api = || pb::RouteBackend {
-        service: "default/api".into(),
-        port: 80,
-        weight: 1,
-        ..Default::default()
-    };
     let rule = |m: pb::RouteMatch, filters: Vec<pb::RouteFilter>| pb::RouteRule {
         matches: vec![m],
         filters,
@@ -139,11 +145,86 @@ fn model(backend_port: u16) -> anyhow::Result<Model> {
     Ok(m)
 }
 
+/// [`model`] with the policy and route load of a busy waypoint in front of
+/// the same backend: 49 more routes on the Service (exact paths with a
+/// header match, so each is tried before the catch-all), 19 DENY policies
+/// that never match and one ALLOW for the client: every request meets
+/// every policy and most rules.
+fn loaded_model(backend_port: u16) -> anyhow::Result<Model> {
+    let mut m = model(backend_port)?;
+    for i in 0..49 {
+        let rule = pb::RouteRule {
+            matches: vec![pb::RouteMatch {
+                path: Some(pb::StringMatch {
+                    kind: 0,
+                    value: format!("/r{i}/items"),
+                }),
+                headers: vec![pb::NamedMatch {
+                    name: format!("x-team-{i}"),
+                    value: Some(pb::StringMatch {
+                        kind: 0,
+                        value: "on".into(),
+                    }),
+                }],
+                ..Default::default()
+            }],
+            backends: vec![to_api()],
+            ..Default::default()
+        };
+        let spec = pb::Route {
+            name: format!("team-{i}"),
+            namespace: "default".into(),
+            kind: "HTTPRoute".into(),
+            parents: m.routes[0].spec.parents.clone(),
+            rules: vec![rule],
+            ..Default::default()
+        };
+        m.routes.push(Arc::new(route(spec, &format!("team-{i}"))?));
+    }
+    let policy = |name: String, action: pb::Action, rule: pb::RequestRule| pb::RequestPolicy {
+        name,
+        namespace: "default".into(),
+        action: action as i32,
+        services: vec!["default/api".into()],
+        rules: vec![rule],
+        ..Default::default()
+    };
+    let mut policies: Vec<pb::RequestPolicy> = (0..19)
+        .map(|i| {
+            let rule = pb::RequestRule {
+                methods: vec!["DELETE".into(), "PUT".into()],
+                paths: vec![format!("/admin/{i}/*"), format!("*.secret{i}")],
+                headers: vec![pb::NameValue {
+                    name: "x-debug".into(),
+                    value: format!("{i}"),
+                }],
+                ..Default::default()
+            };
+            policy(format!("deny-{i}"), pb::Action::Deny, rule)
+        })
+        .collect();
+    let allow = pb::RequestRule {
+        principals: vec!["spiffe://cluster.local/ns/default/sa/bench".into()],
+        paths: vec!["/*".into()],
+        ..Default::default()
+    };
+    policies.push(policy("allow-bench".into(), pb::Action::Allow, allow));
+    for p in policies {
+        let key = format!("default/{}", p.name);
+        m.request_policies.push(Arc::new(compile(p, &key)?));
+    }
+    Ok(m)
+}
+
+/// How an engine traces: the share of requests sampled, and the
+/// collector its spans go to (`None`: not exported).
+type Tracing = (f64, Option<SocketAddr>);
+
 /// Starts the engine on its own thread (one, as nginx's one worker):
 /// plaintext connections on a loopback port, each request through the
 /// phases, to the backend over plain TCP.
-fn start_engine(backend_port: u16) -> anyhow::Result<SocketAddr> {
-    let model = Arc::new(model(backend_port)?);
+fn start_engine(model: Model, (sampling, collector): Tracing) -> anyhow::Result<SocketAddr> {
+    let model = Arc::new(model);
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
@@ -159,13 +240,19 @@ fn start_engine(backend_port: u16) -> anyhow::Result<SocketAddr> {
                 let id = Identity::new("cluster.local", "default", "bench").expect("id");
                 let (_tx, rx) = watch::channel(model);
                 let upstreams = Arc::new(Upstreams::plain());
-                let proxy = Arc::new(Proxy::new(
+                let mut proxy = Proxy::new(
                     "default/bench".into(),
                     id.clone(),
                     rx,
                     upstreams,
                     Limits::default(),
-                ));
+                );
+                proxy.trace_sampling = sampling;
+                proxy.spans = collector
+                    .map(|c| Spans::export_to(&format!("http://{c}"), "default/bench"))
+                    .transpose()
+                    .expect("span exporter");
+                let proxy = Arc::new(proxy);
                 while let Ok((tcp, peer)) = listener.accept().await {
                     let _ = tcp.set_nodelay(true);
                     let target = Target::Service {
@@ -259,20 +346,57 @@ async fn binary_idle_rss() -> anyhow::Result<u64> {
     Ok(rss)
 }
 
-pub async fn run(seconds: u64, rounds: usize) -> anyhow::Result<()> {
-    let binary_rss = binary_idle_rss().await?;
-    println!("weft-waypoint binary, idle (config held, certificate issued): RSS {binary_rss} KiB");
-    let dir = tempfile::tempdir()?;
+/// `h2load --h1` at a fixed `rate` (requests/s, over 10 connections) for
+/// `seconds`: the rate it reached.
+fn h2load_at(port: u16, rate: u32, seconds: u64) -> anyhow::Result<f64> {
+    let out = Command::new("h2load")
+        .args(["--h1", "-t1", "-c10", &format!("--rps={}", rate / 10)])
+        .args([
+            &format!("-D{seconds}"),
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+        .output()
+        .context("h2load (apt-get install nghttp2-client)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(text.contains(" 0 failed"), "errors in the run: {text}");
+    text.lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| {
+            l.split(", ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .with_context(|| format!("h2load req/s in {text}"))
+}
+
+/// The load figures of one engine at 1,000 requests/s: CPU ms per second
+/// (per mille of a core) and the process's RSS at the end, in KiB.
+fn at_1000_rps(port: u16, seconds: u64) -> anyhow::Result<(f64, u64)> {
+    let cpu = cpu_seconds();
+    let rate = h2load_at(port, 1000, seconds)?;
+    let cpu_ms_per_s = (cpu_seconds() - cpu) * 1000.0 / seconds as f64;
+    anyhow::ensure!(
+        rate > 900.0,
+        "the engine fell behind 1,000 req/s: {rate:.0}"
+    );
+    Ok((cpu_ms_per_s, proc_status_kib("self", "VmRSS:")))
+}
+
+/// Two backend nginx servers' ports: the backend and the reverse proxy.
+fn nginx_pair(dir: &Path) -> anyhow::Result<((u16, u16), [Nginx; 2])> {
     let (backend_port, nginx_port) = (free_port()?, free_port()?);
-    let _backend = nginx(
-        dir.path(),
+    let backend = nginx(
+        dir,
         "backend",
         &format!(
             "server {{ listen 127.0.0.1:{backend_port}; location / {{ return 200 \"ok\\n\"; }} }}"
         ),
     )?;
-    let _proxy = nginx(
-        dir.path(),
+    let proxy = nginx(
+        dir,
         "proxy",
         &format!(
             "upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 64; }}\n\
@@ -280,37 +404,83 @@ pub async fn run(seconds: u64, rounds: usize) -> anyhow::Result<()> {
              proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
         ),
     )?;
+    Ok(((backend_port, nginx_port), [backend, proxy]))
+}
+
+/// One row of the throughput table: direct, nginx, weft, weft with 20
+/// policies and 50 routes (req/s), and weft's CPU ms per 1,000 requests.
+type Row = (f64, f64, f64, f64, f64);
+
+pub async fn run(seconds: u64, rounds: usize) -> anyhow::Result<()> {
+    let binary_rss = binary_idle_rss().await?;
+    println!("weft-waypoint binary, idle (config held, certificate issued): RSS {binary_rss} KiB");
+    let dir = tempfile::tempdir()?;
+    let ((backend_port, nginx_port), _nginx) = nginx_pair(dir.path())?;
     let rss_before = proc_status_kib("self", "VmRSS:");
-    let engine = start_engine(backend_port)?;
+    let (collector, spans) = crate::otlp::collector().await?;
+    let engine = start_engine(model(backend_port)?, (0.0, None))?;
+    let loaded = start_engine(loaded_model(backend_port)?, (0.0, None))?;
+    let traced = start_engine(model(backend_port)?, (0.01, Some(collector)))?;
     tokio::time::sleep(Duration::from_millis(300)).await; // nginx binding its ports
     let rss_idle = proc_status_kib("self", "VmRSS:");
     println!(
-        "L7 engine vs nginx reverse proxy: wrk -t1 -c50, {seconds} s per run, {rounds} rounds"
+        "L7 engine vs nginx reverse proxy: wrk -t1 -c50, {seconds} s per run, {rounds} rounds; \
+         loaded: the engine with 20 L7 policies and 50 routes"
     );
-    println!("round  direct req/s  nginx req/s  weft req/s  weft/nginx  weft CPU ms/1k req");
-    let mut rows = Vec::new();
+    println!(
+        "round  direct req/s  nginx req/s  weft req/s  weft/nginx  loaded req/s  loaded/weft  weft CPU ms/1k req"
+    );
+    let mut rows: Vec<Row> = Vec::new();
     for round in 1..=rounds {
         let direct = wrk(backend_port, seconds)?;
         let via_nginx = wrk(nginx_port, seconds)?;
         let cpu = cpu_seconds();
         let via_weft = wrk(engine.port(), seconds)?;
         let cpu_ms = (cpu_seconds() - cpu) * 1000.0 / (via_weft * seconds as f64 / 1000.0);
+        let via_loaded = wrk(loaded.port(), seconds)?;
         println!(
-            "{round:>5}  {direct:>12.0}  {via_nginx:>11.0}  {via_weft:>10.0}  {:>10.2}  {cpu_ms:>18.1}",
-            via_weft / via_nginx
+            "{round:>5}  {direct:>12.0}  {via_nginx:>11.0}  {via_weft:>10.0}  {:>10.2}  {via_loaded:>12.0}  {:>11.3}  {cpu_ms:>18.1}",
+            via_weft / via_nginx,
+            via_loaded / via_weft,
         );
-        rows.push((direct, via_nginx, via_weft, cpu_ms));
+        rows.push((direct, via_nginx, via_weft, via_loaded, cpu_ms));
     }
-    let col = |f: fn(&(f64, f64, f64, f64)) -> f64| median(rows.iter().map(f).collect());
-    let (d, n, w, c) = (col(|r| r.0), col(|r| r.1), col(|r| r.2), col(|r| r.3));
-    let ratio = median(rows.iter().map(|r| r.2 / r.1).collect());
-    println!("median {d:>12.0}  {n:>11.0}  {w:>10.0}  {ratio:>10.2}  {c:>18.1}");
+    let col = |f: fn(&Row) -> f64| median(rows.iter().map(f).collect());
+    let (d, n, w, l, c) = (
+        col(|r| r.0),
+        col(|r| r.1),
+        col(|r| r.2),
+        col(|r| r.3),
+        col(|r| r.4),
+    );
+    let ratio = col(|r| r.2 / r.1);
+    let loaded_ratio = col(|r| r.3 / r.2);
     println!(
-        "nginx/direct {:.2}, weft/direct {:.2}; process RSS (engine + harness): before {} KiB, idle {} KiB, peak {} KiB",
+        "median {d:>12.0}  {n:>11.0}  {w:>10.0}  {ratio:>10.2}  {l:>12.0}  {loaded_ratio:>11.3}  {c:>18.1}"
+    );
+    println!(
+        "nginx/direct {:.2}, weft/direct {:.2}; 20 policies + 50 routes cost {:.1}% of requests/s",
         n / d,
         w / d,
-        rss_before,
-        rss_idle,
+        (1.0 - loaded_ratio) * 100.0
+    );
+    println!("at 1,000 req/s (h2load --h1 -c10 --rps, {seconds} s), alternating:");
+    println!("round  untraced CPU ms/s  RSS KiB  traced 1% CPU ms/s  RSS KiB");
+    let mut fixed = Vec::new();
+    for round in 1..=rounds {
+        let (cpu_u, rss_u) = at_1000_rps(engine.port(), seconds)?;
+        let (cpu_t, rss_t) = at_1000_rps(traced.port(), seconds)?;
+        println!("{round:>5}  {cpu_u:>17.1}  {rss_u:>7}  {cpu_t:>18.1}  {rss_t:>7}");
+        fixed.push((cpu_u, cpu_t));
+    }
+    let exported = spans.lock().map(|s| s.len()).unwrap_or(0);
+    println!(
+        "median CPU ms/s at 1,000 req/s: untraced {:.1}, traced at 1% {:.1} ({exported} spans received by the collector)",
+        median(fixed.iter().map(|f| f.0).collect()),
+        median(fixed.iter().map(|f| f.1).collect()),
+    );
+    println!(
+        "process RSS (three engines + collector + harness): before {rss_before} KiB, idle {rss_idle} KiB, peak {} KiB",
         proc_status_kib("self", "VmHWM:")
     );
     Ok(())

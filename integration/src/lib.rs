@@ -419,6 +419,7 @@ pub async fn enroll(zt: &weft_ztunnel::app::Bound, pod: &netns::PodNs) {
 pub mod controller_bench;
 pub mod l7_bench;
 pub mod mesh_bench;
+pub mod otlp;
 pub mod waypoint_bench;
 
 /// This process's resident memory, in KiB (from /proc).

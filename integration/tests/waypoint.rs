@@ -1166,7 +1166,9 @@ async fn get_in(netns: std::path::PathBuf, addr: SocketAddr, path: &str) -> Stri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_traced_and_measured() {
     require_root!();
-    let (collector, spans) = otlp_receiver().await;
+    let (collector, spans) = weft_integration::otlp::collector()
+        .await
+        .expect("collector");
     let options = WaypointOptions {
         otlp_endpoint: Some(format!("http://{collector}")),
         ..Default::default()
@@ -1265,44 +1267,7 @@ async fn requests_are_traced_and_measured() {
     }
 }
 
-type SpanPb = opentelemetry_proto::tonic::trace::v1::Span;
-
-/// An OTLP trace collector on loopback (tonic, the OTLP/gRPC trace
-/// service): the spans it receives.
-async fn otlp_receiver() -> (SocketAddr, Arc<std::sync::Mutex<Vec<SpanPb>>>) {
-    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-        TraceService, TraceServiceServer,
-    };
-    use opentelemetry_proto::tonic::collector::trace::v1::{
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-    };
-    struct Collector(Arc<std::sync::Mutex<Vec<SpanPb>>>);
-    #[tonic::async_trait]
-    impl TraceService for Collector {
-        async fn export(
-            &self,
-            req: tonic::Request<ExportTraceServiceRequest>,
-        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-            let spans = req.into_inner().resource_spans.into_iter();
-            let spans = spans.flat_map(|r| r.scope_spans).flat_map(|s| s.spans);
-            self.0.lock().expect("spans").extend(spans);
-            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-        }
-    }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("collector listens");
-    let addr = listener.local_addr().expect("addr");
-    let spans = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let service = TraceServiceServer::new(Collector(spans.clone()));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(incoming),
-    );
-    (addr, spans)
-}
+use weft_integration::otlp::Span as SpanPb;
 
 const RESILIENCE: &str = r#"
 apiVersion: weft.dev/v1alpha1

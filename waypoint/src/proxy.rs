@@ -1129,11 +1129,7 @@ fn source_labels(model: &Model, client: &Client) -> SourceLabels {
         .workload_by_ip(client.addr.ip())
         .filter(|w| w.identity == *id)
         .map_or_else(|| "unknown".to_owned(), |w| w.name.clone());
-    SourceLabels {
-        principal: id.to_string(),
-        workload,
-        namespace: id.namespace().to_owned(),
-    }
+    SourceLabels::new(id.to_string(), workload, id.namespace().to_owned())
 }
 
 fn host_of(req: &Request<Incoming>) -> String {

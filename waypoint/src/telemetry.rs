@@ -9,7 +9,7 @@
 //! `grpc_response_status`, `response_flags`, `request_protocol`).
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -28,12 +28,96 @@ use tracing::{info, warn};
 
 use crate::upstream::{Body, BoxError};
 
-/// Who is calling, as the metrics label them (resolved once per connection).
-#[derive(Debug, Clone)]
+/// Who is calling, as the metrics label them (resolved once per
+/// connection), with the metric handles of the outcomes its requests had.
+#[derive(Debug)]
 pub struct SourceLabels {
     pub principal: String,
     pub workload: String,
     pub namespace: String,
+    /// Looking a labelled metric up in the registry builds, sorts and
+    /// hashes nine labels; a connection's requests mostly share a few
+    /// outcomes, so each outcome's handles are looked up once.
+    handles: Mutex<Vec<(Outcome, Arc<Handles>)>>,
+}
+
+/// Outcomes whose handles one connection keeps (beyond: looked up each
+/// time, so a hostile peer cannot grow a connection's memory).
+const OUTCOMES_KEPT: usize = 32;
+
+/// The labels of a request's metrics beyond its source.
+#[derive(Debug)]
+struct Outcome {
+    destination: String,
+    status: u16,
+    grpc: Option<String>,
+    flag: &'static str,
+    protocol: &'static str,
+}
+
+/// The request metrics for one source and outcome.
+#[derive(Debug)]
+struct Handles {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+    request_bytes: metrics::Counter,
+    response_bytes: metrics::Counter,
+}
+
+impl SourceLabels {
+    pub fn new(principal: String, workload: String, namespace: String) -> SourceLabels {
+        SourceLabels {
+            principal,
+            workload,
+            namespace,
+            handles: Mutex::default(),
+        }
+    }
+
+    fn handles(&self, r: &Record) -> Arc<Handles> {
+        let mut kept = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        let same = |o: &Outcome| {
+            o.status == r.status
+                && o.flag == r.flag
+                && o.protocol == r.protocol
+                && o.destination == r.destination_service
+                && o.grpc == r.grpc_status
+        };
+        if let Some((_, h)) = kept.iter().find(|(o, _)| same(o)) {
+            return h.clone();
+        }
+        let outcome = Outcome {
+            destination: r.destination_service.clone(),
+            status: r.status,
+            grpc: r.grpc_status.clone(),
+            flag: r.flag,
+            protocol: r.protocol,
+        };
+        let labels = vec![
+            ("reporter", "waypoint".to_owned()),
+            ("source_workload", self.workload.clone()),
+            ("source_workload_namespace", self.namespace.clone()),
+            ("source_principal", self.principal.clone()),
+            ("destination_service", outcome.destination.clone()),
+            ("request_protocol", outcome.protocol.to_owned()),
+            ("response_code", outcome.status.to_string()),
+            (
+                "grpc_response_status",
+                outcome.grpc.clone().unwrap_or_else(|| "-".into()),
+            ),
+            ("response_flags", outcome.flag.to_owned()),
+        ];
+        let handles = Arc::new(Handles {
+            requests: metrics::counter!("weft_requests_total", &labels),
+            duration: metrics::histogram!("weft_request_duration_seconds", &labels),
+            request_bytes: metrics::counter!("weft_request_bytes_total", &labels),
+            response_bytes: metrics::counter!("weft_response_bytes_total", &labels),
+        });
+        if kept.len() < OUTCOMES_KEPT {
+            kept.push((outcome, handles.clone()));
+        }
+        handles
+    }
 }
 
 /// W3C trace context for one request at this hop.
@@ -46,11 +130,14 @@ pub struct Trace {
     pub sampled: bool,
 }
 
-fn hex(bytes: usize) -> String {
-    let mut rng = rand::rng();
-    (0..bytes)
-        .map(|_| format!("{:02x}", rng.random::<u8>()))
-        .collect()
+/// A random trace id (32 hex digits), never all zero.
+fn trace_id() -> String {
+    format!("{:032x}", rand::rng().random_range(1..=u128::MAX))
+}
+
+/// A random span id (16 hex digits), never all zero.
+fn span_id() -> String {
+    format!("{:016x}", rand::rng().random_range(1..=u64::MAX))
 }
 
 impl Trace {
@@ -71,13 +158,13 @@ impl Trace {
         match parent {
             Some((trace_id, parent_id, sampled)) => Trace {
                 trace_id,
-                span_id: hex(8),
+                span_id: span_id(),
                 parent_id: Some(parent_id),
                 sampled,
             },
             None => Trace {
-                trace_id: hex(16),
-                span_id: hex(8),
+                trace_id: trace_id(),
+                span_id: span_id(),
                 parent_id: None,
                 sampled: rand::rng().random_bool(ratio.clamp(0.0, 1.0)),
             },
@@ -280,23 +367,13 @@ impl Record {
             end_span(span, self);
         }
         let secs = self.started.elapsed().as_secs_f64();
-        let grpc = self.grpc_status.clone().unwrap_or_else(|| "-".into());
         let s = &self.source;
-        let labels = vec![
-            ("reporter", "waypoint".to_owned()),
-            ("source_workload", s.workload.clone()),
-            ("source_workload_namespace", s.namespace.clone()),
-            ("source_principal", s.principal.clone()),
-            ("destination_service", self.destination_service.clone()),
-            ("request_protocol", self.protocol.to_owned()),
-            ("response_code", self.status.to_string()),
-            ("grpc_response_status", grpc.clone()),
-            ("response_flags", self.flag.to_owned()),
-        ];
-        metrics::counter!("weft_requests_total", &labels).increment(1);
-        metrics::histogram!("weft_request_duration_seconds", &labels).record(secs);
-        metrics::counter!("weft_request_bytes_total", &labels).increment(self.request_bytes);
-        metrics::counter!("weft_response_bytes_total", &labels).increment(self.response_bytes);
+        let h = s.handles(self);
+        h.requests.increment(1);
+        h.duration.record(secs);
+        h.request_bytes.increment(self.request_bytes);
+        h.response_bytes.increment(self.response_bytes);
+        let grpc = self.grpc_status.as_deref().unwrap_or("-");
         info!(
             method = %self.method, path = %self.path, client = %s.principal,
             status = self.status, grpc_status = %grpc, route = %self.route,

@@ -372,12 +372,34 @@ fn h2load_at(port: u16, rate: u32, seconds: u64) -> anyhow::Result<f64> {
         .with_context(|| format!("h2load req/s in {text}"))
 }
 
-/// The load figures of one engine at 1,000 requests/s: CPU ms per second
-/// (per mille of a core) and the process's RSS at the end, in KiB.
-fn at_1000_rps(port: u16, seconds: u64) -> anyhow::Result<(f64, u64)> {
-    let cpu = cpu_seconds();
+/// CPU seconds of process `pid` and its children (nginx: master and
+/// worker).
+fn tree_cpu_seconds(pid: u32) -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let mut total = 0.0;
+    for e in entries.flatten() {
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1));
+        let name = e.file_name().to_string_lossy().to_string();
+        if name == pid.to_string() || ppid == Some(&pid.to_string()) {
+            total += crate::stat_cpu_seconds(&stat);
+        }
+    }
+    total
+}
+
+/// The load figures of one proxy at 1,000 requests/s: CPU ms per second
+/// (per mille of a core; `cpu` reads its CPU seconds) and this process's
+/// RSS at the end, in KiB.
+fn at_1000_rps(port: u16, seconds: u64, cpu: &dyn Fn() -> f64) -> anyhow::Result<(f64, u64)> {
+    let before = cpu();
     let rate = h2load_at(port, 1000, seconds)?;
-    let cpu_ms_per_s = (cpu_seconds() - cpu) * 1000.0 / seconds as f64;
+    let cpu_ms_per_s = (cpu() - before) * 1000.0 / seconds as f64;
     anyhow::ensure!(
         rate > 900.0,
         "the engine fell behind 1,000 req/s: {rate:.0}"
@@ -385,7 +407,7 @@ fn at_1000_rps(port: u16, seconds: u64) -> anyhow::Result<(f64, u64)> {
     Ok((cpu_ms_per_s, proc_status_kib("self", "VmRSS:")))
 }
 
-/// Two backend nginx servers' ports: the backend and the reverse proxy.
+/// The backend nginx and the reverse proxy nginx, and their ports.
 fn nginx_pair(dir: &Path) -> anyhow::Result<((u16, u16), [Nginx; 2])> {
     let (backend_port, nginx_port) = (free_port()?, free_port()?);
     let backend = nginx(
@@ -415,7 +437,7 @@ pub async fn run(seconds: u64, rounds: usize) -> anyhow::Result<()> {
     let binary_rss = binary_idle_rss().await?;
     println!("weft-waypoint binary, idle (config held, certificate issued): RSS {binary_rss} KiB");
     let dir = tempfile::tempdir()?;
-    let ((backend_port, nginx_port), _nginx) = nginx_pair(dir.path())?;
+    let ((backend_port, nginx_port), [_backend, nginx_proxy]) = nginx_pair(dir.path())?;
     let rss_before = proc_status_kib("self", "VmRSS:");
     let (collector, spans) = crate::otlp::collector().await?;
     let engine = start_engine(model(backend_port)?, (0.0, None))?;
@@ -465,19 +487,24 @@ pub async fn run(seconds: u64, rounds: usize) -> anyhow::Result<()> {
         (1.0 - loaded_ratio) * 100.0
     );
     println!("at 1,000 req/s (h2load --h1 -c10 --rps, {seconds} s), alternating:");
-    println!("round  untraced CPU ms/s  RSS KiB  traced 1% CPU ms/s  RSS KiB");
+    println!(
+        "round  nginx CPU ms/s  weft untraced CPU ms/s  RSS KiB  weft traced 1% CPU ms/s  RSS KiB"
+    );
     let mut fixed = Vec::new();
+    let nginx_pid = nginx_proxy.0.id();
     for round in 1..=rounds {
-        let (cpu_u, rss_u) = at_1000_rps(engine.port(), seconds)?;
-        let (cpu_t, rss_t) = at_1000_rps(traced.port(), seconds)?;
-        println!("{round:>5}  {cpu_u:>17.1}  {rss_u:>7}  {cpu_t:>18.1}  {rss_t:>7}");
-        fixed.push((cpu_u, cpu_t));
+        let (cpu_n, _) = at_1000_rps(nginx_port, seconds, &|| tree_cpu_seconds(nginx_pid))?;
+        let (cpu_u, rss_u) = at_1000_rps(engine.port(), seconds, &cpu_seconds)?;
+        let (cpu_t, rss_t) = at_1000_rps(traced.port(), seconds, &cpu_seconds)?;
+        println!("{round:>5}  {cpu_n:>14.1}  {cpu_u:>22.1}  {rss_u:>7}  {cpu_t:>23.1}  {rss_t:>7}");
+        fixed.push((cpu_n, cpu_u, cpu_t));
     }
     let exported = spans.lock().map(|s| s.len()).unwrap_or(0);
     println!(
-        "median CPU ms/s at 1,000 req/s: untraced {:.1}, traced at 1% {:.1} ({exported} spans received by the collector)",
+        "median CPU ms/s at 1,000 req/s: nginx {:.1}, weft untraced {:.1}, weft traced at 1% {:.1} ({exported} spans received by the collector)",
         median(fixed.iter().map(|f| f.0).collect()),
         median(fixed.iter().map(|f| f.1).collect()),
+        median(fixed.iter().map(|f| f.2).collect()),
     );
     println!(
         "process RSS (three engines + collector + harness): before {rss_before} KiB, idle {rss_idle} KiB, peak {} KiB",

@@ -1006,6 +1006,7 @@ fn wants_upgrade(headers: &http::HeaderMap) -> bool {
 /// `connection` too; an upgrade keeps `connection: upgrade` and `upgrade`
 /// so the far side sees it. `te: trailers` (gRPC) passes.
 fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
+    use http::HeaderName;
     use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
     let named: Vec<http::HeaderName> = if !headers.contains_key(CONNECTION) {
         Vec::new() // the common case allocates nothing
@@ -1022,12 +1023,14 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
     for n in named {
         headers.remove(n);
     }
-    for n in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-    ] {
+    // Names made once: removing by &str parses the name on every call.
+    const HOP_BY_HOP: [HeaderName; 4] = [
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        http::header::PROXY_AUTHENTICATE,
+        http::header::PROXY_AUTHORIZATION,
+    ];
+    for n in &HOP_BY_HOP {
         headers.remove(n);
     }
     headers.remove(TRANSFER_ENCODING);

@@ -157,10 +157,22 @@ impl Upstreams {
             if let Some(s) = shared.filter(|s| !s.is_closed()) {
                 return Ok(Sender::H2(ep.clone(), s));
             }
-            let io = TokioIo::new(self.tunnel(ep).await?);
+        } else if let Some(s) = self.take_idle(ep.addr) {
+            return Ok(Sender::H1(ep.clone(), s));
+        }
+        // Boxed: a tunnel's handshakes make a future of kilobytes that
+        // every request's future would otherwise carry (and move) inline.
+        Box::pin(self.open(ep, h2)).await
+    }
+
+    /// A new connection to `ep`: tunnel, then the HTTP handshake.
+    async fn open(&self, ep: &Endpoint, h2: bool) -> Result<Sender, UpstreamError> {
+        let io = TokioIo::new(self.tunnel(ep).await?);
+        let handshake = |e| UpstreamError::Handshake(ep.addr, e);
+        if h2 {
             let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
                 .await
-                .map_err(|e| UpstreamError::Handshake(ep.addr, e))?;
+                .map_err(handshake)?;
             tokio::spawn(conn);
             self.multiplexed
                 .lock()
@@ -168,13 +180,7 @@ impl Upstreams {
                 .insert(ep.addr, sender.clone());
             return Ok(Sender::H2(ep.clone(), sender));
         }
-        if let Some(s) = self.take_idle(ep.addr) {
-            return Ok(Sender::H1(ep.clone(), s));
-        }
-        let io = TokioIo::new(self.tunnel(ep).await?);
-        let (sender, conn) = http1::handshake(io)
-            .await
-            .map_err(|e| UpstreamError::Handshake(ep.addr, e))?;
+        let (sender, conn) = http1::handshake(io).await.map_err(handshake)?;
         tokio::spawn(conn.with_upgrades());
         Ok(Sender::H1(ep.clone(), sender))
     }

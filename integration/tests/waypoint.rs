@@ -331,6 +331,8 @@ spec:
       backendRefs: [{name: api-v1, port: 80}]
     - matches: [{path: {type: PathPrefix, value: /sick}}]
       backendRefs: [{name: api, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /counted}}]
+      backendRefs: [{name: api-up, port: 80}]
     - matches: [{path: {type: PathPrefix, value: /old}}]
       filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}}]
     - backendRefs: [{name: api-v1, port: 80, weight: 90}, {name: api-v2, port: 80, weight: 10}]
@@ -410,6 +412,8 @@ impl Cluster {
         yaml += &service_yaml("api", VIP, "app: api", "weft.dev/use-waypoint: waypoint");
         yaml += &service_yaml("api-v1", "10.96.0.11", "version: v1", "");
         yaml += &service_yaml("api-v2", "10.96.0.12", "version: v2", "");
+        // Only the upload-counting test sends here: its metrics are its own.
+        yaml += &service_yaml("api-up", "10.96.0.13", "version: v2", "");
         yaml += ROUTES;
         std::fs::write(mesh.config_dir().join("shop.yaml"), yaml).expect("config written");
         let served = async {
@@ -1182,6 +1186,19 @@ async fn requests_are_traced_and_measured() {
     assert_eq!(status, 200, "{text}");
     let (status, _) = c.curl(&[&url("/down")]).await;
     assert_eq!(status, 503);
+    // A streamed upload (chunked, no Content-Length) is counted as sent.
+    let upload = "u".repeat(10_000);
+    let chunked = [
+        "-X",
+        "POST",
+        "-H",
+        "transfer-encoding: chunked",
+        "--data-binary",
+    ];
+    let (status, text) = c
+        .curl(&[&chunked[..], &[&upload, &url("/counted")]].concat())
+        .await;
+    assert_eq!(status, 200, "{text}");
     let seen: Vec<String> = c
         .hits_v1
         .lock()
@@ -1228,6 +1245,13 @@ async fn requests_are_traced_and_measured() {
         "a histogram"
     );
     assert!(text.contains("# HELP weft_requests_total "));
+    let uploaded: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("weft_request_bytes_total{"))
+        .filter(|l| l.contains("destination_service=\"default/api-up\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(uploaded, 10_000.0, "the streamed body's bytes:\n{text}");
     if let Err(e) = weft_integration::promtool_check(&text) {
         panic!("promtool check metrics:\n{e}");
     }
@@ -1235,7 +1259,7 @@ async fn requests_are_traced_and_measured() {
     // Stopping sends the last batch of spans.
     wp.stop().await;
     let spans = spans.lock().expect("spans").clone();
-    assert_eq!(spans.len(), 3, "one span per request: {spans:#?}");
+    assert_eq!(spans.len(), 4, "one span per request: {spans:#?}");
     let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let mine = spans
         .iter()

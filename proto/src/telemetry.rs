@@ -302,7 +302,7 @@ const COUNTERS: &[(&str, Unit, &str)] = &[
     (
         "weft_request_bytes_total",
         Unit::Bytes,
-        "Request body bytes declared by Content-Length, by the request labels.",
+        "Request body bytes sent on to the upstream, by the request labels.",
     ),
     (
         "weft_response_bytes_total",

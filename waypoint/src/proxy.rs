@@ -37,7 +37,7 @@ use weft_proto::telemetry::ByLabel;
 use crate::filters;
 use crate::resilience::{Buckets, Resilience};
 use crate::sniff::{self, Protocol};
-use crate::telemetry::{Counted, Record, SourceLabels, Spans, Trace};
+use crate::telemetry::{Record, SourceLabels, Spans, Trace, counted, tallied};
 use crate::upstream::{Body, Endpoint, Upstreams};
 
 /// Largest request body kept to be sent again on a retry; a larger one
@@ -182,6 +182,8 @@ struct Ctx<'a> {
     /// The Service and port the request went to.
     backend: (String, u16),
     flag: &'static str,
+    /// The request body's bytes sent on, for its record.
+    request_bytes: Arc<AtomicU64>,
 }
 
 /// The listener's handler: one tunnel, HTTP on it.
@@ -366,6 +368,7 @@ impl Proxy {
             response_headers: Vec::new(),
             backend: (String::new(), 0),
             flag: "-",
+            request_bytes: record.request_bytes.clone(),
         };
         let resp = match self.phases(&model, req, &mut ctx).await {
             Ok(resp) => resp,
@@ -391,7 +394,7 @@ impl Proxy {
             .get("grpc-status")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        resp.map(|body| Counted::new(body, record).boxed())
+        resp.map(|body| counted(body, record))
     }
 
     /// The request's record, as far as its head tells.
@@ -414,10 +417,8 @@ impl Proxy {
         } else {
             "http"
         };
-        let declared = req.headers().get(http::header::CONTENT_LENGTH);
-        let bytes = declared.and_then(|v| v.to_str().ok()?.parse().ok());
         let head = (req.method().to_string(), req.uri().path().to_owned());
-        let mut record = Record::new(head, source, trace, bytes.unwrap_or(0), protocol);
+        let mut record = Record::new(head, source, trace, protocol);
         // Until a backend is chosen (and if none is: a refusal), the
         // Service the client asked for.
         if let Target::Service { key, .. } = &client.target {
@@ -856,7 +857,7 @@ impl Proxy {
             }
         };
         let attempts = retry.attempts.max(1) as usize;
-        let mut body = Replay::new(req, attempts > 1).await?;
+        let mut body = Replay::new(req, attempts > 1, &ctx.request_bytes).await?;
         let mut last = Err(refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "UH",
@@ -962,13 +963,21 @@ enum Replay {
 }
 
 impl Replay {
-    async fn new(req: Request<Incoming>, retries: bool) -> Result<Replay, Refusal> {
+    /// `counted` adds up the body's bytes as they are read.
+    async fn new(
+        req: Request<Incoming>,
+        retries: bool,
+        counted: &Arc<AtomicU64>,
+    ) -> Result<Replay, Refusal> {
         let (parts, body) = req.into_parts();
         let small = hyper::body::Body::size_hint(&body)
             .upper()
             .is_some_and(|n| n as usize <= RETRY_BUFFER);
         if !retries || !small {
-            let body = body.map_err(Into::into).boxed();
+            let mut body = body.map_err(Into::into).boxed();
+            if !hyper::body::Body::is_end_stream(&body) {
+                body = tallied(body, counted.clone());
+            }
             return Ok(Replay::Once(Some(Request::from_parts(parts, body))));
         }
         let bytes = Limited::new(body, RETRY_BUFFER)
@@ -976,6 +985,7 @@ impl Replay {
             .await
             .map_err(|e| refuse(StatusCode::BAD_REQUEST, "DPE", format!("request body: {e}")))?
             .to_bytes();
+        counted.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(Replay::Kept(parts, bytes))
     }
 

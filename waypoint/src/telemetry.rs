@@ -9,12 +9,14 @@
 //! `grpc_response_status`, `response_flags`, `request_protocol`).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::HeaderMap;
+use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Frame, SizeHint};
 use opentelemetry::trace::{
     Span as _, SpanContext, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceId,
@@ -322,7 +324,8 @@ pub struct Record {
     pub path: String,
     pub source: Arc<SourceLabels>,
     pub trace: Trace,
-    pub request_bytes: u64,
+    /// The request body's bytes as they pass to the upstream ([`Tally`]).
+    pub request_bytes: Arc<AtomicU64>,
     pub protocol: &'static str,
     pub route: String,
     pub destination_service: String,
@@ -340,7 +343,6 @@ impl Record {
         (method, path): (String, String),
         source: Arc<SourceLabels>,
         trace: Trace,
-        request_bytes: u64,
         protocol: &'static str,
     ) -> Record {
         Record {
@@ -349,7 +351,7 @@ impl Record {
             path,
             source,
             trace,
-            request_bytes,
+            request_bytes: Arc::default(),
             protocol,
             route: "-".into(),
             destination_service: "unknown".into(),
@@ -371,14 +373,15 @@ impl Record {
         let h = s.handles(self);
         h.requests.increment(1);
         h.duration.record(secs);
-        h.request_bytes.increment(self.request_bytes);
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        h.request_bytes.increment(request_bytes);
         h.response_bytes.increment(self.response_bytes);
         let grpc = self.grpc_status.as_deref().unwrap_or("-");
         info!(
             method = %self.method, path = %self.path, client = %s.principal,
             status = self.status, grpc_status = %grpc, route = %self.route,
             backend = %self.destination_service, response_flags = self.flag,
-            request_bytes = self.request_bytes, response_bytes = self.response_bytes,
+            request_bytes, response_bytes = self.response_bytes,
             duration_ms = (secs * 1000.0) as u64, trace_id = %self.trace.trace_id,
             span_id = %self.trace.span_id, "request"
         );
@@ -394,58 +397,25 @@ impl Drop for Record {
     }
 }
 
-/// A response body that counts what it carries and writes its request's
-/// record when it ends (or is dropped).
-pub struct Counted {
+/// What a body's poll gave.
+type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
+/// A body passed on unchanged, each poll shown to `seen` first (with
+/// whether the body has ended).
+pub struct Observed<F> {
     inner: Body,
-    record: Option<Record>,
+    seen: F,
 }
 
-impl Counted {
-    pub fn new(inner: Body, mut record: Record) -> Counted {
-        if inner.is_end_stream() {
-            record.finished = true;
-        }
-        Counted {
-            inner,
-            record: Some(record),
-        }
-    }
-}
-
-impl hyper::body::Body for Counted {
+impl<F: FnMut(&Polled, bool) + Send + Sync + Unpin + 'static> hyper::body::Body for Observed<F> {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        let Some(record) = this.record.as_mut() else {
-            return polled;
-        };
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    record.response_bytes += data.len() as u64;
-                }
-                if let Some(t) = frame.trailers_ref()
-                    && let Some(g) = t.get("grpc-status").and_then(|v| v.to_str().ok())
-                {
-                    record.grpc_status = Some(g.to_owned());
-                }
-            }
-            Poll::Ready(Some(Err(_))) => record.flag = "UC",
-            Poll::Ready(None) => record.finished = true,
-            Poll::Pending => {}
-        }
-        if (this.inner.is_end_stream() || matches!(polled, Poll::Ready(None)))
-            && let Some(mut r) = this.record.take()
-        {
-            r.finished = true; // written as it drops
-        }
+        let ended = this.inner.is_end_stream() || matches!(polled, Poll::Ready(None));
+        (this.seen)(&polled, ended);
         polled
     }
 
@@ -456,6 +426,49 @@ impl hyper::body::Body for Counted {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// A response body that counts what it carries and writes its request's
+/// record when it ends (or is dropped).
+pub fn counted(inner: Body, mut record: Record) -> Body {
+    if inner.is_end_stream() {
+        record.finished = true;
+    }
+    let mut record = Some(record);
+    let seen = move |polled: &Polled, ended: bool| {
+        let Some(r) = record.as_mut() else { return };
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    r.response_bytes += data.len() as u64;
+                }
+                if let Some(t) = frame.trailers_ref()
+                    && let Some(g) = t.get("grpc-status").and_then(|v| v.to_str().ok())
+                {
+                    r.grpc_status = Some(g.to_owned());
+                }
+            }
+            Poll::Ready(Some(Err(_))) => r.flag = "UC",
+            Poll::Ready(None) | Poll::Pending => {}
+        }
+        if ended && let Some(mut r) = record.take() {
+            r.finished = true; // written as it drops
+        }
+    };
+    Observed { inner, seen }.boxed()
+}
+
+/// A request body that counts the bytes the client sends as they pass on
+/// (a body sent again on a retry is counted once, where it is kept).
+pub fn tallied(inner: Body, count: Arc<AtomicU64>) -> Body {
+    let seen = move |polled: &Polled, _| {
+        if let Poll::Ready(Some(Ok(frame))) = polled
+            && let Some(data) = frame.data_ref()
+        {
+            count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+    };
+    Observed { inner, seen }.boxed()
 }
 
 #[cfg(test)]

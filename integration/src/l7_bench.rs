@@ -240,6 +240,7 @@ fn start_engine(model: Model, (sampling, collector): Tracing) -> anyhow::Result<
                 let id = Identity::new("cluster.local", "default", "bench").expect("id");
                 let (_tx, rx) = watch::channel(model);
                 let upstreams = Arc::new(Upstreams::plain());
+                upstreams.close_idle_connections();
                 let mut proxy = Proxy::new(
                     "default/bench".into(),
                     id.clone(),

@@ -116,6 +116,7 @@ async fn h2_app(pod: &PodNs, hits: Hits) {
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             let (name, hits) = (name.clone(), hits.clone());
+            let closed = hits.clone();
             let svc = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     let name = name.clone();
@@ -162,6 +163,12 @@ async fn h2_app(pod: &PodNs, hits: Hits) {
                 let _ = builder
                     .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(s), svc)
                     .await;
+                // Connections that ended, for the idle-timeout test.
+                *closed
+                    .lock()
+                    .expect("hits")
+                    .entry("closed".into())
+                    .or_default() += 1;
             });
         }
     });
@@ -341,6 +348,13 @@ apiVersion: weft.dev/v1alpha1
 kind: RateLimit
 metadata: {name: five-a-minute, namespace: default}
 spec: {requests: 5, interval: 1m}
+---
+apiVersion: weft.dev/v1alpha1
+kind: BackendPolicy
+metadata: {name: up-idle, namespace: default}
+spec:
+  targetRef: {kind: Service, name: api-up}
+  idleTimeout: 1s
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
@@ -1199,6 +1213,21 @@ async fn requests_are_traced_and_measured() {
         .curl(&[&chunked[..], &[&upload, &url("/counted")]].concat())
         .await;
     assert_eq!(status, 200, "{text}");
+    // api-up's BackendPolicy closes its connections after 1 s unused.
+    let closed = || c.hits_v2.lock().expect("hits").get("closed").copied();
+    let quiet = std::time::Instant::now();
+    let idle_closed = async {
+        while closed().is_none() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), idle_closed)
+        .await
+        .expect("the idle upstream connection is closed");
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(500),
+        "not before it was idle"
+    );
     let seen: Vec<String> = c
         .hits_v1
         .lock()
@@ -1320,7 +1349,8 @@ async fn circuit_breakers_open_and_outliers_are_ejected() {
     std::fs::write(c.mesh.config_dir().join("resilience.yaml"), RESILIENCE).expect("written");
     let mut model = wp.proxy.model.clone();
     let reached = async {
-        while model.borrow_and_update().backends.len() < 2 {
+        // up-idle, from the start, and these two.
+        while model.borrow_and_update().backends.len() < 3 {
             model.changed().await.expect("config stream");
         }
     };

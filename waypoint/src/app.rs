@@ -157,16 +157,17 @@ pub async fn build(config: Config) -> Result<Bound, BuildError> {
         addr: config.listen,
         reason,
     })?;
-    let upstreams = Upstreams::new(
+    let upstreams = Arc::new(Upstreams::new(
         Pool::new(PoolSettings::default()),
         identity.clone(),
         cert.clone(),
-    );
+    ));
+    upstreams.close_idle_connections();
     let mut proxy = Proxy::new(
         config.key.clone(),
         identity.clone(),
         model,
-        Arc::new(upstreams),
+        upstreams,
         config.limits.clone(),
     );
     proxy.trace_sampling = config.trace_sampling;

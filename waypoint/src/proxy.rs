@@ -38,7 +38,7 @@ use crate::filters;
 use crate::resilience::{Buckets, Resilience};
 use crate::sniff::{self, Protocol};
 use crate::telemetry::{Record, SourceLabels, Spans, Trace, counted, tallied};
-use crate::upstream::{Body, Endpoint, Upstreams};
+use crate::upstream::{Body, DEFAULT_IDLE_TIMEOUT, Endpoint, Upstreams};
 
 /// Largest request body kept to be sent again on a retry; a larger one
 /// streams once and is never retried.
@@ -721,8 +721,9 @@ impl Proxy {
         self.stats.mirrored.fetch_add(1, Ordering::Relaxed);
         let upstreams = self.upstreams.clone();
         tokio::spawn(async move {
-            if let Ok(sender) = upstreams.connect(&ep, false).await
-                && let Ok(resp) = upstreams.send(sender, copy).await
+            let idle = DEFAULT_IDLE_TIMEOUT;
+            if let Ok(sender) = upstreams.connect(&ep, false, idle).await
+                && let Ok(resp) = upstreams.send(sender, copy, idle).await
             {
                 let _ = resp.into_body().collect().await;
             }
@@ -839,6 +840,10 @@ impl Proxy {
         let limits = spec.and_then(|s| s.limits.as_ref());
         let retry = rule.and_then(|r| r.retry.clone()).unwrap_or_default();
         let per_try = rule.map_or(0, |r| r.backend_timeout_ms);
+        let idle = match spec.map_or(0, |s| s.idle_timeout_ms) {
+            0 => DEFAULT_IDLE_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        };
         let connect_ms = match (per_try, spec.map_or(0, |s| s.connect_timeout_ms)) {
             (0, c) | (c, 0) => c,
             (a, b) => a.min(b),
@@ -876,7 +881,7 @@ impl Proxy {
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(retry.backoff_ms)).await;
             }
-            let sender = match bounded(connect_ms, self.upstreams.connect(ep, h2)).await {
+            let sender = match bounded(connect_ms, self.upstreams.connect(ep, h2, idle)).await {
                 Ok(Ok(sender)) => sender,
                 Ok(Err(e)) => {
                     report(ep, true);
@@ -896,7 +901,7 @@ impl Proxy {
             let Some(req) = body.next() else { break };
             tries += 1;
             let _busy = self.upstreams.busy(ep.addr);
-            match bounded(per_try, self.upstreams.send(sender, req)).await {
+            match bounded(per_try, self.upstreams.send(sender, req, idle)).await {
                 Ok(Ok(resp)) => {
                     report(ep, resp.status().is_server_error());
                     let code = u32::from(resp.status().as_u16());

@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -27,6 +28,31 @@ pub type Body = BoxBody<Bytes, BoxError>;
 
 /// Idle HTTP/1.1 connections kept per endpoint.
 const IDLE_PER_ENDPOINT: usize = 256;
+
+/// How long a pooled connection may sit unused when the Service's
+/// BackendPolicy says nothing (Envoy's and Istio's default too).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A pooled connection and how long it may stay unused.
+struct Pooled<S> {
+    sender: S,
+    used: Instant,
+    idle_timeout: Duration,
+}
+
+impl<S> Pooled<S> {
+    fn new(sender: S, idle_timeout: Duration) -> Self {
+        Pooled {
+            sender,
+            used: Instant::now(),
+            idle_timeout,
+        }
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        now.duration_since(self.used) >= self.idle_timeout
+    }
+}
 
 /// One endpoint: the pod's application address and who it must be.
 #[derive(Debug, Clone)]
@@ -90,8 +116,8 @@ pub enum Sender {
 
 pub struct Upstreams {
     transport: Transport,
-    idle: Mutex<HashMap<SocketAddr, Vec<http1::SendRequest<Body>>>>,
-    multiplexed: Mutex<HashMap<SocketAddr, http2::SendRequest<Body>>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<Pooled<http1::SendRequest<Body>>>>>,
+    multiplexed: Mutex<HashMap<SocketAddr, Pooled<http2::SendRequest<Body>>>>,
     /// Requests awaiting a response, per endpoint (least-request balancing).
     pending: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
 }
@@ -145,28 +171,36 @@ impl Upstreams {
 
     /// A connection to `ep`: an idle or shared one if there is one, else a
     /// new tunnel and handshake. No byte of the request is sent yet, so a
-    /// failure here may be retried elsewhere.
-    pub async fn connect(&self, ep: &Endpoint, h2: bool) -> Result<Sender, UpstreamError> {
+    /// failure here may be retried elsewhere. `idle_timeout`: how long the
+    /// connection may then sit unused in the pool.
+    pub async fn connect(
+        &self,
+        ep: &Endpoint,
+        h2: bool,
+        idle_timeout: Duration,
+    ) -> Result<Sender, UpstreamError> {
         if h2 {
-            let shared = self
-                .multiplexed
-                .lock()
-                .expect("poisoned")
-                .get(&ep.addr)
-                .cloned();
-            if let Some(s) = shared.filter(|s| !s.is_closed()) {
-                return Ok(Sender::H2(ep.clone(), s));
+            let mut shared = self.multiplexed.lock().expect("poisoned");
+            if let Some(p) = shared.get_mut(&ep.addr).filter(|p| !p.sender.is_closed()) {
+                p.used = Instant::now();
+                p.idle_timeout = idle_timeout;
+                return Ok(Sender::H2(ep.clone(), p.sender.clone()));
             }
         } else if let Some(s) = self.take_idle(ep.addr) {
             return Ok(Sender::H1(ep.clone(), s));
         }
         // Boxed: a tunnel's handshakes make a future of kilobytes that
         // every request's future would otherwise carry (and move) inline.
-        Box::pin(self.open(ep, h2)).await
+        Box::pin(self.open(ep, h2, idle_timeout)).await
     }
 
     /// A new connection to `ep`: tunnel, then the HTTP handshake.
-    async fn open(&self, ep: &Endpoint, h2: bool) -> Result<Sender, UpstreamError> {
+    async fn open(
+        &self,
+        ep: &Endpoint,
+        h2: bool,
+        idle_timeout: Duration,
+    ) -> Result<Sender, UpstreamError> {
         let io = TokioIo::new(self.tunnel(ep).await?);
         let handshake = |e| UpstreamError::Handshake(ep.addr, e);
         if h2 {
@@ -177,7 +211,7 @@ impl Upstreams {
             self.multiplexed
                 .lock()
                 .expect("poisoned")
-                .insert(ep.addr, sender.clone());
+                .insert(ep.addr, Pooled::new(sender.clone(), idle_timeout));
             return Ok(Sender::H2(ep.clone(), sender));
         }
         let (sender, conn) = http1::handshake(io).await.map_err(handshake)?;
@@ -188,10 +222,38 @@ impl Upstreams {
     fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
         let mut idle = self.idle.lock().expect("poisoned");
         let list = idle.get_mut(&addr)?;
-        list.retain(|s| !s.is_closed());
+        let now = Instant::now();
+        list.retain(|p| !p.sender.is_closed() && !p.expired(now));
         // One still reading its last response body is left for later.
-        let i = list.iter().position(|s| s.is_ready())?;
-        Some(list.swap_remove(i))
+        let i = list.iter().position(|p| p.sender.is_ready())?;
+        Some(list.swap_remove(i).sender)
+    }
+
+    /// Closes pooled connections unused for longer than their idle
+    /// timeout, every second, for as long as the pool exists.
+    pub fn close_idle_connections(self: &Arc<Self>) {
+        let pool: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                pool.sweep(Instant::now());
+            }
+        });
+    }
+
+    fn sweep(&self, now: Instant) {
+        let mut idle = self.idle.lock().expect("poisoned");
+        for list in idle.values_mut() {
+            list.retain(|p| !p.sender.is_closed() && !p.expired(now));
+        }
+        idle.retain(|_, list| !list.is_empty());
+        drop(idle);
+        let mut shared = self.multiplexed.lock().expect("poisoned");
+        // Requests in flight hold their own handles: the connection closes
+        // once they end.
+        shared.retain(|_, p| !p.sender.is_closed() && !p.expired(now));
     }
 
     /// An HBONE tunnel to `ep` under the waypoint's identity.
@@ -233,6 +295,7 @@ impl Upstreams {
         &self,
         sender: Sender,
         req: Request<Body>,
+        idle_timeout: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
         match sender {
             Sender::H2(ep, mut s) => s
@@ -244,7 +307,7 @@ impl Upstreams {
                     .send_request(req)
                     .await
                     .map_err(|e| UpstreamError::Request(ep.addr, e))?;
-                self.park(ep.addr, s);
+                self.park(ep.addr, Pooled::new(s, idle_timeout));
                 Ok(resp)
             }
         }
@@ -252,12 +315,12 @@ impl Upstreams {
 
     /// Keeps an HTTP/1.1 connection for reuse once its response body is
     /// read (hyper reports it ready then).
-    fn park(&self, addr: SocketAddr, s: http1::SendRequest<Body>) {
+    fn park(&self, addr: SocketAddr, p: Pooled<http1::SendRequest<Body>>) {
         let mut idle = self.idle.lock().expect("poisoned");
         let list = idle.entry(addr).or_default();
-        list.retain(|s| !s.is_closed());
+        list.retain(|p| !p.sender.is_closed());
         if list.len() < IDLE_PER_ENDPOINT {
-            list.push(s);
+            list.push(p);
         }
     }
 }

@@ -150,6 +150,10 @@ pub struct BackendPolicySpec {
     /// e.g. `2s`: how long a connection to an endpoint may take.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<String>,
+    /// e.g. `5m`: how long a pooled connection to an endpoint may sit
+    /// unused before the waypoint closes it (default 1h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, JsonSchema, PartialEq)]

@@ -268,17 +268,20 @@ fn backends(objects: &Objects, out: &mut Translation) {
                 continue;
             }
         };
-        let connect = bp
-            .spec
-            .connect_timeout
-            .as_ref()
-            .map(|t| duration_ms(&Value::String(t.clone())));
-        let connect_timeout_ms = match connect.transpose() {
-            Ok(ms) => ms.unwrap_or(0),
-            Err(e) => {
+        let timeout = |name: &str, t: &Option<String>| {
+            let ms = t.as_ref().map(|t| duration_ms(&Value::String(t.clone())));
+            ms.transpose()
+                .map(Option::unwrap_or_default)
+                .map_err(|e| format!("{name}: {e}"))
+        };
+        let timeouts = timeout("connectTimeout", &bp.spec.connect_timeout)
+            .and_then(|c| Ok((c, timeout("idleTimeout", &bp.spec.idle_timeout)?)));
+        let (connect_timeout_ms, idle_timeout_ms) = match timeouts {
+            Ok(t) => t,
+            Err(reason) => {
                 out.problems.push(super::translate::Problem {
                     object: id,
-                    reason: format!("connectTimeout: {e}"),
+                    reason,
                     refused: true,
                 });
                 continue;
@@ -298,6 +301,7 @@ fn backends(objects: &Objects, out: &mut Translation) {
             limits,
             outlier_detection: outlier,
             connect_timeout_ms,
+            idle_timeout_ms,
         });
     }
 }

@@ -1272,7 +1272,12 @@ spec:
 apiVersion: weft.dev/v1alpha1
 kind: BackendPolicy
 metadata: {name: api-lb, namespace: shop}
-spec: {targetRef: {kind: Service, name: api}, loadBalancer: LeastRequest}
+spec: {targetRef: {kind: Service, name: api}, loadBalancer: LeastRequest, connectTimeout: 2s, idleTimeout: 5m}
+---
+apiVersion: weft.dev/v1alpha1
+kind: BackendPolicy
+metadata: {name: bad-idle, namespace: shop}
+spec: {targetRef: {kind: Service, name: api}, idleTimeout: soon}
 "#;
         let labelled = crate::source::fixtures::shop_bound_to("shop-waypoint");
         let t = translate(&objects(&[&labelled, yaml]), TD);
@@ -1322,6 +1327,18 @@ spec: {targetRef: {kind: Service, name: api}, loadBalancer: LeastRequest}
         assert_eq!(split.parents.len(), 2);
         let lb = &t.specs.backends[0];
         assert_eq!((lb.service.as_str(), lb.load_balancer), ("shop/api", 1));
+        assert_eq!(
+            (lb.connect_timeout_ms, lb.idle_timeout_ms),
+            (2_000, 300_000)
+        );
+        assert_eq!(t.specs.backends.len(), 1, "bad-idle is refused");
+        assert!(
+            t.problems
+                .iter()
+                .any(|p| p.object.contains("bad-idle") && p.reason.contains("idleTimeout")),
+            "{:?}",
+            t.problems
+        );
         let routes: Vec<(&str, &[String])> = t
             .routes
             .iter()
@@ -1351,7 +1368,7 @@ spec: {targetRef: {kind: Service, name: api}, loadBalancer: LeastRequest}
                 .is_some_and(|r| r.contains("(unclosed")),
             "{bad:?}"
         );
-        assert_eq!(t.problems.len(), 2, "{:?}", t.problems);
+        assert_eq!(t.problems.len(), 3, "{:?}", t.problems);
         assert!(t.problems.iter().any(|p| p.reason.contains("shop/nope")));
         assert!(t.specs.routes.iter().all(|r| r.name != "bad-regex"));
         Model::from_specs(t.specs, TD).expect("the served routes build a model");

@@ -98,6 +98,8 @@ pub struct KubeAccess {
     pub replica: String,
     /// The image of the waypoint Deployments the leader makes.
     pub waypoint_image: String,
+    /// The OTLP/gRPC collector the waypoints it makes export spans to.
+    pub waypoint_otlp_endpoint: Option<String>,
     /// The aggregated API's HTTPS port (`APIService v1alpha1.api.weft.dev`).
     pub aggregated_addr: SocketAddr,
 }
@@ -111,6 +113,7 @@ impl Default for KubeAccess {
             proxy_tokens: Default::default(),
             replica: "weft-controller".into(),
             waypoint_image: crate::waypoint_deploy::Settings::default().image,
+            waypoint_otlp_endpoint: None,
             aggregated_addr: ([127, 0, 0, 1], 0).into(),
         }
     }
@@ -417,6 +420,7 @@ fn start_leader_work(
         image: access.waypoint_image.clone(),
         controller: format!("weft-controller.{}.svc:15012", access.namespace),
         roots: ca.roots(),
+        otlp_endpoint: access.waypoint_otlp_endpoint.clone(),
     };
     crate::waypoint_deploy::spawn(
         client.clone(),

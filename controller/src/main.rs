@@ -74,6 +74,10 @@ struct Args {
     /// Gateways of class weft-waypoint.
     #[arg(long, default_value_t = weft_controller::waypoint_deploy::Settings::default().image)]
     waypoint_image: String,
+    /// With --kubernetes: the OTLP/gRPC collector (http://HOST:4317) the
+    /// waypoints it makes export sampled requests' spans to.
+    #[arg(long)]
+    waypoint_otlp_endpoint: Option<String>,
     /// With --kubernetes: the aggregated API's HTTPS listen address
     /// (APIService v1alpha1.api.weft.dev; only the API server's front
     /// proxy is admitted).
@@ -160,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
                 },
                 replica: args.pod_name,
                 waypoint_image: args.waypoint_image,
+                waypoint_otlp_endpoint: args.waypoint_otlp_endpoint,
                 aggregated_addr: args.aggregated_addr,
             })
         } else {

@@ -41,6 +41,9 @@ pub struct Settings {
     /// The mesh root(s), PEM, followed: the trust bundle put beside each
     /// waypoint.
     pub roots: watch::Receiver<String>,
+    /// Where waypoints export sampled requests' spans (OTLP/gRPC);
+    /// `None`: not exported.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Settings {
@@ -52,6 +55,7 @@ impl Default for Settings {
             ),
             controller: "weft-controller.weft-system.svc:15012".into(),
             roots: watch::channel(String::new()).1,
+            otlp_endpoint: None,
         }
     }
 }
@@ -221,20 +225,16 @@ async fn program(client: &Client, s: &Settings, gw: &Gateway) -> kube::Result<(S
 }
 
 fn deployment_spec(s: &Settings, ns: &str, name: &str) -> Value {
-    let args = [
-        "--name",
-        name,
-        "-n",
-        ns,
-        "--ca-addr",
-        &s.controller,
-        "--ca-root",
-        &format!("{TRUST_DIR}/{BUNDLE_KEY}"),
-        "--token-file",
-        &format!("{TOKEN_DIR}/token"),
-        "--log-format",
-        "json",
-    ];
+    let mut args = vec!["--name", name, "-n", ns, "--ca-addr", &s.controller];
+    let (root, token) = (
+        format!("{TRUST_DIR}/{BUNDLE_KEY}"),
+        format!("{TOKEN_DIR}/token"),
+    );
+    args.extend(["--ca-root", &root, "--token-file", &token]);
+    args.extend(["--log-format", "json"]);
+    if let Some(endpoint) = &s.otlp_endpoint {
+        args.extend(["--otlp-endpoint", endpoint]);
+    }
     json!({
         "replicas": 1,
         "selector": {"matchLabels": {GATEWAY_NAME_LABEL: name}},

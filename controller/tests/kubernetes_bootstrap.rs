@@ -413,6 +413,7 @@ mod waypoints {
         let stop = CancellationToken::new();
         let settings = Settings {
             roots: tokio::sync::watch::channel("ROOT PEM".to_owned()).1,
+            otlp_endpoint: Some("http://otel-collector.observability:4317".into()),
             ..Settings::default()
         };
         waypoint_deploy::spawn(
@@ -446,6 +447,10 @@ mod waypoints {
         assert_eq!(pod["spec"]["serviceAccountName"], "wp");
         let args = pod["spec"]["containers"][0]["args"].to_string();
         assert!(args.contains("\"--name\",\"wp\",\"-n\",\"shop\""), "{args}");
+        assert!(
+            args.contains("\"--otlp-endpoint\",\"http://otel-collector.observability:4317\""),
+            "spans go where the controller was told: {args}"
+        );
         let audience = &pod["spec"]["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]
             ["audience"];
         assert_eq!(audience, "weft-ca");

@@ -77,6 +77,9 @@ pub struct Enroller {
     /// One lock per pod: concurrent requests for the same pod (a runtime
     /// retrying ADD) are taken one after the other, so ADD stays idempotent.
     locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held from reading the set to writing it: two pods changing at once
+    /// must not let the older snapshot land last.
+    persisting: Mutex<()>,
 }
 
 /// Where `weft-cni` records a pod deleted while the ztunnel could not be
@@ -110,6 +113,7 @@ impl Enroller {
             drain,
             pending: Mutex::new(Vec::new()),
             locks: Mutex::new(Default::default()),
+            persisting: Mutex::new(()),
         }
     }
 
@@ -321,6 +325,7 @@ impl Enroller {
     }
 
     fn persist(&self) {
+        let _one_at_a_time = self.persisting.lock().expect("poisoned");
         let pending = self.pending.lock().expect("poisoned").clone();
         if let Err(e) = self.node.pods.persist(&self.state_file, &pending) {
             warn!(path = %self.state_file.display(), error = %e, "cannot persist enrolled pods");

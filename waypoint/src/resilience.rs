@@ -145,8 +145,11 @@ impl Resilience {
     /// `eps` without the endpoints ejected now (all of them if that would
     /// leave none).
     pub fn healthy(&self, eps: &Arc<[Endpoint]>) -> Arc<[Endpoint]> {
+        self.healthy_at(eps, Instant::now())
+    }
+
+    fn healthy_at(&self, eps: &Arc<[Endpoint]>, now: Instant) -> Arc<[Endpoint]> {
         let health = self.health.lock().expect("poisoned");
-        let now = Instant::now();
         let out = |e: &Endpoint| health.get(&e.addr).is_some_and(|h| h.ejected(now));
         if !eps.iter().any(out) {
             return eps.clone();
@@ -165,13 +168,22 @@ impl Resilience {
         &self,
         ep: SocketAddr,
         failed: bool,
+        rules: (Option<&pb::OutlierDetection>, &[Endpoint]),
+    ) -> bool {
+        self.report_at(ep, failed, rules, Instant::now())
+    }
+
+    fn report_at(
+        &self,
+        ep: SocketAddr,
+        failed: bool,
         (rules, siblings): (Option<&pb::OutlierDetection>, &[Endpoint]),
+        now: Instant,
     ) -> bool {
         let Some(rules) = rules.filter(|r| r.consecutive_5xx > 0) else {
             return false;
         };
         let mut health = self.health.lock().expect("poisoned");
-        let now = Instant::now();
         let h = health.entry(ep).or_default();
         if !failed {
             h.consecutive = 0;
@@ -359,6 +371,17 @@ mod tests {
             "25% of 4: one out at most"
         );
         assert_eq!(r.healthy(&eps).len(), 3);
+        // Back when its time is up (60 s after the first ejection)...
+        let later = |s| Instant::now() + Duration::from_secs(s);
+        assert_eq!(r.healthy_at(&eps, later(59)).len(), 3, "not before");
+        assert_eq!(r.healthy_at(&eps, later(61)).len(), 4, "back after");
+        // ...and out twice as long the second time.
+        let again = later(61);
+        let fail_at = |t| r.report_at(eps[0].addr, true, (Some(&rules), &eps), t);
+        assert!(!fail_at(again) && fail_at(again), "ejected again");
+        let after = |s| again + Duration::from_secs(s);
+        assert_eq!(r.healthy_at(&eps, after(119)).len(), 3, "120 s this time");
+        assert_eq!(r.healthy_at(&eps, after(121)).len(), 4);
         // A single endpoint is never ejected.
         let one: Arc<[Endpoint]> = vec![ep(9)].into();
         for _ in 0..5 {

@@ -350,14 +350,8 @@ impl Proxy {
     /// One request, every phase; always an answer, whose body writes the
     /// request's record (log line, metrics) when it ends.
     pub async fn serve(&self, mut req: Request<Incoming>, client: &Client) -> Response<Body> {
-        let mut trace = Trace::continue_or_start(req.headers_mut(), self.trace_sampling);
-        let span = match &self.spans {
-            Some(spans) if trace.sampled => {
-                let method = req.method().clone();
-                Some(spans.start(&mut trace, req.headers_mut(), method.as_str()))
-            }
-            _ => None,
-        };
+        let (trace, span) =
+            Trace::continue_or_start(req.headers_mut(), self.trace_sampling, self.spans.as_ref());
         // One config version for the whole request, its record included.
         let model = self.model.borrow().clone();
         let mut record = self.record(&model, &req, client, trace);
@@ -721,9 +715,8 @@ impl Proxy {
         self.stats.mirrored.fetch_add(1, Ordering::Relaxed);
         let upstreams = self.upstreams.clone();
         tokio::spawn(async move {
-            let idle = DEFAULT_IDLE_TIMEOUT;
-            if let Ok(sender) = upstreams.connect(&ep, false, idle).await
-                && let Ok(resp) = upstreams.send(sender, copy, idle).await
+            if let Ok(sender) = upstreams.connect(&ep, false, DEFAULT_IDLE_TIMEOUT).await
+                && let Ok(resp) = upstreams.send(sender, copy).await
             {
                 let _ = resp.into_body().collect().await;
             }
@@ -901,7 +894,7 @@ impl Proxy {
             let Some(req) = body.next() else { break };
             tries += 1;
             let _busy = self.upstreams.busy(ep.addr);
-            match bounded(per_try, self.upstreams.send(sender, req, idle)).await {
+            match bounded(per_try, self.upstreams.send(sender, req)).await {
                 Ok(Ok(resp)) => {
                     report(ep, resp.status().is_server_error());
                     let code = u32::from(resp.status().as_u16());
@@ -968,11 +961,11 @@ enum Replay {
 }
 
 impl Replay {
-    /// `counted` adds up the body's bytes as they are read.
+    /// `tally` adds up the body's bytes as they are read.
     async fn new(
         req: Request<Incoming>,
         retries: bool,
-        counted: &Arc<AtomicU64>,
+        tally: &Arc<AtomicU64>,
     ) -> Result<Replay, Refusal> {
         let (parts, body) = req.into_parts();
         let small = hyper::body::Body::size_hint(&body)
@@ -981,7 +974,7 @@ impl Replay {
         if !retries || !small {
             let mut body = body.map_err(Into::into).boxed();
             if !hyper::body::Body::is_end_stream(&body) {
-                body = tallied(body, counted.clone());
+                body = tallied(body, tally.clone());
             }
             return Ok(Replay::Once(Some(Request::from_parts(parts, body))));
         }
@@ -990,7 +983,7 @@ impl Replay {
             .await
             .map_err(|e| refuse(StatusCode::BAD_REQUEST, "DPE", format!("request body: {e}")))?
             .to_bytes();
-        counted.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        tally.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(Replay::Kept(parts, bytes))
     }
 

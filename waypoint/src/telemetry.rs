@@ -77,7 +77,7 @@ impl SourceLabels {
     }
 
     fn handles(&self, r: &Record) -> Arc<Handles> {
-        let mut kept = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = self.handles.lock().expect("poisoned");
         let same = |o: &Outcome| {
             o.status == r.status
                 && o.flag == r.flag
@@ -145,32 +145,41 @@ fn span_id() -> String {
 impl Trace {
     /// Continues the caller's trace (a valid `traceparent`), or starts
     /// one sampled with probability `ratio`; then sets `traceparent` to
-    /// this hop's span for the upstream.
-    pub fn continue_or_start(headers: &mut HeaderMap, ratio: f64) -> Trace {
-        let trace = Trace::decide(headers, ratio);
-        trace.send_on(headers);
-        trace
-    }
-
-    fn decide(headers: &HeaderMap, ratio: f64) -> Trace {
+    /// this hop's span for the upstream. A sampled request's span is
+    /// started in `spans` (when exported) and its ids are this hop's.
+    pub fn continue_or_start(
+        headers: &mut HeaderMap,
+        ratio: f64,
+        spans: Option<&Spans>,
+    ) -> (Trace, Option<Span>) {
         let parent = headers
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_traceparent);
-        match parent {
-            Some((trace_id, parent_id, sampled)) => Trace {
-                trace_id,
-                span_id: span_id(),
-                parent_id: Some(parent_id),
+        let sampled = match &parent {
+            Some((.., sampled)) => *sampled,
+            None => rand::rng().random_bool(ratio.clamp(0.0, 1.0)),
+        };
+        let (parent_trace, parent_id) = parent.map(|(t, p, _)| (t, p)).unzip();
+        let span = spans
+            .filter(|_| sampled)
+            .map(|s| s.start(parent_trace.as_deref(), parent_id.as_deref()));
+        let trace = match &span {
+            Some(span) => Trace {
+                trace_id: span.span_context().trace_id().to_string(),
+                span_id: span.span_context().span_id().to_string(),
+                parent_id,
                 sampled,
             },
             None => Trace {
-                trace_id: trace_id(),
+                trace_id: parent_trace.unwrap_or_else(trace_id),
                 span_id: span_id(),
-                parent_id: None,
-                sampled: rand::rng().random_bool(ratio.clamp(0.0, 1.0)),
+                parent_id,
+                sampled,
             },
-        }
+        };
+        trace.send_on(headers);
+        (trace, span)
     }
 
     /// `traceparent` for the upstream: this hop's span as its parent.
@@ -233,12 +242,13 @@ impl Spans {
         Ok(Spans { tracer, provider })
     }
 
-    /// Starts this hop's span in `trace` (sampled), and makes its ids the
-    /// ones sent upstream.
-    pub fn start(&self, trace: &mut Trace, headers: &mut HeaderMap, method: &str) -> Span {
-        let parent = trace.parent_id.as_deref().and_then(|p| {
+    /// Starts this hop's span (the request is sampled): in the caller's
+    /// trace when there is one, else in a new one. It is named when it
+    /// ends, once the route is known.
+    fn start(&self, trace_id: Option<&str>, parent_id: Option<&str>) -> Span {
+        let remote = trace_id.zip(parent_id).and_then(|(t, p)| {
             let context = SpanContext::new(
-                TraceId::from_hex(&trace.trace_id).ok()?,
+                TraceId::from_hex(t).ok()?,
                 SpanId::from_hex(p).ok()?,
                 TraceFlags::SAMPLED,
                 true,
@@ -246,16 +256,10 @@ impl Spans {
             );
             Some(opentelemetry::Context::new().with_remote_span_context(context))
         });
-        let span = self
-            .tracer
-            .span_builder(method.to_owned())
+        self.tracer
+            .span_builder("request")
             .with_kind(SpanKind::Server)
-            .start_with_context(&self.tracer, &parent.unwrap_or_default());
-        let ids = span.span_context();
-        trace.trace_id = ids.trace_id().to_string();
-        trace.span_id = ids.span_id().to_string();
-        trace.send_on(headers);
-        span
+            .start_with_context(&self.tracer, &remote.unwrap_or_default())
     }
 
     /// Sends what is queued and stops the exporter (blocks: call it off
@@ -270,9 +274,10 @@ impl Spans {
 /// Ends a request's span with what its record knows (OpenTelemetry HTTP
 /// server conventions; weft's own fields under `weft.`).
 fn end_span(mut span: Span, r: &Record) {
-    if r.route != "-" {
-        span.update_name(format!("{} {}", r.method, r.route));
-    }
+    span.update_name(match r.route.as_str() {
+        "-" => r.method.clone(),
+        route => format!("{} {route}", r.method),
+    });
     let mut attributes = vec![
         KeyValue::new("http.request.method", r.method.clone()),
         KeyValue::new("url.path", r.path.clone()),
@@ -491,7 +496,7 @@ mod tests {
         let mut h = HeaderMap::new();
         let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         h.insert("traceparent", parent.parse().expect("value"));
-        let t = Trace::continue_or_start(&mut h, 0.0);
+        let (t, _) = Trace::continue_or_start(&mut h, 0.0, None);
         assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(t.parent_id.as_deref(), Some("00f067aa0ba902b7"));
         assert!(t.sampled, "the caller's decision is kept");
@@ -505,7 +510,7 @@ mod tests {
         ] {
             let mut h = HeaderMap::new();
             h.insert("traceparent", bad.parse().expect("value"));
-            let t = Trace::continue_or_start(&mut h, 1.0);
+            let (t, _) = Trace::continue_or_start(&mut h, 1.0, None);
             assert!(
                 t.parent_id.is_none() && t.sampled,
                 "{bad}: a new sampled trace"

@@ -108,9 +108,10 @@ impl UpstreamError {
     }
 }
 
-/// A connection ready to carry one request.
+/// A connection ready to carry one request; an HTTP/1.1 one goes back
+/// to the pool afterwards, to stay there unused at most `Duration`.
 pub enum Sender {
-    H1(Endpoint, http1::SendRequest<Body>),
+    H1(Endpoint, http1::SendRequest<Body>, Duration),
     H2(Endpoint, http2::SendRequest<Body>),
 }
 
@@ -187,7 +188,7 @@ impl Upstreams {
                 return Ok(Sender::H2(ep.clone(), p.sender.clone()));
             }
         } else if let Some(s) = self.take_idle(ep.addr) {
-            return Ok(Sender::H1(ep.clone(), s));
+            return Ok(Sender::H1(ep.clone(), s, idle_timeout));
         }
         // Boxed: a tunnel's handshakes make a future of kilobytes that
         // every request's future would otherwise carry (and move) inline.
@@ -216,7 +217,7 @@ impl Upstreams {
         }
         let (sender, conn) = http1::handshake(io).await.map_err(handshake)?;
         tokio::spawn(conn.with_upgrades());
-        Ok(Sender::H1(ep.clone(), sender))
+        Ok(Sender::H1(ep.clone(), sender, idle_timeout))
     }
 
     fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
@@ -295,14 +296,13 @@ impl Upstreams {
         &self,
         sender: Sender,
         req: Request<Body>,
-        idle_timeout: Duration,
     ) -> Result<Response<Incoming>, UpstreamError> {
         match sender {
             Sender::H2(ep, mut s) => s
                 .send_request(req)
                 .await
                 .map_err(|e| UpstreamError::Request(ep.addr, e)),
-            Sender::H1(ep, mut s) => {
+            Sender::H1(ep, mut s, idle_timeout) => {
                 let resp = s
                     .send_request(req)
                     .await

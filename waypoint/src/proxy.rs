@@ -10,6 +10,7 @@
 //! (issue #13) are phases to add between `route` and `upstream`.
 //! A refusal from here on is an HTTP status with a response flag.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -375,12 +376,13 @@ impl Proxy {
         self.stats.requests.add(ctx.flag);
         record.flag = ctx.flag;
         record.status = resp.status().as_u16();
-        record.route = ctx
-            .route
-            .as_ref()
-            .map_or("-".into(), |s| s.route.key.clone());
+        record.route = ctx.route.take().map(|s| s.route);
+        // The Service a backend was chosen from; until one was (and if
+        // none was: a refusal), the Service the client asked for.
         if !ctx.backend.0.is_empty() {
-            record.destination_service = ctx.backend.0.clone();
+            record.destination_service = std::mem::take(&mut ctx.backend.0).into();
+        } else if let Target::Service { key, .. } = &client.target {
+            record.destination_service = key.clone().into();
         }
         // A trailers-only gRPC answer carries its status in the head.
         record.grpc_status = resp
@@ -411,14 +413,8 @@ impl Proxy {
         } else {
             "http"
         };
-        let head = (req.method().to_string(), req.uri().path().to_owned());
-        let mut record = Record::new(head, source, trace, protocol);
-        // Until a backend is chosen (and if none is: a refusal), the
-        // Service the client asked for.
-        if let Target::Service { key, .. } = &client.target {
-            record.destination_service = key.clone();
-        }
-        record
+        let head = (req.method().clone(), req.uri().path().to_owned());
+        Record::new(head, source, trace, protocol)
     }
 
     async fn phases(
@@ -459,7 +455,10 @@ impl Proxy {
             policy: chosen.policy.as_deref(),
             first: chosen.first,
         };
-        let upstream = self.upstream(req, tries, rule, ctx);
+        // Boxed: the tries, timeouts and connection futures are most of a
+        // request's state; inline, every move of the request's future
+        // (hyper moves it into its dispatcher) copied kilobytes.
+        let upstream = Box::pin(self.upstream(req, tries, rule, ctx));
         let mut resp = match timeout {
             0 => upstream.await?,
             ms => tokio::time::timeout(Duration::from_millis(ms), upstream)
@@ -494,10 +493,15 @@ impl Proxy {
         ctx: &Ctx<'_>,
     ) -> Result<(), Refusal> {
         use weft_proto::request_policy as rp;
-        let path = rp::normalize_path(req.uri().path())
+        let normalized = rp::normalize_path(req.uri().path())
             .map_err(|e| refuse(StatusCode::BAD_REQUEST, "DPE", e.to_string()))?;
-        if path != req.uri().path() {
+        if let Cow::Owned(path) = normalized {
             *req.uri_mut() = filters::with_path(req.uri(), &path);
+            // What is judged below is what the application receives.
+            if req.uri().path() != path {
+                let reason = format!("path {path:?} cannot be sent normalised");
+                return Err(refuse(StatusCode::BAD_REQUEST, "DPE", reason));
+            }
         }
         if model.request_policies.is_empty() {
             return Ok(());
@@ -526,7 +530,7 @@ impl Proxy {
                 ip: client.addr.ip(),
                 port,
                 method: req.method().as_str(),
-                path: &path,
+                path: req.uri().path(),
                 host: &host,
                 headers: req.headers(),
             },
@@ -842,10 +846,10 @@ impl Proxy {
             (a, b) => a.min(b),
         };
         let h2 = req.version() == http::Version::HTTP_2;
-        let service = ctx.backend.0.clone();
+        let service = &ctx.backend.0;
         let _admitted = self
             .resilience
-            .admit(&service, limits, !h2)
+            .admit(service, limits, !h2)
             .await
             .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, "UO", e))?;
         let report = |ep: &Endpoint, failed| {
@@ -867,7 +871,7 @@ impl Proxy {
             i += 1;
             if i > 1 {
                 // Past maxRetries the last answer stands.
-                let Some(slot) = self.resilience.retry(&service, limits) else {
+                let Some(slot) = self.resilience.retry(service, limits) else {
                     break;
                 };
                 _retrying = Some(slot);
@@ -1024,7 +1028,11 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .map(str::trim)
+            // The usual tokens name no header to remove (keep-alive's is
+            // removed below): skipped without making a name for them.
+            .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+            .filter_map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
             .filter(|n| !(upgrade && *n == UPGRADE))
             .collect()
     };

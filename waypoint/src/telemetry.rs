@@ -8,6 +8,7 @@
 //! one (`reporter`, `source_*`, `destination_service`, `response_code`,
 //! `grpc_response_status`, `response_flags`, `request_protocol`).
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue, Method};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Frame, SizeHint};
 use opentelemetry::trace::{
@@ -27,6 +28,8 @@ use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, Span};
 use rand::Rng;
 use tracing::{info, warn};
+
+use weft_proto::model::Route;
 
 use crate::upstream::{Body, BoxError};
 
@@ -89,7 +92,7 @@ impl SourceLabels {
             return h.clone();
         }
         let outcome = Outcome {
-            destination: r.destination_service.clone(),
+            destination: r.destination_service.to_string(),
             status: r.status,
             grpc: r.grpc_status.clone(),
             flag: r.flag,
@@ -125,21 +128,65 @@ impl SourceLabels {
 /// W3C trace context for one request at this hop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trace {
-    pub trace_id: String,
+    pub trace_id: HexId<32>,
     /// This hop's span (the parent of the upstream's).
-    pub span_id: String,
-    pub parent_id: Option<String>,
+    pub span_id: HexId<16>,
+    pub parent_id: Option<HexId<16>>,
     pub sampled: bool,
 }
 
-/// A random trace id (32 hex digits), never all zero.
-fn trace_id() -> String {
-    format!("{:032x}", rand::rng().random_range(1..=u128::MAX))
+/// A trace or span id as lower-case hex digits, never all zero. Kept
+/// inline: every request has two, and allocating them showed in profiles.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HexId<const N: usize>([u8; N]);
+
+impl<const N: usize> HexId<N> {
+    /// A random id.
+    fn random() -> Self {
+        let mut raw = [0u8; N];
+        let half = &mut raw[..N / 2];
+        while half.iter().all(|&b| b == 0) {
+            rand::rng().fill(&mut *half);
+        }
+        let mut hex = [0u8; N];
+        for (i, b) in raw[..N / 2].iter().enumerate() {
+            hex[2 * i] = HEX[usize::from(b >> 4)];
+            hex[2 * i + 1] = HEX[usize::from(b & 0xf)];
+        }
+        HexId(hex)
+    }
+
+    /// `s` when it is N lower-case hex digits, not all zero (W3C).
+    fn parse(s: &str) -> Option<Self> {
+        let hex: [u8; N] = s.as_bytes().try_into().ok()?;
+        let digits = hex.iter().all(|b| HEX.contains(b));
+        (digits && hex.iter().any(|&b| b != b'0')).then_some(HexId(hex))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever stored.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
-/// A random span id (16 hex digits), never all zero.
-fn span_id() -> String {
-    format!("{:016x}", rand::rng().random_range(1..=u64::MAX))
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+impl<const N: usize> std::fmt::Display for HexId<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for HexId<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> PartialEq<&str> for HexId<N> {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 impl Trace {
@@ -163,20 +210,19 @@ impl Trace {
         let (parent_trace, parent_id) = parent.map(|(t, p, _)| (t, p)).unzip();
         let span = spans
             .filter(|_| sampled)
-            .map(|s| s.start(parent_trace.as_deref(), parent_id.as_deref()));
-        let trace = match &span {
-            Some(span) => Trace {
-                trace_id: span.span_context().trace_id().to_string(),
-                span_id: span.span_context().span_id().to_string(),
-                parent_id,
-                sampled,
-            },
-            None => Trace {
-                trace_id: parent_trace.unwrap_or_else(trace_id),
-                span_id: span_id(),
-                parent_id,
-                sampled,
-            },
+            .map(|s| s.start(parent_trace, parent_id));
+        let ids = span.as_ref().and_then(|span| {
+            let c = span.span_context();
+            let trace = HexId::parse(&c.trace_id().to_string())?;
+            Some((trace, HexId::parse(&c.span_id().to_string())?))
+        });
+        let (trace_id, span_id) =
+            ids.unwrap_or_else(|| (parent_trace.unwrap_or_else(HexId::random), HexId::random()));
+        let trace = Trace {
+            trace_id,
+            span_id,
+            parent_id,
+            sampled,
         };
         trace.send_on(headers);
         (trace, span)
@@ -184,9 +230,13 @@ impl Trace {
 
     /// `traceparent` for the upstream: this hop's span as its parent.
     fn send_on(&self, headers: &mut HeaderMap) {
-        let flags = if self.sampled { "01" } else { "00" };
-        let value = format!("00-{}-{}-{flags}", self.trace_id, self.span_id);
-        if let Ok(v) = value.parse() {
+        let mut value = [0u8; 55];
+        value[..3].copy_from_slice(b"00-");
+        value[3..35].copy_from_slice(&self.trace_id.0);
+        value[35] = b'-';
+        value[36..52].copy_from_slice(&self.span_id.0);
+        value[52..].copy_from_slice(if self.sampled { b"-01" } else { b"-00" });
+        if let Ok(v) = HeaderValue::from_bytes(&value) {
             headers.insert("traceparent", v);
         }
     }
@@ -245,11 +295,11 @@ impl Spans {
     /// Starts this hop's span (the request is sampled): in the caller's
     /// trace when there is one, else in a new one. It is named when it
     /// ends, once the route is known.
-    fn start(&self, trace_id: Option<&str>, parent_id: Option<&str>) -> Span {
+    fn start(&self, trace_id: Option<HexId<32>>, parent_id: Option<HexId<16>>) -> Span {
         let remote = trace_id.zip(parent_id).and_then(|(t, p)| {
             let context = SpanContext::new(
-                TraceId::from_hex(t).ok()?,
-                SpanId::from_hex(p).ok()?,
+                TraceId::from_hex(t.as_str()).ok()?,
+                SpanId::from_hex(p.as_str()).ok()?,
                 TraceFlags::SAMPLED,
                 true,
                 TraceState::default(),
@@ -274,18 +324,21 @@ impl Spans {
 /// Ends a request's span with what its record knows (OpenTelemetry HTTP
 /// server conventions; weft's own fields under `weft.`).
 fn end_span(mut span: Span, r: &Record) {
-    span.update_name(match r.route.as_str() {
-        "-" => r.method.clone(),
-        route => format!("{} {route}", r.method),
+    span.update_name(match &r.route {
+        None => r.method.to_string(),
+        Some(route) => format!("{} {}", r.method, route.key),
     });
     let mut attributes = vec![
-        KeyValue::new("http.request.method", r.method.clone()),
+        KeyValue::new("http.request.method", r.method.to_string()),
         KeyValue::new("url.path", r.path.clone()),
         KeyValue::new("http.response.status_code", i64::from(r.status)),
-        KeyValue::new("http.route", r.route.clone()),
+        KeyValue::new("http.route", r.route_key().to_owned()),
         KeyValue::new("network.protocol.name", r.protocol),
         KeyValue::new("weft.response_flags", r.flag),
-        KeyValue::new("weft.destination_service", r.destination_service.clone()),
+        KeyValue::new(
+            "weft.destination_service",
+            r.destination_service.to_string(),
+        ),
         KeyValue::new("weft.source_principal", r.source.principal.clone()),
     ];
     if let Some(g) = &r.grpc_status {
@@ -300,40 +353,35 @@ fn end_span(mut span: Span, r: &Record) {
 
 /// `00-<32 hex>-<16 hex>-<2 hex>`, not all-zero ids: (trace id, parent
 /// span id, sampled).
-fn parse_traceparent(v: &str) -> Option<(String, String, bool)> {
-    let parts: Vec<&str> = v.trim().split('-').collect();
-    let [version, trace, span, flags] = parts[..] else {
+fn parse_traceparent(v: &str) -> Option<(HexId<32>, HexId<16>, bool)> {
+    let mut parts = v.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
         return None;
-    };
-    let is_hex = |s: &str, n: usize| {
-        s.len() == n
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    let valid = is_hex(version, 2)
-        && version != "ff"
-        && is_hex(trace, 32)
-        && is_hex(span, 16)
-        && is_hex(flags, 2)
-        && trace.bytes().any(|b| b != b'0')
-        && span.bytes().any(|b| b != b'0');
+    }
+    let is_hex = |s: &str| s.len() == 2 && s.bytes().all(|b| HEX.contains(&b));
+    if !is_hex(version) || version == "ff" || !is_hex(flags) {
+        return None;
+    }
     let sampled = u8::from_str_radix(flags, 16).ok()? & 1 == 1;
-    valid.then(|| (trace.to_owned(), span.to_owned(), sampled))
+    Some((HexId::parse(trace)?, HexId::parse(span)?, sampled))
 }
 
 /// Everything one request's log line and metrics say.
 #[derive(Debug)]
 pub struct Record {
     pub started: Instant,
-    pub method: String,
+    pub method: Method,
     pub path: String,
     pub source: Arc<SourceLabels>,
     pub trace: Trace,
     /// The request body's bytes as they pass to the upstream ([`Tally`]).
     pub request_bytes: Arc<AtomicU64>,
     pub protocol: &'static str,
-    pub route: String,
-    pub destination_service: String,
+    /// The route that served the request, if one did.
+    pub route: Option<Arc<Route>>,
+    pub destination_service: Cow<'static, str>,
     pub status: u16,
     pub grpc_status: Option<String>,
     pub flag: &'static str,
@@ -345,7 +393,7 @@ pub struct Record {
 
 impl Record {
     pub fn new(
-        (method, path): (String, String),
+        (method, path): (Method, String),
         source: Arc<SourceLabels>,
         trace: Trace,
         protocol: &'static str,
@@ -358,8 +406,8 @@ impl Record {
             trace,
             request_bytes: Arc::default(),
             protocol,
-            route: "-".into(),
-            destination_service: "unknown".into(),
+            route: None,
+            destination_service: Cow::Borrowed("unknown"),
             status: 0,
             grpc_status: None,
             flag: "-",
@@ -367,6 +415,11 @@ impl Record {
             span: None,
             finished: false,
         }
+    }
+
+    /// The serving route's key, `-` when none did.
+    pub fn route_key(&self) -> &str {
+        self.route.as_ref().map_or("-", |r| &r.key)
     }
 
     fn write(&mut self) {
@@ -384,7 +437,7 @@ impl Record {
         let grpc = self.grpc_status.as_deref().unwrap_or("-");
         info!(
             method = %self.method, path = %self.path, client = %s.principal,
-            status = self.status, grpc_status = %grpc, route = %self.route,
+            status = self.status, grpc_status = %grpc, route = self.route_key(),
             backend = %self.destination_service, response_flags = self.flag,
             request_bytes, response_bytes = self.response_bytes,
             duration_ms = (secs * 1000.0) as u64, trace_id = %self.trace.trace_id,
@@ -498,11 +551,25 @@ mod tests {
         h.insert("traceparent", parent.parse().expect("value"));
         let (t, _) = Trace::continue_or_start(&mut h, 0.0, None);
         assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
-        assert_eq!(t.parent_id.as_deref(), Some("00f067aa0ba902b7"));
+        assert_eq!(
+            t.parent_id.map(|p| p.to_string()).as_deref(),
+            Some("00f067aa0ba902b7")
+        );
         assert!(t.sampled, "the caller's decision is kept");
         let sent = h["traceparent"].to_str().expect("ascii").to_owned();
         assert_eq!(sent, format!("00-{}-{}-01", t.trace_id, t.span_id));
         assert_ne!(t.span_id, "00f067aa0ba902b7");
+        for _ in 0..100 {
+            let id = HexId::<16>::random();
+            assert_eq!(HexId::parse(id.as_str()), Some(id), "{id}: 16 hex digits");
+        }
+        assert_eq!(HexId::<16>::parse("00f067aa0ba902bZ"), None);
+        assert_eq!(
+            HexId::<16>::parse("00F067AA0BA902B7"),
+            None,
+            "lower case only"
+        );
+        assert_eq!(HexId::<16>::parse("0000000000000000"), None);
         for bad in [
             "junk",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",

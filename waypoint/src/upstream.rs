@@ -4,7 +4,7 @@
 //! kept alive and reused per endpoint, and HTTP/2 (gRPC) multiplexes every
 //! request to an endpoint over one tunnel.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -117,7 +117,8 @@ pub enum Sender {
 
 pub struct Upstreams {
     transport: Transport,
-    idle: Mutex<HashMap<SocketAddr, Vec<Pooled<http1::SendRequest<Body>>>>>,
+    /// Oldest parked first: the likeliest to have finished its response.
+    idle: Mutex<HashMap<SocketAddr, VecDeque<Pooled<http1::SendRequest<Body>>>>>,
     multiplexed: Mutex<HashMap<SocketAddr, Pooled<http2::SendRequest<Body>>>>,
     /// Requests awaiting a response, per endpoint (least-request balancing).
     pending: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
@@ -224,10 +225,19 @@ impl Upstreams {
         let mut idle = self.idle.lock().expect("poisoned");
         let list = idle.get_mut(&addr)?;
         let now = Instant::now();
-        list.retain(|p| !p.sender.is_closed() && !p.expired(now));
-        // One still reading its last response body is left for later.
-        let i = list.iter().position(|p| p.sender.is_ready())?;
-        Some(list.swap_remove(i).sender)
+        // Closed or expired ones are dropped on the way; one still reading
+        // its last response body goes to the back, for later.
+        for _ in 0..list.len() {
+            let p = list.pop_front()?;
+            if p.sender.is_closed() || p.expired(now) {
+                continue;
+            }
+            if p.sender.is_ready() {
+                return Some(p.sender);
+            }
+            list.push_back(p);
+        }
+        None
     }
 
     /// Closes pooled connections unused for longer than their idle
@@ -318,9 +328,8 @@ impl Upstreams {
     fn park(&self, addr: SocketAddr, p: Pooled<http1::SendRequest<Body>>) {
         let mut idle = self.idle.lock().expect("poisoned");
         let list = idle.entry(addr).or_default();
-        list.retain(|p| !p.sender.is_closed());
         if list.len() < IDLE_PER_ENDPOINT {
-            list.push(p);
+            list.push_back(p);
         }
     }
 }

@@ -50,14 +50,16 @@ fn new_path(
     })
 }
 
-pub fn with_path(uri: &Uri, path: &str) -> Uri {
+/// `uri` with its path replaced (the query kept); `None` when `path`
+/// cannot be a URI's path.
+pub fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
     let pq = match uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path.to_owned(),
     };
     let mut parts = uri.clone().into_parts();
-    parts.path_and_query = pq.parse().ok();
-    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+    parts.path_and_query = Some(pq.parse().ok()?);
+    Uri::from_parts(parts).ok()
 }
 
 /// A URLRewrite: the request's path (and `host`) as the backend sees them.
@@ -70,7 +72,10 @@ pub fn rewrite(
     let full = r.path_full.as_ref();
     let prefix = r.path_prefix.as_ref();
     if let Some(path) = new_path(uri.path(), full, prefix, matched_prefix) {
-        *uri = with_path(uri, &path);
+        // A rewrite the URI cannot carry leaves the path as it was.
+        if let Some(rewritten) = with_path(uri, &path) {
+            *uri = rewritten;
+        }
     }
     if !r.hostname.is_empty()
         && let Ok(v) = HeaderValue::from_str(&r.hostname)

@@ -495,13 +495,12 @@ impl Proxy {
         use weft_proto::request_policy as rp;
         let normalized = rp::normalize_path(req.uri().path())
             .map_err(|e| refuse(StatusCode::BAD_REQUEST, "DPE", e.to_string()))?;
+        // What is judged below is what the application receives.
         if let Cow::Owned(path) = normalized {
-            *req.uri_mut() = filters::with_path(req.uri(), &path);
-            // What is judged below is what the application receives.
-            if req.uri().path() != path {
+            *req.uri_mut() = filters::with_path(req.uri(), &path).ok_or_else(|| {
                 let reason = format!("path {path:?} cannot be sent normalised");
-                return Err(refuse(StatusCode::BAD_REQUEST, "DPE", reason));
-            }
+                refuse(StatusCode::BAD_REQUEST, "DPE", reason)
+            })?;
         }
         if model.request_policies.is_empty() {
             return Ok(());

@@ -125,68 +125,15 @@ impl SourceLabels {
     }
 }
 
-/// W3C trace context for one request at this hop.
+/// W3C trace context for one request at this hop. The ids are
+/// OpenTelemetry's own (numbers, formatted only when written out).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trace {
-    pub trace_id: HexId<32>,
+    pub trace_id: TraceId,
     /// This hop's span (the parent of the upstream's).
-    pub span_id: HexId<16>,
-    pub parent_id: Option<HexId<16>>,
+    pub span_id: SpanId,
+    pub parent_id: Option<SpanId>,
     pub sampled: bool,
-}
-
-/// A trace or span id as lower-case hex digits, never all zero. Kept
-/// inline: every request has two, and allocating them showed in profiles.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct HexId<const N: usize>([u8; N]);
-
-impl<const N: usize> HexId<N> {
-    /// A random id.
-    fn random() -> Self {
-        let mut raw = [0u8; N];
-        let half = &mut raw[..N / 2];
-        while half.iter().all(|&b| b == 0) {
-            rand::rng().fill(&mut *half);
-        }
-        let mut hex = [0u8; N];
-        for (i, b) in raw[..N / 2].iter().enumerate() {
-            hex[2 * i] = HEX[usize::from(b >> 4)];
-            hex[2 * i + 1] = HEX[usize::from(b & 0xf)];
-        }
-        HexId(hex)
-    }
-
-    /// `s` when it is N lower-case hex digits, not all zero (W3C).
-    fn parse(s: &str) -> Option<Self> {
-        let hex: [u8; N] = s.as_bytes().try_into().ok()?;
-        let digits = hex.iter().all(|b| HEX.contains(b));
-        (digits && hex.iter().any(|&b| b != b'0')).then_some(HexId(hex))
-    }
-
-    pub fn as_str(&self) -> &str {
-        // Only ASCII hex digits are ever stored.
-        std::str::from_utf8(&self.0).unwrap_or_default()
-    }
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-impl<const N: usize> std::fmt::Display for HexId<N> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl<const N: usize> std::fmt::Debug for HexId<N> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl<const N: usize> PartialEq<&str> for HexId<N> {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
 }
 
 impl Trace {
@@ -210,14 +157,18 @@ impl Trace {
         let (parent_trace, parent_id) = parent.map(|(t, p, _)| (t, p)).unzip();
         let span = spans
             .filter(|_| sampled)
-            .map(|s| s.start(parent_trace, parent_id));
-        let ids = span.as_ref().and_then(|span| {
-            let c = span.span_context();
-            let trace = HexId::parse(&c.trace_id().to_string())?;
-            Some((trace, HexId::parse(&c.span_id().to_string())?))
-        });
-        let (trace_id, span_id) =
-            ids.unwrap_or_else(|| (parent_trace.unwrap_or_else(HexId::random), HexId::random()));
+            .map(|s| s.start(parent_trace.zip(parent_id)));
+        let (trace_id, span_id) = match &span {
+            Some(span) => (
+                span.span_context().trace_id(),
+                span.span_context().span_id(),
+            ),
+            None => {
+                let mut rng = rand::rng();
+                let trace = parent_trace.unwrap_or_else(|| rng.random_range(1..=u128::MAX).into());
+                (trace, rng.random_range(1..=u64::MAX).into())
+            }
+        };
         let trace = Trace {
             trace_id,
             span_id,
@@ -230,13 +181,17 @@ impl Trace {
 
     /// `traceparent` for the upstream: this hop's span as its parent.
     fn send_on(&self, headers: &mut HeaderMap) {
+        use std::io::Write as _;
+        // Formatted on the stack: every request sends one.
         let mut value = [0u8; 55];
-        value[..3].copy_from_slice(b"00-");
-        value[3..35].copy_from_slice(&self.trace_id.0);
-        value[35] = b'-';
-        value[36..52].copy_from_slice(&self.span_id.0);
-        value[52..].copy_from_slice(if self.sampled { b"-01" } else { b"-00" });
-        if let Ok(v) = HeaderValue::from_bytes(&value) {
+        let flags = u8::from(self.sampled);
+        let written = write!(
+            &mut value[..],
+            "00-{}-{}-{flags:02x}",
+            self.trace_id,
+            self.span_id
+        );
+        if let (Ok(()), Ok(v)) = (written, HeaderValue::from_bytes(&value)) {
             headers.insert("traceparent", v);
         }
     }
@@ -295,16 +250,10 @@ impl Spans {
     /// Starts this hop's span (the request is sampled): in the caller's
     /// trace when there is one, else in a new one. It is named when it
     /// ends, once the route is known.
-    fn start(&self, trace_id: Option<HexId<32>>, parent_id: Option<HexId<16>>) -> Span {
-        let remote = trace_id.zip(parent_id).and_then(|(t, p)| {
-            let context = SpanContext::new(
-                TraceId::from_hex(t.as_str()).ok()?,
-                SpanId::from_hex(p.as_str()).ok()?,
-                TraceFlags::SAMPLED,
-                true,
-                TraceState::default(),
-            );
-            Some(opentelemetry::Context::new().with_remote_span_context(context))
+    fn start(&self, parent: Option<(TraceId, SpanId)>) -> Span {
+        let remote = parent.map(|(t, p)| {
+            let context = SpanContext::new(t, p, TraceFlags::SAMPLED, true, TraceState::default());
+            opentelemetry::Context::new().with_remote_span_context(context)
         });
         self.tracer
             .span_builder("request")
@@ -353,19 +302,32 @@ fn end_span(mut span: Span, r: &Record) {
 
 /// `00-<32 hex>-<16 hex>-<2 hex>`, not all-zero ids: (trace id, parent
 /// span id, sampled).
-fn parse_traceparent(v: &str) -> Option<(HexId<32>, HexId<16>, bool)> {
+fn parse_traceparent(v: &str) -> Option<(TraceId, SpanId, bool)> {
     let mut parts = v.trim().split('-');
     let (version, trace, span, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() {
+    // W3C: exactly so many lower-case hex digits (`from_hex` alone would
+    // take fewer, upper case, or a sign).
+    let hex = |s: &str, n: usize| {
+        s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let valid = parts.next().is_none()
+        && hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && hex(span, 16)
+        && hex(flags, 2);
+    if !valid {
         return None;
     }
-    let is_hex = |s: &str| s.len() == 2 && s.bytes().all(|b| HEX.contains(&b));
-    if !is_hex(version) || version == "ff" || !is_hex(flags) {
-        return None;
-    }
+    let trace = TraceId::from_hex(trace)
+        .ok()
+        .filter(|t| *t != TraceId::INVALID)?;
+    let span = SpanId::from_hex(span)
+        .ok()
+        .filter(|s| *s != SpanId::INVALID)?;
     let sampled = u8::from_str_radix(flags, 16).ok()? & 1 == 1;
-    Some((HexId::parse(trace)?, HexId::parse(span)?, sampled))
+    Some((trace, span, sampled))
 }
 
 /// Everything one request's log line and metrics say.
@@ -550,7 +512,7 @@ mod tests {
         let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         h.insert("traceparent", parent.parse().expect("value"));
         let (t, _) = Trace::continue_or_start(&mut h, 0.0, None);
-        assert_eq!(t.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(
             t.parent_id.map(|p| p.to_string()).as_deref(),
             Some("00f067aa0ba902b7")
@@ -558,22 +520,26 @@ mod tests {
         assert!(t.sampled, "the caller's decision is kept");
         let sent = h["traceparent"].to_str().expect("ascii").to_owned();
         assert_eq!(sent, format!("00-{}-{}-01", t.trace_id, t.span_id));
-        assert_ne!(t.span_id, "00f067aa0ba902b7");
-        for _ in 0..100 {
-            let id = HexId::<16>::random();
-            assert_eq!(HexId::parse(id.as_str()), Some(id), "{id}: 16 hex digits");
+        assert_ne!(t.span_id.to_string(), "00f067aa0ba902b7");
+        // A started trace sends what a next hop parses back, unsampled too.
+        for ratio in [0.0, 1.0] {
+            let mut h = HeaderMap::new();
+            let (t, _) = Trace::continue_or_start(&mut h, ratio, None);
+            let sent = h["traceparent"].to_str().expect("ascii");
+            assert_eq!(sent.len(), 55, "{sent}");
+            assert_eq!(
+                parse_traceparent(sent),
+                Some((t.trace_id, t.span_id, ratio == 1.0)),
+                "{sent}"
+            );
         }
-        assert_eq!(HexId::<16>::parse("00f067aa0ba902bZ"), None);
-        assert_eq!(
-            HexId::<16>::parse("00F067AA0BA902B7"),
-            None,
-            "lower case only"
-        );
-        assert_eq!(HexId::<16>::parse("0000000000000000"), None);
         for bad in [
             "junk",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ] {
             let mut h = HeaderMap::new();
             h.insert("traceparent", bad.parse().expect("value"));

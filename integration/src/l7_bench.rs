@@ -26,7 +26,7 @@ use weft_waypoint::upstream::Upstreams;
 use crate::{median, proc_status_kib};
 
 /// An nginx process of its own; stopped on drop.
-struct Nginx(Child);
+pub(crate) struct Nginx(pub(crate) Child);
 
 impl Drop for Nginx {
     /// SIGTERM, not SIGKILL: a killed master leaves its worker behind,
@@ -41,7 +41,7 @@ impl Drop for Nginx {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -49,18 +49,42 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// nginx with one worker and `server` as its only server block.
 fn nginx(dir: &Path, name: &str, server: &str) -> anyhow::Result<Nginx> {
+    nginx_under(&[], dir, name, server)
+}
+
+/// [`nginx`] run by the command `under` (e.g. valgrind), then as a single
+/// process: the worker is the master, so `under` sees it.
+pub(crate) fn nginx_under(
+    under: &[&str],
+    dir: &Path,
+    name: &str,
+    server: &str,
+) -> anyhow::Result<Nginx> {
     let conf = dir.join(format!("{name}.conf"));
     std::fs::write(
         &conf,
         format!(
-            "daemon off; worker_processes 1; pid {pid}; error_log {dir}/{name}.err warn;\n\
+            "daemon off; worker_processes 1; {single}pid {pid}; error_log {dir}/{name}.err warn;\n\
              events {{ worker_connections 1024; }}\n\
              http {{ access_log off; {server} }}\n",
+            single = if under.is_empty() {
+                ""
+            } else {
+                "master_process off; "
+            },
             pid = dir.join(format!("{name}.pid")).display(),
             dir = dir.display(),
         ),
     )?;
-    let child = Command::new("nginx")
+    let mut command = match under {
+        [] => Command::new("nginx"),
+        [program, args @ ..] => {
+            let mut c = Command::new(program);
+            c.args(args).arg("nginx");
+            c
+        }
+    };
+    let child = command
         .args([
             "-c",
             &conf.display().to_string(),
@@ -86,7 +110,7 @@ fn to_api() -> pb::RouteBackend {
 
 /// The engine's config: the backend as a Service with one endpoint, and a
 /// route with three rules in front of it.
-fn model(backend_port: u16) -> anyhow::Result<Model> {
+pub(crate) fn model(backend_port: u16) -> anyhow::Result<Model> {
     let yaml = format!(
         "workloads: [{{name: backend, serviceAccount: backend, node: n, addresses: [127.0.0.1], services: [default/api]}}]\n\
          services: [{{name: api, addresses: [10.255.0.1], ports: [{{port: 80, targetPort: {backend_port}}}]}}]\n"
@@ -218,12 +242,15 @@ fn loaded_model(backend_port: u16) -> anyhow::Result<Model> {
 
 /// How an engine traces: the share of requests sampled, and the
 /// collector its spans go to (`None`: not exported).
-type Tracing = (f64, Option<SocketAddr>);
+pub(crate) type Tracing = (f64, Option<SocketAddr>);
 
 /// Starts the engine on its own thread (one, as nginx's one worker):
 /// plaintext connections on a loopback port, each request through the
 /// phases, to the backend over plain TCP.
-fn start_engine(model: Model, (sampling, collector): Tracing) -> anyhow::Result<SocketAddr> {
+pub(crate) fn start_engine(
+    model: Model,
+    (sampling, collector): Tracing,
+) -> anyhow::Result<SocketAddr> {
     let model = Arc::new(model);
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
@@ -269,6 +296,17 @@ fn start_engine(model: Model, (sampling, collector): Tracing) -> anyhow::Result<
 }
 
 fn wrk(port: u16, seconds: u64) -> anyhow::Result<f64> {
+    let text = wrk_output(port, seconds)?;
+    text.lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("wrk Requests/sec in {text}"))
+}
+
+/// wrk's report of `seconds` of keep-alive load at 50 connections; an
+/// error if any answer was not 2xx.
+pub(crate) fn wrk_output(port: u16, seconds: u64) -> anyhow::Result<String> {
     let out = Command::new("wrk")
         .args([
             "-t1",
@@ -278,13 +316,9 @@ fn wrk(port: u16, seconds: u64) -> anyhow::Result<f64> {
         ])
         .output()
         .context("wrk (apt-get install wrk)")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     anyhow::ensure!(!text.contains("Non-2xx"), "errors in the run: {text}");
-    text.lines()
-        .find(|l| l.starts_with("Requests/sec:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("wrk Requests/sec in {text}"))
+    Ok(text)
 }
 
 /// This process's CPU seconds (the engine is all it does meanwhile).
@@ -411,23 +445,23 @@ fn at_1000_rps(port: u16, seconds: u64, cpu: &dyn Fn() -> f64) -> anyhow::Result
 /// The backend nginx and the reverse proxy nginx, and their ports.
 fn nginx_pair(dir: &Path) -> anyhow::Result<((u16, u16), [Nginx; 2])> {
     let (backend_port, nginx_port) = (free_port()?, free_port()?);
-    let backend = nginx(
-        dir,
-        "backend",
-        &format!(
-            "server {{ listen 127.0.0.1:{backend_port}; location / {{ return 200 \"ok\\n\"; }} }}"
-        ),
-    )?;
-    let proxy = nginx(
-        dir,
-        "proxy",
-        &format!(
-            "upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 64; }}\n\
-             server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://backend; \
-             proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
-        ),
-    )?;
+    let backend = nginx(dir, "backend", &backend_server(backend_port))?;
+    let proxy = nginx(dir, "proxy", &proxy_server(backend_port, nginx_port))?;
     Ok(((backend_port, nginx_port), [backend, proxy]))
+}
+
+/// The backend's server block: `ok` to every request.
+pub(crate) fn backend_server(port: u16) -> String {
+    format!("server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"ok\\n\"; }} }}")
+}
+
+/// nginx as a plain reverse proxy to the backend, upstream keep-alive.
+pub(crate) fn proxy_server(backend_port: u16, port: u16) -> String {
+    format!(
+        "upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 64; }}\n\
+         server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://backend; \
+         proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
+    )
 }
 
 /// One row of the throughput table: direct, nginx, weft, weft with 20

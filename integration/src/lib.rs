@@ -418,6 +418,7 @@ pub async fn enroll(zt: &weft_ztunnel::app::Bound, pod: &netns::PodNs) {
 }
 pub mod controller_bench;
 pub mod l7_bench;
+pub mod l7_instructions;
 pub mod mesh_bench;
 pub mod otlp;
 pub mod waypoint_bench;

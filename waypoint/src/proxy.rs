@@ -1017,12 +1017,12 @@ fn wants_upgrade(headers: &http::HeaderMap) -> bool {
 /// `connection` too; an upgrade keeps `connection: upgrade` and `upgrade`
 /// so the far side sees it. `te: trailers` (gRPC) passes.
 fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
-    use http::HeaderName;
     use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
-    let named: Vec<http::HeaderName> = if !headers.contains_key(CONNECTION) {
-        Vec::new() // the common case allocates nothing
-    } else {
-        headers
+    // Each name looked at once; only what the message carries is removed
+    // (a lookup per absent name was most of this function's cost).
+    let present = headers.keys().fold(0, |bits, n| bits | hop_by_hop_bit(n));
+    if present & HOP_CONNECTION != 0 {
+        let named: Vec<http::HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
@@ -1033,30 +1033,63 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
             .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
             .filter_map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
             .filter(|n| !(upgrade && *n == UPGRADE))
-            .collect()
-    };
-    for n in named {
-        headers.remove(n);
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
     }
-    // Names made once: removing by &str parses the name on every call.
-    const HOP_BY_HOP: [HeaderName; 4] = [
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        http::header::PROXY_AUTHENTICATE,
-        http::header::PROXY_AUTHORIZATION,
-    ];
-    for n in &HOP_BY_HOP {
-        headers.remove(n);
+    if present & HOP_OTHER != 0 {
+        for n in &HOP_BY_HOP_OTHER {
+            headers.remove(n);
+        }
     }
-    headers.remove(TRANSFER_ENCODING);
-    if headers.get(TE).is_some_and(|v| v != "trailers") {
+    if present & HOP_TRANSFER_ENCODING != 0 {
+        headers.remove(TRANSFER_ENCODING);
+    }
+    if present & HOP_TE != 0 && headers.get(TE).is_some_and(|v| v != "trailers") {
         headers.remove(TE);
     }
     if upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
-        headers.remove(CONNECTION);
-        headers.remove(UPGRADE);
+        if present & HOP_CONNECTION != 0 {
+            headers.remove(CONNECTION);
+        }
+        if present & HOP_UPGRADE != 0 {
+            headers.remove(UPGRADE);
+        }
+    }
+}
+
+const HOP_CONNECTION: u8 = 1;
+const HOP_UPGRADE: u8 = 2;
+const HOP_TE: u8 = 4;
+const HOP_TRANSFER_ENCODING: u8 = 8;
+const HOP_OTHER: u8 = 16;
+
+/// The hop-by-hop headers without a rule of their own: always removed.
+const HOP_BY_HOP_OTHER: [http::HeaderName; 4] = [
+    http::HeaderName::from_static("keep-alive"),
+    http::HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+];
+
+/// Which hop-by-hop header `name` is, as a bit (0: none).
+fn hop_by_hop_bit(name: &http::HeaderName) -> u8 {
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    if *name == CONNECTION {
+        HOP_CONNECTION
+    } else if *name == UPGRADE {
+        HOP_UPGRADE
+    } else if *name == TE {
+        HOP_TE
+    } else if *name == TRANSFER_ENCODING {
+        HOP_TRANSFER_ENCODING
+    } else if HOP_BY_HOP_OTHER.contains(name) {
+        HOP_OTHER
+    } else {
+        0
     }
 }
 
@@ -1237,6 +1270,85 @@ mod tests {
             Limits::default(),
         );
         (p, model)
+    }
+
+    /// Each hop-by-hop header goes (RFC 9110 §7.6.1), whichever others the
+    /// message carries, and nothing else does.
+    #[test]
+    fn hop_by_hop_headers_go_and_the_rest_stay() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], bool, &'a [&'a str]);
+        let cases: &[Case] = &[
+            (
+                &[("content-type", "text/plain"), ("x-a", "1")],
+                false,
+                &["content-type: text/plain", "x-a: 1"],
+            ),
+            (
+                &[("connection", "keep-alive"), ("content-length", "2")],
+                false,
+                &["content-length: 2"],
+            ),
+            (
+                &[
+                    ("connection", "close, x-secret"),
+                    ("x-secret", "s"),
+                    ("x-b", "2"),
+                ],
+                false,
+                &["x-b: 2"],
+            ),
+            (
+                &[("x-b", "2"), ("keep-alive", "timeout=5")],
+                false,
+                &["x-b: 2"],
+            ),
+            (
+                &[("proxy-connection", "k"), ("proxy-authorization", "p")],
+                false,
+                &[],
+            ),
+            (
+                &[
+                    ("proxy-authenticate", "q"),
+                    ("transfer-encoding", "chunked"),
+                ],
+                false,
+                &[],
+            ),
+            (
+                &[("te", "trailers"), ("upgrade", "h2c")],
+                false,
+                &["te: trailers"],
+            ),
+            (&[("te", "gzip")], false, &[]),
+            (
+                &[
+                    ("connection", "Upgrade"),
+                    ("upgrade", "websocket"),
+                    ("sec-websocket-key", "k"),
+                ],
+                true,
+                &[
+                    "connection: upgrade",
+                    "sec-websocket-key: k",
+                    "upgrade: websocket",
+                ],
+            ),
+        ];
+        for (input, upgrade, want) in cases {
+            let mut h = http::HeaderMap::new();
+            for (k, v) in *input {
+                let name = http::HeaderName::from_bytes(k.as_bytes()).expect("name");
+                h.append(name, v.parse().expect("value"));
+            }
+            strip_hop_by_hop(&mut h, *upgrade);
+            let mut left: Vec<String> = h
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", v.to_str().expect("ascii")))
+                .collect();
+            left.sort();
+            assert_eq!(left, *want, "{input:?}");
+        }
     }
 
     #[tokio::test]

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use weft_proto::identity::Identity;
 use weft_proto::pb::weft::v1 as pb;
+use weft_proto::shards::FastMap;
 
 use crate::upstream::Endpoint;
 
@@ -77,8 +78,8 @@ impl Health {
 
 #[derive(Debug, Default)]
 pub struct Resilience {
-    breakers: Mutex<HashMap<String, Arc<Breaker>>>,
-    health: Mutex<HashMap<SocketAddr, Health>>,
+    breakers: Mutex<FastMap<String, Arc<Breaker>>>,
+    health: Mutex<FastMap<SocketAddr, Health>>,
 }
 
 impl Resilience {

@@ -4,7 +4,7 @@
 //! kept alive and reused per endpoint, and HTTP/2 (gRPC) multiplexes every
 //! request to an endpoint over one tunnel.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use weft_proto::hbone::pool::{ConnectRequest, Pool, PoolKey};
 use weft_proto::hbone::{H2Stream, HBONE_PORT, HboneError};
 use weft_proto::identity::Identity;
+use weft_proto::shards::FastMap;
 use weft_proto::tls::CertWatch;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -118,10 +119,10 @@ pub enum Sender {
 pub struct Upstreams {
     transport: Transport,
     /// Oldest parked first: the likeliest to have finished its response.
-    idle: Mutex<HashMap<SocketAddr, VecDeque<Pooled<http1::SendRequest<Body>>>>>,
-    multiplexed: Mutex<HashMap<SocketAddr, Pooled<http2::SendRequest<Body>>>>,
+    idle: Mutex<FastMap<SocketAddr, VecDeque<Pooled<http1::SendRequest<Body>>>>>,
+    multiplexed: Mutex<FastMap<SocketAddr, Pooled<http2::SendRequest<Body>>>>,
     /// Requests awaiting a response, per endpoint (least-request balancing).
-    pending: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+    pending: Mutex<FastMap<SocketAddr, Arc<AtomicUsize>>>,
 }
 
 /// Counts a request as in flight to an endpoint until dropped.

@@ -6,6 +6,12 @@
 
 #![allow(clippy::print_stdout)]
 
+/// The waypoint's allocator, so the L7 engine measured in this process
+/// runs as it does in `weft-waypoint`. The ztunnel's figures come from its
+/// own processes (`mesh`), on glibc.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -68,6 +74,12 @@ enum What {
     /// The waypoint's L7 engine against nginx as a reverse proxy (needs
     /// nginx and wrk; not part of `all`).
     L7,
+    /// User-space instructions per request, the L7 engine against nginx
+    /// (callgrind; needs valgrind, nginx and wrk; not part of `all`).
+    L7Instructions,
+    /// `weft-bench l7-serve BACKEND_PORT`: the engine alone, for the above.
+    #[value(hide = true)]
+    L7Serve,
     /// The whole L7 mesh path through a waypoint against direct (root).
     Waypoint,
     /// The config push at scale (not part of `all`).
@@ -326,6 +338,10 @@ async fn main() {
     if std::env::args().nth(1).as_deref() == Some("echo") {
         weft_integration::mesh_bench::echo_forever();
     }
+    if std::env::args().nth(1).as_deref() == Some("l7-serve") {
+        let port = std::env::args().nth(2).and_then(|p| p.parse().ok());
+        weft_integration::l7_instructions::serve_forever(port.expect("l7-serve BACKEND_PORT"));
+    }
     let args = Args::parse();
     let all = args.what == What::All;
     if all || args.what == What::Throughput {
@@ -374,6 +390,12 @@ async fn main() {
         && let Err(e) = weft_integration::l7_bench::run(args.mesh_seconds, args.mesh_rounds).await
     {
         println!("L7 bench failed: {e:#}");
+        std::process::exit(1);
+    }
+    if args.what == What::L7Instructions
+        && let Err(e) = weft_integration::l7_instructions::run(args.mesh_seconds).await
+    {
+        println!("L7 instructions bench failed: {e:#}");
         std::process::exit(1);
     }
 }

@@ -29,9 +29,9 @@ impl Drop for Engine {
 
 /// `weft-bench l7-serve PORT`: the plain engine of `weft-bench l7` routing
 /// to a backend on `PORT`; prints its address, then serves until killed.
-pub fn serve_forever(backend_port: u16) -> ! {
-    let model = crate::l7_bench::model(backend_port).expect("model");
-    let addr = crate::l7_bench::start_engine(model, (0.0, None)).expect("engine");
+pub fn serve_forever(backend_port: u16) -> anyhow::Result<()> {
+    let model = crate::l7_bench::model(backend_port)?;
+    let addr = crate::l7_bench::start_engine(model, (0.0, None))?;
     println!("{addr}");
     loop {
         std::thread::park();

@@ -339,8 +339,14 @@ async fn main() {
         weft_integration::mesh_bench::echo_forever();
     }
     if std::env::args().nth(1).as_deref() == Some("l7-serve") {
-        let port = std::env::args().nth(2).and_then(|p| p.parse().ok());
-        weft_integration::l7_instructions::serve_forever(port.expect("l7-serve BACKEND_PORT"));
+        let Some(port) = std::env::args().nth(2).and_then(|p| p.parse().ok()) else {
+            println!("usage: weft-bench l7-serve BACKEND_PORT");
+            std::process::exit(2);
+        };
+        if let Err(e) = weft_integration::l7_instructions::serve_forever(port) {
+            println!("l7-serve failed: {e:#}");
+            std::process::exit(1);
+        }
     }
     let args = Args::parse();
     let all = args.what == What::All;

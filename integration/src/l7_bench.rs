@@ -25,12 +25,13 @@ use weft_waypoint::upstream::Upstreams;
 
 use crate::{median, proc_status_kib};
 
-/// An nginx process of its own; stopped on drop.
-pub(crate) struct Nginx(pub(crate) Child);
+/// A process the bench started (nginx, or a proxy under valgrind);
+/// stopped on drop.
+pub(crate) struct Process(pub(crate) Child);
 
-impl Drop for Nginx {
-    /// SIGTERM, not SIGKILL: a killed master leaves its worker behind,
-    /// spinning on the closed channel and skewing the next run.
+impl Drop for Process {
+    /// SIGTERM, not SIGKILL: a killed nginx master leaves its worker
+    /// behind, spinning on the closed channel and skewing the next run.
     fn drop(&mut self) {
         let pid = self.0.id().to_string();
         let termed = Command::new("kill").args(["-TERM", &pid]).status();
@@ -48,7 +49,7 @@ pub(crate) fn free_port() -> anyhow::Result<u16> {
 }
 
 /// nginx with one worker and `server` as its only server block.
-fn nginx(dir: &Path, name: &str, server: &str) -> anyhow::Result<Nginx> {
+fn nginx(dir: &Path, name: &str, server: &str) -> anyhow::Result<Process> {
     nginx_under(&[], dir, name, server)
 }
 
@@ -59,7 +60,7 @@ pub(crate) fn nginx_under(
     dir: &Path,
     name: &str,
     server: &str,
-) -> anyhow::Result<Nginx> {
+) -> anyhow::Result<Process> {
     let conf = dir.join(format!("{name}.conf"));
     std::fs::write(
         &conf,
@@ -95,7 +96,7 @@ pub(crate) fn nginx_under(
         .stderr(Stdio::null())
         .spawn()
         .context("nginx (apt-get install nginx)")?;
-    Ok(Nginx(child))
+    Ok(Process(child))
 }
 
 /// The one backend every bench route sends to.
@@ -443,7 +444,7 @@ fn at_1000_rps(port: u16, seconds: u64, cpu: &dyn Fn() -> f64) -> anyhow::Result
 }
 
 /// The backend nginx and the reverse proxy nginx, and their ports.
-fn nginx_pair(dir: &Path) -> anyhow::Result<((u16, u16), [Nginx; 2])> {
+fn nginx_pair(dir: &Path) -> anyhow::Result<((u16, u16), [Process; 2])> {
     let (backend_port, nginx_port) = (free_port()?, free_port()?);
     let backend = nginx(dir, "backend", &backend_server(backend_port))?;
     let proxy = nginx(dir, "proxy", &proxy_server(backend_port, nginx_port))?;

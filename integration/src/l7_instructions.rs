@@ -10,26 +10,16 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::l7_bench::{backend_server, free_port, nginx_under, proxy_server, wrk_output};
-
-/// The engine process (`weft-bench l7-serve`) under callgrind; killed on drop.
-struct Engine(Child);
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::l7_bench::{Process, backend_server, free_port, nginx_under, proxy_server, wrk_output};
 
 /// `weft-bench l7-serve PORT`: the plain engine of `weft-bench l7` routing
 /// to a backend on `PORT`; prints its address, then serves until killed.
-pub fn serve_forever(backend_port: u16) -> anyhow::Result<()> {
+pub fn serve_forever(backend_port: u16) -> anyhow::Result<std::convert::Infallible> {
     let model = crate::l7_bench::model(backend_port)?;
     let addr = crate::l7_bench::start_engine(model, (0.0, None))?;
     println!("{addr}");
@@ -42,18 +32,19 @@ pub async fn run(seconds: u64) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (backend_port, nginx_port) = (free_port()?, free_port()?);
     let _backend = nginx_under(&[], dir.path(), "backend", &backend_server(backend_port))?;
-    let out = |name: &str| format!("--callgrind-out-file={}/{name}.out", dir.path().display());
+    let out = |name: &str| dir.path().join(format!("{name}.out"));
+    let out_flag = |name: &str| format!("--callgrind-out-file={}", out(name).display());
     let callgrind = ["valgrind", "--tool=callgrind"];
-    let nginx_out = out("nginx");
+    let nginx_out = out_flag("nginx");
     let nginx = nginx_under(
         &[callgrind[0], callgrind[1], &nginx_out],
         dir.path(),
         "proxy",
         &proxy_server(backend_port, nginx_port),
     )?;
-    let mut engine = Engine(
+    let mut engine = Process(
         Command::new(callgrind[0])
-            .args([callgrind[1], &out("weft")])
+            .args([callgrind[1], &out_flag("weft")])
             .arg(std::env::current_exe()?)
             .args(["l7-serve", &backend_port.to_string()])
             .stdout(Stdio::piped())
@@ -73,21 +64,16 @@ pub async fn run(seconds: u64) -> anyhow::Result<()> {
         "user-space instructions per proxied request (callgrind), wrk -t1 -c50 for {seconds} s \
          after a 2 s warm-up; HTTP/1.1 keep-alive, the route of `weft-bench l7`"
     );
-    let n = count(
-        nginx.0.id(),
-        nginx_port,
-        seconds,
-        &dir.path().join("nginx.out"),
-    )?;
-    let w = count(
-        engine.0.id(),
-        engine_port,
-        seconds,
-        &dir.path().join("weft.out"),
-    )?;
-    println!("nginx  {:>9.0} instructions per request", n);
-    println!("weft   {:>9.0} instructions per request", w);
-    println!("weft / nginx {:.2}", w / n);
+    let mut counts = [0.0; 2];
+    let proxies = [
+        ("nginx", &nginx, nginx_port),
+        ("weft", &engine, engine_port),
+    ];
+    for (count_of, (name, process, port)) in counts.iter_mut().zip(proxies) {
+        *count_of = count(process.0.id(), port, seconds, &out(name))?;
+        println!("{name:<6} {count_of:>9.0} instructions per request");
+    }
+    println!("weft / nginx {:.2}", counts[1] / counts[0]);
     Ok(())
 }
 

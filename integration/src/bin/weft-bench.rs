@@ -77,9 +77,6 @@ enum What {
     /// User-space instructions per request, the L7 engine against nginx
     /// (callgrind; needs valgrind, nginx and wrk; not part of `all`).
     L7Instructions,
-    /// `weft-bench l7-serve BACKEND_PORT`: the engine alone, for the above.
-    #[value(hide = true)]
-    L7Serve,
     /// The whole L7 mesh path through a waypoint against direct (root).
     Waypoint,
     /// The config push at scale (not part of `all`).
@@ -343,10 +340,9 @@ async fn main() {
             println!("usage: weft-bench l7-serve BACKEND_PORT");
             std::process::exit(2);
         };
-        if let Err(e) = weft_integration::l7_instructions::serve_forever(port) {
-            println!("l7-serve failed: {e:#}");
-            std::process::exit(1);
-        }
+        let Err(e) = weft_integration::l7_instructions::serve_forever(port);
+        println!("l7-serve failed: {e:#}");
+        std::process::exit(1);
     }
     let args = Args::parse();
     let all = args.what == What::All;

@@ -403,7 +403,10 @@ impl Ztunnel {
                 "--socks5-addr",
                 "127.0.0.1:0",
             ])
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("WEFT_BENCH_ZTUNNEL_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .spawn()?;
         Ok(Ztunnel {

@@ -11,6 +11,7 @@ use weft_integration::{HboneServer, Mesh, Pair, eventually, read_hello};
 use weft_proto::certs::CertConfig;
 use weft_proto::hbone::HboneError;
 use weft_proto::hbone::pool::{ConnectRequest, Pool, PoolKey, PoolSettings};
+use weft_proto::tls::CertState;
 
 fn request(authority: std::net::SocketAddr) -> ConnectRequest {
     let mut headers = HeaderMap::new();
@@ -63,6 +64,44 @@ async fn bytes_round_trip_with_both_identities() {
     assert_eq!(seen.peer, web);
     assert_eq!(seen.authority, target);
     assert_eq!(seen.headers["forwarded"], "for=10.0.0.1");
+}
+
+/// A pod's first inbound connection can arrive while its first certificate
+/// is still being fetched (the bench's client dialled 3 ms after the
+/// server pod was enrolled and was refused with AccessDenied): the server
+/// waits for the certificate instead of failing the handshake.
+#[tokio::test]
+async fn a_listener_waits_for_its_first_certificate() {
+    let mesh = Mesh::start().await;
+    let (a, b) = (mesh.node("node-a"), mesh.node("node-b"));
+    let web = a.workload("default", "web");
+    let api = b.workload("prod", "api");
+    let (publish, pending) = tokio::sync::watch::channel(CertState::Initializing);
+    let server = HboneServer::echo(pending).await;
+    let web_cert = a.cert(&web).await;
+    let key = PoolKey {
+        src: web.clone(),
+        dst: api.clone(),
+        dst_addr: server.addr,
+        src_ip: None,
+    };
+    let pool = Pool::new(PoolSettings::default());
+    let target = "10.1.2.3:8080".parse().expect("addr");
+    let dial = tokio::spawn(async move { pool.connect(&key, &web_cert, request(target)).await });
+    eventually("the listener took the connection", || {
+        server.stats.connections.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let issued = b.cert(&api).await.borrow().clone();
+    publish.send(issued).expect("listener alive");
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), dial)
+        .await
+        .expect("bounded")
+        .expect("task")
+        .expect("tunnel once the certificate is in");
+    assert_eq!(stream.peer_identity(), Some(&api));
+    assert_eq!(read_hello(&mut stream).await, web.to_string());
+    assert_eq!(server.stats.handshake_failures.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test]

@@ -221,11 +221,22 @@ async fn serve_connection<H: Handler>(
     let Ok(local_addr) = tcp.local_addr() else {
         return;
     };
-    // The roots this peer is checked against: a new bundle retires it.
-    let roots = roots_of(&shared.own);
     let Ok(handshaking) = shared.handshakes.clone().try_acquire_owned() else {
         return shared.refuse(peer_addr, "handshakes");
     };
+    // A pod just enrolled may still be fetching its first certificate: the
+    // client waits for it (bounded), as it would for a slow handshake,
+    // rather than being refused for a moment nobody can see.
+    let mut own = shared.own.clone();
+    let first = own.wait_for(|s| s.cert().is_some());
+    if !matches!(
+        tokio::time::timeout(settings.handshake_timeout, first).await,
+        Ok(Ok(_))
+    ) {
+        return handshake_failed(stats, "no certificate to present yet");
+    }
+    // The roots this peer is checked against: a new bundle retires it.
+    let roots = roots_of(&shared.own);
     // Phase 1: TLS. A failure here means the client never proved an identity.
     let handshake = shared.acceptor.accept(tcp);
     let tls = match tokio::time::timeout(settings.handshake_timeout, handshake).await {

@@ -1021,7 +1021,13 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
     // Each name looked at once; only what the message carries is removed
     // (a lookup per absent name was most of this function's cost).
     let present = headers.keys().fold(0, |bits, n| bits | hop_by_hop_bit(n));
-    if present & HOP_CONNECTION != 0 {
+    // `keep-alive` or `close` alone, as nearly every message says, names
+    // no header: no need to take the value apart.
+    let plain = |v: &HeaderValue| {
+        let v = v.as_bytes();
+        v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+    };
+    if present & HOP_CONNECTION != 0 && !headers.get_all(CONNECTION).iter().all(plain) {
         let named: Vec<http::HeaderName> = headers
             .get_all(CONNECTION)
             .iter()
@@ -1067,29 +1073,27 @@ const HOP_TE: u8 = 4;
 const HOP_TRANSFER_ENCODING: u8 = 8;
 const HOP_OTHER: u8 = 16;
 
-/// The hop-by-hop headers without a rule of their own: always removed.
-const HOP_BY_HOP_OTHER: [http::HeaderName; 4] = [
+/// The hop-by-hop headers without a rule of their own: always removed. A
+/// `static`, not a `const`: a const array is built anew at each use.
+static HOP_BY_HOP_OTHER: [http::HeaderName; 4] = [
     http::HeaderName::from_static("keep-alive"),
     http::HeaderName::from_static("proxy-connection"),
     http::header::PROXY_AUTHENTICATE,
     http::header::PROXY_AUTHORIZATION,
 ];
 
-/// Which hop-by-hop header `name` is, as a bit (0: none).
+/// Which hop-by-hop header `name` is, as a bit (0: none). Names are
+/// lower case, so one string match decides.
 fn hop_by_hop_bit(name: &http::HeaderName) -> u8 {
-    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
-    if *name == CONNECTION {
-        HOP_CONNECTION
-    } else if *name == UPGRADE {
-        HOP_UPGRADE
-    } else if *name == TE {
-        HOP_TE
-    } else if *name == TRANSFER_ENCODING {
-        HOP_TRANSFER_ENCODING
-    } else if HOP_BY_HOP_OTHER.contains(name) {
-        HOP_OTHER
-    } else {
-        0
+    match name.as_str() {
+        "connection" => HOP_CONNECTION,
+        "upgrade" => HOP_UPGRADE,
+        "te" => HOP_TE,
+        "transfer-encoding" => HOP_TRANSFER_ENCODING,
+        "keep-alive" | "proxy-connection" | "proxy-authenticate" | "proxy-authorization" => {
+            HOP_OTHER
+        }
+        _ => 0,
     }
 }
 
@@ -1301,6 +1305,15 @@ mod tests {
                 &[("x-b", "2"), ("keep-alive", "timeout=5")],
                 false,
                 &["x-b: 2"],
+            ),
+            (
+                &[
+                    ("connection", "Keep-Alive"),
+                    ("connection", "x-secret"),
+                    ("x-secret", "s"),
+                ],
+                false,
+                &[],
             ),
             (
                 &[("proxy-connection", "k"), ("proxy-authorization", "p")],

@@ -150,9 +150,11 @@ impl Trace {
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_traceparent);
+        let mut rng = rand::rng();
         let sampled = match &parent {
             Some((.., sampled)) => *sampled,
-            None => rand::rng().random_bool(ratio.clamp(0.0, 1.0)),
+            None if ratio <= 0.0 => false,
+            None => rng.random_bool(ratio.min(1.0)),
         };
         let (parent_trace, parent_id) = parent.map(|(t, p, _)| (t, p)).unzip();
         let span = spans
@@ -163,10 +165,12 @@ impl Trace {
                 span.span_context().trace_id(),
                 span.span_context().span_id(),
             ),
+            // Ids must not be zero (W3C); `max(1)` keeps them uniform but
+            // for one value in 2^64, without range sampling's rejection
+            // loop (a measurable share of a request).
             None => {
-                let mut rng = rand::rng();
-                let trace = parent_trace.unwrap_or_else(|| rng.random_range(1..=u128::MAX).into());
-                (trace, rng.random_range(1..=u64::MAX).into())
+                let trace = parent_trace.unwrap_or_else(|| rng.random::<u128>().max(1).into());
+                (trace, rng.random::<u64>().max(1).into())
             }
         };
         let trace = Trace {

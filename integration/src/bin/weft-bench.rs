@@ -337,10 +337,11 @@ async fn main() {
     }
     if std::env::args().nth(1).as_deref() == Some("l7-serve") {
         let Some(port) = std::env::args().nth(2).and_then(|p| p.parse().ok()) else {
-            println!("usage: weft-bench l7-serve BACKEND_PORT");
+            println!("usage: weft-bench l7-serve BACKEND_PORT [bare]");
             std::process::exit(2);
         };
-        let Err(e) = weft_integration::l7_instructions::serve_forever(port);
+        let bare = std::env::args().nth(3).as_deref() == Some("bare");
+        let Err(e) = weft_integration::l7_instructions::serve_forever(port, bare);
         println!("l7-serve failed: {e:#}");
         std::process::exit(1);
     }

@@ -72,19 +72,12 @@ async fn bytes_round_trip_with_both_identities() {
 /// waits for the certificate instead of failing the handshake.
 #[tokio::test]
 async fn a_listener_waits_for_its_first_certificate() {
-    let mesh = Mesh::start().await;
-    let (a, b) = (mesh.node("node-a"), mesh.node("node-b"));
-    let web = a.workload("default", "web");
-    let api = b.workload("prod", "api");
+    let pair = Pair::start().await;
     let (publish, pending) = tokio::sync::watch::channel(CertState::Initializing);
+    // api's listener as a just-enrolled pod's: no certificate yet.
     let server = HboneServer::echo(pending).await;
-    let web_cert = a.cert(&web).await;
-    let key = PoolKey {
-        src: web.clone(),
-        dst: api.clone(),
-        dst_addr: server.addr,
-        src_ip: None,
-    };
+    let (mut key, web_cert) = pair.web_to_api().await;
+    key.dst_addr = server.addr;
     let pool = Pool::new(PoolSettings::default());
     let target = "10.1.2.3:8080".parse().expect("addr");
     let dial = tokio::spawn(async move { pool.connect(&key, &web_cert, request(target)).await });
@@ -92,15 +85,15 @@ async fn a_listener_waits_for_its_first_certificate() {
         server.stats.connections.load(Ordering::Relaxed) == 1
     })
     .await;
-    let issued = b.cert(&api).await.borrow().clone();
+    let issued = pair.node.cert(&pair.api).await.borrow().clone();
     publish.send(issued).expect("listener alive");
     let mut stream = tokio::time::timeout(Duration::from_secs(10), dial)
         .await
         .expect("bounded")
         .expect("task")
         .expect("tunnel once the certificate is in");
-    assert_eq!(stream.peer_identity(), Some(&api));
-    assert_eq!(read_hello(&mut stream).await, web.to_string());
+    assert_eq!(stream.peer_identity(), Some(&pair.api));
+    assert_eq!(read_hello(&mut stream).await, pair.web.to_string());
     assert_eq!(server.stats.handshake_failures.load(Ordering::Relaxed), 0);
 }
 

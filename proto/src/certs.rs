@@ -186,27 +186,33 @@ impl Drop for Inner {
 
 /// Waits (bounded) until `rx` holds a certificate.
 pub async fn wait_for_cert(
-    mut rx: CertWatch,
+    rx: CertWatch,
     identity: &Identity,
     timeout: Duration,
 ) -> Result<Arc<WorkloadCert>, CertError> {
+    first_cert(rx, timeout)
+        .await
+        .map_err(|reason| CertError::Timeout {
+            identity: Box::new(identity.clone()),
+            waited: timeout,
+            reason,
+        })
+}
+
+/// Waits (bounded) until `rx` holds a certificate; otherwise why it does
+/// not (the last fetch's failure, or a fetch still in flight). For a
+/// caller that may not know whose certificate it waits for (a listener).
+pub async fn first_cert(mut rx: CertWatch, timeout: Duration) -> Result<Arc<WorkloadCert>, String> {
     let waited = tokio::time::timeout(timeout, rx.wait_for(|s| s.cert().is_some()))
         .await
         .map(|r| r.map(|state| state.cert().cloned()));
     match waited {
         Ok(Ok(Some(cert))) => Ok(cert),
-        _ => {
-            let reason = match &*rx.borrow() {
-                CertState::Unavailable(r) => r.to_string(),
-                CertState::Initializing => "first fetch still in flight".into(),
-                CertState::Available(_) => "worker stopped".into(),
-            };
-            Err(CertError::Timeout {
-                identity: Box::new(identity.clone()),
-                waited: timeout,
-                reason,
-            })
-        }
+        _ => Err(match &*rx.borrow() {
+            CertState::Unavailable(r) => r.to_string(),
+            CertState::Initializing => "first fetch still in flight".into(),
+            CertState::Available(_) => "worker stopped".into(),
+        }),
     }
 }
 

@@ -1021,12 +1021,9 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
     // Each name looked at once; only what the message carries is removed
     // (a lookup per absent name was most of this function's cost).
     let present = headers.keys().fold(0, |bits, n| bits | hop_by_hop_bit(n));
-    // `keep-alive` or `close` alone, as nearly every message says, names
-    // no header: no need to take the value apart.
-    let plain = |v: &HeaderValue| {
-        let v = v.as_bytes();
-        v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
-    };
+    // A value that is one such token alone, as nearly every message's is,
+    // needs no taking apart.
+    let plain = |v: &HeaderValue| names_nothing(v.as_bytes());
     if present & HOP_CONNECTION != 0 && !headers.get_all(CONNECTION).iter().all(plain) {
         let named: Vec<http::HeaderName> = headers
             .get_all(CONNECTION)
@@ -1036,7 +1033,7 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
             .map(str::trim)
             // The usual tokens name no header to remove (keep-alive's is
             // removed below): skipped without making a name for them.
-            .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+            .filter(|n| !names_nothing(n.as_bytes()))
             .filter_map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
             .filter(|n| !(upgrade && *n == UPGRADE))
             .collect();
@@ -1082,19 +1079,23 @@ static HOP_BY_HOP_OTHER: [http::HeaderName; 4] = [
     http::header::PROXY_AUTHORIZATION,
 ];
 
-/// Which hop-by-hop header `name` is, as a bit (0: none). Names are
-/// lower case, so one string match decides.
+/// Which hop-by-hop header `name` is, as a bit (0: none).
 fn hop_by_hop_bit(name: &http::HeaderName) -> u8 {
-    match name.as_str() {
-        "connection" => HOP_CONNECTION,
-        "upgrade" => HOP_UPGRADE,
-        "te" => HOP_TE,
-        "transfer-encoding" => HOP_TRANSFER_ENCODING,
-        "keep-alive" | "proxy-connection" | "proxy-authenticate" | "proxy-authorization" => {
-            HOP_OTHER
-        }
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    match name {
+        n if *n == CONNECTION => HOP_CONNECTION,
+        n if *n == UPGRADE => HOP_UPGRADE,
+        n if *n == TE => HOP_TE,
+        n if *n == TRANSFER_ENCODING => HOP_TRANSFER_ENCODING,
+        n if HOP_BY_HOP_OTHER.contains(n) => HOP_OTHER,
         _ => 0,
     }
+}
+
+/// The `Connection` tokens that name no header to remove (`keep-alive`'s
+/// header goes as a hop-by-hop header of its own).
+fn names_nothing(token: &[u8]) -> bool {
+    token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close")
 }
 
 /// After a `101`, the client's connection and the backend's are joined

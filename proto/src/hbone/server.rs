@@ -18,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{H2Settings, H2Stream, HboneError, keepalive};
+use crate::certs;
 use crate::identity::Identity;
 use crate::listen::Drain;
 use crate::telemetry::{ByLabel, export_counter, export_gauge};
@@ -226,17 +227,14 @@ async fn serve_connection<H: Handler>(
     };
     // A pod just enrolled may still be fetching its first certificate: the
     // client waits for it (bounded), as it would for a slow handshake,
-    // rather than being refused for a moment nobody can see.
-    let mut own = shared.own.clone();
-    let first = own.wait_for(|s| s.cert().is_some());
-    if !matches!(
-        tokio::time::timeout(settings.handshake_timeout, first).await,
-        Ok(Ok(_))
-    ) {
-        return handshake_failed(stats, "no certificate to present yet");
-    }
-    // The roots this peer is checked against: a new bundle retires it.
-    let roots = roots_of(&shared.own);
+    // rather than being refused for a moment nobody can see. The roots
+    // this peer is checked against come with it: a new bundle retires it.
+    let roots = match certs::first_cert(shared.own.clone(), settings.handshake_timeout).await {
+        Ok(own) => Some(own.bundle().clone()),
+        Err(reason) => {
+            return handshake_failed(stats, &format!("no certificate to present: {reason}"));
+        }
+    };
     // Phase 1: TLS. A failure here means the client never proved an identity.
     let handshake = shared.acceptor.accept(tcp);
     let tls = match tokio::time::timeout(settings.handshake_timeout, handshake).await {

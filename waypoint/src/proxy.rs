@@ -2,35 +2,42 @@
 //! request context (pingora-style, not a tower stack):
 //!
 //! `accept` (HBONE, the client's verified identity, what it asked for) →
-//! `route` (HTTPRoute/GRPCRoute) → `filters` (headers, redirect, rewrite,
-//! fault, mirror) → `backend` (weighted backendRefs) → `upstream`
-//! (endpoint, timeouts, retries) → `respond` → `log`.
+//! `decode` (the HTTP version from the first bytes; hyper's server for it)
+//! → `authorize` (path normalised, L7 policy) → `route` (HTTPRoute,
+//! GRPCRoute) → `filters` (headers, redirect, rewrite, fault, mirror, rate
+//! limit) → `backend` (weighted backendRefs, balancer) → `upstream`
+//! (limits, endpoint, timeouts, retries) → `respond` → `log`.
 //!
-//! L7 authorization, circuit breaking, rate limits and request telemetry
-//! (issue #13) are phases to add between `route` and `upstream`.
+//! The phases before `upstream` are plain calls ([`Proxy::plan`]); only
+//! waiting (a fault's delay, the upstream) is `async`. hyper moves each
+//! request's future, and every `async fn` layer keeps its by-value
+//! arguments twice, so the future is kept small and shallow.
 //! A refusal from here on is an HTTP status with a response flag.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use rand::Rng;
 use tokio::sync::watch;
 use tracing::warn;
 use weft_proto::hbone::server::{Handler, InboundConnect};
 use weft_proto::identity::Identity;
-use weft_proto::model::{Backend, Model};
+use weft_proto::model::{Backend, Model, Service};
 use weft_proto::pb::weft::v1 as pb;
 use weft_proto::routes::{self, RouteTable, Selected};
 use weft_proto::telemetry::ByLabel;
@@ -41,9 +48,15 @@ use crate::sniff::{self, Protocol};
 use crate::telemetry::{Record, SourceLabels, Spans, Trace, counted, tallied};
 use crate::upstream::{Body, DEFAULT_IDLE_TIMEOUT, Endpoint, Upstreams};
 
+const BACKEND_TIMEOUT: &str = "backend request timeout";
+
 /// Largest request body kept to be sent again on a retry; a larger one
 /// streams once and is never retried.
 const RETRY_BUFFER: usize = 64 * 1024;
+
+// Names made once: a name given as text is parsed and checked at each use.
+const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// What a tunnel asked for: a Service port, or one workload's port.
 #[derive(Debug, Clone)]
@@ -67,6 +80,9 @@ pub struct Client {
     /// What this connection's requests resolved under the config they
     /// saw: made once per config version, not per request.
     cache: Mutex<ConnCache>,
+    /// The `x-forwarded-client-cert` its requests carry (who the
+    /// waypoint and the client are: fixed for the connection).
+    xfcc: OnceLock<HeaderValue>,
 }
 
 impl Client {
@@ -76,6 +92,7 @@ impl Client {
             addr,
             target,
             cache: Mutex::default(),
+            xfcc: OnceLock::new(),
         }
     }
 }
@@ -85,9 +102,8 @@ impl Client {
 struct ConnCache {
     model: Option<Arc<Model>>,
     table: Option<Arc<RouteTable>>,
-    /// (Service, port) → its ready endpoints.
-    endpoints: Vec<(String, u16, Arc<[Endpoint]>)>,
-    xfcc: Option<HeaderValue>,
+    /// The Services (and ports) requests went to.
+    backings: Vec<Backing>,
     source: Option<Arc<SourceLabels>>,
 }
 
@@ -181,10 +197,31 @@ struct Ctx<'a> {
     route: Option<Selected>,
     response_headers: Vec<pb::HeaderModifier>,
     /// The Service and port the request went to.
-    backend: (String, u16),
+    backend: Option<(Arc<str>, u16)>,
     flag: &'static str,
-    /// The request body's bytes sent on, for its record.
-    request_bytes: Arc<AtomicU64>,
+    /// The request body's bytes sent on, for its record (once it has one).
+    request_bytes: Option<Arc<AtomicU64>>,
+    /// Fault injection's delay, waited before going on.
+    delay: Duration,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(client: &'a Client) -> Self {
+        Ctx {
+            client,
+            route: None,
+            response_headers: Vec::new(),
+            backend: None,
+            flag: "-",
+            request_bytes: None,
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// The Service the request went to (chosen before the upstream).
+    fn service(&self) -> &str {
+        self.backend.as_ref().map_or("", |(name, _)| name)
+    }
 }
 
 /// The listener's handler: one tunnel, HTTP on it.
@@ -229,28 +266,37 @@ impl Proxy {
     {
         let client_id = client.identity.clone();
         let proxy = self.clone();
-        let svc = service_fn(move |req| {
-            let (proxy, client) = (proxy.clone(), client.clone());
-            async move { Ok::<_, Infallible>(proxy.serve(req, &client).await) }
-        });
+        let svc = service_fn(move |req| proxy.clone().serve(req, client.clone()));
         let l = &self.limits;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(l.header_read_timeout)
-            .max_buf_size(l.max_header_bytes)
-            .max_headers(l.max_headers);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(l.max_header_bytes as u32)
-            .max_concurrent_streams(l.max_streams)
-            .max_pending_accept_reset_streams(l.max_resets)
-            .max_local_error_reset_streams(l.max_resets);
-        let served = builder
-            .serve_connection_with_upgrades(TokioIo::new(io), svc)
-            .await;
+        let mut io = io;
+        // The version from the first bytes (bounded, as a request head is),
+        // then hyper's own server for it: no per-read rewind layer.
+        let sniffed = tokio::time::timeout(l.header_read_timeout, sniff::http2(&mut io)).await;
+        let Ok(Ok((h2, prefix))) = sniffed else {
+            self.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(client = %client_id, "HTTP connection closed: no request within the header read timeout");
+            return;
+        };
+        let io = TokioIo::new(sniff::Prefixed::new(prefix, io));
+        let served = if h2 {
+            http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(l.max_header_bytes as u32)
+                .max_concurrent_streams(l.max_streams)
+                .max_pending_accept_reset_streams(l.max_resets)
+                .max_local_error_reset_streams(l.max_resets)
+                .serve_connection(io, svc)
+                .await
+        } else {
+            http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(l.header_read_timeout)
+                .max_buf_size(l.max_header_bytes)
+                .max_headers(l.max_headers)
+                .serve_connection(io, svc)
+                .with_upgrades()
+                .await
+        };
         if let Err(e) = served {
             self.stats.connection_errors.fetch_add(1, Ordering::Relaxed);
             warn!(client = %client_id, error = %e, "HTTP connection closed on a protocol error or limit");
@@ -349,27 +395,51 @@ impl Proxy {
     }
 
     /// One request, every phase; always an answer, whose body writes the
-    /// request's record (log line, metrics) when it ends.
-    pub async fn serve(&self, mut req: Request<Incoming>, client: &Client) -> Response<Body> {
-        let (trace, span) =
-            Trace::continue_or_start(req.headers_mut(), self.trace_sampling, self.spans.as_ref());
+    /// request's record (log line, metrics) when it ends. Only waiting
+    /// (a fault's delay, the upstream) is `async`; the phases before it are
+    /// plain calls, so the request's future stays small: hyper moves it,
+    /// and an `async fn` keeps each by-value argument twice.
+    /// Owns what it uses and answers as a hyper service does: the future
+    /// hyper is given is this one, not one wrapping it (each layer is
+    /// another copy of the request's state).
+    pub async fn serve(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        client: Arc<Client>,
+    ) -> Result<Response<Body>, Infallible> {
+        let client = &*client;
         // One config version for the whole request, its record included.
         let model = self.model.borrow().clone();
-        let mut record = self.record(&model, &req, client, trace);
-        record.span = span;
-        let mut ctx = Ctx {
-            client,
-            route: None,
-            response_headers: Vec::new(),
-            backend: (String::new(), 0),
-            flag: "-",
-            request_bytes: record.request_bytes.clone(),
+        let (req, mut record) = self.record(&model, req, client);
+        let mut ctx = Ctx::new(client);
+        let planned = self.plan(&model, req, &mut ctx);
+        if !ctx.delay.is_zero() {
+            tokio::time::sleep(ctx.delay).await;
+        }
+        // Taken apart in a block of its own: a plan moved out of in place
+        // would stay in the request's future while the upstream answers.
+        let forward = {
+            let planned = planned;
+            match planned {
+                Ok(Plan::Forward(f)) => Ok(f),
+                Ok(Plan::Answer(resp)) => Err(Ok(resp)),
+                Err(r) => Err(Err(r)),
+            }
         };
-        let resp = match self.phases(&model, req, &mut ctx).await {
+        let answered = match forward {
+            Ok(f) => {
+                let ms = f.request_timeout_ms;
+                bounded(ms, "request timeout", self.upstream(f, &mut ctx))
+                    .await
+                    .and_then(|answered| answered)
+            }
+            Err(done) => done,
+        };
+        let resp = match answered {
             Ok(resp) => resp,
             Err(r) => {
                 ctx.flag = r.flag;
-                warn!(method = %record.method, path = %record.path, client = %client.identity, status = r.status.as_u16(), response_flags = r.flag, reason = r.reason, trace_id = %record.trace.trace_id, "request refused");
+                warn!(method = %record.method, path = record.path(), client = %client.identity, status = r.status.as_u16(), response_flags = r.flag, reason = r.reason, trace_id = %record.trace.trace_id, "request refused");
                 status_response(r.status, &r.reason)
             }
         };
@@ -379,107 +449,88 @@ impl Proxy {
         record.route = ctx.route.take().map(|s| s.route);
         // The Service a backend was chosen from; until one was (and if
         // none was: a refusal), the Service the client asked for.
-        if !ctx.backend.0.is_empty() {
-            record.destination_service = std::mem::take(&mut ctx.backend.0).into();
+        record.request_bytes = ctx.request_bytes.take();
+        if let Some((name, _)) = ctx.backend.take() {
+            record.destination_service = Some(name);
         } else if let Target::Service { key, .. } = &client.target {
-            record.destination_service = key.clone().into();
+            record.destination_service = Some(Arc::from(key.as_str()));
         }
         // A trailers-only gRPC answer carries its status in the head.
-        record.grpc_status = resp
-            .headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        resp.map(|body| counted(body, record))
+        if record.protocol == "grpc" {
+            record.grpc_status = resp
+                .headers()
+                .get(&GRPC_STATUS)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+        }
+        Ok(resp.map(|body| counted(body, record)))
     }
 
-    /// The request's record, as far as its head tells.
+    /// The request's record, as far as its head tells, and its trace
+    /// continued (or started) on its way. The request passes through by
+    /// value: a local the request's future borrowed would be kept in it.
     fn record(
         &self,
         model: &Arc<Model>,
-        req: &Request<Incoming>,
+        mut req: Request<Incoming>,
         client: &Client,
-        trace: Trace,
-    ) -> Record {
+    ) -> (Request<Incoming>, Record) {
+        let (trace, span) =
+            Trace::continue_or_start(req.headers_mut(), self.trace_sampling, self.spans.as_ref());
         let source = self.cached(model, client, |c| {
             c.source
                 .get_or_insert_with(|| Arc::new(source_labels(model, client)))
                 .clone()
         });
-        let protocol = if is_grpc(req) {
+        let protocol = if is_grpc(&req) {
             "grpc"
         } else if req.version() == http::Version::HTTP_2 {
             "http2"
         } else {
             "http"
         };
-        let head = (req.method().clone(), req.uri().path().to_owned());
-        Record::new(head, source, trace, protocol)
+        let head = (req.method().clone(), req.uri().path_and_query().cloned());
+        let mut record = Record::new(head, source, trace, protocol);
+        record.span = span;
+        (req, record)
     }
 
-    async fn phases(
+    /// Every phase before the upstream, decided at once: the answer given
+    /// here, or where the request goes (a fault's delay is left in `ctx`).
+    fn plan(
         &self,
         model: &Arc<Model>,
         mut req: Request<Incoming>,
         ctx: &mut Ctx<'_>,
-    ) -> Result<Response<Body>, Refusal> {
+    ) -> Result<Plan, Refusal> {
         // Who called, as the handshake verified it: a client's own
         // x-forwarded-client-cert is never passed on.
-        let xfcc = self.cached(model, ctx.client, |c| {
-            let make = || {
-                let v = format!("By={};URI={}", self.identity, ctx.client.identity);
-                HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static(""))
-            };
-            c.xfcc.get_or_insert_with(make).clone()
+        let xfcc = ctx.client.xfcc.get_or_init(|| {
+            let v = format!("By={};URI={}", self.identity, ctx.client.identity);
+            HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static(""))
         });
-        req.headers_mut().insert("x-forwarded-client-cert", xfcc);
+        req.headers_mut().insert(XFCC, xfcc.clone());
         self.authorize(model, &mut req, ctx)?;
         self.route(model, &req, ctx)?;
         let selected = ctx.route.clone();
         let rule = selected.as_ref().map(|s| s.rule());
         let filters = rule.map_or(&[][..], |r| &r.filters[..]);
-        if let Some(resp) = self.filters(filters, &mut req, ctx).await? {
-            return Ok(resp);
+        if let Some(resp) = self.filters(filters, &mut req, ctx) {
+            return Ok(Plan::Answer(resp));
         }
-        let chosen = self.backend(model, rule, ctx)?;
-        if let Some(resp) = self.filters(chosen.filters, &mut req, ctx).await? {
-            return Ok(resp);
+        let (to, backend_filters) = self.backend(model, rule, ctx)?;
+        if let Some(resp) = self.filters(backend_filters, &mut req, ctx) {
+            return Ok(Plan::Answer(resp));
         }
         let upgrade = wants_upgrade(req.headers());
         strip_hop_by_hop(req.headers_mut(), upgrade);
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let timeout = rule.map_or(0, |r| r.request_timeout_ms);
-        let tries = Tries {
-            endpoints: &chosen.endpoints,
-            all: &chosen.all,
-            policy: chosen.policy.as_deref(),
-            first: chosen.first,
-        };
-        // Boxed: the tries, timeouts and connection futures are most of a
-        // request's state; inline, every move of the request's future
-        // (hyper moves it into its dispatcher) copied kilobytes.
-        let upstream = Box::pin(self.upstream(req, tries, rule, ctx));
-        let mut resp = match timeout {
-            0 => upstream.await?,
-            ms => tokio::time::timeout(Duration::from_millis(ms), upstream)
-                .await
-                .map_err(|_| {
-                    refuse(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "UT",
-                        format!("request timeout ({ms} ms)"),
-                    )
-                })??,
-        };
-        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        strip_hop_by_hop(resp.headers_mut(), switching);
-        if let (true, Some(client)) = (switching, client_upgrade) {
-            splice_upgrade(client, hyper::upgrade::on(&mut resp));
-        }
-        for m in &ctx.response_headers {
-            filters::modify_headers(resp.headers_mut(), m);
-        }
-        Ok(resp)
+        Ok(Plan::Forward(Forward {
+            client_upgrade: upgrade.then(|| hyper::upgrade::on(&mut req)),
+            keep_body: Replay::keeps(&req, rule),
+            req,
+            to,
+            request_timeout_ms: rule.map_or(0, |r| r.request_timeout_ms),
+        }))
     }
 
     /// `authorize`: the path normalised (what policies judge, routes
@@ -553,7 +604,6 @@ impl Proxy {
         if !c.model.as_ref().is_some_and(|m| Arc::ptr_eq(m, model)) {
             *c = ConnCache {
                 model: Some(model.clone()),
-                xfcc: c.xfcc.take(),
                 ..ConnCache::default()
             };
         }
@@ -614,12 +664,12 @@ impl Proxy {
 
     /// `filters`: applies a rule's (or a backend's) filters in order;
     /// `Some` is the answer when one ends the request here.
-    async fn filters(
+    fn filters(
         &self,
         list: &[pb::RouteFilter],
         req: &mut Request<Incoming>,
         ctx: &mut Ctx<'_>,
-    ) -> Result<Option<Response<Body>>, Refusal> {
+    ) -> Option<Response<Body>> {
         use pb::route_filter::Filter;
         for f in list.iter().filter_map(|f| f.filter.as_ref()) {
             match f {
@@ -638,11 +688,11 @@ impl Proxy {
                     let mut resp = status_response(status, "");
                     resp.headers_mut()
                         .insert(filters::REDIRECT_HEADER, location);
-                    return Ok(Some(resp));
+                    return Some(resp);
                 }
                 Filter::Fault(fault) => {
-                    if let Some(resp) = self.fault(fault, req, ctx).await {
-                        return Ok(Some(resp));
+                    if let Some(resp) = self.fault(fault, req, ctx) {
+                        return Some(resp);
                     }
                 }
                 Filter::Mirror(m) => self.mirror(m, req),
@@ -656,16 +706,17 @@ impl Proxy {
                         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                         resp.headers_mut()
                             .insert(http::header::RETRY_AFTER, secs.into());
-                        return Ok(Some(resp));
+                        return Some(resp);
                     }
                 }
             }
         }
-        Ok(None)
+        None
     }
 
-    /// A FaultInjection: a delay (then on), or an abort answered here.
-    async fn fault(
+    /// A FaultInjection: a delay (added to `ctx`'s, waited before the
+    /// request goes on or is answered), or an abort answered here.
+    fn fault(
         &self,
         f: &pb::Fault,
         req: &Request<Incoming>,
@@ -680,7 +731,7 @@ impl Proxy {
         };
         if delay && f.delay_ms > 0 {
             ctx.flag = "DI";
-            tokio::time::sleep(Duration::from_millis(f.delay_ms)).await;
+            ctx.delay += Duration::from_millis(f.delay_ms);
         }
         if !abort {
             return None;
@@ -734,7 +785,7 @@ impl Proxy {
         model: &Arc<Model>,
         rule: Option<&'r pb::RouteRule>,
         ctx: &mut Ctx<'_>,
-    ) -> Result<Chosen<'r>, Refusal> {
+    ) -> Result<(Destination, &'r [pb::RouteFilter]), Refusal> {
         let (service, port, filters): (&str, u16, &'r [pb::RouteFilter]) =
             match (&ctx.client.target, rule) {
                 (Target::Workload { addr, identity }, _) => {
@@ -743,13 +794,13 @@ impl Proxy {
                         identity: identity.clone(),
                     };
                     let one: Arc<[Endpoint]> = Arc::from([ep]);
-                    return Ok(Chosen {
+                    let to = Destination {
                         endpoints: one.clone(),
                         all: one,
                         policy: None,
                         first: 0,
-                        filters: &[],
-                    });
+                    };
+                    return Ok((to, &[]));
                 }
                 (Target::Service { key, port }, None) => (key, *port, &[]),
                 (_, Some(rule)) => {
@@ -757,62 +808,60 @@ impl Proxy {
                     (&b.service, b.port as u16, &b.filters)
                 }
             };
-        ctx.backend = (service.to_owned(), port);
-        let eps = self.cached(model, ctx.client, |c| {
+        // What the Service is made of, looked up once per connection (and
+        // config version): the name as records carry it, its ready
+        // endpoints, its BackendPolicy.
+        let found = self.cached(model, ctx.client, |c| {
             let found = c
-                .endpoints
+                .backings
                 .iter()
-                .find(|(s, p, _)| s == service && *p == port);
-            if let Some((.., eps)) = found {
-                return Some(eps.clone());
+                .find(|b| *b.name == *service && b.port == port);
+            if let Some(b) = found {
+                return Some(b.clone());
             }
-            let eps: Arc<[Endpoint]> = endpoints(model, service, port)?.into();
-            c.endpoints.push((service.to_owned(), port, eps.clone()));
-            Some(eps)
+            let b = backing(model, service, port)?;
+            c.backings.push(b.clone());
+            Some(b)
         });
-        let eps = eps.filter(|e| !e.is_empty()).ok_or_else(|| {
+        let Some(b) = found.filter(|b| !b.endpoints.is_empty()) else {
+            ctx.backend = Some((Arc::from(service), port));
             let reason = format!("no ready endpoint for {service}:{port}");
-            refuse(StatusCode::SERVICE_UNAVAILABLE, "UH", reason)
-        })?;
-        // The Service's BackendPolicy, looked up once for every phase after.
-        let policy = model.backend(service).cloned();
-        let outliers = policy
-            .as_ref()
-            .is_some_and(|b| b.spec.outlier_detection.is_some());
-        let healthy = match outliers {
-            true => self.resilience.healthy(&eps),
-            false => eps.clone(),
+            return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "UH", reason));
         };
-        let first = self.balance(model, (service, policy.as_deref()), &healthy);
-        Ok(Chosen {
+        ctx.backend = Some((b.name.clone(), port));
+        let outliers = b
+            .policy
+            .as_ref()
+            .is_some_and(|p| p.spec.outlier_detection.is_some());
+        let healthy = match outliers {
+            true => self.resilience.healthy(&b.endpoints),
+            false => b.endpoints.clone(),
+        };
+        let first = self.balance((&b.service, b.policy.as_deref()), &healthy);
+        let to = Destination {
             first,
             endpoints: healthy,
-            all: eps,
-            policy,
-            filters,
-        })
+            all: b.endpoints,
+            policy: b.policy,
+        };
+        Ok((to, filters))
     }
 
     /// The endpoint a request to `service` tries first, by its backend
     /// policy: round robin (default), least request (the less loaded of
     /// two picked at random) or random.
-    fn balance(
-        &self,
-        model: &Model,
-        (service, policy): (&str, Option<&Backend>),
-        eps: &[Endpoint],
-    ) -> usize {
+    fn balance(&self, (service, policy): (&Service, Option<&Backend>), eps: &[Endpoint]) -> usize {
         use pb::backend::LoadBalancer;
         let n = eps.len();
         let lb = policy
             .and_then(|b| LoadBalancer::try_from(b.spec.load_balancer).ok())
             .unwrap_or(LoadBalancer::RoundRobin);
-        let mut rng = rand::rng();
         match lb {
-            LoadBalancer::RoundRobin => model.service(service).map_or(0, |s| s.rotate()) % n,
-            LoadBalancer::Random => rng.random_range(0..n),
+            LoadBalancer::RoundRobin => service.rotate() % n,
+            LoadBalancer::Random => rand::rng().random_range(0..n),
             LoadBalancer::LeastRequest if n < 2 => 0,
             LoadBalancer::LeastRequest => {
+                let mut rng = rand::rng();
                 let a = rng.random_range(0..n);
                 let b = (a + rng.random_range(1..n)) % n;
                 let load = |i: usize| self.upstreams.in_flight(eps[i].addr);
@@ -824,17 +873,59 @@ impl Proxy {
     /// `upstream`: sends to an endpoint (round robin from a random start),
     /// within the Service's limits, retrying as the rule says (a kept body
     /// only), and on another endpoint whenever nothing reached the
-    /// application (bounded); each answer feeds outlier detection.
-    async fn upstream(
+    /// application (bounded); each answer feeds outlier detection. The
+    /// answer goes back without its hop-by-hop headers, modified as the
+    /// rule says, and joined to the client after a `101`.
+    async fn upstream(&self, f: Forward, ctx: &mut Ctx<'_>) -> Result<Response<Body>, Refusal> {
+        let Forward {
+            req,
+            to,
+            client_upgrade,
+            keep_body,
+            ..
+        } = f;
+        let selected = ctx.route.clone();
+        let rule = selected.as_ref().map(|s| s.rule());
+        let spec = to.policy.as_ref().map(|p| &p.spec);
+        let limits = spec.and_then(|s| s.limits.as_ref());
+        let (h2, mut body) = match keep_body {
+            false => Replay::once(req, &mut ctx.request_bytes),
+            // Boxed: rare, and kilobytes in every request's future inline.
+            true => Box::pin(Replay::kept(req, &mut ctx.request_bytes)).await?,
+        };
+        let _admitted = match limits {
+            None => None,
+            Some(l) => Some(
+                self.resilience
+                    .admit(ctx.service(), Some(l), !h2)
+                    .await
+                    .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, "UO", e))?,
+            ),
+        };
+        let mut resp = self.tries(&to, &mut body, (rule, h2), ctx).await?;
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        strip_hop_by_hop(resp.headers_mut(), switching);
+        if let (true, Some(client)) = (switching, client_upgrade) {
+            splice_upgrade(client, hyper::upgrade::on(&mut resp));
+        }
+        for m in &ctx.response_headers {
+            filters::modify_headers(resp.headers_mut(), m);
+        }
+        Ok(resp)
+    }
+
+    /// The tries of one request: each on a connection to an endpoint,
+    /// again on a retryable answer (a kept body only), and on the next
+    /// endpoint when nothing was sent.
+    async fn tries(
         &self,
-        req: Request<Incoming>,
-        at: Tries<'_>,
-        rule: Option<&pb::RouteRule>,
+        to: &Destination,
+        body: &mut Replay,
+        (rule, h2): (Option<&pb::RouteRule>, bool),
         ctx: &mut Ctx<'_>,
     ) -> Result<Response<Body>, Refusal> {
-        let spec = at.policy.map(|p| &p.spec);
+        let spec = to.policy.as_ref().map(|p| &p.spec);
         let limits = spec.and_then(|s| s.limits.as_ref());
-        let retry = rule.and_then(|r| r.retry.clone()).unwrap_or_default();
         let per_try = rule.map_or(0, |r| r.backend_timeout_ms);
         let idle = match spec.map_or(0, |s| s.idle_timeout_ms) {
             0 => DEFAULT_IDLE_TIMEOUT,
@@ -844,29 +935,26 @@ impl Proxy {
             (0, c) | (c, 0) => c,
             (a, b) => a.min(b),
         };
-        let h2 = req.version() == http::Version::HTTP_2;
-        let service = &ctx.backend.0;
-        let _admitted = self
-            .resilience
-            .admit(service, limits, !h2)
-            .await
-            .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, "UO", e))?;
+        let least_request =
+            spec.is_some_and(|s| s.load_balancer == pb::backend::LoadBalancer::LeastRequest as i32);
+        let service = ctx.service();
         let report = |ep: &Endpoint, failed| {
             let rules = spec.and_then(|s| s.outlier_detection.as_ref());
-            if self.resilience.report(ep.addr, failed, (rules, at.all)) {
+            if self.resilience.report(ep.addr, failed, (rules, &to.all)) {
                 warn!(endpoint = %ep.addr, service, "endpoint ejected: consecutive failures (outlier detection)");
             }
         };
-        let attempts = retry.attempts.max(1) as usize;
-        let mut body = Replay::new(req, attempts > 1, &ctx.request_bytes).await?;
+        let retry = rule.and_then(|r| r.retry.as_ref());
+        let attempts = retry.map_or(1, |r| r.attempts.max(1)) as usize;
+        let codes = retry.map_or(&[][..], |r| &r.codes[..]);
         let mut last = Err(refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "UH",
             "no endpoint answered",
         ));
         let (mut tries, mut i, mut _retrying) = (0, 0, None);
-        while tries < attempts && i < attempts + at.endpoints.len() {
-            let ep = &at.endpoints[(at.first + i) % at.endpoints.len()];
+        while tries < attempts && i < attempts + to.endpoints.len() {
+            let ep = &to.endpoints[(to.first + i) % to.endpoints.len()];
             i += 1;
             if i > 1 {
                 // Past maxRetries the last answer stands.
@@ -875,9 +963,10 @@ impl Proxy {
                 };
                 _retrying = Some(slot);
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(retry.backoff_ms)).await;
+                tokio::time::sleep(Duration::from_millis(retry.map_or(0, |r| r.backoff_ms))).await;
             }
-            let sender = match bounded(connect_ms, self.upstreams.connect(ep, h2, idle)).await {
+            let connecting = self.upstreams.connect(ep, h2, idle);
+            let sender = match bounded(connect_ms, BACKEND_TIMEOUT, connecting).await {
                 Ok(Ok(sender)) => sender,
                 Ok(Err(e)) => {
                     report(ep, true);
@@ -896,15 +985,16 @@ impl Proxy {
             };
             let Some(req) = body.next() else { break };
             tries += 1;
-            let _busy = self.upstreams.busy(ep.addr);
-            match bounded(per_try, self.upstreams.send(sender, req)).await {
+            // Counted only where the balancer reads it.
+            let _busy = least_request.then(|| self.upstreams.busy(ep.addr));
+            let sending = self.upstreams.send(sender, req);
+            match bounded(per_try, BACKEND_TIMEOUT, sending).await {
                 Ok(Ok(resp)) => {
                     report(ep, resp.status().is_server_error());
                     let code = u32::from(resp.status().as_u16());
-                    let again =
-                        retry.codes.contains(&code) && tries < attempts && body.replayable();
+                    let again = codes.contains(&code) && tries < attempts && body.replayable();
                     if !again {
-                        if retry.codes.contains(&code) && tries > 1 {
+                        if codes.contains(&code) && tries > 1 {
                             ctx.flag = "URX";
                         }
                         return Ok(resp.map(|b| b.map_err(Into::into).boxed()));
@@ -931,29 +1021,46 @@ impl Proxy {
     }
 }
 
-/// Where a request may go: the endpoints to try from `first`, and all of
-/// the Service's ready ones.
-struct Tries<'a> {
-    endpoints: &'a [Endpoint],
-    all: &'a [Endpoint],
-    policy: Option<&'a Backend>,
-    first: usize,
+pin_project_lite::pin_project! {
+    /// A future within `ms` milliseconds (0: unbounded, no timer); over
+    /// time is 504 `UT`. A future of its own, not an `async fn`: that
+    /// would hold the future it bounds twice, in every request's future.
+    struct Bounded<F> {
+        #[pin]
+        inner: F,
+        #[pin]
+        timer: Option<tokio::time::Sleep>,
+        ms: u64,
+        what: &'static str,
+    }
 }
 
-/// `f` within `ms` (0: unbounded); over time is 504 `UT`.
-async fn bounded<T>(ms: u64, f: impl std::future::Future<Output = T>) -> Result<T, Refusal> {
-    if ms == 0 {
-        return Ok(f.await);
+/// `f` within `ms` (0: unbounded); `what` names the bound in the refusal.
+fn bounded<F: Future>(ms: u64, what: &'static str, f: F) -> Bounded<F> {
+    Bounded {
+        inner: f,
+        timer: (ms > 0).then(|| tokio::time::sleep(Duration::from_millis(ms))),
+        ms,
+        what,
     }
-    tokio::time::timeout(Duration::from_millis(ms), f)
-        .await
-        .map_err(|_| {
-            refuse(
-                StatusCode::GATEWAY_TIMEOUT,
-                "UT",
-                format!("backend request timeout ({ms} ms)"),
-            )
-        })
+}
+
+impl<F: Future> Future for Bounded<F> {
+    type Output = Result<F::Output, Refusal>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.inner.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        match this.timer.as_pin_mut().map(|t| t.poll(cx)) {
+            Some(Poll::Ready(())) => {
+                let reason = format!("{} ({} ms)", this.what, this.ms);
+                Poll::Ready(Err(refuse(StatusCode::GATEWAY_TIMEOUT, "UT", reason)))
+            }
+            _ => Poll::Pending,
+        }
+    }
 }
 
 /// The request's body for each try: streamed once, or kept (bounded) to be
@@ -964,30 +1071,48 @@ enum Replay {
 }
 
 impl Replay {
-    /// `tally` adds up the body's bytes as they are read.
-    async fn new(
-        req: Request<Incoming>,
-        retries: bool,
-        tally: &Arc<AtomicU64>,
-    ) -> Result<Replay, Refusal> {
+    /// Whether `req` is kept to be sent again: it may be retried, and
+    /// its body is small enough.
+    fn keeps(req: &Request<Incoming>, rule: Option<&pb::RouteRule>) -> bool {
+        let retries = rule
+            .and_then(|r| r.retry.as_ref())
+            .is_some_and(|r| r.attempts > 1);
+        retries
+            && hyper::body::Body::size_hint(req.body())
+                .upper()
+                .is_some_and(|n| n as usize <= RETRY_BUFFER)
+    }
+
+    /// The request streamed once (its body's bytes added to `tally` as
+    /// they are read), and whether it is HTTP/2.
+    fn once(req: Request<Incoming>, tally: &mut Option<Arc<AtomicU64>>) -> (bool, Replay) {
+        let h2 = req.version() == http::Version::HTTP_2;
         let (parts, body) = req.into_parts();
-        let small = hyper::body::Body::size_hint(&body)
-            .upper()
-            .is_some_and(|n| n as usize <= RETRY_BUFFER);
-        if !retries || !small {
-            let mut body = body.map_err(Into::into).boxed();
-            if !hyper::body::Body::is_end_stream(&body) {
-                body = tallied(body, tally.clone());
-            }
-            return Ok(Replay::Once(Some(Request::from_parts(parts, body))));
-        }
+        let body = match hyper::body::Body::is_end_stream(&body) {
+            // Nothing to count or carry (and no allocation, as a box of a
+            // body that carries something would be).
+            true => empty(),
+            false => tallied(body, tally.get_or_insert_with(Arc::default).clone()),
+        };
+        (h2, Replay::Once(Some(Request::from_parts(parts, body))))
+    }
+
+    /// The request with its body read (bounded) and kept, to be sent again.
+    async fn kept(
+        req: Request<Incoming>,
+        tally: &mut Option<Arc<AtomicU64>>,
+    ) -> Result<(bool, Replay), Refusal> {
+        let h2 = req.version() == http::Version::HTTP_2;
+        let (parts, body) = req.into_parts();
         let bytes = Limited::new(body, RETRY_BUFFER)
             .collect()
             .await
             .map_err(|e| refuse(StatusCode::BAD_REQUEST, "DPE", format!("request body: {e}")))?
             .to_bytes();
-        tally.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        Ok(Replay::Kept(parts, bytes))
+        tally
+            .get_or_insert_with(Arc::default)
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok((h2, Replay::Kept(parts, bytes)))
     }
 
     fn replayable(&self) -> bool {
@@ -1042,7 +1167,7 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
         }
     }
     if present & HOP_OTHER != 0 {
-        for n in &HOP_BY_HOP_OTHER {
+        for n in HOP_BY_HOP_OTHER {
             headers.remove(n);
         }
     }
@@ -1070,24 +1195,23 @@ const HOP_TE: u8 = 4;
 const HOP_TRANSFER_ENCODING: u8 = 8;
 const HOP_OTHER: u8 = 16;
 
-/// The hop-by-hop headers without a rule of their own: always removed. A
-/// `static`, not a `const`: a const array is built anew at each use.
-static HOP_BY_HOP_OTHER: [http::HeaderName; 4] = [
-    http::HeaderName::from_static("keep-alive"),
-    http::HeaderName::from_static("proxy-connection"),
-    http::header::PROXY_AUTHENTICATE,
-    http::header::PROXY_AUTHORIZATION,
+/// The hop-by-hop headers without a rule of their own: always removed.
+static HOP_BY_HOP_OTHER: [&str; 4] = [
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
 ];
 
-/// Which hop-by-hop header `name` is, as a bit (0: none).
+/// Which hop-by-hop header `name` is, as a bit (0: none). Matched as
+/// text: a length compare sends nearly every other name away at once.
 fn hop_by_hop_bit(name: &http::HeaderName) -> u8 {
-    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
-    match name {
-        n if *n == CONNECTION => HOP_CONNECTION,
-        n if *n == UPGRADE => HOP_UPGRADE,
-        n if *n == TE => HOP_TE,
-        n if *n == TRANSFER_ENCODING => HOP_TRANSFER_ENCODING,
-        n if HOP_BY_HOP_OTHER.contains(n) => HOP_OTHER,
+    match name.as_str() {
+        "connection" => HOP_CONNECTION,
+        "upgrade" => HOP_UPGRADE,
+        "te" => HOP_TE,
+        "transfer-encoding" => HOP_TRANSFER_ENCODING,
+        n if HOP_BY_HOP_OTHER.contains(&n) => HOP_OTHER,
         _ => 0,
     }
 }
@@ -1110,9 +1234,8 @@ fn splice_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::O
     });
 }
 
-/// Where a request goes: endpoints, the one to try first, and the
-/// backendRef's own filters.
-struct Chosen<'r> {
+/// Where a request goes: endpoints and the one to try first.
+struct Destination {
     /// Where to try, ejected outliers left out.
     endpoints: Arc<[Endpoint]>,
     /// Every ready endpoint (what outlier detection's share is of).
@@ -1120,13 +1243,36 @@ struct Chosen<'r> {
     /// The Service's BackendPolicy.
     policy: Option<Arc<Backend>>,
     first: usize,
-    filters: &'r [pb::RouteFilter],
+}
+
+/// What the phases before the upstream decided. Taken apart where it is
+/// made, so its size costs nothing (boxed, an allocation per request).
+#[allow(clippy::large_enum_variant)]
+enum Plan {
+    /// Answered here (a redirect, an abort, a rate limit).
+    Answer(Response<Body>),
+    Forward(Forward),
+}
+
+/// A request on its way to an endpoint.
+struct Forward {
+    req: Request<Incoming>,
+    to: Destination,
+    /// The client's side of an upgrade it asked for.
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// The body is kept, to be sent again on a retry.
+    keep_body: bool,
+    request_timeout_ms: u64,
 }
 
 /// The backendRef a request goes to, by weight; an invalid one is 500.
 fn weighted(rule: &pb::RouteRule) -> Result<&pb::RouteBackend, Refusal> {
     let total: u64 = rule.backends.iter().map(|b| u64::from(b.weight)).sum();
-    let draw = rand::rng().random_range(0..total.max(1));
+    // One backend (most rules): nothing to draw.
+    let draw = match rule.backends.len() {
+        1 => 0,
+        _ => rand::rng().random_range(0..total.max(1)),
+    };
     let b = routes::pick_backend(rule, draw).ok_or_else(|| {
         refuse(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -1142,6 +1288,28 @@ fn weighted(rule: &pb::RouteRule) -> Result<&pb::RouteBackend, Refusal> {
         ));
     }
     Ok(b)
+}
+
+/// A Service port as requests use it.
+#[derive(Debug, Clone)]
+struct Backing {
+    /// `<namespace>/<name>`, shared with each request's record.
+    name: Arc<str>,
+    port: u16,
+    service: Arc<Service>,
+    /// Ready endpoints, at their target port.
+    endpoints: Arc<[Endpoint]>,
+    policy: Option<Arc<Backend>>,
+}
+
+fn backing(model: &Model, service: &str, port: u16) -> Option<Backing> {
+    Some(Backing {
+        name: Arc::from(service),
+        port,
+        service: model.service(service)?.clone(),
+        endpoints: endpoints(model, service, port)?.into(),
+        policy: model.backend(service).cloned(),
+    })
 }
 
 /// The ready endpoints of `service` on its port `port`, at their target port.
@@ -1213,8 +1381,9 @@ fn is_bodiless(req: &Request<Incoming>) -> bool {
     hyper::body::Body::is_end_stream(req.body())
 }
 
+/// An empty body (boxed without an allocation: it has no state).
 fn empty() -> Body {
-    Full::new(Bytes::new()).map_err(Into::into).boxed()
+    Empty::new().map_err(|never| match never {}).boxed()
 }
 
 fn status_response(status: StatusCode, reason: &str) -> Response<Body> {
@@ -1236,7 +1405,7 @@ fn grpc_status_response(code: u32, message: &str) -> Response<Body> {
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    h.insert("grpc-status", HeaderValue::from(code));
+    h.insert(GRPC_STATUS, HeaderValue::from(code));
     if let Ok(v) = HeaderValue::from_str(message) {
         h.insert("grpc-message", v);
     }
@@ -1373,8 +1542,10 @@ mod tests {
         let picks: Vec<usize> = (0..4)
             .map(|_| {
                 p.balance(
-                    &model,
-                    ("default/api", model.backend("default/api").map(|b| &**b)),
+                    (
+                        model.service("default/api").expect("service"),
+                        model.backend("default/api").map(|b| &**b),
+                    ),
                     &eps,
                 )
             })
@@ -1385,8 +1556,10 @@ mod tests {
         let (p, model) = proxy(LoadBalancer::LeastRequest);
         let _busy = p.upstreams.busy(eps[0].addr);
         assert!((0..50).all(|_| p.balance(
-            &model,
-            ("default/api", model.backend("default/api").map(|b| &**b)),
+            (
+                model.service("default/api").expect("service"),
+                model.backend("default/api").map(|b| &**b)
+            ),
             &eps
         ) == 1));
         drop(_busy);
@@ -1397,8 +1570,10 @@ mod tests {
         let seen: std::collections::HashSet<usize> = (0..200)
             .map(|_| {
                 p.balance(
-                    &model,
-                    ("default/api", model.backend("default/api").map(|b| &**b)),
+                    (
+                        model.service("default/api").expect("service"),
+                        model.backend("default/api").map(|b| &**b),
+                    ),
                     &eps,
                 )
             })

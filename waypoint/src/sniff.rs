@@ -70,6 +70,26 @@ pub async fn sniff<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<(Protocol, Byt
     }
 }
 
+/// The HTTP/2 connection preface (RFC 9113 §3.4) as far as it tells the
+/// version: an HTTP/1 request line never starts so.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// Which HTTP version a client speaks, from its first bytes: HTTP/2 with
+/// prior knowledge (the preface), else HTTP/1. Returns what was read, to
+/// be replayed; the caller bounds the wait.
+pub async fn http2<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<(bool, Bytes)> {
+    let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
+    loop {
+        let seen = &buf[..buf.len().min(H2_PREFACE.len())];
+        if !H2_PREFACE.starts_with(seen) || buf.len() >= H2_PREFACE.len() {
+            return Ok((seen == H2_PREFACE, buf.freeze()));
+        }
+        if s.read_buf(&mut buf).await? == 0 {
+            return Ok((false, buf.freeze()));
+        }
+    }
+}
+
 /// A stream whose first bytes were already read: they are read again
 /// first.
 pub struct Prefixed<S> {
@@ -132,6 +152,32 @@ mod tests {
         assert_eq!(looks_like(b"GETX"), Some(Protocol::Tcp));
         assert_eq!(declared("grpc"), Protocol::Http);
         assert_eq!(declared("https"), Protocol::Tcp);
+    }
+
+    #[tokio::test]
+    async fn the_preface_tells_http2_from_http1() {
+        let cases: [(&[u8], bool); 4] = [
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", true),
+            (b"GET / HTTP/1.1\r\n", false),
+            (b"PRI * HTTP/1.1\r\n", false),
+            (b"PR", false), // then the client closed
+        ];
+        for (sent, h2) in cases {
+            let (mut a, mut b) = tokio::io::duplex(64);
+            // Byte by byte: the answer must wait for enough of them.
+            for byte in sent {
+                tokio::io::AsyncWriteExt::write_all(&mut b, &[*byte])
+                    .await
+                    .expect("write");
+            }
+            drop(b);
+            let (judged, prefix) = http2(&mut a).await.expect("read");
+            assert_eq!(judged, h2, "{sent:?}");
+            let mut replay = Prefixed::new(prefix, a);
+            let mut all = Vec::new();
+            replay.read_to_end(&mut all).await.expect("replay");
+            assert_eq!(all, sent, "every byte replays");
+        }
     }
 
     #[tokio::test]

@@ -8,7 +8,6 @@
 //! one (`reporter`, `source_*`, `destination_service`, `response_code`,
 //! `grpc_response_status`, `response_flags`, `request_protocol`).
 
-use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +15,8 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use http::header::Entry;
+use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Frame, SizeHint};
@@ -31,6 +32,7 @@ use tracing::{info, warn};
 
 use weft_proto::model::Route;
 
+use crate::proxy::GRPC_STATUS;
 use crate::upstream::{Body, BoxError};
 
 /// Who is calling, as the metrics label them (resolved once per
@@ -85,14 +87,14 @@ impl SourceLabels {
             o.status == r.status
                 && o.flag == r.flag
                 && o.protocol == r.protocol
-                && o.destination == r.destination_service
+                && o.destination == r.destination()
                 && o.grpc == r.grpc_status
         };
         if let Some((_, h)) = kept.iter().find(|(o, _)| same(o)) {
             return h.clone();
         }
         let outcome = Outcome {
-            destination: r.destination_service.to_string(),
+            destination: r.destination().to_owned(),
             status: r.status,
             grpc: r.grpc_status.clone(),
             flag: r.flag,
@@ -145,11 +147,13 @@ impl Trace {
         headers: &mut HeaderMap,
         ratio: f64,
         spans: Option<&Spans>,
-    ) -> (Trace, Option<Span>) {
-        let parent = headers
-            .get(TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_traceparent);
+    ) -> (Trace, Option<Box<Span>>) {
+        // One lookup, for the caller's value and this hop's.
+        let entry = headers.entry(TRACEPARENT);
+        let parent = match &entry {
+            Entry::Occupied(caller) => caller.get().to_str().ok().and_then(parse_traceparent),
+            Entry::Vacant(_) => None,
+        };
         let mut rng = rand::rng();
         let sampled = match &parent {
             Some((.., sampled)) => *sampled,
@@ -159,7 +163,7 @@ impl Trace {
         let (parent_trace, parent_id) = parent.map(|(t, p, _)| (t, p)).unzip();
         let span = spans
             .filter(|_| sampled)
-            .map(|s| s.start(parent_trace.zip(parent_id)));
+            .map(|s| Box::new(s.start(parent_trace.zip(parent_id))));
         let (trace_id, span_id) = match &span {
             Some(span) => (
                 span.span_context().trace_id(),
@@ -179,12 +183,21 @@ impl Trace {
             parent_id,
             sampled,
         };
-        trace.send_on(headers);
+        if let Some(value) = trace.traceparent() {
+            match entry {
+                Entry::Occupied(mut caller) => {
+                    caller.insert(value);
+                }
+                Entry::Vacant(none) => {
+                    none.insert(value);
+                }
+            }
+        }
         (trace, span)
     }
 
     /// `traceparent` for the upstream: this hop's span as its parent.
-    fn send_on(&self, headers: &mut HeaderMap) {
+    fn traceparent(&self) -> Option<HeaderValue> {
         // Written by hand on the stack: every request sends one, and
         // `write!` of the two ids was 5 % of a proxied request's
         // instructions (docs/benchmarks.md).
@@ -192,22 +205,31 @@ impl Trace {
         hex_into(&mut value[3..35], &self.trace_id.to_bytes());
         hex_into(&mut value[36..52], &self.span_id.to_bytes());
         value[54] = if self.sampled { b'1' } else { b'0' };
-        if let Ok(v) = HeaderValue::from_bytes(&value) {
-            headers.insert(TRACEPARENT, v);
-        }
+        HeaderValue::from_bytes(&value).ok()
     }
 }
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
-/// `bytes` as lower-case hex into `out` (twice as long).
+/// `bytes` as lower-case hex into `out` (twice as long), a byte's two
+/// digits at a time.
 fn hex_into(out: &mut [u8], bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = DIGITS[usize::from(b >> 4)];
-        pair[1] = DIGITS[usize::from(b & 0xf)];
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
     }
 }
+
+/// Each byte's two lower-case hex digits.
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0; 2]; 256];
+    let mut b = 0;
+    while b < 256 {
+        pairs[b] = [DIGITS[b >> 4], DIGITS[b & 0xf]];
+        b += 1;
+    }
+    pairs
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -291,15 +313,12 @@ fn end_span(mut span: Span, r: &Record) {
     });
     let mut attributes = vec![
         KeyValue::new("http.request.method", r.method.to_string()),
-        KeyValue::new("url.path", r.path.clone()),
+        KeyValue::new("url.path", r.path().to_owned()),
         KeyValue::new("http.response.status_code", i64::from(r.status)),
         KeyValue::new("http.route", r.route_key().to_owned()),
         KeyValue::new("network.protocol.name", r.protocol),
         KeyValue::new("weft.response_flags", r.flag),
-        KeyValue::new(
-            "weft.destination_service",
-            r.destination_service.to_string(),
-        ),
+        KeyValue::new("weft.destination_service", r.destination().to_owned()),
         KeyValue::new("weft.source_principal", r.source.principal.clone()),
     ];
     if let Some(g) = &r.grpc_status {
@@ -347,27 +366,31 @@ fn parse_traceparent(v: &str) -> Option<(TraceId, SpanId, bool)> {
 pub struct Record {
     pub started: Instant,
     pub method: Method,
-    pub path: String,
+    /// The path as the client sent it (its query, if any, is not logged).
+    pub path: Option<PathAndQuery>,
     pub source: Arc<SourceLabels>,
     pub trace: Trace,
-    /// The request body's bytes as they pass to the upstream ([`Tally`]).
-    pub request_bytes: Arc<AtomicU64>,
+    /// The request body's bytes as they pass to the upstream ([`tallied`];
+    /// `None`: it had none).
+    pub request_bytes: Option<Arc<AtomicU64>>,
     pub protocol: &'static str,
     /// The route that served the request, if one did.
     pub route: Option<Arc<Route>>,
-    pub destination_service: Cow<'static, str>,
+    /// `None`: unknown (the request was refused before it had one).
+    pub destination_service: Option<Arc<str>>,
     pub status: u16,
     pub grpc_status: Option<String>,
     pub flag: &'static str,
     pub response_bytes: u64,
-    /// The exported span of a sampled request (when spans are exported).
-    pub span: Option<Span>,
+    /// The exported span of a sampled request (when spans are exported),
+    /// boxed: a record moves several times and few requests have one.
+    pub span: Option<Box<Span>>,
     finished: bool,
 }
 
 impl Record {
     pub fn new(
-        (method, path): (Method, String),
+        (method, path): (Method, Option<PathAndQuery>),
         source: Arc<SourceLabels>,
         trace: Trace,
         protocol: &'static str,
@@ -378,10 +401,10 @@ impl Record {
             path,
             source,
             trace,
-            request_bytes: Arc::default(),
+            request_bytes: None,
             protocol,
             route: None,
-            destination_service: Cow::Borrowed("unknown"),
+            destination_service: None,
             status: 0,
             grpc_status: None,
             flag: "-",
@@ -391,6 +414,14 @@ impl Record {
         }
     }
 
+    pub fn path(&self) -> &str {
+        self.path.as_ref().map_or("/", |p| p.path())
+    }
+
+    pub fn destination(&self) -> &str {
+        self.destination_service.as_deref().unwrap_or("unknown")
+    }
+
     /// The serving route's key, `-` when none did.
     pub fn route_key(&self) -> &str {
         self.route.as_ref().map_or("-", |r| &r.key)
@@ -398,21 +429,24 @@ impl Record {
 
     fn write(&mut self) {
         if let Some(span) = self.span.take() {
-            end_span(span, self);
+            end_span(*span, self);
         }
         let secs = self.started.elapsed().as_secs_f64();
         let s = &self.source;
         let h = s.handles(self);
         h.requests.increment(1);
         h.duration.record(secs);
-        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        let request_bytes = self
+            .request_bytes
+            .as_ref()
+            .map_or(0, |n| n.load(Ordering::Relaxed));
         h.request_bytes.increment(request_bytes);
         h.response_bytes.increment(self.response_bytes);
         let grpc = self.grpc_status.as_deref().unwrap_or("-");
         info!(
-            method = %self.method, path = %self.path, client = %s.principal,
+            method = %self.method, path = self.path(), client = %s.principal,
             status = self.status, grpc_status = %grpc, route = self.route_key(),
-            backend = %self.destination_service, response_flags = self.flag,
+            backend = self.destination(), response_flags = self.flag,
             request_bytes, response_bytes = self.response_bytes,
             duration_ms = (secs * 1000.0) as u64, trace_id = %self.trace.trace_id,
             span_id = %self.trace.span_id, "request"
@@ -434,18 +468,25 @@ type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
 
 /// A body passed on unchanged, each poll shown to `seen` first (with
 /// whether the body has ended).
-pub struct Observed<F> {
-    inner: Body,
+pub struct Observed<B, F> {
+    inner: B,
     seen: F,
 }
 
-impl<F: FnMut(&Polled, bool) + Send + Sync + Unpin + 'static> hyper::body::Body for Observed<F> {
+impl<B, F> hyper::body::Body for Observed<B, F>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    F: FnMut(&Polled, bool) + Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = Pin::new(&mut this.inner)
+            .poll_frame(cx)
+            .map(|f| f.map(|f| f.map_err(Into::into)));
         let ended = this.inner.is_end_stream() || matches!(polled, Poll::Ready(None));
         (this.seen)(&polled, ended);
         polled
@@ -475,7 +516,7 @@ pub fn counted(inner: Body, mut record: Record) -> Body {
                     r.response_bytes += data.len() as u64;
                 }
                 if let Some(t) = frame.trailers_ref()
-                    && let Some(g) = t.get("grpc-status").and_then(|v| v.to_str().ok())
+                    && let Some(g) = t.get(&GRPC_STATUS).and_then(|v| v.to_str().ok())
                 {
                     r.grpc_status = Some(g.to_owned());
                 }
@@ -492,7 +533,11 @@ pub fn counted(inner: Body, mut record: Record) -> Body {
 
 /// A request body that counts the bytes the client sends as they pass on
 /// (a body sent again on a retry is counted once, where it is kept).
-pub fn tallied(inner: Body, count: Arc<AtomicU64>) -> Body {
+pub fn tallied<B>(inner: B, count: Arc<AtomicU64>) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let seen = move |polled: &Polled, _| {
         if let Poll::Ready(Some(Ok(frame))) = polled
             && let Some(data) = frame.data_ref()

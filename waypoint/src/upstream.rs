@@ -6,8 +6,10 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::either::Either;
 use weft_proto::hbone::pool::{ConnectRequest, Pool, PoolKey};
 use weft_proto::hbone::{H2Stream, HBONE_PORT, HboneError};
 use weft_proto::identity::Identity;
@@ -121,7 +124,8 @@ pub struct Upstreams {
     /// Oldest parked first: the likeliest to have finished its response.
     idle: Mutex<FastMap<SocketAddr, VecDeque<Pooled<http1::SendRequest<Body>>>>>,
     multiplexed: Mutex<FastMap<SocketAddr, Pooled<http2::SendRequest<Body>>>>,
-    /// Requests awaiting a response, per endpoint (least-request balancing).
+    /// Requests awaiting a response, per endpoint: counted only for
+    /// Services balanced by least request, the one reader.
     pending: Mutex<FastMap<SocketAddr, Arc<AtomicUsize>>>,
 }
 
@@ -225,12 +229,12 @@ impl Upstreams {
     fn take_idle(&self, addr: SocketAddr) -> Option<http1::SendRequest<Body>> {
         let mut idle = self.idle.lock().expect("poisoned");
         let list = idle.get_mut(&addr)?;
-        let now = Instant::now();
-        // Closed or expired ones are dropped on the way; one still reading
+        // Closed ones are dropped on the way (expired ones by the sweep,
+        // within a second: no clock read per request); one still reading
         // its last response body goes to the back, for later.
         for _ in 0..list.len() {
             let p = list.pop_front()?;
-            if p.sender.is_closed() || p.expired(now) {
+            if p.sender.is_closed() {
                 continue;
             }
             if p.sender.is_ready() {
@@ -302,25 +306,26 @@ impl Upstreams {
     }
 
     /// Sends `req` on `sender`; an HTTP/1.1 connection goes back to the
-    /// idle list once it can take another request.
-    pub async fn send(
+    /// idle list once it can take another request. The request is handed
+    /// to the connection here; what is awaited holds only its answer.
+    pub fn send(
         &self,
         sender: Sender,
         req: Request<Body>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        match sender {
-            Sender::H2(ep, mut s) => s
-                .send_request(req)
-                .await
-                .map_err(|e| UpstreamError::Request(ep.addr, e)),
-            Sender::H1(ep, mut s, idle_timeout) => {
-                let resp = s
-                    .send_request(req)
-                    .await
-                    .map_err(|e| UpstreamError::Request(ep.addr, e))?;
-                self.park(ep.addr, Pooled::new(s, idle_timeout));
-                Ok(resp)
-            }
+    ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + '_ {
+        let (addr, answer, keep) = match sender {
+            Sender::H2(ep, mut s) => (ep.addr, Either::Left(s.send_request(req)), None),
+            Sender::H1(ep, mut s, idle_timeout) => (
+                ep.addr,
+                Either::Right(s.send_request(req)),
+                Some((s, idle_timeout)),
+            ),
+        };
+        Answer {
+            answer,
+            keep,
+            addr,
+            pool: self,
         }
     }
 
@@ -332,5 +337,32 @@ impl Upstreams {
         if list.len() < IDLE_PER_ENDPOINT {
             list.push_back(p);
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The answer to a request on a connection; an HTTP/1.1 connection
+    /// is parked with it. A future of its own, not an `async` block: that
+    /// would hold the answer's future twice, in every request's future.
+    struct Answer<'a, F> {
+        #[pin]
+        answer: F,
+        keep: Option<(http1::SendRequest<Body>, Duration)>,
+        addr: SocketAddr,
+        pool: &'a Upstreams,
+    }
+}
+
+impl<F: Future<Output = hyper::Result<Response<Incoming>>>> Future for Answer<'_, F> {
+    type Output = Result<Response<Incoming>, UpstreamError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.answer.poll(cx))
+            .map_err(|e| UpstreamError::Request(*this.addr, e))?;
+        if let Some((s, idle_timeout)) = this.keep.take() {
+            this.pool.park(*this.addr, Pooled::new(s, idle_timeout));
+        }
+        Poll::Ready(Ok(resp))
     }
 }

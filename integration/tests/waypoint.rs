@@ -955,21 +955,14 @@ async fn hostile_http_is_refused_or_closed_and_others_are_served() {
     assert!(!answer.starts_with("HTTP/1.1 2"), "{answer}");
     // Slowloris: a head that never ends is cut at the header timeout (1 s).
     let vip: SocketAddr = format!("{VIP}:80").parse().expect("addr");
-    let mut slow = dial_from(c.client.path.clone(), vip)
-        .await
-        .expect("connect");
-    let started = std::time::Instant::now();
-    slow.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nx-slow: a")
-        .await
-        .expect("write");
-    let mut rest = Vec::new();
-    let read = tokio::io::AsyncReadExt::read_to_end(&mut slow, &mut rest);
-    let r = tokio::time::timeout(Duration::from_secs(5), read).await;
-    // Closed (EOF, no answer) at the 1 s header timeout; the bound leaves
-    // room for a loaded machine.
-    assert!(matches!(r, Ok(Ok(0))) && rest.is_empty(), "{r:?} {rest:?}");
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(3), "cut at ~1 s, not {took:?}");
+    cut_at_header_timeout(&c, vip, b"GET / HTTP/1.1\r\nhost: a\r\nx-slow: a").await;
+    // A client that sends nothing at all on a port declared HTTP (no
+    // sniffing wait in front): closed at the header timeout too, counted
+    // before its connection ends.
+    let before = errors();
+    let declared: SocketAddr = format!("{VIP}:9090").parse().expect("addr");
+    cut_at_header_timeout(&c, declared, b"").await;
+    assert_eq!(errors(), before + 1, "the silent connection is counted");
 
     // HTTP/2 CONTINUATION flood: a header block that never ends.
     let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
@@ -1039,6 +1032,21 @@ async fn hostile_http_is_refused_or_closed_and_others_are_served() {
     assert!(grown < 64 * 1024, "RSS grew {grown} KiB");
     drop(c);
     wp.stop().await;
+}
+
+/// A connection to `to` that sends `head` and no more is closed (EOF, no
+/// answer) at the waypoint's 1 s header timeout; the bound leaves room
+/// for a loaded machine.
+async fn cut_at_header_timeout(c: &Cluster, to: SocketAddr, head: &[u8]) {
+    let mut s = dial_from(c.client.path.clone(), to).await.expect("connect");
+    let started = std::time::Instant::now();
+    s.write_all(head).await.expect("write");
+    let mut rest = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut rest);
+    let r = tokio::time::timeout(Duration::from_secs(5), read).await;
+    assert!(matches!(r, Ok(Ok(0))) && rest.is_empty(), "{r:?} {rest:?}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "cut at ~1 s, not {took:?}");
 }
 
 impl Cluster {

@@ -31,8 +31,12 @@ pub fn declared(app_protocol: &str) -> Protocol {
     }
 }
 
+/// The HTTP/2 connection preface (RFC 9113 §3.4) as far as it tells the
+/// version: an HTTP/1 request line never starts so.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
 const HTTP_STARTS: [&[u8]; 10] = [
-    b"PRI * HTTP/2.0",
+    H2_PREFACE,
     b"GET ",
     b"POST ",
     b"PUT ",
@@ -69,10 +73,6 @@ pub async fn sniff<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<(Protocol, Byt
         }
     }
 }
-
-/// The HTTP/2 connection preface (RFC 9113 §3.4) as far as it tells the
-/// version: an HTTP/1 request line never starts so.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 /// Which HTTP version a client speaks, from its first bytes: HTTP/2 with
 /// prior knowledge (the preface), else HTTP/1. Returns what was read, to

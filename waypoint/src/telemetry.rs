@@ -414,8 +414,10 @@ impl Record {
         }
     }
 
+    /// The path, as `Uri::path` gives it (empty for a request without
+    /// one, such as a CONNECT).
     pub fn path(&self) -> &str {
-        self.path.as_ref().map_or("/", |p| p.path())
+        self.path.as_ref().map_or("", |p| p.path())
     }
 
     pub fn destination(&self) -> &str {
